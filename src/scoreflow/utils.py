@@ -1,0 +1,34 @@
+"""Small tensor helpers shared by the whole library."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def append_dims(v: Tensor, ndim: int) -> Tensor:
+    """Append trailing singleton dims so a per-example ``[B]`` tensor broadcasts against ``[B, ...]``."""
+    if v.ndim > ndim:
+        raise ValueError(f"cannot broadcast a {v.ndim}-d tensor to {ndim} dims")
+    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+def flat_dim(x: Tensor) -> int:
+    """Number of data dimensions D of a batch ``[B, ...]``."""
+    return x[0].numel()
+
+
+def sum_except_batch(x: Tensor) -> Tensor:
+    """``[B, ...] -> [B]``: sum over all but the first dim."""
+    return x.reshape(x.shape[0], -1).sum(dim=1)
+
+
+def mean_except_batch(x: Tensor) -> Tensor:
+    """``[B, ...] -> [B]``: mean over all but the first dim."""
+    return x.reshape(x.shape[0], -1).mean(dim=1)
+
+
+def as_time(t: float | Tensor, batch: int, like: Tensor) -> Tensor:
+    """A scalar or ``[B]`` time as a ``[B]`` tensor with ``like``'s dtype and device."""
+    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    return t.expand(batch) if t.ndim == 0 else t
