@@ -17,7 +17,6 @@ from torch import Tensor
 from scoreflow.sde import SDE
 
 
-
 class GaussianMixture:
     """A diagonal Gaussian mixture on ``R^D`` (data of shape ``[B, *event_shape]``).
 
@@ -122,5 +121,3 @@ def gaussian(mean: Tensor, var: float | Tensor, event_shape: tuple[int, ...] | N
     mean = torch.as_tensor(mean, dtype=torch.float64).reshape(1, -1)
     var = torch.as_tensor(var, dtype=torch.float64).reshape(1, -1).expand_as(mean)
     return GaussianMixture(torch.ones(1), mean, var, event_shape)
-
-

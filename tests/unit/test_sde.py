@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from scoreflow.sde import SDE, SubVPSDE, VESDE, VPSDE
+from scoreflow.sde import SDE, VESDE, VPSDE, SubVPSDE
 
 SDES = [VPSDE(), SubVPSDE(), VESDE()]
 IDS = ["vp", "subvp", "ve"]
@@ -57,7 +57,9 @@ def test_kernel_matches_euler_maruyama_simulation(sde, gen):
     t1 = 0.7
     x = x0.expand(n, 2).clone()
     if isinstance(sde, VESDE):  # VE's kernel sigma(t) includes sigma(0) = sigma_min: start from that kernel
-        x = sde.perturb(x, torch.full((n,), t0, dtype=torch.float64), torch.randn(n, 2, generator=gen, dtype=torch.float64))
+        x = sde.perturb(
+            x, torch.full((n,), t0, dtype=torch.float64), torch.randn(n, 2, generator=gen, dtype=torch.float64)
+        )
     dt = (t1 - t0) / steps
     for i in range(steps):
         t = torch.full((n,), t0 + i * dt, dtype=torch.float64)
@@ -87,7 +89,14 @@ def test_prior_logp_and_cross_entropy(sde, gen):
     x0 = torch.randn(2, 5, generator=gen, dtype=torch.float64)
     n = 40000
     T = torch.full((n,), 1.0, dtype=torch.float64)
-    mc = torch.stack([-sde.prior_logp(sde.perturb(x.expand(n, 5), T, torch.randn(n, 5, generator=gen, dtype=torch.float64))).mean() for x in x0])
+    mc = torch.stack(
+        [
+            -sde.prior_logp(
+                sde.perturb(x.expand(n, 5), T, torch.randn(n, 5, generator=gen, dtype=torch.float64))
+            ).mean()
+            for x in x0
+        ]
+    )
     torch.testing.assert_close(sde.prior_cross_entropy(x0), mc, rtol=2e-3, atol=0)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from scoreflow.sde import SubVPSDE, VESDE, VPSDE
+from scoreflow.sde import VESDE, VPSDE, SubVPSDE
 from scoreflow.weighting import ImportanceSampledLikelihood, LikelihoodWeighting, OriginalWeighting, get_time_sampler
 
 

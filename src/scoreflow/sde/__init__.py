@@ -2,6 +2,6 @@
 
 from scoreflow.sde.base import SDE
 from scoreflow.sde.ve import VESDE
-from scoreflow.sde.vp import SubVPSDE, VPSDE
+from scoreflow.sde.vp import VPSDE, SubVPSDE
 
 __all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE"]

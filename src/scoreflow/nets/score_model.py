@@ -1,0 +1,59 @@
+"""Turn a network ``net(x, noise_label)`` into a score function ``score(x, t)`` (SPEC §2)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import Tensor, nn
+
+from scoreflow.sde import SDE
+from scoreflow.utils import append_dims
+
+Parametrization = Literal["eps", "score_over_sigma", "score"]
+TimeLabel = Literal["t999", "log_sigma", "t"]
+
+
+class ScoreModel(nn.Module):
+    """``score(x, t)`` from a time-conditioned network.
+
+    Args:
+        net: any module called as ``net(x, label)`` with ``x [B, ...]`` and ``label [B]``, returning
+            a tensor shaped like ``x``.
+        sde: the forward SDE (gives ``sigma_t``).
+        parametrization: ``"eps"``: the net predicts the noise, ``score = -net / sigma_t`` (DDPM++ on
+            VP/subVP); ``"score_over_sigma"``: ``score = net / sigma_t`` (NCSN++'s ``scale_by_sigma`` on VE);
+            ``"score"``: the net output is the score.
+        time_label: what the net is conditioned on: ``"t999"`` (``999 t``, the DDPM habit, sinusoidal
+            embedding), ``"log_sigma"`` (``log sigma_t``, Gaussian Fourier features) or ``"t"``.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        sde: SDE,
+        parametrization: Parametrization = "eps",
+        time_label: TimeLabel = "t999",
+    ):
+        super().__init__()
+        if parametrization not in ("eps", "score_over_sigma", "score"):
+            raise ValueError(f"unknown parametrization {parametrization!r}")
+        if time_label not in ("t999", "log_sigma", "t"):
+            raise ValueError(f"unknown time_label {time_label!r}")
+        self.net = net
+        self.sde = sde
+        self.parametrization = parametrization
+        self.time_label = time_label
+
+    def label(self, t: Tensor) -> Tensor:
+        if self.time_label == "t999":
+            return 999.0 * t
+        if self.time_label == "log_sigma":
+            return self.sde.sigma(t).log()
+        return t
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        out = self.net(x, self.label(t))
+        if self.parametrization == "score":
+            return out
+        sigma = append_dims(self.sde.sigma(t), x.ndim).to(out.dtype)
+        return -out / sigma if self.parametrization == "eps" else out / sigma
