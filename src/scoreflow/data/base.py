@@ -1,0 +1,185 @@
+"""What every data source shares: the ``DataSource`` interface, an in-memory dataset, seeded splits, errors.
+
+A source is built from its config (constructor arguments == yaml keys) and ``load()`` returns
+``{"train", "val", "test"}`` datasets whose items are ``(x, y)``: ``x`` is a ``torch.uint8`` tensor of
+integer levels ``0..num_levels-1`` of shape ``shape`` for discrete data (``float32`` for continuous data,
+``num_levels=None``) and ``y`` an ``int`` label, ``-1`` when the data has none.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+SPLITS = ("train", "val", "test")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are missing: the message says where we looked, the layout, and where to get it."""
+
+
+class DatasetFormatError(ValueError):
+    """A dataset's files exist but do not hold what their format promises (bad magic, keys, sizes)."""
+
+
+def not_found(name: str, looked: Sequence[Path | str], layout: str, source: str) -> DatasetNotFoundError:
+    """Build the standard missing-dataset error."""
+    where = ", ".join(str(p) for p in looked)
+    return DatasetNotFoundError(
+        f"{name} not found. Looked for: {where}.\nExpected layout: {layout}\nGet it from: {source}"
+    )
+
+
+def as_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """A config shape (list, tuple or OmegaConf ``ListConfig``) as a tuple of positive ints."""
+    out = tuple(int(s) for s in shape)
+    if not out or any(s <= 0 for s in out):
+        raise ValueError(f"shape must be a non-empty list of positive ints, got {list(shape)}")
+    return out
+
+
+def check_shape(name: str, expected: tuple[int, ...], loaded: Sequence[int]) -> None:
+    """Raise if the configured ``shape`` differs from the shape of one loaded example."""
+    if tuple(expected) != tuple(loaded):
+        raise ValueError(
+            f"{name}: configured shape {list(expected)} does not match the loaded data shape {list(loaded)}; "
+            f"set `shape: {list(loaded)}` in the data config"
+        )
+
+
+def check_num_levels(name: str, configured: int | None, native: int | None) -> int | None:
+    """The data decides ``num_levels`` (it fixes the bits/dim constant ``D log K``); a different value is an error."""
+    if configured != native:
+        raise ValueError(f"{name}: configured num_levels={configured} but the data has num_levels={native}")
+    return native
+
+
+def seeded_split(n: int, sizes: Sequence[int], seed: int, labels: Tensor | None = None) -> list[Tensor]:
+    """Split ``range(n)`` into ``len(sizes) + 1`` disjoint index sets: the given sizes, then the rest.
+
+    The split depends only on ``(n, sizes, seed, labels)``. With ``labels`` (all ``>= 0``) it is stratified:
+    a seeded shuffle within each class, then the classes are interleaved by within-class rank, so every
+    prefix (hence every split, and every prefix of a split) holds each class in proportion to its frequency
+    (to within one example per class). The index tensors (``int64``) keep that order rather than being sorted,
+    so evaluating "the first N" of ``val`` or ``test`` is still a representative sample.
+    """
+    if any(s < 0 for s in sizes) or sum(sizes) > n:
+        raise ValueError(f"cannot take splits of sizes {list(sizes)} from {n} examples")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    if labels is not None and n > 0 and int(labels.min()) >= 0:
+        lab = labels.long()[perm]
+        order = torch.argsort(lab, stable=True)
+        perm, lab = perm[order], lab[order]
+        counts = torch.bincount(lab)
+        start = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(n) - start[lab]
+        frac = (rank.double() + 0.5) / counts[lab].double()
+        perm = perm[torch.argsort(frac, stable=True)]
+    bounds = np.cumsum([0, *sizes, n - sum(sizes)])
+    return [perm[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class ArrayDataset(Dataset):
+    """In-memory examples ``x[index[i]], y[index[i]]`` with an optional random horizontal flip.
+
+    Args:
+        x: ``[N, *shape]`` tensor (``uint8`` levels for images, ``float32`` for continuous data).
+        y: ``[N]`` integer labels (``-1`` for none).
+        index: optional ``[M]`` indices into ``x`` (a view of a split without copying the images).
+        hflip: flip the last axis with probability 1/2 per access. Uses torch's global RNG, which
+            ``DataLoader`` seeds differently in every worker.
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, index: Tensor | None = None, hflip: bool = False):
+        if len(x) != len(y):
+            raise ValueError(f"{len(x)} examples but {len(y)} labels")
+        self.x, self.y = x, y.long()
+        self.index = index
+        self.hflip = hflip
+
+    def __len__(self) -> int:
+        return len(self.x) if self.index is None else len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} examples")
+        j = i if self.index is None else int(self.index[i])
+        x = self.x[j]
+        if self.hflip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, int(self.y[j])
+
+
+class DataSource(ABC):
+    """A configured dataset. Subclasses set ``shape``, ``num_levels``, ``class_names`` and implement ``_load``.
+
+    Attributes:
+        shape: shape of one example, ``(C, H, W)`` or ``(D,)``.
+        num_levels: ``K`` for integer data in ``0..K-1`` (the dequantizer maps it to ``(k + u) / K``);
+            ``None`` for continuous data.
+        class_names: label names where known, else ``None``.
+        num_classes: number of labels (``0`` for unlabelled data, whose ``y`` is ``-1``).
+    """
+
+    name: str = "data"
+    shape: tuple[int, ...]
+    num_levels: int | None
+    class_names: tuple[str, ...] | None = None
+    num_classes: int = 0
+
+    def __init__(self) -> None:
+        self._splits: dict[str, Dataset] | None = None
+
+    @property
+    def dim(self) -> int:
+        """Number of dimensions ``D`` of one example (the bits/dim denominator)."""
+        return math.prod(self.shape)
+
+    def load(self) -> dict[str, Dataset]:
+        """``{"train", "val", "test"}`` datasets; loaded once, then cached."""
+        if self._splits is None:
+            splits = self._load()
+            if tuple(splits) != SPLITS:
+                raise RuntimeError(f"{type(self).__name__}._load returned splits {tuple(splits)}, expected {SPLITS}")
+            self._splits = splits
+        return self._splits
+
+    @abstractmethod
+    def _load(self) -> dict[str, Dataset]:
+        """Read the data and build the three splits."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={list(self.shape)}, num_levels={self.num_levels})"
+
+
+def image_splits(
+    x: Tensor,
+    y: Tensor,
+    hflip: bool,
+    *,
+    holdout: tuple[int, int],
+    seed: int,
+    test: tuple[Tensor, Tensor] | None = None,
+) -> dict[str, Dataset]:
+    """Build the three splits of in-memory images; only ``train`` flips.
+
+    ``holdout = (val_size, test_size)`` examples are drawn from ``x`` with a stratified seeded split (``test_size``
+    must be 0 when an official ``test`` set is given); the rest is ``train``.
+    """
+    val_size, test_size = holdout
+    if test is not None and test_size:
+        raise ValueError("an official test split is given; test_size must be 0")
+    val_idx, test_idx, train_idx = seeded_split(len(x), [val_size, test_size], seed, labels=y)
+    out = {
+        "train": ArrayDataset(x, y, train_idx, hflip=hflip),
+        "val": ArrayDataset(x, y, val_idx),
+        "test": ArrayDataset(x, y, test_idx) if test is None else ArrayDataset(*test),
+    }
+    return out
