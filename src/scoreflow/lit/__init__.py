@@ -1,0 +1,1 @@
+"""Lightning glue: the only package of scoreflow that imports Lightning."""

@@ -1,0 +1,114 @@
+"""DataModule over a data source's train/val/test splits with resumable, rank-sharded sampling.
+
+The training sampler is an infinite stream whose order is a function of ``(seed, epoch, rank)`` only,
+started at the number of batches the module has already drawn, so a resumed run sees exactly the
+batches the uninterrupted run would have seen. Validation and test loaders shard by rank without
+padding: every image is evaluated exactly once (Lightning's DistributedSampler would repeat some).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+
+class ResumableSampler(Sampler[int]):
+    """Infinite shuffled indices for one rank, starting at position ``start`` (in samples of this rank)."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
+        self.n, self.seed, self.rank, self.world_size, self.start = n, seed, rank, world_size, start
+
+    def __iter__(self) -> Iterator[int]:
+        per_rank = self.n // self.world_size
+        if per_rank == 0:
+            raise ValueError(f"{self.n} training examples cannot be split over {self.world_size} ranks")
+        epoch, offset = divmod(self.start, per_rank)
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            perm = torch.randperm(self.n, generator=g)[self.rank :: self.world_size][:per_rank]
+            yield from perm[offset:].tolist()
+            epoch, offset = epoch + 1, 0
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world, ...`` in order: each example on exactly one rank."""
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1):
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class ScoreDataModule(pl.LightningDataModule):
+    """Wraps a data source (``load() -> {"train", "val", "test"}``).
+
+    Args:
+        source: a ``scoreflow.data`` source object.
+        batch_size: per-rank training batch size.
+        eval_batch_size: per-rank batch size for validation/test likelihoods.
+        val_subset: number of validation images in the periodic bound evaluation (fixed, the first ones).
+        test_subset: evaluate only the first N test images (``None``: every one of them).
+        num_workers: DataLoader workers (0 is fastest for the in-memory datasets).
+        seed: seed of the training order.
+    """
+
+    def __init__(
+        self,
+        source,
+        batch_size: int = 128,
+        eval_batch_size: int = 256,
+        val_subset: int | None = 256,
+        test_subset: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.source = source
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.val_subset, self.test_subset = val_subset, test_subset
+        self.num_workers, self.seed = num_workers, seed
+        self.splits: dict[str, Dataset] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is None:
+            self.splits = self.source.load()
+
+    def _rank_world(self) -> tuple[int, int]:
+        t = self.trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    def _loader(self, ds: Dataset, sampler: Sampler, batch_size: int) -> DataLoader:
+        return DataLoader(
+            ds, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers, drop_last=False,
+            pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        ds = self.splits["train"]
+        start = 0
+        if self.trainer is not None and hasattr(self.trainer.lightning_module, "batches_seen"):
+            start = self.trainer.lightning_module.batches_seen * self.batch_size
+        sampler = ResumableSampler(len(ds), self.seed, rank, world, start)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          drop_last=True, pin_memory=torch.cuda.is_available())
+
+    def _eval_split(self, name: str, subset: int | None) -> DataLoader:
+        ds = self.splits[name]
+        if subset is not None and subset < len(ds):
+            ds = Subset(ds, range(subset))
+        rank, world = self._rank_world()
+        return self._loader(ds, ShardSampler(len(ds), rank, world), self.eval_batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_split("val", self.val_subset)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_split("test", self.test_subset)

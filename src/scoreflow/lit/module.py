@@ -1,0 +1,329 @@
+"""``ScoreLitModule``: the only place where the maths meets Lightning.
+
+training_step = dequantize -> scale -> sample (t, weight) -> per-example loss -> weighted mean, with
+manual optimization so that a non-finite loss or gradient skips the step (counted and logged) and too
+many in a row stop the run with a message naming the step. All randomness of a training step comes
+from a generator seeded by ``(seed, rank, batch index)``, so a resumed run continues bit-exactly and
+ranks draw different noise.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor
+
+from scoreflow.dequantization import Dequantizer
+from scoreflow.likelihood import likelihood_bound, nats_to_bpd, ode_log_likelihood
+from scoreflow.lit.metrics import MeanSE
+from scoreflow.losses import dsm_loss, ism_loss
+from scoreflow.nets import ScoreModel
+from scoreflow.weighting import TimeSampler
+
+DEFAULT_OPTIM = dict(lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=5000, grad_clip=1.0)
+DEFAULT_EVAL = dict(
+    eps=None,  # None: the time sampler's eps
+    val_num_t=100,
+    test_num_t=1000,
+    importance_sampling=True,
+    truncation_correction=False,
+    rtol=1e-5,
+    atol=1e-5,
+    method="dopri5",
+    divergence="rademacher",
+    ode_dtype="float64",
+    nll_every=500,
+    nll_subset=64,
+    test_ode=True,
+    test_bound=True,
+    test_repeats=1,
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def step_seed(seed: int, rank: int, index: int, salt: int = 0) -> int:
+    """A 63-bit seed that differs per run seed, rank, batch index and purpose."""
+    return (seed * 1_000_003 + rank * 7_919 + index * 104_729 + salt * 15_485_863) % (2**63 - 1)
+
+
+class ScoreLitModule(pl.LightningModule):
+    """Training and evaluation of a score model.
+
+    Args:
+        score_model: network wrapped as ``score(x, t)`` (holds the SDE).
+        time_sampler: the weighting (``original`` / ``likelihood`` / ``lw_is``) as a ``(t, weight)`` sampler.
+        dequantizer: maps integer levels to ``(x in (0,1), log q)``; ``None`` for continuous data.
+        num_levels: K for discrete data, ``None`` for continuous data.
+        data_shape: one example's shape (for sampling).
+        scale, shift: data enter the SDE as ``y = scale * x + shift`` (2, -1: "centered" [-1, 1]).
+        loss: ``"dsm"`` (denoising) or ``"ism"`` (implicit/Hutchinson, papers/002).
+        loss_reduce: ``"mean"`` (the reference's ``reduce_mean``) or ``"sum"`` over dimensions.
+        optim: Adam settings, linear warmup steps and global-norm clip (SPEC §7).
+        evaluation: settings of the periodic and final likelihood evaluation (see ``DEFAULT_EVAL``).
+        hflip: random horizontal flips of training images.
+        max_bad_steps: consecutive non-finite steps tolerated before the run stops.
+        seed: base seed of the per-step generators.
+    """
+
+    def __init__(
+        self,
+        score_model: ScoreModel,
+        time_sampler: TimeSampler,
+        dequantizer: Dequantizer | None,
+        *,
+        num_levels: int | None,
+        data_shape: tuple[int, ...] = (),
+        scale: float = 2.0,
+        shift: float = -1.0,
+        loss: str = "dsm",
+        loss_reduce: str = "mean",
+        optim: dict[str, Any] | None = None,
+        evaluation: dict[str, Any] | None = None,
+        hflip: bool = False,
+        max_bad_steps: int = 20,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if loss not in ("dsm", "ism"):
+            raise ValueError(f"loss must be 'dsm' or 'ism', got {loss!r}")
+        if (num_levels is None) != (dequantizer is None):
+            raise ValueError(
+                f"num_levels={num_levels} and dequantizer={type(dequantizer).__name__} do not fit: discrete data "
+                "need a dequantizer, continuous data (num_levels=None) must use dequantization=none"
+            )
+        self.automatic_optimization = False
+        self.score_model = score_model
+        self.sde = score_model.sde
+        self.time_sampler = time_sampler
+        self.dequantizer = dequantizer
+        self.num_levels = num_levels
+        self.data_shape = tuple(data_shape)
+        self.scale, self.shift = float(scale), float(shift)
+        self.loss_name, self.loss_reduce = loss, loss_reduce
+        self.optim_cfg = {**DEFAULT_OPTIM, **(optim or {})}
+        self.eval_cfg = {**DEFAULT_EVAL, **(evaluation or {})}
+        unknown = set(self.eval_cfg) - set(DEFAULT_EVAL)
+        if unknown:
+            raise ValueError(f"unknown evaluation settings {sorted(unknown)}; known: {sorted(DEFAULT_EVAL)}")
+        self.hflip = hflip
+        self.max_bad_steps = max_bad_steps
+        self.seed = seed
+        self.batches_seen = 0  # training batches drawn so far (skipped ones included); checkpointed
+        self.bad_steps_total = 0
+        self._bad_in_a_row = 0
+        self.val_bound, self.val_ode = MeanSE(), MeanSE()
+        self.test_bound, self.test_ode, self.test_nfe = MeanSE(), MeanSE(), MeanSE()
+        self._test_values: dict[str, list[Tensor]] = {}
+        self._last_ode_step, self._ode_now = 0, False
+        self.config_dict: dict[str, Any] | None = None  # the run's resolved config, saved in checkpoints
+        self.output_dir: str | None = None  # where per-example test values are written
+
+    # ------------------------------------------------------------------ data -> SDE space
+    @property
+    def eps(self) -> float:
+        return self.eval_cfg["eps"] or self.time_sampler.eps
+
+    def to_model_space(self, k: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Integer levels (or continuous data) -> ``(y, log_q)``: dequantize and scale."""
+        if self.dequantizer is None:
+            y = k.float()
+            return self.scale * y + self.shift, torch.zeros(k.shape[0], device=k.device)
+        x, log_q = self.dequantizer(k, self.num_levels, generator=generator)
+        return self.scale * x + self.shift, log_q
+
+    def to_bpd(self, nll_nats: Tensor, log_q: Tensor, dim: int) -> Tensor:
+        """Per-example bits/dim of the discrete data (or of the continuous density)."""
+        return nats_to_bpd(nll_nats + log_q, dim, num_levels=self.num_levels, scale=self.scale)
+
+    def _generator(self, index: int, salt: int) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(step_seed(self.seed, self.global_rank, index, salt))
+        return g
+
+    # ------------------------------------------------------------------ training
+    def training_loss(self, k: Tensor, g: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.hflip and k.ndim == 4:
+            flip = torch.rand(k.shape[0], generator=g, device=k.device) < 0.5
+            k = torch.where(flip[:, None, None, None], k.flip(-1), k)
+        y, log_q = self.to_model_space(k, g)
+        t, w = self.time_sampler.sample(y.shape[0], generator=g, device=y.device, dtype=y.dtype)
+        z = torch.randn(y.shape, generator=g, device=y.device, dtype=y.dtype)
+        if self.loss_name == "dsm":
+            per = dsm_loss(self.score_model, self.sde, y, t, noise=z, form="eps", reduce=self.loss_reduce)
+        else:
+            v = torch.randint(0, 2, y.shape, generator=g, device=y.device).to(y.dtype) * 2 - 1
+            per = ism_loss(self.score_model, self.sde, y, t, noise=z, probe=v, form="eps", reduce=self.loss_reduce)
+        loss = (w * per).mean()
+        return loss, {"train/loss_var": per.detach().var() if per.numel() > 1 else per.new_zeros(())}
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        k = batch[0]
+        index = self.batches_seen
+        self.batches_seen += 1
+        torch.manual_seed(step_seed(self.seed, self.global_rank, index, 1))  # dropout
+        loss, extra = self.training_loss(k, self._generator(index, 0))
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        if not torch.isfinite(loss):
+            self._skip(f"non-finite loss ({float(loss)})")
+            return
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        clip = self.optim_cfg["grad_clip"]
+        params = [p for p in self.parameters() if p.requires_grad]
+        gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else math.inf)
+        if not torch.isfinite(gnorm):
+            opt.zero_grad(set_to_none=True)
+            self._skip(f"non-finite gradient norm ({float(gnorm)})")
+            return
+        opt.step()
+        sched.step()
+        self._bad_in_a_row = 0
+        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=False)
+        self.log("train/grad_norm", gnorm.detach())
+        self.log("train/lr", sched.get_last_lr()[0])
+        self.log_dict(extra)
+
+    def _skip(self, why: str) -> None:
+        self.bad_steps_total += 1
+        self._bad_in_a_row += 1
+        self.log("train/skipped_steps", float(self.bad_steps_total))
+        msg = f"step {self.global_step} (batch {self.batches_seen - 1}): {why}; optimizer step skipped"
+        if self._bad_in_a_row >= self.max_bad_steps:
+            raise NonFiniteLossError(
+                f"{msg}. {self._bad_in_a_row} non-finite steps in a row (max_bad_steps={self.max_bad_steps}): "
+                "stopping. Lower the learning rate, check the data scaling, or raise eps."
+            )
+        print(f"[scoreflow] warning: {msg}")
+
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"])
+        warm = int(o["warmup_steps"])
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ likelihood evaluation
+    def _score_fn(self):
+        model = self.score_model
+
+        def fn(x: Tensor, t: Tensor) -> Tensor:
+            return model(x.float(), t.float()).to(x.dtype)
+
+        return fn
+
+    def bound_nll(self, y: Tensor, num_t: int, g: torch.Generator) -> Tensor:
+        e = self.eval_cfg
+        res = likelihood_bound(
+            self._score_fn(), self.sde, y, eps=self.eps, num_t=num_t, importance_sampling=e["importance_sampling"],
+            truncation_correction=e["truncation_correction"], generator=g,
+        )
+        return res.nll
+
+    def ode_nll(self, y: Tensor, g: torch.Generator) -> tuple[Tensor, int]:
+        e = self.eval_cfg
+        res = ode_log_likelihood(
+            self._score_fn(), self.sde, y, eps=self.eps, rtol=e["rtol"], atol=e["atol"], method=e["method"],
+            divergence=e["divergence"], generator=g, dtype=getattr(torch, e["ode_dtype"]),
+        )
+        return res.nll, res.nfe
+
+    def on_validation_epoch_start(self) -> None:
+        # decide once per validation run whether the (expensive) ODE likelihood is due
+        every = self.eval_cfg["nll_every"]
+        self._ode_now = bool(every) and not self.trainer.sanity_checking and (
+            self.global_step >= self._last_ode_step + every
+        )
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        k = batch[0]
+        g = self._generator(batch_idx, 2)  # fixed per batch: the same noise at every validation
+        y, log_q = self.to_model_space(k, g)
+        D = y[0].numel()
+        self.val_bound.update(self.to_bpd(self.bound_nll(y, self.eval_cfg["val_num_t"], g), log_q, D))
+        seen = batch_idx * k.shape[0]
+        if self._ode_now and seen < self.eval_cfg["nll_subset"]:
+            y, log_q = y[: self.eval_cfg["nll_subset"] - seen], log_q[: self.eval_cfg["nll_subset"] - seen]
+            nll, _ = self.ode_nll(y, g)
+            self.val_ode.update(self.to_bpd(nll, log_q, D))
+
+    def on_validation_epoch_end(self) -> None:
+        m, se = self.val_bound.compute()
+        self.log_dict({"val/bpd_bound": m.float(), "val/bpd_bound_se": se.float()}, sync_dist=False)
+        if self.val_ode.count > 0:
+            self._last_ode_step = self.global_step
+            m, se = self.val_ode.compute()
+            self.log_dict({"val/bpd_ode": m.float(), "val/bpd_ode_se": se.float()}, sync_dist=False)
+        self.val_bound.reset()
+        self.val_ode.reset()
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        k = batch[0]
+        e = self.eval_cfg
+        for r in range(int(e["test_repeats"])):
+            g = self._generator(batch_idx * 1000 + r, 3)
+            y, log_q = self.to_model_space(k, g)
+            D = y[0].numel()
+            if e["test_bound"]:
+                v = self.to_bpd(self.bound_nll(y, e["test_num_t"], g), log_q, D)
+                self.test_bound.update(v)
+                self._test_values.setdefault("bpd_bound", []).append(v.detach().cpu())
+            if e["test_ode"]:
+                nll, nfe = self.ode_nll(y, g)
+                v = self.to_bpd(nll, log_q, D)
+                self.test_ode.update(v)
+                self.test_nfe.update(torch.tensor([float(nfe)]))
+                self._test_values.setdefault("bpd_ode", []).append(v.detach().cpu())
+
+    def on_test_epoch_end(self) -> None:
+        out = {}
+        if self.test_bound.count > 0:
+            m, se = self.test_bound.compute()
+            out |= {"test/bpd_bound": m.float(), "test/bpd_bound_se": se.float()}
+        if self.test_ode.count > 0:
+            m, se = self.test_ode.compute()
+            out |= {"test/bpd_ode": m.float(), "test/bpd_ode_se": se.float(), "test/nfe": self.test_nfe.compute()[0].float()}
+        self.log_dict(out, sync_dist=False)
+        for metric in (self.test_bound, self.test_ode, self.test_nfe):
+            metric.reset()
+        values = self.per_example_test_values()
+        if self.output_dir and self.global_rank == 0 and values:
+            path = Path(self.output_dir) / "test_per_example.npz"
+            np.savez(path, **{k: v.numpy() for k, v in values.items()})
+        self._test_values = {}
+
+    def per_example_test_values(self) -> dict[str, Tensor]:
+        """Per-image test bits/dim gathered from all ranks (ranks may hold different counts)."""
+        out = {}
+        for key, vals in self._test_values.items():
+            local = torch.cat(vals).to(self.device, torch.float64)
+            if self.trainer.world_size > 1:
+                n = self.all_gather(torch.tensor([local.numel()], device=self.device)).reshape(-1)
+                padded = torch.full((int(n.max()),), math.nan, dtype=torch.float64, device=self.device)
+                padded[: local.numel()] = local
+                allv = self.all_gather(padded).reshape(-1)
+                local = allv[~torch.isnan(allv)]
+            out[key] = local.cpu()
+        return out
+
+    # ------------------------------------------------------------------ checkpoint state
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["scoreflow"] = {
+            "batches_seen": self.batches_seen,
+            "bad_steps_total": self.bad_steps_total,
+            "config": self.config_dict,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("scoreflow", {})
+        self.batches_seen = state.get("batches_seen", 0)
+        self.bad_steps_total = state.get("bad_steps_total", 0)

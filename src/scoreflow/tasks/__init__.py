@@ -1,0 +1,1 @@
+"""Task functions behind train.py / evaluate.py / sample.py: compose, instantiate, run, return metrics."""
