@@ -1,6 +1,8 @@
 """Dequantizers: uniform and variational (a conditional flow q(u|x))."""
 
 from scoreflow.dequantization.base import Dequantizer
+from scoreflow.dequantization.truncated import TruncatedNormalDequantizer
 from scoreflow.dequantization.uniform import UniformDequantizer
+from scoreflow.dequantization.variational import PRESETS, VariationalDequantizer
 
-__all__ = ["Dequantizer", "UniformDequantizer"]
+__all__ = ["PRESETS", "Dequantizer", "TruncatedNormalDequantizer", "UniformDequantizer", "VariationalDequantizer"]

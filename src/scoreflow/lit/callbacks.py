@@ -15,13 +15,24 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from scoreflow.visualize import levels_to_unit, save_image_grid, save_scatter
 
 
+def sample(score_fn, sde, shape, *, kind: str = "ode", **kwargs):
+    """Dispatch to :func:`scoreflow.sampling.ode_sample` (``kind="ode"``) or ``pc_sample`` (``kind="pc"``)."""
+    from scoreflow.sampling import ode_sample, pc_sample
+
+    if kind == "ode":
+        return ode_sample(score_fn, sde, shape, **kwargs)
+    if kind == "pc":
+        return pc_sample(score_fn, sde, shape, **kwargs)
+    raise ValueError(f"unknown sampler kind {kind!r}; choose 'ode' or 'pc'")
+
+
 class SampleGrid(Callback):
     """Every ``every_n_steps`` optimizer steps (at the next validation, so EMA weights are in place),
     draw ``num_samples`` samples with fixed per-sample seeds, save ``samples/step_XXXXXXX.png`` in the run
     directory and log the image to W&B / TensorBoard when those loggers are active.
 
     Args:
-        sampler: keyword arguments of :func:`scoreflow.sampling.sample` (``kind="ode"`` or ``"pc"`` ...).
+        sampler: keyword arguments of :func:`sample` (``kind="ode"`` or ``"pc"`` ...).
     """
 
     def __init__(self, every_n_steps: int = 1000, num_samples: int = 64, sampler: dict[str, Any] | None = None,
@@ -44,8 +55,6 @@ class SampleGrid(Callback):
 
     @torch.no_grad()
     def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> Path | None:
-        from scoreflow.sampling import sample
-
         shape = tuple(pl_module.data_shape)
         seeds = list(range(self.num_samples))
         res = sample(pl_module._score_fn(), pl_module.sde, (self.num_samples, *shape), seeds=seeds,

@@ -29,6 +29,11 @@ class _BetaSchedule(SDE):
         d = self.beta_max - self.beta_min
         return 2 * B / (self.beta_min + (self.beta_min**2 + 2 * d * B).sqrt())
 
+    def discrete_beta(self, t: Tensor, dt: float | Tensor) -> Tensor:
+        """``beta_i = 1 - exp(-(B(t + dt) - B(t)))`` in ``[0, 1)``: the DDPM beta of a step of size ``dt``."""
+        dt = torch.as_tensor(dt, dtype=t.dtype, device=t.device)
+        return -torch.expm1(-(self.B(t + dt) - self.B(t)))
+
     def drift_coef(self, t: Tensor) -> Tensor:
         return -0.5 * self.beta(t)
 
@@ -63,14 +68,15 @@ class VPSDE(_BetaSchedule):
         return self.B_inv(torch.logaddexp(v, torch.zeros_like(v)))  # B = log(1 + e^v)
 
     def discretize(self, x: Tensor, t: Tensor, dt: float | Tensor) -> tuple[Tensor, Tensor]:
-        # DDPM discretization (Song et al. 2021, App. E): x_{i+1} = sqrt(1 - beta_i) x_i + sqrt(beta_i) z
-        beta_i = self.beta(t) * torch.as_tensor(dt, dtype=x.dtype, device=x.device)
+        # DDPM discretization (Song et al. 2021, App. E): x_{i+1} = sqrt(1 - beta_i) x_i + sqrt(beta_i) z with
+        # the exact beta_i = 1 - exp(-(B(t+dt) - B(t))) < 1 (the first-order beta(t) dt exceeds 1 for few steps)
+        beta_i = self.discrete_beta(t, dt)
         f = append_dims(torch.sqrt(1.0 - beta_i) - 1.0, x.ndim) * x
         return f, beta_i.sqrt()
 
     def langevin_alpha(self, t: Tensor, dt: float | Tensor) -> Tensor:
         # alpha_i = 1 - beta_i of the DDPM discretization (Song et al. 2021, Alg. 5)
-        return 1.0 - self.beta(t) * torch.as_tensor(dt, dtype=t.dtype, device=t.device)
+        return 1.0 - self.discrete_beta(t, dt)
 
 
 class SubVPSDE(_BetaSchedule):
@@ -102,4 +108,4 @@ class SubVPSDE(_BetaSchedule):
     def langevin_alpha(self, t: Tensor, dt: float | Tensor) -> Tensor:
         # the reference has no discrete alphas for subVP and crashes (score_sde_pytorch issue #8);
         # use the same DDPM-style factor as VP.
-        return 1.0 - self.beta(t) * torch.as_tensor(dt, dtype=t.dtype, device=t.device)
+        return 1.0 - self.discrete_beta(t, dt)

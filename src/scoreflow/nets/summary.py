@@ -1,0 +1,79 @@
+"""Parameters and forward FLOPs of a model config: ``python -m scoreflow.nets.summary model=ddpmpp data=cifar10``.
+
+Arguments are ``key=value``: ``model`` (a ``conf/model`` name), and either ``data`` (a ``conf/data`` name whose
+``shape`` is used) or ``shape=C,H,W`` (default 3,32,32); ``batch`` (default 1) and ``conf_dir``. FLOPs are
+counted by ``torch.utils.flop_counter.FlopCounterMode`` (2 per multiply-add; convolutions, matmuls, attention).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+DEFAULT_CONF = Path(__file__).resolve().parents[3] / "conf"
+
+
+def compose_model_config(model: str, data: str | None = None, conf_dir: str | Path | None = None) -> DictConfig:
+    """Compose ``{model: conf/model/<model>.yaml, data: conf/data/<data>.yaml}`` with Hydra's compose API."""
+    conf = Path(conf_dir) if conf_dir else DEFAULT_CONF if DEFAULT_CONF.is_dir() else Path.cwd() / "conf"
+    overrides = [f"+model={model}"] + ([f"+data={data}"] if data else [])
+    with initialize_config_dir(config_dir=str(conf.resolve()), version_base=None):
+        return compose(overrides=overrides)
+
+
+def build_net(model_cfg: DictConfig, shape: tuple[int, ...]) -> nn.Module:
+    """Instantiate ``model_cfg.net`` for one example of ``shape``, as the training task does."""
+    return hydra.utils.instantiate(model_cfg.net, shape=tuple(shape))
+
+
+def count_params(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def forward_flops(net: nn.Module, shape: tuple[int, ...], batch: int = 1, backward: bool = False) -> int:
+    """FLOPs of one forward (and backward) pass on a batch of ``batch`` examples of ``shape``."""
+    x = torch.randn(batch, *shape, requires_grad=backward)
+    label = torch.full((batch,), 500.0)
+    with FlopCounterMode(display=False) as counter:
+        out = net(x, label)
+        if backward:
+            out.square().sum().backward()
+    return counter.get_total_flops()
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv))
+    unknown = set(args) - {"model", "data", "shape", "batch", "conf_dir"}
+    if unknown or "model" not in args:
+        raise SystemExit(f"usage: model=NAME [data=NAME | shape=C,H,W] [batch=N] [conf_dir=DIR]; got {sorted(unknown)}")
+    cfg = compose_model_config(args["model"], args.get("data"), args.get("conf_dir"))
+    if "shape" in args:
+        shape = tuple(int(s) for s in args["shape"].split(","))
+    elif "data" in cfg and "shape" in cfg.data:
+        shape = tuple(int(s) for s in cfg.data.shape)
+    else:
+        shape = (3, 32, 32)
+    batch = int(args.get("batch", 1))
+    torch.manual_seed(0)
+    net = build_net(cfg.model, shape).eval()
+    n = count_params(net)
+    with torch.no_grad():
+        flops = forward_flops(net, shape, batch) / batch
+    print(f"model: {args['model']} ({cfg.model.net._target_})  shape: {list(shape)}")
+    print(f"config: {OmegaConf.to_container(cfg.model.net)}")
+    print(f"params: {n}")
+    print(f"params (M): {n / 1e6:.2f}")
+    print(f"forward GFLOPs per image: {flops / 1e9:.4f}")
+    return {"params": n, "gflops": flops / 1e9}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()

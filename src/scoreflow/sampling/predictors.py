@@ -1,0 +1,125 @@
+"""Predictors: one step of a numerical solver of the reverse-time SDE (Song et al. 2021, Sec. 4.2).
+
+All predictors share one signature, ``step(score_fn, sde, x, t, t_next, rng) -> x_next``, move ``x`` of
+shape ``[B, ...]`` from time ``t`` to ``t_next < t`` (both ``[B]``) and cost ``nfe`` score evaluations.
+They are written once for any :class:`~scoreflow.sde.SDE` with a linear drift, so every SDE (VP, subVP,
+VE, or a new one) gets every predictor; nothing branches on the SDE type.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Literal
+
+from torch import Tensor
+
+from scoreflow.sampling.noise import NoiseSource
+from scoreflow.sde import SDE
+from scoreflow.utils import append_dims
+
+ScoreFn = Callable[[Tensor, Tensor], Tensor]
+"""``score_fn(x [B, ...], t [B]) -> score`` shaped like ``x``."""
+
+
+class Predictor(ABC):
+    """One reverse-time step ``t -> t_next``; ``nfe`` is the number of score evaluations it makes."""
+
+    nfe: int = 1
+
+    @abstractmethod
+    def step(self, score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor, t_next: Tensor, rng: NoiseSource) -> Tensor:
+        """``x [B, ...]`` at time ``t [B]`` -> a sample at ``t_next [B]`` (``t_next < t``)."""
+
+    def _z(self, x: Tensor, rng: NoiseSource) -> Tensor:
+        return rng.randn(tuple(x.shape), dtype=x.dtype, device=x.device)
+
+
+class NonePredictor(Predictor):
+    """The identity: PC sampling with it is corrector-only (SMLD's annealed Langevin, "C2000" in Table 1)."""
+
+    nfe = 0
+
+    def step(self, score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor, t_next: Tensor, rng: NoiseSource) -> Tensor:
+        return x
+
+
+class EulerMaruyama(Predictor):
+    """Euler-Maruyama on the reverse SDE ``dx = [f - g^2 s] dt + g dw_bar`` (Eq. 6), with ``dt = t_next - t < 0``."""
+
+    def step(self, score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor, t_next: Tensor, rng: NoiseSource) -> Tensor:
+        dt = append_dims(t - t_next, x.ndim)  # |dt| > 0
+        x_mean = x - sde.reverse_drift(x, t, score_fn(x, t)) * dt
+        return x_mean + append_dims(sde.diffusion(t), x.ndim) * dt.sqrt() * self._z(x, rng)
+
+
+class ReverseDiffusion(Predictor):
+    """Reverse diffusion (App. E, Eq. 46): ``x <- x - f_i + G_i^2 s + G_i z``.
+
+    ``(f_i, G_i)`` is the SDE's own forward discretization (DDPM for VP, SMLD for VE, Euler otherwise) of
+    the step ``t_next -> t`` that this reverse step undoes; for VP it is Algorithm 3's predictor
+    ``(2 - sqrt(1 - beta)) x + beta s + sqrt(beta) z`` and for VE Algorithm 2's.
+    """
+
+    def step(self, score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor, t_next: Tensor, rng: NoiseSource) -> Tensor:
+        f, G = sde.discretize(x, t_next, t - t_next)
+        G = append_dims(G, x.ndim)
+        return x - f + G**2 * score_fn(x, t) + G * self._z(x, rng)
+
+
+class ProbabilityFlow(Predictor):
+    """Deterministic discretization of the probability-flow ODE (App. D.3, Eqs. 43-44): ``x - f_i + G_i^2 s / 2``."""
+
+    def step(self, score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor, t_next: Tensor, rng: NoiseSource) -> Tensor:
+        f, G = sde.discretize(x, t_next, t - t_next)
+        return x - f + 0.5 * append_dims(G**2, x.ndim) * score_fn(x, t)
+
+
+class Ancestral(Predictor):
+    """Ancestral sampling for any linear SDE: draw ``x_s ~ q(x_s | x_t, x0_hat)`` with ``s = t_next``.
+
+    With the kernel ``x_t | x_s ~ N(a x_s, b^2 I)``, ``(a, b) = sde.transition(s, t)``, and
+    ``x_s | x0 ~ N(alpha_s x0, sigma_s^2 I)``, the Gaussian posterior is
+    ``N((a sigma_s^2 x_t + alpha_s b^2 x0) / sigma_t^2, sigma_s^2 b^2 / sigma_t^2 I)``. Plugging in
+    Tweedie's ``x0_hat = (x_t + sigma_t^2 s) / alpha_t`` the mean simplifies (``alpha_s / alpha_t = 1 / a``,
+    ``sigma_t^2 = a^2 sigma_s^2 + b^2``) to ``(x_t + b^2 s) / a``, which is
+      - VP: DDPM's Eq. (4) with ``beta_i = b^2 = 1 - alpha_t^2 / alpha_s^2``;
+      - VE: SMLD ancestral sampling, App. F Eq. (47), with ``b^2 = sigma_t^2 - sigma_s^2``.
+    ``variance="posterior"`` uses the posterior variance (Eq. 47's ``tau_i^2``; DDPM's beta-tilde);
+    ``"forward"`` uses ``b^2`` (DDPM's ``sigma_i^2 = beta_i`` of Eq. 4, the reference's VP choice).
+    """
+
+    def __init__(self, variance: Literal["posterior", "forward"] = "posterior"):
+        if variance not in ("posterior", "forward"):
+            raise ValueError(f"variance must be 'posterior' or 'forward', got {variance!r}")
+        self.variance = variance
+
+    def step(self, score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor, t_next: Tensor, rng: NoiseSource) -> Tensor:
+        a, b = sde.transition(t_next, t)
+        b2 = b**2
+        mean = (x + append_dims(b2, x.ndim) * score_fn(x, t)) / append_dims(a, x.ndim)
+        if self.variance == "posterior":
+            sigma_s2 = sde.sigma(t_next) ** 2
+            var = sigma_s2 * b2 / (a**2 * sigma_s2 + b2)
+        else:
+            var = b2
+        return mean + append_dims(var.sqrt(), x.ndim) * self._z(x, rng)
+
+
+PREDICTORS: dict[str, type[Predictor]] = {
+    "none": NonePredictor,
+    "euler_maruyama": EulerMaruyama,
+    "reverse_diffusion": ReverseDiffusion,
+    "ancestral": Ancestral,
+    "probability_flow": ProbabilityFlow,
+}
+
+
+def get_predictor(predictor: str | Predictor | None) -> Predictor:
+    """A predictor from its name (a key of :data:`PREDICTORS`) or an instance; ``None`` means ``"none"``."""
+    if isinstance(predictor, Predictor):
+        return predictor
+    name = "none" if predictor is None else predictor
+    if name not in PREDICTORS:
+        raise ValueError(f"unknown predictor {name!r}; choose from {sorted(PREDICTORS)}")
+    return PREDICTORS[name]()

@@ -1,0 +1,163 @@
+"""Controllable generation: imputation, colorization, guidance (exact scores), and mask builders."""
+
+import pytest
+import torch
+
+from scoreflow.oracles import GaussianMixture, gaussian
+from scoreflow.sampling import (
+    COLOR_DECOUPLE,
+    center_mask,
+    classifier_guided_score,
+    colorize,
+    couple,
+    decouple,
+    half_mask,
+    inpaint,
+    mask_from_png,
+    pc_sample,
+    random_mask,
+)
+from scoreflow.sde import VESDE, VPSDE, SubVPSDE
+
+SDES = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE()}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # thousands of tiny ops: intra-op threads only add sync overhead on a loaded machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+def test_inpainting_independent_gaussian_is_exact(sde_name):
+    """Known pixels come back exactly; unknown ones have their (here: marginal) mean and variance."""
+    sde = SDES[sde_name]
+    mu, var = torch.tensor([0.5, -1.0, 0.3, 1.5]), torch.tensor([0.3, 1.0, 0.5, 0.2])
+    target = gaussian(mu, var, event_shape=(1, 2, 2))
+    y = torch.randn(2000, 1, 2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    mask = half_mask(2, missing="right")  # [1, 1, 2, 2], column 1 unknown
+    res = inpaint(
+        target.score_fn(sde), sde, y, mask, corrector="none", steps=200, generator=torch.Generator().manual_seed(0)
+    )
+    x = res.samples
+    assert torch.equal(x[..., 0], y[..., 0])
+    m, v = mu.reshape(2, 2)[:, 1].double(), var.reshape(2, 2)[:, 1].double()
+    se = (v / 2000).sqrt()
+    assert ((x[:, 0, :, 1].mean(0) - m).abs() < 4 * se).all()
+    assert ((x[:, 0, :, 1].var(0) / v - 1).abs() < 0.12).all()
+    assert res.nfe == 201
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+def test_inpainting_mixture_picks_the_component_of_the_known_pixels(sde_name):
+    """Components at -2 and +2 (std 0.5): known pixels near +2 make the unknown ones ~N(2, 0.25)."""
+    sde = SDES[sde_name]
+    mix = GaussianMixture(torch.ones(2), torch.tensor([[-2.0] * 4, [2.0] * 4]), torch.tensor([0.25, 0.25]), (1, 2, 2))
+    y = torch.full((1000, 1, 2, 2), 2.0, dtype=torch.float64)
+    y[..., 0] = torch.tensor([2.1, 1.9], dtype=torch.float64)
+    res = inpaint(
+        mix.score_fn(sde), sde, y, half_mask(2), corrector="ald", steps=200, generator=torch.Generator().manual_seed(0)
+    )
+    unknown = res.samples[..., 1]
+    assert torch.equal(res.samples[..., 0], y[..., 0])
+    assert ((unknown.mean(0) - 2.0).abs() < 0.1).all()
+    assert ((unknown.std(0) / 0.5 - 1).abs() < 0.15).all()
+
+
+def test_color_matrix_is_orthogonal_with_a_grey_axis():
+    M = COLOR_DECOUPLE
+    torch.testing.assert_close(M @ M.T, torch.eye(3, dtype=torch.float64))
+    torch.testing.assert_close(M[:, 0], torch.full((3,), 3**-0.5, dtype=torch.float64))
+    paper = torch.tensor([[0.577, -0.816, 0], [0.577, 0.408, 0.707], [0.577, 0.408, -0.707]], dtype=torch.float64)
+    torch.testing.assert_close(M, paper, rtol=0, atol=6e-4)  # App. I.3 prints 3 digits
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(couple(decouple(x)), x)
+    torch.testing.assert_close(decouple(x)[:, 0], x.sum(1) / 3**0.5)
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "ve"])
+def test_colorization_keeps_the_grey_level_and_fills_colour(sde_name):
+    """For isotropic RGB Gaussian data the decoupled channels are independent, so the colour is exact."""
+    sde, n = SDES[sde_name], 1000
+    mu = torch.linspace(-0.5, 0.9, 12, dtype=torch.float64)
+    target = gaussian(mu, 0.2, event_shape=(3, 2, 2))
+    gray = torch.full((n, 1, 2, 2), 0.3, dtype=torch.float64)
+    res = colorize(
+        target.score_fn(sde), sde, gray, corrector="none", steps=200, generator=torch.Generator().manual_seed(0)
+    )
+    x = res.samples
+    assert x.shape == (n, 3, 2, 2)
+    torch.testing.assert_close(x.mean(1, keepdim=True), gray, rtol=0, atol=1e-12)
+    u = decouple(mu.reshape(1, 3, 2, 2))
+    u[:, 0] = 3**0.5 * 0.3
+    expected_var = 0.2 * 2 / 3  # the two imputed unit directions carry 2/3 of each channel
+    assert (x.mean(0) - couple(u)[0]).abs().max() < 5 * (expected_var / n) ** 0.5
+    assert abs(x.var(0).mean() / expected_var - 1) < 0.1
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+def test_classifier_guidance_with_exact_posterior_samples_the_component(sde_name):
+    """p_t(y | x) of a 2-component mixture is exact; guided sampling with scale 1 samples component y."""
+    sde = SDES[sde_name]
+    mix = GaussianMixture(
+        torch.tensor([0.3, 0.7]), torch.tensor([[-1.0, 0.5], [1.0, -0.5]]), torch.tensor([[0.3, 0.5], [0.4, 0.2]])
+    )
+    comps = [gaussian(mix.means[k], mix.variances[k]) for k in range(2)]
+
+    def classifier(x, t):  # logits log w_k + log N_k,t(x): softmax gives the exact p_t(y | x)
+        return torch.stack([mix.log_w[k] + comps[k].log_prob(x, sde, t) for k in range(2)], dim=1)
+
+    for y in (0, 1):
+        score = classifier_guided_score(mix.score_fn(sde), classifier, y, scale=1.0)
+        x = pc_sample(
+            score,
+            sde,
+            (2000, 2),
+            corrector="none",
+            steps=250,
+            generator=torch.Generator().manual_seed(y),
+            dtype=torch.float64,
+        ).samples
+        mean, var = mix.means[y], mix.variances[y]
+        assert ((x.mean(0) - mean).abs() < 4 * (var / 2000).sqrt()).all(), (y, x.mean(0))
+        assert ((x.var(0) / var - 1).abs() < 0.12).all(), (y, x.var(0))
+        assert torch.cov(x.T)[0, 1].abs() < 0.05
+
+
+def test_guidance_labels_per_example_and_scale_zero():
+    x, t = torch.randn(4, 2, dtype=torch.float64), torch.full((4,), 0.5, dtype=torch.float64)
+    w = torch.tensor([[1.0, -1.0], [0.5, 2.0]], dtype=torch.float64)
+
+    def classifier(x, t):  # linear logits: grad log softmax_y = w_y - sum_k p_k w_k
+        return x @ w.T
+
+    base = lambda x, t: -x  # noqa: E731
+    labels = torch.tensor([0, 1, 1, 0])
+    got = classifier_guided_score(base, classifier, labels, scale=2.0)(x, t)
+    p = (x @ w.T).softmax(dim=1)
+    torch.testing.assert_close(got, -x + 2.0 * (w[labels] - p @ w))
+    torch.testing.assert_close(classifier_guided_score(base, classifier, 0, scale=0.0)(x, t), -x)
+    with torch.no_grad():  # samplers run under no_grad; guidance must still differentiate
+        torch.testing.assert_close(classifier_guided_score(base, classifier, labels, scale=2.0)(x, t), got)
+
+
+def test_mask_builders(tmp_path):
+    m = center_mask(8, frac=0.5)
+    assert m.shape == (1, 1, 8, 8) and m.sum() == 64 - 16 and m[0, 0, 2:6, 2:6].sum() == 0
+    h = half_mask((4, 6), missing="bottom")
+    assert h[0, 0, :2].all() and not h[0, 0, 2:].any()
+    r1, r2 = random_mask(16, p_known=0.3, seed=5), random_mask(16, p_known=0.3, seed=5)
+    assert torch.equal(r1, r2) and 0.15 < r1.mean() < 0.45 and not torch.equal(r1, random_mask(16, 0.3, seed=6))
+    from PIL import Image
+
+    img = torch.zeros(6, 6, dtype=torch.uint8)
+    img[:, :3] = 255
+    Image.fromarray(img.numpy()).save(tmp_path / "mask.png")
+    p = mask_from_png(tmp_path / "mask.png")
+    assert p.shape == (1, 1, 6, 6) and p[0, 0, :, :3].all() and not p[0, 0, :, 3:].any()
+    assert mask_from_png(tmp_path / "mask.png", size=3).shape == (1, 1, 3, 3)
+    with pytest.raises(ValueError):
+        half_mask(4, missing="middle")

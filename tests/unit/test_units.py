@@ -1,0 +1,54 @@
+"""Nats -> bits/dim: the dequantization offset, checked on densities whose answer is known exactly."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from scoreflow.likelihood import bpd_offset, bpd_to_nats, mean_and_se, nats_per_dim, nats_to_bpd
+
+
+@pytest.mark.parametrize("K", [2, 17, 256])
+@pytest.mark.parametrize("scale,shift", [(2.0, -1.0), (1.0, 0.0), (255.0 / 256.0, 0.5)])
+def test_uniform_density_gives_log2_levels(K, scale, shift):
+    """Discrete uniform data on K levels: a model uniform on the scaled cube ``[shift, shift + scale]^D`` is
+    optimal and must score exactly ``log2 K`` bits/dim (the entropy of the data), whatever the scaling."""
+    D, gen = 12, torch.Generator().manual_seed(0)
+    k = torch.randint(0, K, (64, D), generator=gen)
+    x = (k + torch.rand(k.shape, generator=gen, dtype=torch.float64)) / K  # uniform dequantization
+    y = scale * x + shift
+    assert bool(((y >= shift) & (y <= shift + scale)).all())
+    nll_y = torch.full((64,), D * math.log(scale), dtype=torch.float64)  # -log of the density scale^-D
+    bpd = nats_to_bpd(nll_y, D, num_levels=K, scale=scale)
+    torch.testing.assert_close(bpd, torch.full_like(bpd, math.log2(K)), rtol=0, atol=1e-12)
+
+
+def test_8bit_centred_offset_is_7_and_digits_offset():
+    assert bpd_offset(256, 2.0) == 7.0
+    assert nats_to_bpd(0.0, 3072) == 7.0
+    assert bpd_offset(17, 2.0) == pytest.approx(math.log2(17) - 1)
+    assert bpd_offset(256, 1.0) == 8.0
+    # 3.0 bpd on CIFAR-10 is NLL_y = (3 - 7) * 3072 ln 2 nats on the centred scale
+    assert nats_to_bpd(-4 * 3072 * math.log(2), 3072) == pytest.approx(3.0)
+
+
+def test_continuous_data_has_no_offset_and_roundtrip():
+    nll = torch.tensor([1.0, -2.5, 40.0], dtype=torch.float64)
+    torch.testing.assert_close(nats_to_bpd(nll, 4, num_levels=None), nll / (4 * math.log(2)))
+    torch.testing.assert_close(nats_per_dim(nll, 4), nll / 4)
+    for levels, scale in [(256, 2.0), (17, 2.0), (None, 2.0), (256, 1.0)]:
+        bpd = nats_to_bpd(nll, 4, num_levels=levels, scale=scale)
+        torch.testing.assert_close(bpd_to_nats(bpd, 4, num_levels=levels, scale=scale), nll)
+    with pytest.raises(ValueError):
+        bpd_offset(0, 2.0)
+
+
+def test_mean_and_se_matches_scipy():
+    v = np.random.default_rng(0).normal(3.0, 0.7, size=97)
+    m, se = mean_and_se(torch.tensor(v))
+    assert m == pytest.approx(v.mean()) and se == pytest.approx(stats.sem(v))
+    assert mean_and_se([1.0, 2.0, 3.0]) == (pytest.approx(2.0), pytest.approx(1 / math.sqrt(3)))
+    m1, se1 = mean_and_se([5.0])
+    assert m1 == 5.0 and math.isnan(se1)
