@@ -10,9 +10,11 @@ from typing import Any
 
 import hydra
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from scoreflow.lit.datamodule import ScoreDataModule
+from scoreflow.lit.dequant_module import DequantLitModule
 from scoreflow.lit.module import ScoreLitModule
 from scoreflow.nets import ScoreModel
 
@@ -49,7 +51,13 @@ def build_module(cfg: DictConfig, source=None) -> ScoreLitModule:
     eps = cfg.get("eps")
     if eps is not None and not (0.0 < float(eps) < sde.T):
         raise ConfigError(f"eps={eps} is outside (0, T={sde.T}) for sde={type(sde).__name__}")
-    net = hydra.utils.instantiate(cfg.model.net, shape=shape, _convert_="all")
+    try:
+        net = hydra.utils.instantiate(cfg.model.net, shape=shape, _convert_="all")
+    except InstantiationException as e:
+        raise ConfigError(
+            f"model {cfg.model.net._target_.rsplit('.', 1)[-1]} cannot be built for data "
+            f"{data_cfg._target_.rsplit('.', 1)[-1]} of shape {list(shape)}: {e.__cause__ or e}"
+        ) from e
     score_model = ScoreModel(net, sde, cfg.model.get("parametrization", "eps"), cfg.model.get("time_label", "t999"))
     time_sampler = hydra.utils.instantiate(cfg.weighting, sde=sde, eps=eps)
     deq_cfg = cfg.dequantization
@@ -67,7 +75,15 @@ def build_module(cfg: DictConfig, source=None) -> ScoreLitModule:
             f"num_levels={num_levels}): choose dequantization=uniform or variational"
         )
     mcfg = to_container(cfg.module)
-    module = ScoreLitModule(
+    # a learnable dequantizer must be trained on its own objective (Eq. 13), never through the DSM loss alone
+    learnable = dequantizer is not None and any(p.requires_grad for p in dequantizer.parameters())
+    if "dequant" in mcfg and not learnable:
+        raise ConfigError(
+            f"module.dequant (training of the dequantizer) was given with dequantization={type(dequantizer).__name__},"
+            " which has nothing to train: use dequantization=variational"
+        )
+    module_cls = DequantLitModule if learnable else ScoreLitModule
+    module = module_cls(
         score_model, time_sampler, dequantizer, num_levels=num_levels, data_shape=shape, seed=int(cfg.seed), **mcfg
     )
     module.config_dict = to_container(cfg)

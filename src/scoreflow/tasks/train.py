@@ -9,8 +9,10 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 
 from scoreflow.tasks.build import build_data, build_datamodule, build_module, check_shapes, to_container
@@ -62,10 +64,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
     train_time = time.time() - t0
 
-    metrics: dict[str, float] = {"train/steps": float(trainer.global_step), "train/wall_time_s": train_time}
+    # under ddp_spawn the main process's trainer never stepped: read the step from the final checkpoint
+    last = out / "checkpoints" / "last.ckpt"
+    steps = trainer.global_step or torch.load(last, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+    metrics: dict[str, float] = {"train/steps": float(steps), "train/wall_time_s": train_time}
     metrics.update({k: v for k, v in scalar_metrics(trainer.callback_metrics).items() if k.startswith("val/")})
     if cfg.get("test", True):
-        metrics.update(test_checkpoint(cfg, out / "checkpoints" / "last.ckpt", out, loggers))
+        test_metrics = test_checkpoint(cfg, last, out)
+        metrics.update(test_metrics)
+        log_final(loggers, test_metrics, step=int(steps))
     metrics["wall_time_s"] = time.time() - t0
     write_metrics(out / "metrics.json", metrics)
     print(results_table(metrics, title=f"test split, EMA weights ({out})", extra={
@@ -75,6 +82,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def log_final(loggers: list, metrics: dict[str, float], step: int) -> None:
+    """Send the final test metrics to W&B / TensorBoard from the main process. The CSV logger is skipped: its
+    file belongs to the training processes (metrics.json holds the test numbers)."""
+    for lg in loggers:
+        if isinstance(lg, CSVLogger):
+            continue
+        lg.log_metrics(metrics, step=step)
+        lg.finalize("success")
+
+
 def protocol_string(cfg: DictConfig) -> str:
     e = cfg.module.evaluation
     return (f"eps={cfg.get('eps') or 'sde default'}, ODE {e.method} rtol={e.rtol} atol={e.atol} {e.divergence} "
@@ -82,12 +99,12 @@ def protocol_string(cfg: DictConfig) -> str:
             f"eps-correction={e.truncation_correction}, repeats={e.test_repeats}")
 
 
-def test_checkpoint(cfg: DictConfig, ckpt_path: Path, out: Path, loggers: list | None = None) -> dict[str, float]:
+def test_checkpoint(cfg: DictConfig, ckpt_path: Path, out: Path) -> dict[str, float]:
     """Evaluate the test split with the EMA weights of a checkpoint; per-image values go to ``out``."""
     module, _, _ = module_from_checkpoint(ckpt_path, use_ema=True)
     module.output_dir = str(out)
     source = build_data(cfg)
     dm = build_datamodule(cfg, source)
-    trainer = make_trainer(cfg.trainer, logger=loggers or False, enable_checkpointing=False)
+    trainer = make_trainer(cfg.trainer, logger=False, enable_checkpointing=False)
     results = trainer.test(module, datamodule=dm, verbose=False)
     return scalar_metrics(results[0] if results else trainer.callback_metrics)

@@ -1,0 +1,191 @@
+"""``ClassifierLitModule``: training of a time-dependent classifier ``p_t(y | x_t)`` (Song et al. 2021, App. I.1).
+
+training_step = dequantize -> scale (exactly as :class:`~scoreflow.lit.module.ScoreLitModule`, so the
+classifier sees the score model's space) -> ``t ~ U[eps, T]`` -> ``x_t ~ p_0t(. | x_0)`` -> cross-entropy.
+Averaged over the batch this is a Monte-Carlo estimate of the paper's "mixture of cross-entropy losses over
+different time steps". Validation reports the same mixture loss and the accuracy at a few fixed ``t``.
+All randomness of a step comes from a generator seeded by ``(seed, rank, batch index)``, as in ScoreLitModule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from scoreflow.dequantization import Dequantizer
+from scoreflow.lit.module import step_seed
+from scoreflow.nets.classifier import NoiseConditionalClassifier
+
+DEFAULT_OPTIM = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=100, grad_clip=1.0)
+
+
+def to_model_space(
+    k: Tensor, dequantizer: Dequantizer | None, num_levels: int | None, scale: float, shift: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Integer levels (or continuous data) -> ``scale * (k + u) / K + shift``: ScoreLitModule.to_model_space's map."""
+    x = k.float() if dequantizer is None else dequantizer(k, num_levels, generator=generator)[0]
+    return scale * x + shift
+
+
+def fixed_time_key(split: str, name: str, t: float) -> str:
+    """``val/acc_t0.1``: a metric at the fixed time ``t``."""
+    return f"{split}/{name}_t{t:g}"
+
+
+class ClassifierLitModule(pl.LightningModule):
+    """Training and evaluation of a noise-conditional classifier.
+
+    Args:
+        classifier: ``classifier(x_t, t) -> logits`` (holds the SDE).
+        dequantizer: maps integer levels into ``(0, 1)``; ``None`` for continuous data.
+        num_levels: K for discrete data, ``None`` for continuous data.
+        scale, shift: data enter the SDE as ``scale * x + shift``; must equal the score model's.
+        eps: smallest training time (``None``: the SDE's default).
+        eval_times: fixed times at which validation and test report accuracy and cross-entropy.
+        optim: Adam settings, linear warmup steps and global-norm clip.
+        hflip: random horizontal flips of training images.
+        seed: base seed of the per-step generators.
+    """
+
+    def __init__(
+        self,
+        classifier: NoiseConditionalClassifier,
+        dequantizer: Dequantizer | None,
+        *,
+        num_levels: int | None,
+        scale: float = 2.0,
+        shift: float = -1.0,
+        eps: float | None = None,
+        eval_times: Sequence[float] = (0.01, 0.1, 0.5, 0.9),
+        optim: dict[str, Any] | None = None,
+        hflip: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if (num_levels is None) != (dequantizer is None):
+            raise ValueError(
+                f"num_levels={num_levels} and dequantizer={type(dequantizer).__name__} do not fit: discrete data "
+                "need a dequantizer, continuous data (num_levels=None) must use dequantization=none"
+            )
+        self.classifier = classifier
+        self.sde = classifier.sde
+        self.dequantizer = dequantizer
+        self.num_levels = num_levels
+        self.scale, self.shift = float(scale), float(shift)
+        self.eps = self.sde.check_eps(self.sde.default_eps if eps is None else float(eps))
+        self.eval_times = tuple(float(self.sde.check_eps(t)) for t in eval_times)
+        self.optim_cfg = {**DEFAULT_OPTIM, **(optim or {})}
+        unknown = set(self.optim_cfg) - set(DEFAULT_OPTIM)
+        if unknown:
+            raise ValueError(f"unknown optim settings {sorted(unknown)}; known: {sorted(DEFAULT_OPTIM)}")
+        self.hflip = hflip
+        self.seed = seed
+        self.batches_seen = 0  # training batches drawn so far; checkpointed (ScoreDataModule resumes from it)
+        self.config_dict: dict[str, Any] | None = None  # the run's resolved config, saved in checkpoints
+        self._sums: dict[str, list[Tensor]] = {}
+
+    # ------------------------------------------------------------------ maths
+    def _generator(self, index: int, salt: int) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(step_seed(self.seed, self.global_rank, index, salt))
+        return g
+
+    def noised(self, k: Tensor, t: Tensor | None, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``(x_t, t)`` for data ``k``; ``t = None`` draws ``t ~ U[eps, T]`` per example."""
+        x0 = to_model_space(k, self.dequantizer, self.num_levels, self.scale, self.shift, g)
+        if t is None:
+            u = torch.rand(x0.shape[0], generator=g, device=x0.device, dtype=x0.dtype)
+            t = self.eps + u * (self.sde.T - self.eps)
+        z = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
+        return self.sde.perturb(x0, t, z), t
+
+    def cross_entropy(self, k: Tensor, y: Tensor, t: Tensor | None, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Per-example ``-log p_t(y | x_t)`` and correctness, both ``[B]``."""
+        x_t, t = self.noised(k, t, g)
+        logits = self.classifier(x_t, t)
+        return F.cross_entropy(logits, y, reduction="none"), (logits.argmax(dim=-1) == y).float()
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        k, y = batch
+        index = self.batches_seen
+        self.batches_seen += 1
+        torch.manual_seed(step_seed(self.seed, self.global_rank, index, 1))  # dropout
+        g = self._generator(index, 0)
+        if self.hflip and k.ndim == 4:
+            flip = torch.rand(k.shape[0], generator=g, device=k.device) < 0.5
+            k = torch.where(flip[:, None, None, None], k.flip(-1), k)
+        ce, correct = self.cross_entropy(k, y, None, g)
+        loss = ce.mean()  # Monte-Carlo mixture of cross-entropies over t ~ U[eps, T] (App. I.1)
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        self.log("train/acc", correct.mean())
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip = self.optim_cfg["grad_clip"]
+        if clip and clip > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=float(clip), gradient_clip_algorithm="norm")
+
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(
+            params, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"]
+        )
+        warm = int(o["warmup_steps"])
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, split: str, salt: int) -> None:
+        k, y = batch
+        g = self._generator(batch_idx, salt)  # fixed per batch: the same noise at every validation
+        ce, correct = self.cross_entropy(k, y, None, g)
+        self._accumulate(f"{split}/loss", ce)
+        self._accumulate(f"{split}/acc", correct)
+        for t in self.eval_times:
+            tt = torch.full((k.shape[0],), t, device=k.device)
+            ce, correct = self.cross_entropy(k, y, tt, g)
+            self._accumulate(fixed_time_key(split, "acc", t), correct)
+            self._accumulate(fixed_time_key(split, "loss", t), ce)
+
+    def _accumulate(self, key: str, values: Tensor) -> None:
+        s = self._sums.setdefault(key, [values.new_zeros(()), values.new_zeros(())])
+        s[0] += values.detach().sum()
+        s[1] += values.numel()
+
+    def _log_means(self) -> None:
+        keys = sorted(self._sums)
+        stacked = torch.stack([torch.stack(self._sums[k]) for k in keys])  # [n, 2]: sums and counts
+        if self.trainer.world_size > 1:  # exact means over every rank's examples
+            stacked = self.trainer.strategy.reduce(stacked, reduce_op="sum")
+        self.log_dict({k: (s / n).float() for k, (s, n) in zip(keys, stacked)}, sync_dist=False)
+        self._sums = {}
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val", salt=2)
+
+    def on_validation_epoch_end(self) -> None:
+        if self._sums:
+            self._log_means()
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test", salt=3)
+
+    def on_test_epoch_end(self) -> None:
+        if self._sums:
+            self._log_means()
+
+    # ------------------------------------------------------------------ checkpoint state
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["scoreflow"] = {"kind": "classifier", "batches_seen": self.batches_seen, "config": self.config_dict}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.batches_seen = checkpoint.get("scoreflow", {}).get("batches_seen", 0)

@@ -1,0 +1,17 @@
+"""House rule 1: the maths never imports Lightning or Hydra (checked in a fresh interpreter)."""
+
+import subprocess
+import sys
+
+
+def test_core_does_not_import_lightning_or_hydra():
+    code = (
+        "import sys\n"
+        "import scoreflow, scoreflow.sde, scoreflow.weighting, scoreflow.losses, scoreflow.likelihood\n"
+        "import scoreflow.dequantization, scoreflow.sampling, scoreflow.nets, scoreflow.oracles, scoreflow.data\n"
+        "import scoreflow.metrics, scoreflow.visualize\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'hydra', 'omegaconf'))\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"core modules imported: {out.stdout.strip()}"
