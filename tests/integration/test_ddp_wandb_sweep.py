@@ -60,8 +60,7 @@ def _sweep(tmp_path: Path, overrides: list[str]) -> Path:
 
 
 def test_multirun_sweep_and_table(tmp_path):
-    sweep_dir = _sweep(tmp_path, ["debug=fast", "trainer.max_steps=2", "test=false", "callbacks=minimal",
-                                  "sde=vp,ve"])
+    sweep_dir = _sweep(tmp_path, ["debug=fast", "trainer.max_steps=2", "test=false", "callbacks=minimal", "sde=vp,ve"])
     rows = collect(sweep_dir)
     assert len(rows) == 2 and {r["overrides"].split()[-1] for r in rows} == {"sde=vp", "sde=ve"}
     table = format_table(rows)

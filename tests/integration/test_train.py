@@ -33,8 +33,18 @@ def test_debug_fast_runs_whole_pipeline(make_cfg, tmp_path):
 @pytest.mark.parametrize("sde", ["vp", "subvp", "ve"])
 @pytest.mark.parametrize("weighting", ["original", "likelihood", "lw_is"])
 def test_every_sde_weighting_combination_trains(make_cfg, sde, weighting):
-    cfg = make_cfg([*FAST, f"sde={sde}", f"weighting={weighting}", "dequantization=uniform", "trainer.max_steps=3",
-                    "test=false", "callbacks=minimal", "val_every=3"])
+    cfg = make_cfg(
+        [
+            *FAST,
+            f"sde={sde}",
+            f"weighting={weighting}",
+            "dequantization=uniform",
+            "trainer.max_steps=3",
+            "test=false",
+            "callbacks=minimal",
+            "val_every=3",
+        ]
+    )
     metrics = train(cfg)
     assert metrics["train/steps"] == 3
     assert torch.isfinite(torch.tensor(metrics["val/bpd_bound"]))

@@ -51,8 +51,18 @@ def test_discrete_data_without_dequantization(make_cfg):
 
 def test_wrong_shape_for_model(make_cfg):
     with pytest.raises(ConfigError, match=r"NCSNpp cannot be built for data Digits of shape \[1, 8, 8\]"):
-        train(make_cfg([*FAST, "model=ddpmpp", "model.net.nf=8", "model.net.num_res_blocks=1", "data.shape=[1,8,8]",
-                        "model.net.ch_mult=[1,2,2,2,2]"]))
+        train(
+            make_cfg(
+                [
+                    *FAST,
+                    "model=ddpmpp",
+                    "model.net.nf=8",
+                    "model.net.num_res_blocks=1",
+                    "data.shape=[1,8,8]",
+                    "model.net.ch_mult=[1,2,2,2,2]",
+                ]
+            )
+        )
 
 
 class _NaNAfter(nn.Module):
@@ -72,12 +82,23 @@ class _NaNAfter(nn.Module):
 def test_nan_loss_is_skipped_counted_and_stops_the_run(tmp_path, capsys):
     sde = VPSDE()
     module = ScoreLitModule(
-        ScoreModel(_NaNAfter(3), sde), ImportanceSampledLikelihood(sde), UniformDequantizer(), num_levels=4,
-        data_shape=(1, 2, 2), max_bad_steps=3, optim={"warmup_steps": 1},
+        ScoreModel(_NaNAfter(3), sde),
+        ImportanceSampledLikelihood(sde),
+        UniformDequantizer(),
+        num_levels=4,
+        data_shape=(1, 2, 2),
+        max_bad_steps=3,
+        optim={"warmup_steps": 1},
     )
     data = TensorDataset(torch.randint(0, 4, (64, 1, 2, 2)), torch.zeros(64))
-    trainer = pl.Trainer(max_steps=50, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         default_root_dir=tmp_path, accelerator="cpu")
+    trainer = pl.Trainer(
+        max_steps=50,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+    )
     with pytest.raises(NonFiniteLossError, match=r"step 3 .*3 non-finite steps in a row"):
         trainer.fit(module, DataLoader(data, batch_size=8))
     assert module.bad_steps_total == 3 and trainer.global_step == 3

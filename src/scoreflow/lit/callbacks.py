@@ -35,8 +35,13 @@ class SampleGrid(Callback):
         sampler: keyword arguments of :func:`sample` (``kind="ode"`` or ``"pc"`` ...).
     """
 
-    def __init__(self, every_n_steps: int = 1000, num_samples: int = 64, sampler: dict[str, Any] | None = None,
-                 dirname: str = "samples"):
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        num_samples: int = 64,
+        sampler: dict[str, Any] | None = None,
+        dirname: str = "samples",
+    ):
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.sampler = dict(sampler or {"kind": "ode", "method": "rk4", "steps": 50})
@@ -57,8 +62,14 @@ class SampleGrid(Callback):
     def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> Path | None:
         shape = tuple(pl_module.data_shape)
         seeds = list(range(self.num_samples))
-        res = sample(pl_module._score_fn(), pl_module.sde, (self.num_samples, *shape), seeds=seeds,
-                     device=pl_module.device, **self.sampler)
+        res = sample(
+            pl_module._score_fn(),
+            pl_module.sde,
+            (self.num_samples, *shape),
+            seeds=seeds,
+            device=pl_module.device,
+            **self.sampler,
+        )
         x = (res.samples.float() - pl_module.shift) / pl_module.scale
         if trainer.global_rank != 0:
             return None

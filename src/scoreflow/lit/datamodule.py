@@ -86,8 +86,13 @@ class ScoreDataModule(pl.LightningDataModule):
 
     def _loader(self, ds: Dataset, sampler: Sampler, batch_size: int) -> DataLoader:
         return DataLoader(
-            ds, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers, drop_last=False,
-            pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+            ds,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            drop_last=False,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -97,8 +102,14 @@ class ScoreDataModule(pl.LightningDataModule):
         if self.trainer is not None and hasattr(self.trainer.lightning_module, "batches_seen"):
             start = self.trainer.lightning_module.batches_seen * self.batch_size
         sampler = ResumableSampler(len(ds), self.seed, rank, world, start)
-        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          drop_last=True, pin_memory=torch.cuda.is_available())
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            drop_last=True,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def _eval_split(self, name: str, subset: int | None) -> DataLoader:
         ds = self.splits[name]

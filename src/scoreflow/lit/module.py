@@ -207,7 +207,9 @@ class ScoreLitModule(pl.LightningModule):
     def configure_optimizers(self):
         o = self.optim_cfg
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"])
+        opt = torch.optim.Adam(
+            params, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"]
+        )
         warm = int(o["warmup_steps"])
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -224,24 +226,38 @@ class ScoreLitModule(pl.LightningModule):
     def bound_nll(self, y: Tensor, num_t: int, g: torch.Generator) -> Tensor:
         e = self.eval_cfg
         res = likelihood_bound(
-            self._score_fn(), self.sde, y, eps=self.eps, num_t=num_t, importance_sampling=e["importance_sampling"],
-            truncation_correction=e["truncation_correction"], generator=g,
+            self._score_fn(),
+            self.sde,
+            y,
+            eps=self.eps,
+            num_t=num_t,
+            importance_sampling=e["importance_sampling"],
+            truncation_correction=e["truncation_correction"],
+            generator=g,
         )
         return res.nll
 
     def ode_nll(self, y: Tensor, g: torch.Generator) -> tuple[Tensor, int]:
         e = self.eval_cfg
         res = ode_log_likelihood(
-            self._score_fn(), self.sde, y, eps=self.eps, rtol=e["rtol"], atol=e["atol"], method=e["method"],
-            divergence=e["divergence"], generator=g, dtype=getattr(torch, e["ode_dtype"]),
+            self._score_fn(),
+            self.sde,
+            y,
+            eps=self.eps,
+            rtol=e["rtol"],
+            atol=e["atol"],
+            method=e["method"],
+            divergence=e["divergence"],
+            generator=g,
+            dtype=getattr(torch, e["ode_dtype"]),
         )
         return res.nll, res.nfe
 
     def on_validation_epoch_start(self) -> None:
         # decide once per validation run whether the (expensive) ODE likelihood is due
         every = self.eval_cfg["nll_every"]
-        self._ode_now = bool(every) and not self.trainer.sanity_checking and (
-            self.global_step >= self._last_ode_step + every
+        self._ode_now = (
+            bool(every) and not self.trainer.sanity_checking and (self.global_step >= self._last_ode_step + every)
         )
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -291,7 +307,11 @@ class ScoreLitModule(pl.LightningModule):
             out |= {"test/bpd_bound": m.float(), "test/bpd_bound_se": se.float()}
         if self.test_ode.count > 0:
             m, se = self.test_ode.compute()
-            out |= {"test/bpd_ode": m.float(), "test/bpd_ode_se": se.float(), "test/nfe": self.test_nfe.compute()[0].float()}
+            out |= {
+                "test/bpd_ode": m.float(),
+                "test/bpd_ode_se": se.float(),
+                "test/nfe": self.test_nfe.compute()[0].float(),
+            }
         self.log_dict(out, sync_dist=False)
         for metric in (self.test_bound, self.test_ode, self.test_nfe):
             metric.reset()

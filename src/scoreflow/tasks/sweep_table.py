@@ -11,8 +11,15 @@ from pathlib import Path
 
 import yaml
 
-COLUMNS = [("test/bpd_ode", "bpd ODE"), ("test/bpd_ode_se", "±"), ("test/bpd_bound", "bpd bound"),
-           ("test/bpd_bound_se", "±"), ("test/nfe", "NFE"), ("train/steps", "steps"), ("wall_time_s", "time s")]
+COLUMNS = [
+    ("test/bpd_ode", "bpd ODE"),
+    ("test/bpd_ode_se", "±"),
+    ("test/bpd_bound", "bpd bound"),
+    ("test/bpd_bound_se", "±"),
+    ("test/nfe", "NFE"),
+    ("train/steps", "steps"),
+    ("wall_time_s", "time s"),
+]
 
 
 def collect(sweep_dir: str | Path) -> list[dict]:
@@ -21,8 +28,7 @@ def collect(sweep_dir: str | Path) -> list[dict]:
         run = metrics_path.parent
         ov_path = run / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(ov_path.read_text()) if ov_path.exists() else []
-        rows.append({"run": run.name, "overrides": " ".join(overrides),
-                     **json.loads(metrics_path.read_text())})
+        rows.append({"run": run.name, "overrides": " ".join(overrides), **json.loads(metrics_path.read_text())})
     return rows
 
 
@@ -35,8 +41,9 @@ def format_table(rows: list[dict]) -> str:
         cells = [r["overrides"] or r["run"]]
         for key, _ in COLUMNS:
             v = r.get(key)
-            cells.append("-" if v is None else (f"{v:.0f}" if key in ("test/nfe", "train/steps", "wall_time_s")
-                                                else f"{v:.4f}"))
+            cells.append(
+                "-" if v is None else (f"{v:.0f}" if key in ("test/nfe", "train/steps", "wall_time_s") else f"{v:.4f}")
+            )
         body.append(cells)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731

@@ -75,10 +75,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log_final(loggers, test_metrics, step=int(steps))
     metrics["wall_time_s"] = time.time() - t0
     write_metrics(out / "metrics.json", metrics)
-    print(results_table(metrics, title=f"test split, EMA weights ({out})", extra={
-        "steps": int(metrics["train/steps"]), "wall time": f"{metrics['wall_time_s']:.0f} s",
-        "protocol": protocol_string(cfg),
-    }))
+    print(
+        results_table(
+            metrics,
+            title=f"test split, EMA weights ({out})",
+            extra={
+                "steps": int(metrics["train/steps"]),
+                "wall time": f"{metrics['wall_time_s']:.0f} s",
+                "protocol": protocol_string(cfg),
+            },
+        )
+    )
     return metrics
 
 
@@ -94,9 +101,11 @@ def log_final(loggers: list, metrics: dict[str, float], step: int) -> None:
 
 def protocol_string(cfg: DictConfig) -> str:
     e = cfg.module.evaluation
-    return (f"eps={cfg.get('eps') or 'sde default'}, ODE {e.method} rtol={e.rtol} atol={e.atol} {e.divergence} "
-            f"{e.ode_dtype}, bound num_t={e.test_num_t} IS={e.importance_sampling} "
-            f"eps-correction={e.truncation_correction}, repeats={e.test_repeats}")
+    return (
+        f"eps={cfg.get('eps') or 'sde default'}, ODE {e.method} rtol={e.rtol} atol={e.atol} {e.divergence} "
+        f"{e.ode_dtype}, bound num_t={e.test_num_t} IS={e.importance_sampling} "
+        f"eps-correction={e.truncation_correction}, repeats={e.test_repeats}"
+    )
 
 
 def test_checkpoint(cfg: DictConfig, ckpt_path: Path, out: Path) -> dict[str, float]:
