@@ -32,6 +32,8 @@ DEFAULT_EVAL = dict(
     test_num_t=1000,
     importance_sampling=True,
     truncation_correction=False,
+    bound_estimator="paired",  # constant term on the same (t, z) as the DSM term: ~77x lower variance (bench)
+    stratified=True,  # stratified time samples (unbiased, lower variance)
     rtol=1e-5,
     atol=1e-5,
     method="dopri5",
@@ -233,6 +235,8 @@ class ScoreLitModule(pl.LightningModule):
             num_t=num_t,
             importance_sampling=e["importance_sampling"],
             truncation_correction=e["truncation_correction"],
+            estimator=e["bound_estimator"],
+            stratified=e["stratified"],
             generator=g,
         )
         return res.nll

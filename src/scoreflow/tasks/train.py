@@ -103,7 +103,7 @@ def protocol_string(cfg: DictConfig) -> str:
     e = cfg.module.evaluation
     return (
         f"eps={cfg.get('eps') or 'sde default'}, ODE {e.method} rtol={e.rtol} atol={e.atol} {e.divergence} "
-        f"{e.ode_dtype}, bound num_t={e.test_num_t} IS={e.importance_sampling} "
+        f"{e.ode_dtype}, bound num_t={e.test_num_t} IS={e.importance_sampling} {e.bound_estimator} "
         f"eps-correction={e.truncation_correction}, repeats={e.test_repeats}"
     )
 
