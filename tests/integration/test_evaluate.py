@@ -1,0 +1,263 @@
+"""``evaluate.py`` end to end on a tiny digits checkpoint: metrics and per-image values, resume without double
+counting, batch-independent per-image seeds, protocol checks, score_sde_pytorch checkpoints, FID, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from scoreflow.tasks.build import ConfigError, build_module
+from scoreflow.tasks.evaluate import CheckpointFormatError, ProtocolMismatchError, ckpt_tag, evaluate, run_subdir
+from scoreflow.tasks.train import train
+
+ROOT = Path(__file__).resolve().parents[2]
+KEYS = ["test/bpd_ode", "test/bpd_ode_se", "test/bpd_bound", "test/bpd_bound_se", "test/nfe"]
+# loose tolerances and few bound times: the mechanics, not the numbers
+QUICK = ["evaluation.rtol=1e-2", "evaluation.atol=1e-2", "evaluation.test_num_t=8", "progress=false", "device=cpu"]
+# one fixed RK4 step (4 NFE) for the tests that need many ODE solves
+RK4 = ["evaluation.method=rk4", "evaluation.test_num_t=4", "progress=false", "device=cpu"]
+TINY_NCSNPP = ["model=ddpmpp", "model.net.nf=16", "model.net.ch_mult=[1,2]", "model.net.num_res_blocks=1",
+               "model.net.attn_resolutions=[4]", "model.net.dropout=0.0"]
+
+
+def compose_train(overrides: list[str], run_dir: Path):
+    """conftest.compose_cfg for a module-scoped fixture (which cannot use the function-scoped make_cfg)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.num = 0
+        cfg.hydra.job.override_dirname = "test"
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def digits_ckpt(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("digits_run")
+    train(compose_train(["debug=fast", "trainer.accelerator=cpu", "test=false", "trainer.max_steps=4", "val_every=4",
+                         "callbacks=minimal", "+trainer.enable_progress_bar=false"], run))
+    return run / "checkpoints" / "last.ckpt"
+
+
+def run_eval(make_cfg, ckpt, overrides, sub="eval"):
+    return evaluate(make_cfg([f"ckpt_path={ckpt}", *overrides], sub=sub, config_name="evaluate"))
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()[1:]]
+
+
+def counts(path: Path) -> dict[tuple[str, int, int], int]:
+    out: dict[tuple[str, int, int], int] = {}
+    for rec in jsonl(path):
+        for i in rec["i"]:
+            out[(rec["q"], i, rec["r"])] = out.get((rec["q"], i, rec["r"]), 0) + 1
+    return out
+
+
+def test_metrics_and_one_value_per_image(digits_ckpt, make_cfg, tmp_path, capsys):
+    m = run_eval(make_cfg, digits_ckpt, [*QUICK, "num_images=10", "batch_size=5", "repeats=2"])
+    out = tmp_path / "eval"
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in KEYS:
+        assert key in saved and np.isfinite(saved[key]) and saved[key] == pytest.approx(m[key])
+    assert saved["complete"] is True and 0 < saved["test/bpd_bound"] < 30 and saved["test/nfe_max"] >= saved["test/nfe"]
+    p = saved["protocol"]
+    assert p["ode"]["rtol"] == 1e-2 and p["ode"]["method"] == "dopri5" and p["bound"]["num_t"] == 8
+    assert p["repeats"] == 2 and p["num_images"] == 10 and p["weights"] == "EMA" and p["split"] == "test"
+    assert p["bound"]["truncation_correction"] is False and p["ode"]["truncation_correction"] is False
+
+    per = np.load(out / "per_example.npz")
+    np.testing.assert_array_equal(per["index"], np.arange(10))
+    assert per["bpd_ode"].shape == per["bpd_bound"].shape == per["nfe"].shape == (10, 2)
+    assert np.isfinite(per["bpd_ode"]).all() and np.isfinite(per["bpd_bound"]).all()
+    per_image = per["bpd_ode"].mean(1)  # mean over repeats, then mean +- s.e. over images
+    assert saved["test/bpd_ode"] == pytest.approx(per_image.mean(), rel=1e-12)
+    assert saved["test/bpd_ode_se"] == pytest.approx(per_image.std(ddof=1) / np.sqrt(10), rel=1e-9)
+    assert not np.array_equal(per["bpd_bound"][:, 0], per["bpd_bound"][:, 1])  # repeats draw fresh noise
+    assert set(counts(out / "partial.jsonl").values()) == {1} and len(counts(out / "partial.jsonl")) == 2 * 10 * 2
+
+    table = capsys.readouterr().out
+    assert "bits/dim (ODE)" in table and "bits/dim (bound)" in table and "rtol=0.01" in table and "num_t=8" in table
+
+
+def test_interrupted_evaluation_resumes_without_double_counting(digits_ckpt, make_cfg, tmp_path):
+    args = [*RK4, "num_images=10", "batch_size=4", "repeats=2"]  # 3 batches x 2 repeats
+    part = run_eval(make_cfg, digits_ckpt, [*args, "max_batches=2"], sub="resumed")
+    partial = tmp_path / "resumed" / "partial.jsonl"
+    assert part["complete"] is False and len(jsonl(partial)) == 2 * 2  # two batches, ODE + bound each
+    assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["complete"] is False
+    with open(partial, "a") as f:
+        f.write('{"q": "bpd_ode", "r": 1, "i": [8, 9], "v": [1.0')  # a line torn by a kill mid-write
+
+    done = run_eval(make_cfg, digits_ckpt, args, sub="resumed")
+    full = run_eval(make_cfg, digits_ckpt, args, sub="uninterrupted")
+    c = counts(partial)
+    assert done["complete"] and set(c.values()) == {1} and len(c) == 2 * 10 * 2
+    a, b = np.load(tmp_path / "resumed" / "per_example.npz"), np.load(tmp_path / "uninterrupted" / "per_example.npz")
+    for q in ("bpd_ode", "bpd_bound"):
+        np.testing.assert_array_equal(a[q], b[q])
+        assert done[f"test/{q}"] == full[f"test/{q}"] and done[f"test/{q}_se"] == full[f"test/{q}_se"]
+
+    # a finished evaluation reruns with no new work; more repeats compute only the new repeat
+    n_lines = len(partial.read_text().splitlines())
+    run_eval(make_cfg, digits_ckpt, args, sub="resumed")
+    assert len(partial.read_text().splitlines()) == n_lines
+    more = run_eval(make_cfg, digits_ckpt, [*args[:-1], "repeats=3"], sub="resumed")
+    assert len(partial.read_text().splitlines()) == n_lines + 3 * 2
+    assert np.load(tmp_path / "resumed" / "per_example.npz")["bpd_ode"].shape == (10, 3) and more["complete"]
+
+
+def test_per_image_values_do_not_depend_on_batch_boundaries(digits_ckpt, make_cfg, tmp_path):
+    for bs in (3, 5):
+        run_eval(make_cfg, digits_ckpt, [*RK4, "num_images=6", f"batch_size={bs}"], sub=f"bs{bs}")
+    a, b = np.load(tmp_path / "bs3" / "per_example.npz"), np.load(tmp_path / "bs5" / "per_example.npz")
+    np.testing.assert_array_equal(a["bpd_bound"], b["bpd_bound"])  # each image's times and noises are its own
+    np.testing.assert_allclose(a["bpd_ode"], b["bpd_ode"], rtol=1e-6)  # fixed-step ODE: only float round-off
+
+
+def test_changed_protocol_is_refused_then_restarted_with_resume_false(digits_ckpt, make_cfg, tmp_path):
+    run_eval(make_cfg, digits_ckpt, [*RK4, "num_images=2"], sub="proto")
+    with pytest.raises(ProtocolMismatchError, match="test_num_t|num_t"):
+        run_eval(make_cfg, digits_ckpt, [*RK4, "num_images=2", "evaluation.test_num_t=5"], sub="proto")
+    m = run_eval(make_cfg, digits_ckpt, [*RK4, "num_images=2", "evaluation.test_num_t=5", "resume=false"], sub="proto")
+    assert m["protocol"]["bound"]["num_t"] == 5 and len(counts(tmp_path / "proto" / "partial.jsonl")) == 4
+
+
+def test_val_split_raw_weights_bound_only_with_corrections(digits_ckpt, make_cfg):
+    m = run_eval(make_cfg, digits_ckpt, [*RK4, "split=val", "use_ema=false", "ode=false", "num_images=3",
+                                         "evaluation.truncation_correction=true"])
+    assert "val/bpd_bound" in m and "val/bpd_ode" not in m and not any(k.startswith("test/") for k in m)
+    assert m["protocol"]["weights"] == "raw" and m["protocol"]["bound"]["truncation_correction"] is True
+    assert "eps-correction on" in m["protocol_text"]
+    m = run_eval(make_cfg, digits_ckpt, [*RK4, "bound=false", "num_images=3", "ode_truncation_correction=true"],
+                 sub="odetc")
+    assert np.isfinite(m["test/bpd_ode"]) and m["protocol"]["ode"]["truncation_correction"] is True
+
+
+def test_score_sde_pytorch_checkpoint(make_cfg, tmp_path):
+    from scoreflow.nets.sp_checkpoint import CheckpointMismatchError, save_score_sde_checkpoint
+
+    module = build_module(make_cfg(["debug=fast", *TINY_NCSNPP], sub="build"))
+    path = tmp_path / "checkpoint_8.pth"
+    save_score_sde_checkpoint(path, module.score_model, step=8)
+    m = run_eval(make_cfg, path, [*RK4, *TINY_NCSNPP, "sde=vp", "data=digits", "num_images=3"])
+    assert np.isfinite(m["test/bpd_ode"]) and np.isfinite(m["test/bpd_bound"])
+    assert m["protocol"]["step"] == 8 and m["protocol"]["checkpoint"].endswith("checkpoint_8.pth")
+    with pytest.raises(ConfigError, match="model=... data=..."):
+        run_eval(make_cfg, path, [*RK4, "sde=vp"], sub="e1")
+    with pytest.raises(CheckpointMismatchError):
+        run_eval(make_cfg, path, [*RK4, *TINY_NCSNPP, "model.net.nf=8", "sde=vp", "data=digits"], sub="e2")
+
+
+def test_clear_errors(digits_ckpt, make_cfg, tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        run_eval(make_cfg, tmp_path / "missing.ckpt", RK4)
+    with pytest.raises(ConfigError, match="ckpt_path is required"):
+        evaluate(make_cfg(RK4, config_name="evaluate"))
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(CheckpointFormatError, match="not a PyTorch checkpoint"):
+        run_eval(make_cfg, text, RK4)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(CheckpointFormatError, match="neither a scoreflow checkpoint"):
+        run_eval(make_cfg, other, RK4)
+    with pytest.raises(CheckpointFormatError, match="is a scoreflow checkpoint"):
+        run_eval(make_cfg, digits_ckpt, [*RK4, "ckpt_format=score_sde"])
+    with pytest.raises(ConfigError, match="split"):
+        run_eval(make_cfg, digits_ckpt, [*RK4, "split=dev"])
+
+
+def test_run_directory_is_stable_per_checkpoint_and_overrides(tmp_path):
+    a = run_subdir(str(tmp_path / "runA" / "checkpoints" / "last.ckpt"), "split=val")
+    assert a.startswith("runA-last-") and a.endswith("/split=val")
+    assert a == run_subdir(str(tmp_path / "runA" / "checkpoints" / "last.ckpt"), "split=val")
+    assert ckpt_tag(str(tmp_path / "runB" / "checkpoints" / "last.ckpt")) != a.split("/")[0]
+    assert run_subdir(str(tmp_path / "m.pth"), "").endswith("/default")
+    assert "/" not in run_subdir("m.pth", "mask=/a/b.png").split("/", 1)[1]
+
+
+class PooledFeatures(torch.nn.Module):
+    """A cheap stand-in for Inception: 4x4 average-pooled pixels as features."""
+
+    identity = "test-pool4"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().expand(-1, 3, -1, -1) / 255
+        return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+
+
+def test_fid_samples_resume_and_reference_cache(digits_ckpt, make_cfg, tmp_path, monkeypatch):
+    import scoreflow.tasks.evaluate as ev
+
+    monkeypatch.setattr(ev, "make_extractor", lambda weights, device: PooledFeatures())
+    drawn: list[int] = []
+    real_draw = ev.draw_samples
+
+    def counting_draw(module, seeds, *a, **kw):
+        drawn.extend(seeds)
+        return real_draw(module, seeds, *a, **kw)
+
+    monkeypatch.setattr(ev, "draw_samples", counting_draw)
+    args = ["ode=false", "bound=false", "progress=false", "device=cpu", "fid.num_samples=12", "fid.batch_size=5",
+            "sampler=ode", "sampler.method=euler", "sampler.steps=3", f"fid.cache_dir={tmp_path / 'cache'}",
+            "fid.ref_num_images=40"]
+    m = run_eval(make_cfg, digits_ckpt, args, sub="fid")
+    assert np.isfinite(m["test/fid"]) and m["test/fid"] > 0 and m["test/fid_nfe"] == 4
+    assert m["test/fid_ref_num_images"] == 40 and sorted(drawn) == list(range(12))
+    cache = list((tmp_path / "cache").glob("fid_digits-*-first40_train.npz"))
+    assert len(cache) == 1
+    stamp = cache[0].stat().st_mtime_ns
+    again = run_eval(make_cfg, digits_ckpt, [*args, "fid.num_samples=14"], sub="fid")
+    assert sorted(drawn) == list(range(12)) + [12, 13]  # only the two new seeds were sampled
+    assert cache[0].stat().st_mtime_ns == stamp and np.isfinite(again["test/fid"])
+    assert m["protocol"]["fid"]["sampler"]["method"] == "euler"
+
+
+@pytest.mark.slow
+def test_fid_with_real_inception_weights(digits_ckpt, make_cfg, tmp_path):
+    from scoreflow.metrics.inception import fid_helper_torchscript, resolve_inception_weights
+
+    try:
+        resolve_inception_weights()
+    except FileNotFoundError:
+        if fid_helper_torchscript() is None:
+            pytest.skip("no offline Inception weights")
+    m = run_eval(make_cfg, digits_ckpt, ["ode=false", "bound=false", "progress=false", "device=cpu",
+                                         "fid.num_samples=32", "fid.batch_size=32", "sampler=ode",
+                                         "sampler.method=euler", "sampler.steps=4", "fid.ref_num_images=48",
+                                         f"fid.cache_dir={tmp_path / 'cache'}"], sub="fid_real")
+    assert np.isfinite(m["test/fid"]) and m["test/fid"] > 0
+    assert list((tmp_path / "cache").glob("fid_digits-*_train.npz"))
+
+
+@pytest.mark.slow
+def test_command_line_resumes_in_the_same_directory(digits_ckpt, tmp_path):
+    """The real ``python evaluate.py``: the same command twice writes to one folder and the second does no work."""
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), f"ckpt_path={digits_ckpt}", *RK4, "num_images=6",
+           "batch_size=3", "max_batches=1"]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "PARTIAL" in first.stdout
+    second = subprocess.run(cmd[:-1], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    (metrics,) = (tmp_path / "outputs" / "evaluate").rglob("metrics.json")
+    saved = json.loads(metrics.read_text())
+    assert saved["complete"] and set(counts(metrics.parent / "partial.jsonl").values()) == {1}
+    assert "bits/dim (ODE)" in second.stdout
