@@ -73,6 +73,8 @@ class ScoreLitModule(pl.LightningModule):
         hflip: random horizontal flips of training images.
         max_bad_steps: consecutive non-finite steps tolerated before the run stops.
         seed: base seed of the per-step generators.
+        channels_last: run the network in channels_last memory format (faster convolutions on GPUs).
+        compile: wrap the network in ``torch.compile`` (the NCSN++ family traces without graph breaks).
     """
 
     def __init__(
@@ -92,6 +94,8 @@ class ScoreLitModule(pl.LightningModule):
         hflip: bool = False,
         max_bad_steps: int = 20,
         seed: int = 0,
+        channels_last: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         if loss not in ("dsm", "ism"):
@@ -116,6 +120,11 @@ class ScoreLitModule(pl.LightningModule):
         if unknown:
             raise ValueError(f"unknown evaluation settings {sorted(unknown)}; known: {sorted(DEFAULT_EVAL)}")
         self.hflip = hflip
+        if channels_last:
+            self.score_model.net.to(memory_format=torch.channels_last)
+        self.channels_last = channels_last
+        if compile:
+            self.score_model.net.compile()  # in place: state-dict keys stay those of the plain network
         self.max_bad_steps = max_bad_steps
         self.seed = seed
         self.batches_seen = 0  # training batches drawn so far (skipped ones included); checkpointed
@@ -156,6 +165,8 @@ class ScoreLitModule(pl.LightningModule):
             flip = torch.rand(k.shape[0], generator=g, device=k.device) < 0.5
             k = torch.where(flip[:, None, None, None], k.flip(-1), k)
         y, log_q = self.to_model_space(k, g)
+        if self.channels_last and y.ndim == 4:
+            y = y.contiguous(memory_format=torch.channels_last)
         t, w = self.time_sampler.sample(y.shape[0], generator=g, device=y.device, dtype=y.dtype)
         z = torch.randn(y.shape, generator=g, device=y.device, dtype=y.dtype)
         if self.loss_name == "dsm":
