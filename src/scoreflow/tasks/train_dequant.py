@@ -1,0 +1,77 @@
+"""``train_dequant(cfg)``: train a variational dequantizer AFTER the score model (SPEC §5; paper 000 Sec. 5.2).
+
+The score model is rebuilt from ``cfg.score_ckpt`` with its EMA weights and frozen; the run's config is the score
+run's config with this run's settings merged over it and its ``dequantization`` replaced, so the checkpoint written
+describes the whole model (score network + flow) and :func:`module_from_checkpoint` / evaluation rebuild it with the
+variational dequantizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from scoreflow.lit.dequant_module import DequantLitModule
+from scoreflow.tasks.build import ConfigError, build_data, build_datamodule, build_module, to_container
+from scoreflow.tasks.common import make_trainer, module_from_checkpoint, results_table, scalar_metrics, write_metrics
+from scoreflow.tasks.train import FinalCheckpoint, instantiate_all, protocol_string, run_dir, test_checkpoint
+
+log = logging.getLogger(__name__)
+
+_RUN_ONLY = ("score_ckpt", "ckpt_path")  # describe this invocation, not the model
+_REPLACED = ("dequantization", "trainer", "callbacks", "logger")  # this run's own, not merged with the score run's
+
+
+def flow_run_config(cfg: DictConfig, score_cfg: DictConfig) -> DictConfig:
+    """The score run's config with this run's settings merged over it; the groups in ``_REPLACED`` are replaced."""
+    own = {k: v for k, v in to_container(cfg).items() if k not in _RUN_ONLY}
+    run_cfg = OmegaConf.merge(score_cfg, OmegaConf.create({k: v for k, v in own.items() if k not in _REPLACED}))
+    with open_dict(run_cfg):
+        for key in _REPLACED:
+            run_cfg[key] = OmegaConf.create(own.get(key) or {})
+        run_cfg.module.dequant.freeze_score = True  # the "after" mode is what this task is
+        run_cfg.dequant_run = {"mode": "after", "score_ckpt": str(cfg.score_ckpt)}
+    return run_cfg
+
+
+def train_dequant(cfg: DictConfig) -> dict[str, Any]:
+    """Train φ with the frozen score model, write ``checkpoints/last.ckpt`` and ``metrics.json``, return the metrics."""
+    t0 = time.time()
+    out = run_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    score, score_cfg, _ = module_from_checkpoint(cfg.score_ckpt, use_ema=True)
+    run_cfg = flow_run_config(cfg, score_cfg)
+    source = build_data(run_cfg)
+    module = build_module(run_cfg, source)
+    if not isinstance(module, DequantLitModule):
+        raise ConfigError(f"dequantization={type(module.dequantizer).__name__} has nothing to train after the score "
+                          "model: use dequantization=variational")
+    module.score_model.load_state_dict(score.score_model.state_dict())  # the frozen EMA weights
+    module.output_dir = str(out)
+    dm = build_datamodule(run_cfg, source)
+
+    loggers = instantiate_all(cfg.get("logger"))
+    for lg in loggers:
+        lg.log_hyperparams(to_container(run_cfg))
+    callbacks = instantiate_all(cfg.get("callbacks")) + [FinalCheckpoint(out / "checkpoints")]
+    trainer = make_trainer(run_cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+
+    metrics: dict[str, Any] = {"train/steps": float(trainer.global_step), "train/wall_time_s": time.time() - t0}
+    metrics.update({k: v for k, v in scalar_metrics(trainer.callback_metrics).items() if k.startswith("val/")})
+    if cfg.get("test", True):
+        metrics.update(test_checkpoint(run_cfg, out / "checkpoints" / "last.ckpt", out))
+    metrics["wall_time_s"] = time.time() - t0
+    metrics["dequantization"] = f"{type(module.dequantizer).__name__} (trained after the score model)"
+    write_metrics(out / "metrics.json", metrics)
+    print(results_table(metrics, title=f"test split, frozen score model + EMA flow ({out})", extra={
+        "dequantization": metrics["dequantization"], "score model": str(cfg.score_ckpt),
+        "flow steps": int(metrics["train/steps"]), "wall time": f"{metrics['wall_time_s']:.0f} s",
+        "protocol": protocol_string(run_cfg),
+    }))
+    return metrics
