@@ -11,14 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 from scoreflow.tasks.build import ConfigError, build_module
 from scoreflow.tasks.evaluate import CheckpointFormatError, ProtocolMismatchError, ckpt_tag, evaluate, run_subdir
 from scoreflow.tasks.train import train
+from tests.integration.conftest import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = ["test/bpd_ode", "test/bpd_ode_se", "test/bpd_bound", "test/bpd_bound_se", "test/nfe"]
@@ -30,19 +27,7 @@ TINY_NCSNPP = ["model=ddpmpp", "model.net.nf=16", "model.net.ch_mult=[1,2]", "mo
                "model.net.attn_resolutions=[4]", "model.net.dropout=0.0"]
 
 
-def compose_train(overrides: list[str], run_dir: Path):
-    """conftest.compose_cfg for a module-scoped fixture (which cannot use the function-scoped make_cfg)."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(run_dir)
-        cfg.hydra.job.num = 0
-        cfg.hydra.job.override_dirname = "test"
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+compose_train = compose_cfg  # module-scoped fixtures cannot use the function-scoped make_cfg
 
 
 @pytest.fixture(scope="module")

@@ -13,35 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 from PIL import Image
 
 from scoreflow.tasks.build import ConfigError
 from scoreflow.tasks.evaluate import evaluate
 from scoreflow.tasks.sample import sample
 from scoreflow.tasks.train import train
+from tests.integration.conftest import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ["progress=false", "device=cpu"]
 PC = ["sampler=pc", "sampler.steps=5"]
 
 
-def compose_cfg(overrides: list[str], run_dir: Path, name: str = "train"):
-    """conftest.compose_cfg for module-scoped fixtures (which cannot use the function-scoped make_cfg)."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(name, overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(run_dir)
-        cfg.hydra.job.num = 0
-        cfg.hydra.job.override_dirname = "test"
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
 
 
 TRAIN_FAST = ["debug=fast", "trainer.accelerator=cpu", "test=false", "trainer.max_steps=4", "val_every=4",

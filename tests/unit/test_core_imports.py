@@ -10,7 +10,8 @@ def test_core_does_not_import_lightning_or_hydra():
         "import scoreflow, scoreflow.sde, scoreflow.weighting, scoreflow.losses, scoreflow.likelihood\n"
         "import scoreflow.dequantization, scoreflow.sampling, scoreflow.nets, scoreflow.oracles, scoreflow.data\n"
         "import scoreflow.metrics, scoreflow.visualize\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'hydra', 'omegaconf'))\n"
+        "heavy = ('lightning', 'pytorch_lightning', 'hydra', 'omegaconf')\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
         "print(','.join(bad))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
