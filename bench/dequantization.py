@@ -187,7 +187,8 @@ def main() -> None:
     p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 rtol = atol (ODE, float64)")
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: small per-image calls on a shared CPU are ~10x slower with 2 contending)")
     p.add_argument("--table-only", action="store_true")
     args = p.parse_args()
     if args.threads:
