@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from scoreflow.dequantization import Dequantizer
-from scoreflow.lit.module import step_seed
+from scoreflow.lit.module import adam_with_warmup, step_seed
 from scoreflow.nets.classifier import NoiseConditionalClassifier
 
 DEFAULT_OPTIM = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=100, grad_clip=1.0)
@@ -134,14 +134,7 @@ class ClassifierLitModule(pl.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=float(clip), gradient_clip_algorithm="norm")
 
     def configure_optimizers(self):
-        o = self.optim_cfg
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(
-            params, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"]
-        )
-        warm = int(o["warmup_steps"])
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adam_with_warmup([p for p in self.parameters() if p.requires_grad], self.optim_cfg)
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, split: str, salt: int) -> None:

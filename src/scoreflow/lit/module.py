@@ -47,6 +47,14 @@ DEFAULT_EVAL = dict(
 )
 
 
+def adam_with_warmup(params: list[torch.nn.Parameter], o: dict[str, Any]) -> dict[str, Any]:
+    """Adam with a linear learning-rate warm-up over ``o["warmup_steps"]`` steps (SPEC §7), per-step schedule."""
+    opt = torch.optim.Adam(params, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"])
+    warm = int(o["warmup_steps"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -218,14 +226,7 @@ class ScoreLitModule(pl.LightningModule):
         print(f"[scoreflow] warning: {msg}")
 
     def configure_optimizers(self):
-        o = self.optim_cfg
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(
-            params, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"]
-        )
-        warm = int(o["warmup_steps"])
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adam_with_warmup([p for p in self.parameters() if p.requires_grad], self.optim_cfg)
 
     # ------------------------------------------------------------------ likelihood evaluation
     def _score_fn(self):
