@@ -233,7 +233,10 @@ class ScoreLitModule(pl.LightningModule):
         model = self.score_model
 
         def fn(x: Tensor, t: Tensor) -> Tensor:
-            return model(x.float(), t.float()).to(x.dtype)
+            # Lightning runs validation/test under the trainer's autocast (bf16-mixed on GPUs): the
+            # likelihood must not see bf16 scores, so autocast is switched off here.
+            with torch.autocast(x.device.type, enabled=False):
+                return model(x.float(), t.float()).to(x.dtype)
 
         return fn
 

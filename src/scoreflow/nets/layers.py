@@ -65,8 +65,9 @@ def group_norm(ch: int) -> nn.GroupNorm:
 def sinusoidal_embedding(label: Tensor, dim: int, max_positions: float = 10000.0) -> Tensor:
     """Sinusoidal features ``[B] -> [B, dim]``: ``[sin(l w_j), cos(l w_j)]``, ``w_j = M^(-j/(h-1))`` (Vaswani; DDPM)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_positions) / (half - 1) * torch.arange(half, device=label.device))
-    arg = label.float()[:, None] * freqs[None, :]
+    dtype = torch.promote_types(label.dtype, torch.float32)  # float64 labels stay float64 (float64 ODE)
+    freqs = torch.exp(-math.log(max_positions) / (half - 1) * torch.arange(half, device=label.device, dtype=dtype))
+    arg = label.to(dtype)[:, None] * freqs[None, :]
     emb = torch.cat([arg.sin(), arg.cos()], dim=1)
     return F.pad(emb, (0, 1)) if dim % 2 == 1 else emb
 
@@ -82,7 +83,8 @@ class GaussianFourierProjection(nn.Module):
         self.register_buffer("W", torch.randn(embedding_size) * scale)
 
     def forward(self, label: Tensor) -> Tensor:
-        proj = label.float()[:, None] * self.W[None, :] * (2 * math.pi)
+        dtype = torch.promote_types(label.dtype, self.W.dtype)
+        proj = label.to(dtype)[:, None] * self.W.to(dtype)[None, :] * (2 * math.pi)
         return torch.cat([proj.sin(), proj.cos()], dim=-1)
 
 
