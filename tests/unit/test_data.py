@@ -193,7 +193,7 @@ def test_config_keys_equal_constructor_arguments(path):
     assert {"shape", "num_levels"} <= keys
 
 
-@pytest.mark.parametrize("name", ["digits", "toy2d"])
+@pytest.mark.parametrize("name", ["digits", "toy2d", "photos"])
 def test_embedded_configs_instantiate(name):
     from hydra.utils import instantiate
 
@@ -206,3 +206,40 @@ def test_data_package_imports_no_lightning_or_hydra():
     code = "import sys, scoreflow.data; print(sorted({'lightning', 'pytorch_lightning', 'hydra'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_photos_are_real_rgb_patches_with_disjoint_column_bands(tmp_path):
+    from PIL import Image
+
+    from scoreflow.data import SklearnPhotos
+
+    # the shipped photos: default split sizes, 256 levels, 2 labels
+    d = SklearnPhotos().load()
+    assert {k: len(v) for k, v in d.items()} == {"train": 4508, "val": 92, "test": 828}
+    x, y = d["test"][0]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 and y in (0, 1)
+    assert {int(d["train"].y[i]) for i in range(len(d["train"]))} == {0, 1}
+    # tiny photos whose red channel encodes the column (12 x 40 px): every patch lies inside its band
+    cols = torch.arange(40).repeat(12, 1) * 6
+    rgb = torch.stack([cols, torch.full_like(cols, 128), 255 - cols], -1).to(torch.uint8).numpy()
+    for name in ("china.jpg", "flower.jpg"):
+        Image.fromarray(rgb).save(tmp_path / name, quality=100)
+    src = SklearnPhotos(shape=[3, 4, 4], downsample=1, stride=2, bands=[0.5, 0.25], hflip=False, path=str(tmp_path))
+    s = src.load()
+    # rows (12-4)/2+1 = 5; train x0 in 0..16 (9), val x0 in 20..26 (4), test x0 in 30..36 (4); two photos
+    assert [len(s[k]) for k in ("train", "val", "test")] == [90, 40, 40]
+    col = {k: torch.stack([s[k][i][0][0].float() for i in range(len(s[k]))]) / 6 for k in s}
+    tol = 1.0  # JPEG at quality 100 moves a smooth ramp by at most a few levels
+    assert col["train"].max() < 20 - 1 + tol and col["val"].min() > 20 - tol and col["val"].max() < 30 - 1 + tol
+    assert col["test"].min() > 30 - tol
+
+
+def test_photos_missing_and_bad_config(tmp_path):
+    from scoreflow.data import SklearnPhotos
+
+    with pytest.raises(DatasetNotFoundError, match="china.jpg and flower.jpg"):
+        SklearnPhotos(path=str(tmp_path)).load()
+    with pytest.raises(ValueError, match="shape must be"):
+        SklearnPhotos(shape=[1, 16, 16])
+    with pytest.raises(ValueError, match="bands"):
+        SklearnPhotos(bands=[0.9, 0.2])

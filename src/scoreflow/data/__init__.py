@@ -19,6 +19,7 @@ from scoreflow.data.image_folder import ImageFolder
 from scoreflow.data.imagenet import DownsampledImageNet, ImageNet32
 from scoreflow.data.mnist import MNIST, read_idx
 from scoreflow.data.mnist5k import MNIST5k
+from scoreflow.data.photos import SklearnPhotos
 from scoreflow.data.toy2d import Toy2D, render_png
 
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "read_idx",
     "render_png",
     "seeded_split",
+    "SklearnPhotos",
 ]
