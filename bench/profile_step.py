@@ -9,8 +9,7 @@ import argparse
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-
-from train_step import SHAPES, build  # bench/ is the working directory's sibling: run from the repo root
+from train_step import SHAPES, build  # the script directory (bench/) is on sys.path
 
 
 def main() -> None:

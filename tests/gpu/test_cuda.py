@@ -135,7 +135,8 @@ def test_ode_likelihood_on_device_matches_the_exact_density(sde_cls):
     """Gaussian-mixture data, exact score, float64 ODE on the device: -log p_eps(x) to solver tolerance."""
     sde = sde_cls()
     eps = 1e-5
-    params = [torch.tensor([0.4, 0.6]), torch.tensor([[1.0, -0.5], [-1.0, 0.5]]), torch.tensor([[0.1, 0.2], [0.3, 0.05]])]
+    weights, means = torch.tensor([0.4, 0.6]), torch.tensor([[1.0, -0.5], [-1.0, 0.5]])
+    params = [weights, means, torch.tensor([[0.1, 0.2], [0.3, 0.05]])]
     x = GaussianMixture(*params).sample(64, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     mix = GaussianMixture(*[p.to(DEVICE) for p in params])
     res = ode_log_likelihood(mix.score_fn(sde), sde, x, eps=eps, divergence="exact", dtype=torch.float64)

@@ -20,13 +20,6 @@ WRN28_10_PUBLISHED = 36_479_194  # Zagoruyko & Komodakis 2016, CIFAR-10 (10 clas
 WRN28_10_CONDITIONED = 39_171_674  # + Fourier-feature MLP (393,728) + one Dense per block (2,298,752)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def preset(name: str, shape: tuple[int, ...], sde=None, num_classes: int = 10) -> NoiseConditionalClassifier:
     """``conf/classifier/<name>.yaml`` built the way ``hydra.utils.instantiate`` does (without Hydra)."""

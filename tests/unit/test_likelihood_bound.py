@@ -18,14 +18,6 @@ MIX = GaussianMixture(
 BIG = 2**16  # rows per score call: the oracle is cheap
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: extra intra-op threads only add synchronisation (~25x slower on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def full(v: float, n: int) -> torch.Tensor:
     return torch.full((n,), v, dtype=torch.float64)

@@ -19,14 +19,6 @@ SDES = [(VPSDE(), 1e-5), (SubVPSDE(), 1e-2), (VESDE(), 1e-5)]
 IDS = ["vp", "subvp", "ve"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: extra intra-op threads only add synchronisation (~25x slower on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def mixture(event_shape=None) -> GaussianMixture:
     D = 2 if event_shape is None else math.prod(event_shape)

@@ -20,14 +20,6 @@ from scoreflow.sde import VESDE, VPSDE
 CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions gain nothing from threads, and OpenMP spin-waits badly on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def from_yaml(name: str, shape: tuple[int, ...]) -> torch.nn.Module:
     """Build ``conf/model/<name>.yaml``'s net the way ``hydra.utils.instantiate`` does (without Hydra)."""

@@ -32,13 +32,6 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make(case: str, seed: int = 0) -> NCSNpp:
     torch.manual_seed(seed)

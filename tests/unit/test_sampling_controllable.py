@@ -22,14 +22,6 @@ from scoreflow.sde import VESDE, VPSDE, SubVPSDE
 SDES = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE()}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # thousands of tiny ops: intra-op threads only add sync overhead on a loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.parametrize("sde_name", list(SDES))
 def test_inpainting_independent_gaussian_is_exact(sde_name):

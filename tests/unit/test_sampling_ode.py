@@ -14,14 +14,6 @@ MIX = GaussianMixture(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # thousands of tiny ops: intra-op threads only add sync overhead on a loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def assert_moments(x, mean, cov, mean_se=4.0, cov_tol=0.12):
     """Sample mean within ``mean_se`` standard errors; covariance entries within ``cov_tol`` (correlation units)."""

@@ -36,14 +36,6 @@ def assert_moments(x, mean, cov, mean_se=4.0, cov_tol=0.12):
     assert z < mean_se and rel < cov_tol, f"mean error {z:.2f} SE, covariance error {rel:.3f}"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # thousands of tiny ops: intra-op threads only add sync overhead (15x slower on a loaded 2-core box)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class FixedNoise:
     """A noise source returning a given tensor (to compare single steps with closed forms)."""

@@ -27,7 +27,7 @@ def _photo_dir() -> Path:
 
 
 def _patches(img: np.ndarray, size: int, stride: int, x_from: int, x_to: int) -> np.ndarray:
-    """All ``size x size`` patches of ``img [H, W, 3]`` lying entirely in columns ``[x_from, x_to)`` -> ``[N, 3, s, s]``."""
+    """The ``size x size`` patches of ``img [H, W, 3]`` inside columns ``[x_from, x_to)``: ``[N, 3, size, size]``."""
     H = img.shape[0]
     out = [
         img[y : y + size, x : x + size].transpose(2, 0, 1)
@@ -38,7 +38,7 @@ def _patches(img: np.ndarray, size: int, stride: int, x_from: int, x_to: int) ->
 
 
 class SklearnPhotos(DataSource):
-    """Patches ``[3, P, P]`` (levels ``0..255``) of scikit-learn's two sample photographs; label = photo (0 china, 1 flower).
+    """Patches ``[3, P, P]`` (levels ``0..255``) of scikit-learn's two sample photos; label = photo (0 china, 1 flower).
 
     Args:
         shape: ``[3, P, P]``; P = 16 by default.
@@ -81,9 +81,8 @@ class SklearnPhotos(DataSource):
         root = self.path or _photo_dir()
         files = [root / f for f in PHOTOS]
         if not all(f.is_file() for f in files):
-            raise not_found(
-                self.name, [root], f"{' and '.join(PHOTOS)} (8-bit RGB JPEGs)", "the scikit-learn wheel (pip install scikit-learn)"
-            )
+            layout = f"{' and '.join(PHOTOS)} (8-bit RGB JPEGs)"
+            raise not_found(self.name, [root], layout, "the scikit-learn wheel (pip install scikit-learn)")
         P = self.shape[1]
         parts: dict[str, list[tuple[np.ndarray, int]]] = {"train": [], "val": [], "test": []}
         for label, f in enumerate(files):

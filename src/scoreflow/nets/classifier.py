@@ -13,17 +13,15 @@ code at toy size (WRN-10-2 on ``999 t``) so the CPU-trained path is the one that
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scoreflow.nets.layers import GaussianFourierProjection, group_norm, sinusoidal_embedding
+from scoreflow.nets.score_model import TIME_LABELS, TimeLabel, time_label
 from scoreflow.sde import SDE
 from scoreflow.utils import append_dims
 
-TimeLabel = Literal["t999", "log_sigma", "t"]
 # an embedding fed the label it was not designed for: 999 t through N(0, 16^2) Fourier features is noise,
 # and log sigma (|.| < 10) barely moves the sinusoidal features, whose top frequency is 1
 _INCOMPATIBLE = {("fourier", "t999"), ("positional", "log_sigma")}
@@ -156,8 +154,8 @@ class NoiseConditionalClassifier(nn.Module):
 
     def __init__(self, net: nn.Module, sde: SDE, time_label: TimeLabel = "log_sigma", normalize_input: bool = True):
         super().__init__()
-        if time_label not in ("t999", "log_sigma", "t"):
-            raise ValueError(f"unknown time_label {time_label!r}")
+        if time_label not in TIME_LABELS:
+            raise ValueError(f"unknown time_label {time_label!r}; choose from {TIME_LABELS}")
         emb = getattr(net, "embedding_type", None)
         if (emb, time_label) in _INCOMPATIBLE:
             raise ValueError(f"embedding_type={emb!r} does not fit time_label={time_label!r}: use fourier with "
@@ -170,11 +168,7 @@ class NoiseConditionalClassifier(nn.Module):
         return int(self.net.num_classes)
 
     def label(self, t: Tensor) -> Tensor:
-        if self.time_label == "t999":
-            return 999.0 * t
-        if self.time_label == "log_sigma":
-            return self.sde.sigma(t).log()
-        return t
+        return time_label(self.time_label, self.sde, t)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         if self.normalize_input:

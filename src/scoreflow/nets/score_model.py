@@ -11,6 +11,18 @@ from scoreflow.utils import append_dims
 
 Parametrization = Literal["eps", "score_over_sigma", "score"]
 TimeLabel = Literal["t999", "log_sigma", "t"]
+TIME_LABELS = ("t999", "log_sigma", "t")
+
+
+def time_label(kind: TimeLabel, sde: SDE, t: Tensor) -> Tensor:
+    """What a net is conditioned on at time ``t``: ``999 t``, ``log sigma_t`` or ``t`` itself."""
+    if kind == "t999":
+        return 999.0 * t
+    if kind == "log_sigma":
+        return sde.sigma(t).log()
+    if kind == "t":
+        return t
+    raise ValueError(f"unknown time_label {kind!r}; choose from {TIME_LABELS}")
 
 
 class ScoreModel(nn.Module):
@@ -37,19 +49,15 @@ class ScoreModel(nn.Module):
         super().__init__()
         if parametrization not in ("eps", "score_over_sigma", "score"):
             raise ValueError(f"unknown parametrization {parametrization!r}")
-        if time_label not in ("t999", "log_sigma", "t"):
-            raise ValueError(f"unknown time_label {time_label!r}")
+        if time_label not in TIME_LABELS:
+            raise ValueError(f"unknown time_label {time_label!r}; choose from {TIME_LABELS}")
         self.net = net
         self.sde = sde
         self.parametrization = parametrization
         self.time_label = time_label
 
     def label(self, t: Tensor) -> Tensor:
-        if self.time_label == "t999":
-            return 999.0 * t
-        if self.time_label == "log_sigma":
-            return self.sde.sigma(t).log()
-        return t
+        return time_label(self.time_label, self.sde, t)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         out = self.net(x, self.label(t))
