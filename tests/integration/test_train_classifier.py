@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from scoreflow.lit.classifier_module import to_model_space
+from scoreflow.dequantization import to_model_space
 from scoreflow.lit.module import ScoreLitModule
 from scoreflow.nets.classifier import NoiseConditionalClassifier
 from scoreflow.oracles import GaussianMixture
@@ -118,7 +118,7 @@ def test_data_space_equals_score_module(make_cfg):
     cfg = make_cfg(DEBUG, config_name=CFG)
     module = build_classifier_module(cfg, build_data(cfg))
     k = torch.randint(0, 17, (4, 1, 8, 8), dtype=torch.uint8)
-    ours = to_model_space(k, module.dequantizer, 17, module.scale, module.shift, torch.Generator().manual_seed(3))
+    ours = to_model_space(k, module.dequantizer, 17, module.scale, module.shift, torch.Generator().manual_seed(3))[0]
     ref = ScoreLitModule.to_model_space(module, k, torch.Generator().manual_seed(3))[0]
     torch.testing.assert_close(ours, ref, rtol=0, atol=0)
 

@@ -1,8 +1,15 @@
 """Dequantizers: uniform and variational (a conditional flow q(u|x))."""
 
-from scoreflow.dequantization.base import Dequantizer
+from scoreflow.dequantization.base import Dequantizer, to_model_space
 from scoreflow.dequantization.truncated import TruncatedNormalDequantizer
 from scoreflow.dequantization.uniform import UniformDequantizer
 from scoreflow.dequantization.variational import PRESETS, VariationalDequantizer
 
-__all__ = ["PRESETS", "Dequantizer", "TruncatedNormalDequantizer", "UniformDequantizer", "VariationalDequantizer"]
+__all__ = [
+    "PRESETS",
+    "Dequantizer",
+    "TruncatedNormalDequantizer",
+    "UniformDequantizer",
+    "VariationalDequantizer",
+    "to_model_space",
+]

@@ -25,3 +25,22 @@ class Dequantizer(nn.Module, ABC):
     ) -> tuple[Tensor, Tensor]:
         u, log_q = self.sample_u(k, generator=generator)
         return (k.to(u.dtype) + u) / num_levels, log_q
+
+
+def to_model_space(
+    k: Tensor,
+    dequantizer: Dequantizer | None,
+    num_levels: int | None,
+    scale: float,
+    shift: float,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Integer levels ``k`` -> ``(y, log_q)``: ``y = scale * (k + u) / K + shift`` with ``u ~ q(u|k)``.
+
+    Continuous data (``dequantizer=None``) are only scaled, with ``log_q = 0``. ``log_q`` is ``log q(u|k)``
+    per example (0 for uniform noise), the term that turns ``-log p(y)`` into a bound on ``-log P(k)``.
+    """
+    if dequantizer is None:
+        return scale * k.float() + shift, torch.zeros(k.shape[0], device=k.device)
+    x, log_q = dequantizer(k, num_levels, generator=generator)
+    return scale * x + shift, log_q

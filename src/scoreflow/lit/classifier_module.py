@@ -17,20 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from scoreflow.dequantization import Dequantizer
+from scoreflow.dequantization import Dequantizer, to_model_space
 from scoreflow.lit.module import adam_with_warmup, step_seed
 from scoreflow.nets.classifier import NoiseConditionalClassifier
 
 DEFAULT_OPTIM = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=100, grad_clip=1.0)
-
-
-def to_model_space(
-    k: Tensor, dequantizer: Dequantizer | None, num_levels: int | None, scale: float, shift: float,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Integer levels (or continuous data) -> ``scale * (k + u) / K + shift``: ScoreLitModule.to_model_space's map."""
-    x = k.float() if dequantizer is None else dequantizer(k, num_levels, generator=generator)[0]
-    return scale * x + shift
 
 
 def fixed_time_key(split: str, name: str, t: float) -> str:
@@ -98,7 +89,7 @@ class ClassifierLitModule(pl.LightningModule):
 
     def noised(self, k: Tensor, t: Tensor | None, g: torch.Generator) -> tuple[Tensor, Tensor]:
         """``(x_t, t)`` for data ``k``; ``t = None`` draws ``t ~ U[eps, T]`` per example."""
-        x0 = to_model_space(k, self.dequantizer, self.num_levels, self.scale, self.shift, g)
+        x0 = to_model_space(k, self.dequantizer, self.num_levels, self.scale, self.shift, g)[0]
         if t is None:
             u = torch.rand(x0.shape[0], generator=g, device=x0.device, dtype=x0.dtype)
             t = self.eps + u * (self.sde.T - self.eps)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from scoreflow.dequantization import Dequantizer
+from scoreflow.dequantization import Dequantizer, to_model_space
 from scoreflow.likelihood import likelihood_bound, nats_to_bpd, ode_log_likelihood
 from scoreflow.lit.metrics import MeanSE
 from scoreflow.losses import dsm_loss, ism_loss
@@ -152,11 +152,7 @@ class ScoreLitModule(pl.LightningModule):
 
     def to_model_space(self, k: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         """Integer levels (or continuous data) -> ``(y, log_q)``: dequantize and scale."""
-        if self.dequantizer is None:
-            y = k.float()
-            return self.scale * y + self.shift, torch.zeros(k.shape[0], device=k.device)
-        x, log_q = self.dequantizer(k, self.num_levels, generator=generator)
-        return self.scale * x + self.shift, log_q
+        return to_model_space(k, self.dequantizer, self.num_levels, self.scale, self.shift, generator)
 
     def to_bpd(self, nll_nats: Tensor, log_q: Tensor, dim: int) -> Tensor:
         """Per-example bits/dim of the discrete data (or of the continuous density)."""
