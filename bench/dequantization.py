@@ -12,7 +12,7 @@ long evaluation can be split into several invocations; every invocation prints t
 
 * ``<model>:bound``: the Theorem-3 bound with importance-sampled time, per image, with the ε-correction (SPEC §4.4)
   and without it, for ``--iw`` draws of u per image; the importance-weighted estimate
-  ``−log (1/S Σ_s p(y_s)/q(u_s|k))`` (:func:`scoreflow.lit.dequant_module.importance_weighted_nll`) uses all of them.
+  ``−log (1/S Σ_s p(y_s)/q(u_s|k))`` (:func:`scoreflow.dequantization.importance_weighted_nll`) uses all of them.
 * ``<model>:ode``: the probability-flow ODE NLL (not ε-corrected, as in ScoreFlow), on the first ``--ode-images``.
 
 Models: ``uniform`` (``--score``), ``variational`` (``--flow``), ``truncated<s>`` (``--score`` with
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scoreflow.lit.dequant_module import importance_weighted_nll
+from scoreflow.dequantization import importance_weighted_nll
 from scoreflow.tasks.build import build_data
 from scoreflow.tasks.common import checkpoint_config, load_checkpoint, module_from_checkpoint
 from scoreflow.tasks.evaluate import LikelihoodSettings, image_seed, ode_bpd

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from scoreflow.dequantization import UniformDequantizer, VariationalDequantizer
-from scoreflow.lit.dequant_module import DequantLitModule, importance_weighted_bpd, importance_weighted_nll
+from scoreflow.dequantization import UniformDequantizer, VariationalDequantizer, importance_weighted_nll
+from scoreflow.lit.dequant_module import DequantLitModule, importance_weighted_bpd
 from scoreflow.lit.module import ScoreLitModule
 from scoreflow.tasks.build import ConfigError, build_module
 from scoreflow.tasks.common import module_from_checkpoint

@@ -1,6 +1,6 @@
 """Dequantizers: uniform and variational (a conditional flow q(u|x))."""
 
-from scoreflow.dequantization.base import Dequantizer, to_model_space
+from scoreflow.dequantization.base import Dequantizer, importance_weighted_nll, to_model_space
 from scoreflow.dequantization.truncated import TruncatedNormalDequantizer
 from scoreflow.dequantization.uniform import UniformDequantizer
 from scoreflow.dequantization.variational import PRESETS, VariationalDequantizer
@@ -11,5 +11,6 @@ __all__ = [
     "TruncatedNormalDequantizer",
     "UniformDequantizer",
     "VariationalDequantizer",
+    "importance_weighted_nll",
     "to_model_space",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
@@ -44,3 +45,19 @@ def to_model_space(
         return scale * k.float() + shift, torch.zeros(k.shape[0], device=k.device)
     x, log_q = dequantizer(k, num_levels, generator=generator)
     return scale * x + shift, log_q
+
+
+def importance_weighted_nll(nll: Tensor, log_q: Tensor) -> Tensor:
+    """``−log (1/S Σ_s p(y_s) / q(u_s|k))`` per example from ``S`` draws ``u_s ~ q(·|k)``.
+
+    Args:
+        nll: ``−log p(y_s)`` (ODE NLL or any upper bound of it) in nats, ``[S, B]``.
+        log_q: ``log q(u_s|k)`` in nats, ``[S, B]``.
+
+    Returns ``[B]`` nats. With ``S = 1`` it is the usual ``−log p(y) + log q(u|k)``; its expectation decreases
+    monotonically in ``S`` towards ``−log P(k)`` (Burda et al. 2016), and stays an upper bound in expectation when
+    ``nll`` is the Theorem-3 bound.
+    """
+    if nll.shape != log_q.shape or nll.ndim != 2:
+        raise ValueError(f"need matching [S, B] tensors, got {tuple(nll.shape)} and {tuple(log_q.shape)}")
+    return -(torch.logsumexp(-(nll + log_q), dim=0) - math.log(nll.shape[0]))

@@ -20,13 +20,13 @@ Evaluation is inherited unchanged: :meth:`ScoreLitModule.to_bpd` already reports
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from scoreflow.dequantization import importance_weighted_nll
 from scoreflow.likelihood import likelihood_bound
 from scoreflow.lit.module import ScoreLitModule
 
@@ -38,22 +38,6 @@ DEFAULT_DEQUANT = dict(
     importance_sampling=True,
     truncation_correction=True,
 )
-
-
-def importance_weighted_nll(nll: Tensor, log_q: Tensor) -> Tensor:
-    """``−log (1/S Σ_s p(y_s) / q(u_s|k))`` per example from ``S`` draws ``u_s ~ q(·|k)``.
-
-    Args:
-        nll: ``−log p(y_s)`` (ODE NLL or any upper bound of it) in nats, ``[S, B]``.
-        log_q: ``log q(u_s|k)`` in nats, ``[S, B]``.
-
-    Returns ``[B]`` nats. With ``S = 1`` it is the usual ``−log p(y) + log q(u|k)``; its expectation decreases
-    monotonically in ``S`` towards ``−log P(k)`` (Burda et al. 2016), and stays an upper bound in expectation when
-    ``nll`` is the Theorem-3 bound.
-    """
-    if nll.shape != log_q.shape or nll.ndim != 2:
-        raise ValueError(f"need matching [S, B] tensors, got {tuple(nll.shape)} and {tuple(log_q.shape)}")
-    return -(torch.logsumexp(-(nll + log_q), dim=0) - math.log(nll.shape[0]))
 
 
 @torch.no_grad()
