@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-import scoreflow.tasks.evaluate as task  # registers the run-directory resolver used by conf/evaluate.yaml
+import scoreflow.tasks.evaluate as task  # also registers the run-directory resolver used by conf/evaluate.yaml
 
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")

@@ -4,7 +4,7 @@
 
 ``--score`` is a ``train.py`` checkpoint (trained with uniform dequantization); ``--flow`` a ``train_dequant.py``
 checkpoint made from it (same score weights + a trained q_φ(u|k)). Every model is evaluated with the SAME protocol
-(set here, overriding what the checkpoints store) and the same per-image seeds (``scoreflow.tasks.evaluate``), so the
+(set here, overriding what the checkpoints store) and the same per-image seeds (``scoreflow.tasks.checkpoint``), so the
 bound's times and noises are common random numbers and the per-image differences have small standard errors.
 
 Jobs (``--jobs``, default all) are cached in ``--out`` as ``<model>_<quantity>.npz`` and skipped when present, so a
@@ -31,8 +31,9 @@ import torch
 
 from scoreflow.dequantization import importance_weighted_nll
 from scoreflow.tasks.build import build_data
+from scoreflow.tasks.checkpoint import image_seed
 from scoreflow.tasks.common import checkpoint_config, load_checkpoint, module_from_checkpoint
-from scoreflow.tasks.evaluate import LikelihoodSettings, image_seed, ode_bpd
+from scoreflow.tasks.likelihood_eval import LikelihoodSettings, ode_bpd
 
 LN2 = math.log(2.0)
 

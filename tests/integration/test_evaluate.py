@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from scoreflow.tasks.build import ConfigError, build_module
-from scoreflow.tasks.evaluate import CheckpointFormatError, ProtocolMismatchError, ckpt_tag, evaluate, run_subdir
+from scoreflow.tasks.checkpoint import CheckpointFormatError, ckpt_tag, run_subdir
+from scoreflow.tasks.evaluate import evaluate
+from scoreflow.tasks.likelihood_eval import ProtocolMismatchError
 from scoreflow.tasks.train import train
 from tests.integration.conftest import compose_cfg
 
@@ -188,17 +190,17 @@ class PooledFeatures(torch.nn.Module):
 
 
 def test_fid_samples_resume_and_reference_cache(digits_ckpt, make_cfg, tmp_path, monkeypatch):
-    import scoreflow.tasks.evaluate as ev
+    import scoreflow.tasks.fid as fid_task
 
-    monkeypatch.setattr(ev, "make_extractor", lambda weights, device: PooledFeatures())
+    monkeypatch.setattr(fid_task, "make_extractor", lambda weights, device: PooledFeatures())
     drawn: list[int] = []
-    real_draw = ev.draw_samples
+    real_draw = fid_task.draw_samples
 
     def counting_draw(module, seeds, *a, **kw):
         drawn.extend(seeds)
         return real_draw(module, seeds, *a, **kw)
 
-    monkeypatch.setattr(ev, "draw_samples", counting_draw)
+    monkeypatch.setattr(fid_task, "draw_samples", counting_draw)
     args = ["ode=false", "bound=false", "progress=false", "device=cpu", "fid.num_samples=12", "fid.batch_size=5",
             "sampler=ode", "sampler.method=euler", "sampler.steps=3", f"fid.cache_dir={tmp_path / 'cache'}",
             "fid.ref_num_images=40"]

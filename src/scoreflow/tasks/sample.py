@@ -28,18 +28,17 @@ from torch import Tensor
 
 from scoreflow.lit.module import ScoreLitModule
 from scoreflow.tasks.build import ConfigError, to_container
-from scoreflow.tasks.common import write_metrics
-from scoreflow.tasks.evaluate import (
+from scoreflow.tasks.checkpoint import (
     LoadedModel,
-    draw_samples,
     levels_to_uint8,
     load_model,
     resolve_device,
-    sampler_kwargs,
     task_dir,
     to_data_space,
     to_levels,
 )
+from scoreflow.tasks.common import write_metrics
+from scoreflow.tasks.fid import draw_samples, sampler_kwargs
 from scoreflow.visualize import levels_to_unit, save_image_grid, save_scatter
 
 Result = tuple[dict[str, float], dict[str, Path]]

@@ -1,0 +1,205 @@
+"""Finding and loading a checkpoint, and converting between model space, data space and levels.
+
+* :func:`ckpt_tag` / :func:`run_subdir` name the run directory of ``evaluate.py`` and ``sample.py`` (the
+  ``scoreflow_run_subdir`` resolver used by ``conf/evaluate.yaml`` and ``conf/sample.yaml`` is registered on import);
+* :func:`load_model` rebuilds a module from a scoreflow (Lightning) or score_sde_pytorch ``.pth`` checkpoint;
+* :func:`image_seed` / :func:`seeded_generator` give every image its own random numbers, whatever its batch.
+
+Shared by :mod:`scoreflow.tasks.evaluate`, :mod:`scoreflow.tasks.sample` and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from scoreflow.lit.module import ScoreLitModule
+from scoreflow.tasks.build import ConfigError, build_data, build_module, to_container
+from scoreflow.tasks.common import module_from_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def ckpt_tag(ckpt_path: str | None) -> str:
+    """A short, stable name for a checkpoint: ``<run>-<stem>-<hash of the absolute path>``."""
+    if not ckpt_path:
+        return "no-checkpoint"  # load_model then says that ckpt_path is required
+    p = Path(str(ckpt_path)).expanduser().absolute()
+    name = f"{p.parent.parent.name}-{p.stem}" if p.parent.name == "checkpoints" else p.stem
+    return f"{name}-{hashlib.sha1(str(p).encode()).hexdigest()[:6]}"
+
+
+def run_subdir(ckpt_path: str | None, override_dirname: str | None = "") -> str:
+    """``<ckpt tag>/<overrides or 'default'>``: the same command writes to (and resumes in) the same folder."""
+    sub = re.sub(r"[/\\]+", "_", str(override_dirname or "")).strip("_") or "default"
+    return f"{ckpt_tag(ckpt_path)}/{sub}"
+
+
+# conf/evaluate.yaml and conf/sample.yaml name their run directory with this (registered on import).
+OmegaConf.register_new_resolver("scoreflow_run_subdir", run_subdir, replace=True)
+
+
+def task_dir(cfg: DictConfig, task: str) -> Path:
+    """The Hydra run directory (or ``cfg.run_dir`` / ``outputs/<task>`` when composed outside ``@hydra.main``)."""
+    try:
+        out = Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        out = Path(cfg.get("run_dir") or f"outputs/{task}")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def resolve_device(name: str | None) -> torch.device:
+    name = str(name or "auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but CUDA is not available: use device=cpu or device=auto")
+    return torch.device(name)
+
+
+class CheckpointFormatError(ValueError):
+    """A file that is not a scoreflow or score_sde_pytorch checkpoint."""
+
+
+@dataclass
+class LoadedModel:
+    """A module rebuilt from a checkpoint, the config it was built from, its data source and provenance."""
+
+    module: ScoreLitModule
+    cfg: DictConfig
+    source: Any
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        i = self.info
+        return f"{i['format']} checkpoint {i['path']} (step {i['step']}, {i['weights']} weights)"
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
+        raise CheckpointFormatError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict):
+        raise CheckpointFormatError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    return ckpt
+
+
+def detect_format(ckpt: dict[str, Any], path: Path) -> str:
+    """``"scoreflow"`` (a Lightning checkpoint written by train.py) or ``"score_sde"`` (score_sde_pytorch .pth)."""
+    if "state_dict" in ckpt and "scoreflow" in ckpt:
+        return "scoreflow"
+    if "model" in ckpt and "ema" in ckpt:
+        return "score_sde"
+    if "state_dict" in ckpt:
+        raise CheckpointFormatError(
+            f"{path} is a Lightning checkpoint without scoreflow's stored config (was it written by train.py?)"
+        )
+    raise CheckpointFormatError(
+        f"{path} is neither a scoreflow checkpoint (keys 'state_dict', 'scoreflow') nor a score_sde_pytorch one "
+        f"(keys 'model', 'ema', 'step'); it has keys {sorted(map(str, ckpt))[:10]}"
+    )
+
+
+def _not_null(d: DictConfig | dict | None) -> dict[str, Any]:
+    return {k: v for k, v in (to_container(d) if d is not None else {}).items() if v is not None}
+
+
+def load_model(cfg: DictConfig, *, device: torch.device | None = None) -> LoadedModel:
+    """Rebuild the model of ``cfg.ckpt_path`` (EMA weights unless ``cfg.use_ema`` is false) on ``device``.
+
+    scoreflow checkpoints carry their whole config; ``cfg.evaluation`` (non-null entries) overrides the stored
+    ``module.evaluation`` and ``cfg.data_root`` the data folder. score_sde_pytorch checkpoints are rebuilt from
+    the ``sde`` / ``model`` / ``data`` / ``dequantization`` / ``weighting`` groups of ``cfg`` and ``cfg.module``.
+    """
+    if cfg.get("ckpt_path") in (None, "", "???"):
+        raise ConfigError("ckpt_path is required, e.g. ckpt_path=outputs/train/<run>/checkpoints/last.ckpt")
+    path = Path(str(cfg.ckpt_path)).expanduser()
+    use_ema = bool(cfg.get("use_ema", True))
+    ckpt = _read_checkpoint(path)
+    fmt = str(cfg.get("ckpt_format", "auto"))
+    detected = detect_format(ckpt, path)
+    if fmt not in ("auto", "scoreflow", "score_sde"):
+        raise ConfigError(f"ckpt_format must be auto, scoreflow or score_sde, got {fmt!r}")
+    if fmt != "auto" and fmt != detected:
+        raise CheckpointFormatError(f"ckpt_format={fmt} but {path} is a {detected} checkpoint")
+    eval_over = _not_null(cfg.get("evaluation"))
+    if detected == "scoreflow":
+        step = int(ckpt.get("global_step", 0))
+        del ckpt
+        if any(cfg.get(g) is not None for g in ("sde", "model", "data")):
+            log.warning("sde/model/data groups are ignored for scoreflow checkpoints (they carry their config)")
+        overrides: dict[str, Any] = {"module": {"evaluation": eval_over}} if eval_over else {}
+        if cfg.get("data_root"):
+            overrides["data"] = {"root": str(cfg.data_root)}
+        module, mcfg, _ = module_from_checkpoint(path, use_ema=use_ema, overrides=overrides)
+    else:
+        missing = [g for g in ("sde", "model", "data") if cfg.get(g) is None]
+        if missing:
+            raise ConfigError(
+                f"{path} is a score_sde_pytorch checkpoint, which does not record its configuration: choose "
+                f"{' '.join(g + '=...' for g in missing)} on the command line (e.g. sde=vp model=ddpmpp data=cifar10)"
+            )
+        mcfg = OmegaConf.create({
+            g: to_container(cfg[g]) for g in ("sde", "model", "data", "dequantization", "weighting")
+        })
+        mcfg.eps, mcfg.seed = cfg.get("eps"), int(cfg.get("seed", 0))
+        mcfg.module = {**_not_null(cfg.get("module")), "evaluation": eval_over}
+        centered = mcfg.model.net.get("centered", True)
+        if centered is False and float(mcfg.module.get("scale", 2.0)) != 1.0:
+            raise ConfigError(
+                "model.net.centered=false (a score_sde_pytorch model trained on [0, 1] data) needs "
+                "module.scale=1 module.shift=0"
+            )
+        module = build_module(mcfg)
+        from scoreflow.nets.sp_checkpoint import load_score_sde_checkpoint
+
+        step = load_score_sde_checkpoint(ckpt, module.score_model, use_ema=use_ema).step
+        del ckpt
+    module.eval()
+    if device is not None:
+        module.to(device)
+    source = build_data(mcfg)
+    info = {"path": str(path.absolute()), "format": detected, "step": step, "weights": "EMA" if use_ema else "raw"}
+    return LoadedModel(module, mcfg, source, info)
+
+
+def to_data_space(module: ScoreLitModule, y: Tensor) -> Tensor:
+    """Model space ``y = scale x + shift`` -> data space ``x`` (``[0, 1]`` for images)."""
+    return (y.float() - module.shift) / module.scale
+
+
+def to_levels(module: ScoreLitModule, x: Tensor) -> Tensor:
+    """Data-space samples ``x`` -> levels ``floor(K x)`` clipped to ``0..K-1`` (the inverse of dequantization)."""
+    K = module.num_levels
+    return (x * K).floor().clamp(0, K - 1).to(torch.uint8 if K <= 256 else torch.int32)
+
+
+def levels_to_uint8(k: Tensor, num_levels: int) -> Tensor:
+    """Levels ``0..K-1`` -> 8-bit pixels ``round(255 k / (K - 1))`` (the identity for K = 256)."""
+    if num_levels == 256:
+        return k.to(torch.uint8)
+    return (k.double() * (255.0 / (num_levels - 1))).round().clamp(0, 255).to(torch.uint8)
+
+
+def image_seed(seed: int, index: int, repeat: int, purpose: str) -> int:
+    """A 63-bit seed for one image, one repeat and one purpose (dequantization, probe, bound, ...)."""
+    h = hashlib.blake2b(f"{seed}/{index}/{repeat}/{purpose}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
+def seeded_generator(device: torch.device, seed: int) -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed`` (e.g. an :func:`image_seed`)."""
+    return torch.Generator(device=device).manual_seed(seed)

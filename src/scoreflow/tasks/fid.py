@@ -1,0 +1,131 @@
+"""FID of a checkpoint's samples against the Inception statistics of its training split.
+
+Samples are written in chunks (``fid_samples/``) and reused by a rerun of the same protocol; the reference
+statistics are computed once and cached. :func:`sampler_kwargs` and :func:`draw_samples` (seeded, batch-independent
+sampling) are shared with :mod:`scoreflow.tasks.sample`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from scoreflow.lit.module import ScoreLitModule
+from scoreflow.tasks.build import ConfigError, to_container
+from scoreflow.tasks.checkpoint import LoadedModel, levels_to_uint8, to_data_space, to_levels
+from scoreflow.tasks.likelihood_eval import ProtocolMismatchError
+
+log = logging.getLogger(__name__)
+
+
+def make_extractor(weights: str | None, device: torch.device):
+    """The TF-Inception pool3 feature extractor (``weights=None``: the first offline weights found)."""
+    from scoreflow.metrics import InceptionFeatures
+
+    return InceptionFeatures(weights).to(device)
+
+
+def sampler_kwargs(sampler_cfg: DictConfig | dict) -> tuple[str, dict[str, Any]]:
+    """``conf/sampler/*.yaml`` -> ``(kind, keyword arguments of ode_sample / pc_sample)``."""
+    kw = dict(to_container(sampler_cfg))
+    kind = kw.pop("kind", None)
+    if kind not in ("ode", "pc"):
+        raise ConfigError(f"sampler.kind must be 'ode' or 'pc', got {kind!r} (choose sampler=ode or sampler=pc)")
+    return kind, kw
+
+
+def draw_samples(module: ScoreLitModule, seeds: list[int], sampler_cfg, batch_size: int, *, progress: bool = False,
+                 desc: str = "sampling", score_fn=None) -> Iterator[tuple[list[int], Tensor, int]]:
+    """Yield ``(seeds, samples in data space [b, ...], nfe)`` batch by batch; sample ``i`` depends on its seed only."""
+    from scoreflow.lit.callbacks import sample
+
+    kind, kw = sampler_kwargs(sampler_cfg)
+    score_fn = score_fn or module._score_fn()
+    shape = tuple(module.data_shape)
+    for a in tqdm(range(0, len(seeds), batch_size), disable=not progress, desc=desc, unit="batch", dynamic_ncols=True):
+        sb = seeds[a : a + batch_size]
+        res = sample(score_fn, module.sde, (len(sb), *shape), kind=kind, seeds=sb, device=module.device, **kw)
+        yield sb, to_data_space(module, res.samples).cpu(), res.nfe
+
+
+def fid_fingerprint(info: dict[str, Any], fid_cfg: DictConfig, sampler_cfg) -> dict[str, Any]:
+    return {"checkpoint": info["path"], "step": info["step"], "weights": info["weights"],
+            "sampler": to_container(sampler_cfg), "seed": int(fid_cfg.seed)}
+
+
+def fid_samples(lm: LoadedModel, fid_cfg: DictConfig, sampler_cfg, out: Path, progress: bool) -> tuple[Tensor, float]:
+    """``fid_cfg.num_samples`` uint8 samples, reusing the chunks in ``out/fid_samples`` of the same protocol."""
+    module = lm.module
+    folder = out / "fid_samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    fp = fid_fingerprint(lm.info, fid_cfg, sampler_cfg)
+    proto = folder / "protocol.json"
+    if proto.exists() and json.loads(proto.read_text()) != json.loads(json.dumps(fp)):
+        raise ProtocolMismatchError(f"{folder} holds samples of another sampler/checkpoint; remove it or change dirs")
+    proto.write_text(json.dumps(fp, indent=1))
+    have: dict[int, Tensor] = {}
+    nfes: list[int] = []
+    for f in sorted(folder.glob("chunk_*.npz")):
+        with np.load(f) as z:
+            have.update(zip(z["seeds"].tolist(), torch.from_numpy(z["images"])))
+            nfes.append(int(z["nfe"]))
+    n, base = int(fid_cfg.num_samples), int(fid_cfg.seed)
+    missing = [base + i for i in range(n) if base + i not in have]
+    for sb, x, nfe in draw_samples(module, missing, sampler_cfg, int(fid_cfg.batch_size), progress=progress,
+                                   desc="FID samples"):
+        imgs = levels_to_uint8(to_levels(module, x), module.num_levels)
+        tmp = folder / f".chunk_{sb[0]:08d}.tmp.npz"
+        np.savez(tmp, seeds=np.asarray(sb), images=imgs.numpy(), nfe=np.int64(nfe))
+        os.replace(tmp, folder / f"chunk_{sb[0]:08d}_{len(sb)}.npz")
+        have.update(zip(sb, imgs))
+        nfes.append(nfe)
+    images = torch.stack([have[base + i] for i in range(n)])
+    return images, float(np.mean(nfes)) if nfes else float("nan")
+
+
+def reference_stats(lm: LoadedModel, fid_cfg: DictConfig, extractor):
+    """Inception statistics of the training split, from ``fid.ref_stats`` or the cache (computed on a miss)."""
+    from scoreflow.metrics import FeatureStats, load_or_compute_ref_stats, ref_stats_path
+
+    if fid_cfg.get("ref_stats"):
+        return FeatureStats.load(Path(str(fid_cfg.ref_stats)).expanduser())
+    source, K = lm.source, lm.module.num_levels
+    train = source.load()["train"]
+    limit = fid_cfg.get("ref_num_images")
+    n = len(train) if limit is None else min(int(limit), len(train))
+    data_id = hashlib.sha1(json.dumps(to_container(lm.cfg.data), sort_keys=True).encode()).hexdigest()[:8]
+    name = f"{source.name}-{data_id}" + ("" if n == len(train) else f"-first{n}")
+    path = ref_stats_path(Path(str(fid_cfg.cache_dir)).expanduser(), name, "train")
+
+    def images():
+        for a in range(0, n, 256):
+            k = torch.stack([torch.as_tensor(train[i][0]) for i in range(a, min(a + 256, n))])
+            yield levels_to_uint8(k, K)
+
+    log.info("FID reference statistics: %s", path)
+    return load_or_compute_ref_stats(path, images, extractor, batch_size=int(fid_cfg.feature_batch_size))
+
+
+def run_fid(lm: LoadedModel, fid_cfg: DictConfig, sampler_cfg, out: Path, progress: bool) -> dict[str, float]:
+    from scoreflow.metrics import fid_from_samples
+
+    module = lm.module
+    if module.num_levels is None or len(module.data_shape) != 3 or module.data_shape[0] not in (1, 3):
+        raise ConfigError(f"FID needs image data ([1|3, H, W] levels); this model's data have shape "
+                          f"{list(module.data_shape)}: set fid.num_samples=0")
+    images, nfe = fid_samples(lm, fid_cfg, sampler_cfg, out, progress)
+    extractor = make_extractor(fid_cfg.get("inception_weights"), module.device)
+    ref = reference_stats(lm, fid_cfg, extractor)
+    fid = fid_from_samples(images, ref, extractor, batch_size=int(fid_cfg.feature_batch_size))
+    return {"fid": fid, "fid_nfe": nfe, "fid_num_samples": float(len(images)), "fid_ref_num_images": float(ref.n)}
