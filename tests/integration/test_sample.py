@@ -128,6 +128,18 @@ def test_inpainting_keeps_known_pixels(digits_ckpt, make_cfg, tmp_path, mask):
     assert m["inpaint/known_pixel_max_error"] < 1e-6 and (out / "inpaint.png").is_file()
 
 
+def test_image_indices_pick_the_images(digits_ckpt, make_cfg, tmp_path):
+    from scoreflow.data import Digits
+
+    run(make_cfg, digits_ckpt, [*PC, "mode=inpaint", "image_indices=[5,0,17]"])
+    z = np.load(tmp_path / "s" / "inpaint.npz")
+    test = Digits().load()["test"]
+    want = np.stack([test[i][0].numpy() for i in (5, 0, 17)])
+    np.testing.assert_array_equal(z["input_levels"], want)
+    with pytest.raises(ConfigError, match=r"image_indices \[400\] out of range: the test split has 400 images"):
+        run(make_cfg, digits_ckpt, [*PC, "mode=inpaint", "image_indices=[1,400]"], sub="bad")
+
+
 def test_modes_refuse_what_they_cannot_do(digits_ckpt, make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="needs RGB data"):
         run(make_cfg, digits_ckpt, [*PC, "mode=colorize"])

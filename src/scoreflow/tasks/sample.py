@@ -98,13 +98,20 @@ def save_arrays(module: ScoreLitModule, path: Path, **arrays: Tensor | np.ndarra
 
 # ----------------------------------------------------------------------------- data images
 def data_images(lm: LoadedModel, cfg: DictConfig) -> tuple[Tensor, Tensor]:
-    """The first ``num_images`` images of ``split`` as ``(x in data space, y in model space)``, bin centres."""
+    """Images of ``split`` as ``(x in data space, y in model space)``, bin centres: the first ``num_images``, or
+    those at ``image_indices`` when given."""
     module = lm.module
     ds = lm.source.load()[str(cfg.split)]
-    n = min(int(cfg.num_images), len(ds))
-    if n < 1:
+    indices = cfg.get("image_indices")
+    if indices is None:
+        indices = range(min(int(cfg.num_images), len(ds)))
+    indices = [int(i) for i in indices]
+    if not indices:
         raise ConfigError(f"the {cfg.split} split has no images")
-    k = torch.stack([torch.as_tensor(ds[i][0]) for i in range(n)])
+    bad = [i for i in indices if not 0 <= i < len(ds)]
+    if bad:
+        raise ConfigError(f"image_indices {bad} out of range: the {cfg.split} split has {len(ds)} images")
+    k = torch.stack([torch.as_tensor(ds[i][0]) for i in indices])
     x = (k.float() + 0.5) / module.num_levels if module.num_levels is not None else k.float()
     return x, (module.scale * x + module.shift).to(module.device)
 
