@@ -21,6 +21,7 @@ def test_debug_fast_runs_whole_pipeline(make_cfg, tmp_path):
         assert key in saved and saved[key] == pytest.approx(metrics[key])
     assert 0 < saved["test/bpd_ode"] < 10 and 0 < saved["test/bpd_bound"] < 10
     assert saved["train/steps"] == 20
+    assert "dequantization=UniformDequantizer" in saved["protocol"]
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert list((run / "samples").glob("*.png"))
     per = dict(__import__("numpy").load(run / "test_per_example.npz"))

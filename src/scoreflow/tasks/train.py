@@ -74,7 +74,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics.update(test_metrics)
         log_final(loggers, test_metrics, step=int(steps))
     metrics["wall_time_s"] = time.time() - t0
-    write_metrics(out / "metrics.json", metrics)
+    write_metrics(out / "metrics.json", {**metrics, "protocol": protocol_string(cfg)})
     print(
         results_table(
             metrics,
@@ -101,8 +101,10 @@ def log_final(loggers: list, metrics: dict[str, float], step: int) -> None:
 
 def protocol_string(cfg: DictConfig) -> str:
     e = cfg.module.evaluation
+    deq = cfg.get("dequantization")
+    deq_name = str(deq.get("_target_", "?")).rsplit(".", 1)[-1] if deq else "none"
     return (
-        f"eps={cfg.get('eps') or 'sde default'}, ODE {e.method} rtol={e.rtol} atol={e.atol} {e.divergence} "
+        f"eps={cfg.get('eps') or 'sde default'}, dequantization={deq_name}, ODE {e.method} rtol={e.rtol} atol={e.atol} {e.divergence} "
         f"{e.ode_dtype}, bound num_t={e.test_num_t} IS={e.importance_sampling} {e.bound_estimator} "
         f"eps-correction={e.truncation_correction}, repeats={e.test_repeats}"
     )
