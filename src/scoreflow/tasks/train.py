@@ -104,7 +104,8 @@ def protocol_string(cfg: DictConfig) -> str:
     deq = cfg.get("dequantization")
     deq_name = str(deq.get("_target_", "?")).rsplit(".", 1)[-1] if deq else "none"
     return (
-        f"eps={cfg.get('eps') or 'sde default'}, dequantization={deq_name}, ODE {e.method} rtol={e.rtol} atol={e.atol} {e.divergence} "
+        f"eps={cfg.get('eps') or 'sde default'}, dequantization={deq_name}, "
+        f"ODE {e.method} rtol={e.rtol} atol={e.atol} {e.divergence} "
         f"{e.ode_dtype}, bound num_t={e.test_num_t} IS={e.importance_sampling} {e.bound_estimator} "
         f"eps-correction={e.truncation_correction}, repeats={e.test_repeats}"
     )
