@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 
@@ -32,3 +35,29 @@ def as_time(t: float | Tensor, batch: int, like: Tensor) -> Tensor:
     """A scalar or ``[B]`` time as a ``[B]`` tensor with ``like``'s dtype and device."""
     t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
     return t.expand(batch) if t.ndim == 0 else t
+
+
+@contextmanager
+def ieee_float32() -> Iterator[None]:
+    """float32 convolutions and matmuls in true IEEE fp32 inside the block (no TF32), restored afterwards.
+
+    cuDNN convolutions default to TF32 on Ampere and later GPUs (10-bit mantissa): fine for training, but it
+    moves a network's output by ~1e-3 relative, so likelihoods and Inception features are computed without it.
+    A no-op on CPUs.
+    """
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    matmul = torch.backends.cuda.matmul
+    if conv is None or not hasattr(matmul, "fp32_precision"):  # torch < 2.9: the legacy flags
+        old = torch.backends.cudnn.allow_tf32, matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = old
+        return
+    old = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = old

@@ -52,3 +52,23 @@ def test_mean_and_se_matches_scipy():
     assert mean_and_se([1.0, 2.0, 3.0]) == (pytest.approx(2.0), pytest.approx(1 / math.sqrt(3)))
     m1, se1 = mean_and_se([5.0])
     assert m1 == 5.0 and math.isnan(se1)
+
+
+def test_ieee_float32_switches_tf32_off_and_restores():
+    from scoreflow.utils import ieee_float32
+
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is None:
+        pytest.skip("torch < 2.9")
+    matmul = torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = "tf32"
+    try:
+        with ieee_float32():
+            assert conv.fp32_precision == matmul.fp32_precision == "ieee"
+        assert conv.fp32_precision == "tf32"
+        with pytest.raises(RuntimeError), ieee_float32():
+            raise RuntimeError("restored on errors too")
+        assert conv.fp32_precision == "tf32"
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = before

@@ -23,6 +23,7 @@ from scoreflow.likelihood import likelihood_bound, nats_to_bpd, ode_log_likeliho
 from scoreflow.lit.metrics import MeanSE
 from scoreflow.losses import dsm_loss, ism_loss
 from scoreflow.nets import ScoreModel
+from scoreflow.utils import ieee_float32
 from scoreflow.weighting import TimeSampler
 
 DEFAULT_OPTIM = dict(lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=5000, grad_clip=1.0)
@@ -229,9 +230,9 @@ class ScoreLitModule(pl.LightningModule):
         model = self.score_model
 
         def fn(x: Tensor, t: Tensor) -> Tensor:
-            # Lightning runs validation/test under the trainer's autocast (bf16-mixed on GPUs): the
-            # likelihood must not see bf16 scores, so autocast is switched off here.
-            with torch.autocast(x.device.type, enabled=False):
+            # Lightning runs validation/test under the trainer's autocast (bf16-mixed): the likelihood must not
+            # see bf16 scores, so autocast is switched off here; TF32 too (cuDNN's default for fp32 convs on GPUs).
+            with torch.autocast(x.device.type, enabled=False), ieee_float32():
                 return model(x.float(), t.float()).to(x.dtype)
 
         return fn

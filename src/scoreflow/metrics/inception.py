@@ -18,12 +18,12 @@ import io
 import os
 import warnings
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from scoreflow.utils import ieee_float32
 
 WEIGHTS_ENV = "SCOREFLOW_INCEPTION_WEIGHTS"
 # The file torch-fidelity downloads (torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3) and, second,
@@ -135,24 +135,6 @@ def _fidelity_inception(path: Path, torchscript: bool) -> nn.Module:
     return _Inception("inception-v3-compat", ["2048"], feature_extractor_weights_path=source)
 
 
-@contextmanager
-def _ieee_fp32_convs() -> Iterator[None]:
-    """cuDNN convs in true fp32: TF32 (default for convs on Ampere+) moves pool3 features by ~1e-3 relative."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is None:  # torch < 2.9: the legacy flag only
-        old, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32 = old
-        return
-    old, conv.fp32_precision = conv.fp32_precision, "ieee"
-    try:
-        yield
-    finally:
-        conv.fp32_precision = old
-
-
 class InceptionFeatures(nn.Module):
     """uint8 images ``[N, C, H, W]`` (C = 1 or 3, any H, W) -> float32 pool3 features ``[N, 2048]``.
 
@@ -180,7 +162,7 @@ class InceptionFeatures(nn.Module):
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         if images.is_cuda:
-            with _ieee_fp32_convs():
+            with ieee_float32():
                 return self.net(images)[0]
         return self.net(images)[0]
 
