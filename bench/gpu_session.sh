@@ -31,7 +31,8 @@ step bench_bf16 100 $PY bench/train_step.py --models $MODELS --batch 128 --steps
 step pytest_gpu 120 $PY -m pytest -q -p no:cacheprovider -m gpu tests/gpu
 # 3. the default run (digits, 1500 steps, whole-test-split ODE + bound) end to end on the GPU
 rm -rf /tmp/run_gpu
-step train_default 150 $PY train.py trainer=gpu module.channels_last=true hydra.run.dir=/tmp/run_gpu
+step train_default 150 $PY train.py trainer=gpu hydra.run.dir=/tmp/run_gpu
 cp /tmp/run_gpu/metrics.json "$OUT/train_default_metrics.json" 2>/dev/null
-# 4. torch.compile on top (compile time is part of the first steps)
-step bench_compile 120 $PY bench/train_step.py --models ddpmpp --batch 128 --steps 10 --warmup 3 --amp bf16 --channels-last --compile
+# 4. torch.compile on top (compile time, ~100 s per model, is part of the warm-up steps): fp32/TF32, then bf16
+step bench_compile_tf32 200 $PY bench/train_step.py --models ddpmpp --batch 128 --steps 10 --warmup 3 --compile
+step bench_compile_bf16 200 $PY bench/train_step.py --models ddpmpp --batch 128 --steps 10 --warmup 3 --amp bf16 --compile
