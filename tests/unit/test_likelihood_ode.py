@@ -31,8 +31,8 @@ def exact_nll(mix: GaussianMixture, sde, x, z, eps: float):
     """``-log p_eps(x) + log p_T(z) - log pi(z)`` in float64: the ODE's answer with the exact score."""
     B = x.shape[0]
     x, z = x.double(), z.double()
-    t_eps = torch.full((B,), eps, dtype=torch.float64)
-    t_T = torch.full((B,), sde.T, dtype=torch.float64)
+    t_eps = torch.full((B,), eps, dtype=torch.float64, device=x.device)
+    t_T = torch.full((B,), sde.T, dtype=torch.float64, device=x.device)
     return -mix.log_prob(x, sde, t_eps) + mix.log_prob(z, sde, t_T) - sde.prior_logp(z)
 
 

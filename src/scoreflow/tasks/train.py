@@ -44,6 +44,20 @@ def instantiate_all(group: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(c) for c in group.values() if c and c.get("_target_")]
 
 
+def fit(cfg: DictConfig, module: pl.LightningModule, dm: pl.LightningDataModule, out: Path, hparams: dict[str, Any],
+        trainer_cfg: DictConfig | None = None) -> tuple[pl.Trainer, list[Any]]:
+    """Loggers (given ``hparams``), the configured callbacks plus :class:`FinalCheckpoint`, then ``Trainer.fit``
+    resuming from ``cfg.ckpt_path`` if set. Shared by train, train_dequant and train_classifier."""
+    loggers = instantiate_all(cfg.get("logger"))
+    for lg in loggers:
+        lg.log_hyperparams(hparams)
+    callbacks = instantiate_all(cfg.get("callbacks")) + [FinalCheckpoint(out / "checkpoints")]
+    trainer = make_trainer(cfg.trainer if trainer_cfg is None else trainer_cfg, callbacks=callbacks,
+                           logger=loggers or False)
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    return trainer, loggers
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train, write ``checkpoints/last.ckpt`` and ``metrics.json``, print a results table, return the metrics."""
     t0 = time.time()
@@ -56,12 +70,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module.output_dir = str(out)
     dm = build_datamodule(cfg, source)
 
-    loggers = instantiate_all(cfg.get("logger"))
-    for lg in loggers:
-        lg.log_hyperparams(to_container(cfg))
-    callbacks = instantiate_all(cfg.get("callbacks")) + [FinalCheckpoint(out / "checkpoints")]
-    trainer = make_trainer(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    trainer, loggers = fit(cfg, module, dm, out, to_container(cfg))
     train_time = time.time() - t0
 
     # under ddp_spawn the main process's trainer never stepped: read the step from the final checkpoint

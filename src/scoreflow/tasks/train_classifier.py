@@ -24,7 +24,7 @@ from scoreflow.nets.classifier import NoiseConditionalClassifier
 from scoreflow.sde import SDE
 from scoreflow.tasks.build import ConfigError, build_data, build_datamodule, to_container
 from scoreflow.tasks.common import checkpoint_config, load_checkpoint, make_trainer, scalar_metrics, write_metrics
-from scoreflow.tasks.train import FinalCheckpoint, instantiate_all, run_dir
+from scoreflow.tasks.train import fit, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +148,7 @@ def train_classifier(cfg: DictConfig) -> dict[str, float]:
     check_shapes(module, tuple(cfg.data.shape))
     dm = build_datamodule(cfg, source)
 
-    loggers = instantiate_all(cfg.get("logger"))
-    for lg in loggers:
-        lg.log_hyperparams(module.config_dict)
-    callbacks = instantiate_all(cfg.get("callbacks")) + [FinalCheckpoint(out / "checkpoints")]
-    trainer = make_trainer(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    trainer, loggers = fit(cfg, module, dm, out, module.config_dict)
     train_time = time.time() - t0
 
     metrics: dict[str, float] = {"train/steps": float(trainer.global_step), "train/wall_time_s": train_time}

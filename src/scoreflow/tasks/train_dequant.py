@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from scoreflow.lit.dequant_module import DequantLitModule
 from scoreflow.tasks.build import ConfigError, build_data, build_datamodule, build_module, to_container
-from scoreflow.tasks.common import make_trainer, module_from_checkpoint, results_table, scalar_metrics, write_metrics
-from scoreflow.tasks.train import FinalCheckpoint, instantiate_all, protocol_string, run_dir, test_checkpoint
+from scoreflow.tasks.common import module_from_checkpoint, results_table, scalar_metrics, write_metrics
+from scoreflow.tasks.train import fit, protocol_string, run_dir, test_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,7 @@ def train_dequant(cfg: DictConfig) -> dict[str, Any]:
     module.output_dir = str(out)
     dm = build_datamodule(run_cfg, source)
 
-    loggers = instantiate_all(cfg.get("logger"))
-    for lg in loggers:
-        lg.log_hyperparams(to_container(run_cfg))
-    callbacks = instantiate_all(cfg.get("callbacks")) + [FinalCheckpoint(out / "checkpoints")]
-    trainer = make_trainer(run_cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    trainer, _ = fit(cfg, module, dm, out, to_container(run_cfg), trainer_cfg=run_cfg.trainer)
 
     metrics: dict[str, Any] = {"train/steps": float(trainer.global_step), "train/wall_time_s": time.time() - t0}
     metrics.update({k: v for k, v in scalar_metrics(trainer.callback_metrics).items() if k.startswith("val/")})
