@@ -57,7 +57,7 @@ def counts(path: Path) -> dict[tuple[str, int, int], int]:
 
 
 def test_metrics_and_one_value_per_image(digits_ckpt, make_cfg, tmp_path, capsys):
-    m = run_eval(make_cfg, digits_ckpt, [*QUICK, "num_images=10", "batch_size=5", "repeats=2"])
+    m = run_eval(make_cfg, digits_ckpt, [*QUICK, "num_images=10", "batch_size=5", "repeats=2", "solver_check_images=2"])
     out = tmp_path / "eval"
     saved = json.loads((out / "metrics.json").read_text())
     for key in KEYS:
@@ -76,10 +76,16 @@ def test_metrics_and_one_value_per_image(digits_ckpt, make_cfg, tmp_path, capsys
     assert saved["test/bpd_ode"] == pytest.approx(per_image.mean(), rel=1e-12)
     assert saved["test/bpd_ode_se"] == pytest.approx(per_image.std(ddof=1) / np.sqrt(10), rel=1e-9)
     assert not np.array_equal(per["bpd_bound"][:, 0], per["bpd_bound"][:, 1])  # repeats draw fresh noise
-    assert set(counts(out / "partial.jsonl").values()) == {1} and len(counts(out / "partial.jsonl")) == 2 * 10 * 2
+    c = counts(out / "partial.jsonl")
+    assert set(c.values()) == {1} and len(c) == 2 * 10 * 2 + 2  # + the solver check of images 0 and 1, repeat 0
+    assert {k for k in c if k[0] == "bpd_ode_tight"} == {("bpd_ode_tight", 0, 0), ("bpd_ode_tight", 1, 0)}
+    err = np.abs(per["bpd_ode"][:2, 0] - per["bpd_ode_tight"])
+    assert saved["test/ode_solver_error_max"] == err.max() > 0 and saved["test/ode_solver_error_num_images"] == 2
+    assert saved["protocol"]["solver_check"] == {"num_images": 2, "rtol": 1e-4, "atol": 1e-4, "adaptive": True}
 
     table = capsys.readouterr().out
     assert "bits/dim (ODE)" in table and "bits/dim (bound)" in table and "rtol=0.01" in table and "num_t=8" in table
+    assert f"solver error (ODE)  <= {err.max():.1e} bpd (max |delta| over 2 images" in table
 
 
 def test_interrupted_evaluation_resumes_without_double_counting(digits_ckpt, make_cfg, tmp_path):

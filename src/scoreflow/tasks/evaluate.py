@@ -6,6 +6,12 @@
   adaptive solver's shared step sizes (to within ``rtol``).
 * Values are appended to ``partial.jsonl`` after every batch; a rerun in the same directory skips what is
   there (each ``(image, repeat)`` counted once) and refuses to mix values of a different protocol.
+* ``devices=N num_nodes=M`` (Lightning Fabric; also under ``torchrun`` and SLURM) deals the batches out to the
+  processes. They run independently (an adaptive solver takes a different number of steps on every rank) and
+  meet only at barriers before and after the work: each appends to its own ``partial.rank<k>.jsonl`` and
+  rank 0 merges the files into ``per_example.npz`` and ``metrics.json``, identical to a one-process run.
+* The ODE solver's own error is measured on the first ``solver_check_images`` images, re-solved at a 100x
+  tighter tolerance with the same noise and probes, and printed under the results.
 * FID samples are written in chunks (``fid_samples/``) and reused by a rerun; the Inception statistics of the
   training split are computed once and cached.
 
@@ -17,9 +23,11 @@ command line). The pieces live in :mod:`scoreflow.tasks.checkpoint` (loading, sh
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 
 from scoreflow.tasks.build import ConfigError, to_container
@@ -27,12 +35,49 @@ from scoreflow.tasks.checkpoint import LoadedModel, load_model, resolve_device, 
 from scoreflow.tasks.common import results_table, write_metrics
 from scoreflow.tasks.fid import run_fid
 from scoreflow.tasks.likelihood_eval import (
+    SOLVER_CHECK_TIGHTEN,
     LikelihoodSettings,
     PartialResults,
+    discard_partial,
+    is_adaptive,
+    is_complete,
     run_likelihoods,
     save_per_example,
     summarize,
 )
+
+# Ranks meet at a barrier after their share of the solves; on a long job they may finish hours apart, and the
+# default 30 min timeout of a process group would kill the early ones.
+BARRIER_TIMEOUT = timedelta(days=7)
+
+
+def launch(cfg: DictConfig):
+    """Start the processes of ``cfg.accelerator`` / ``cfg.devices`` / ``cfg.num_nodes`` with Lightning Fabric.
+
+    Run as a script, Fabric re-launches the command once per further local device; under ``torchrun`` or
+    SLURM the processes already exist and it only joins them. ``device=cpu|cuda|cuda:N`` (one process) is
+    the shorthand of earlier releases. The module is never wrapped in DDP: its forward would synchronize the
+    ranks inside every solve.
+    """
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy
+
+    accelerator, devices = str(cfg.get("accelerator") or "auto"), cfg.get("devices") or 1
+    num_nodes = int(cfg.get("num_nodes") or 1)
+    device = str(cfg.get("device") or "auto")
+    if device != "auto":
+        if devices != 1 or num_nodes != 1 or accelerator != "auto":
+            raise ConfigError(f"device={device} names one device; for several use accelerator=... devices=N "
+                              "num_nodes=M (and leave device=auto)")
+        d = resolve_device(device)
+        accelerator, devices = d.type, ([d.index] if d.index is not None else 1)
+    elif accelerator == "auto":  # not Fabric's auto: it would pick MPS, which has no float64 for the ODE
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    count = len(devices) if isinstance(devices, (list, tuple)) else int(devices)
+    strategy = DDPStrategy(timeout=BARRIER_TIMEOUT) if count * num_nodes > 1 else "auto"
+    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy)
+    fabric.launch()
+    return fabric
 
 
 def fingerprint(lm: LoadedModel, split: str, seed: int, ode_tc: bool) -> dict[str, Any]:
@@ -62,17 +107,23 @@ def protocol_text(p: dict[str, Any]) -> str:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate ``cfg.ckpt_path`` on ``cfg.split``; write ``metrics.json`` and ``per_example.npz``; print a table."""
+    """Evaluate ``cfg.ckpt_path`` on ``cfg.split``; write ``metrics.json`` and ``per_example.npz``; print a table.
+
+    On several processes every rank returns the merged likelihood metrics; rank 0 alone writes the files,
+    prints, and computes FID.
+    """
     t0 = time.time()
+    fabric = launch(cfg)
+    rank, world, main = fabric.global_rank, fabric.world_size, fabric.global_rank == 0
     out = task_dir(cfg, "evaluate")
-    device = resolve_device(cfg.get("device"))
-    lm = load_model(cfg, device=device)
+    lm = load_model(cfg, device=fabric.device)
     module, split = lm.module, str(cfg.split)
     if split not in ("train", "val", "test"):
         raise ConfigError(f"split must be train, val or test, got {split!r}")
     dataset = lm.source.load()[split]
     n = len(dataset) if cfg.get("num_images") is None else min(int(cfg.num_images), len(dataset))
     e = module.eval_cfg
+    check = int(cfg.get("solver_check_images") or 0) if is_adaptive(e["method"]) else 0
     s = LikelihoodSettings(
         ode=bool(cfg.ode), bound=bool(cfg.bound), seed=int(cfg.seed),
         repeats=int(cfg.repeats if cfg.get("repeats") is not None else e["test_repeats"]),
@@ -80,21 +131,40 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                        else lm.cfg.get("datamodule", {}).get("eval_batch_size", 128)),
         ode_truncation_correction=bool(cfg.get("ode_truncation_correction", False)),
         bound_chunk_size=int(cfg.get("bound_chunk_size", 1024)), max_batches=cfg.get("max_batches"),
-        progress=bool(cfg.get("progress", True)),
+        progress=bool(cfg.get("progress", True)), solver_check_images=min(check, n),
     )
     fp = fingerprint(lm, split, s.seed, s.ode_truncation_correction)
     protocol = {**fp, "repeats": s.repeats, "num_images": n, "batch_size": s.batch_size}
-    print(f"[scoreflow] evaluating {lm.describe()} on {split} ({n} images) on {device}; results in {out}")
+    if s.ode:
+        protocol["solver_check"] = {"num_images": s.solver_check_images, "rtol": e["rtol"] / SOLVER_CHECK_TIGHTEN,
+                                    "atol": e["atol"] / SOLVER_CHECK_TIGHTEN, "adaptive": is_adaptive(e["method"])}
+    if main:
+        where = f"{world} processes ({fabric.device.type})" if world > 1 else str(fabric.device)
+        print(f"[scoreflow] evaluating {lm.describe()} on {split} ({n} images) on {where}; results in {out}")
     metrics: dict[str, Any] = {}
     complete = True
     quantities = [q for q, on in (("bpd_ode", s.ode), ("bpd_bound", s.bound)) if on]
     if quantities and n == 0:
         raise ConfigError(f"the {split} split of {lm.source.name} has no images to evaluate")
     if quantities:
-        store = PartialResults(out / "partial.jsonl", fp, resume=bool(cfg.get("resume", True)))
-        complete = run_likelihoods(module, dataset, n, store, s)
-        metrics.update(summarize(store, split, n, s.repeats, quantities))
-        save_per_example(out / "per_example.npz", store, n, s.repeats, quantities)
+        resume = bool(cfg.get("resume", True))
+        if main and not resume:
+            discard_partial(out)
+        fabric.barrier()
+        store = PartialResults(out, fp, rank=rank, resume=resume)
+        fabric.barrier()  # every rank has read what is done before any rank appends: they agree on the shares
+        run_likelihoods(module, dataset, n, store, s, rank=rank, world_size=world)
+        fabric.barrier()  # the one wait for the other ranks, after all local work
+        merged = PartialResults(out, fp, rank=rank) if world > 1 else store  # reads every rank's file
+        complete = is_complete(merged, n, s)
+        metrics.update(summarize(merged, split, n, s.repeats, quantities, s.solver_check_images))
+        if main:
+            save_per_example(out / "per_example.npz", merged, n, s.repeats, quantities, s.solver_check_images)
+        fabric.barrier()  # no rank exits (and tears the process group down) while rank 0 still reads the files
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if not main:
+        return metrics
     fid_cfg = cfg.get("fid")
     if complete and fid_cfg is not None and int(fid_cfg.get("num_samples") or 0) > 0:
         fid = run_fid(lm, fid_cfg, cfg.sampler, out, bool(cfg.get("progress", True)))
@@ -102,10 +172,26 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         protocol["fid"] = {"sampler": to_container(cfg.sampler), "num_samples": int(fid_cfg.num_samples),
                            "reference": f"train split ({int(fid['fid_ref_num_images'])} images)"}
     metrics.update({"complete": complete, "protocol": protocol, "protocol_text": protocol_text(protocol),
-                    "wall_time_s": time.time() - t0})
+                    "num_processes": world, "wall_time_s": time.time() - t0})
     write_metrics(out / "metrics.json", metrics)
     print(format_table(metrics, split, lm, out, complete))
     return metrics
+
+
+def solver_error_text(metrics: dict[str, Any], split: str, check: dict[str, Any]) -> str:
+    """"<= X bpd (max |delta| over n images ...)": how far the reported ODE digits are from a tighter solve."""
+    p = f"{split}/ode_solver_error_"
+    if not check["adaptive"]:
+        return f"not measured: {metrics['protocol']['ode']['method']} is a fixed-step method (rtol, atol unused)"
+    if check["num_images"] == 0:
+        return "not measured (solver_check_images=0)"
+    if f"{p}max" not in metrics:
+        return "not measured yet (the check runs after the main solves)"
+    se = metrics.get(f"{split}/bpd_ode_se")
+    vs_se = f", {metrics[p + 'max'] / se:.2g} x the standard error" if se and se == se and se > 0 else ""
+    return (f"<= {metrics[p + 'max']:.1e} bpd (max |delta| over {int(metrics[p + 'num_images'])} images re-solved at "
+            f"rtol={check['rtol']:g} atol={check['atol']:g}, same noise and probes; mean {metrics[p + 'mean']:.1e}"
+            f"{vs_se})")
 
 
 def format_table(metrics: dict[str, Any], split: str, lm: LoadedModel, out: Path, complete: bool) -> str:
@@ -117,6 +203,9 @@ def format_table(metrics: dict[str, Any], split: str, lm: LoadedModel, out: Path
             extra[label] = int(metrics[f"{p}{q}_num_images"])
     if f"{p}nfe_max" in metrics:
         extra["max NFE (ODE)"] = int(metrics[f"{p}nfe_max"])
+    check = metrics["protocol"].get("solver_check")
+    if check is not None:
+        extra["solver error (ODE)"] = solver_error_text(metrics, split, check)
     if f"{p}fid" in metrics:
         extra["FID samples / NFE"] = f"{int(metrics[p + 'fid_num_samples'])} / {metrics[p + 'fid_nfe']:.0f}"
     extra["protocol"] = metrics["protocol_text"]

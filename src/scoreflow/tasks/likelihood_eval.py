@@ -2,9 +2,13 @@
 
 * Image ``i``, repeat ``r`` draws its dequantization noise, Hutchinson probe, bound times and noises from
   generators seeded by ``(seed, i, r)`` only (:func:`scoreflow.tasks.checkpoint.image_seed`).
-* :class:`PartialResults` appends the values to ``partial.jsonl`` after every batch, so a rerun skips what is
-  there and refuses to mix values of a different protocol; :func:`summarize` and :func:`save_per_example`
-  turn them into metrics and ``per_example.npz``.
+* :class:`PartialResults` appends the values to ``partial.jsonl`` (one file per process) after every batch, so
+  a rerun skips what is there and refuses to mix values of a different protocol; :func:`summarize` and
+  :func:`save_per_example` turn them into metrics and ``per_example.npz``.
+* :func:`run_likelihoods` shards the batches over processes: batch ``j`` of the pending ones goes to rank
+  ``j mod world_size``, with the batches formed as on one process, so every per-image value is identical.
+* The solver check re-solves the first images at a 100x tighter tolerance with the same noise and probes:
+  ``|value - tight value|`` is the ODE solver's own error on the reported digits.
 """
 
 from __future__ import annotations
@@ -29,40 +33,68 @@ class ProtocolMismatchError(RuntimeError):
     """A rerun would mix per-image values computed with different settings."""
 
 
+def partial_path(folder: Path, rank: int) -> Path:
+    """The file process ``rank`` appends to: ``partial.jsonl`` for rank 0 (the one-process name, so folders of
+    earlier releases resume), ``partial.rank<k>.jsonl`` for the others."""
+    return folder / ("partial.jsonl" if rank == 0 else f"partial.rank{rank}.jsonl")
+
+
+def partial_files(folder: Path) -> list[Path]:
+    """Every partial file in ``folder``, rank 0 first, then by rank (the order in which values are merged)."""
+    ranked = sorted(folder.glob("partial.rank*.jsonl"), key=lambda p: int(p.name.split(".")[1][4:] or 0))
+    return [p for p in [folder / "partial.jsonl", *ranked] if p.is_file()]
+
+
+def discard_partial(folder: Path) -> None:
+    """Delete every partial file (``resume=false``); one process does this before the others read."""
+    for p in partial_files(folder):
+        p.unlink()
+
+
 class PartialResults:
     """Append-only JSON lines of per-image values, so an interrupted evaluation resumes without double counting.
 
-    Line 1 is ``{"protocol": {...}}``; every other line is one batch of one quantity:
+    Each process appends to its own file (:func:`partial_path`) and reads all of them, so a rerun with another
+    number of processes skips what any process computed before. Line 1 of a file is ``{"protocol": {...}}``;
+    every other line is one batch of one quantity:
     ``{"q": "bpd_ode", "r": repeat, "i": [image indices], "v": [values], "nfe": solver evaluations}``.
-    A line is written and ``fsync``-ed in one go; a torn last line (a kill mid-write) is ignored.
+    A line is written and ``fsync``-ed in one go; a torn last line (a kill mid-write) is ignored. Values are
+    merged in file order and the first value of an ``(image, repeat)`` wins: each is counted once.
     """
 
-    def __init__(self, path: Path, fingerprint: dict[str, Any], resume: bool = True):
-        self.path = path
-        self.values: dict[str, dict[tuple[int, int], float]] = {"bpd_ode": {}, "bpd_bound": {}, "nfe": {}}
-        self.solves: list[int] = []  # NFE of every ODE solve (one per batch)
-        if path.exists() and resume:
-            self._read(fingerprint)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._write_line({"protocol": fingerprint}, mode="w")
+    QUANTITIES = ("bpd_ode", "bpd_bound", "bpd_ode_tight")
 
-    def _read(self, fingerprint: dict[str, Any]) -> None:
-        text = self.path.read_text()
+    def __init__(self, folder: Path, fingerprint: dict[str, Any], rank: int = 0, resume: bool = True):
+        self.path = partial_path(folder, rank)
+        self.fingerprint = fingerprint
+        self.values: dict[str, dict[tuple[int, int], float]] = {q: {} for q in (*self.QUANTITIES, "nfe")}
+        self.solves: list[int] = []  # NFE of every reported ODE solve (one per batch)
+        self._has_header = False
+        folder.mkdir(parents=True, exist_ok=True)
+        if resume:
+            for p in partial_files(folder):
+                self._read(p, own=p == self.path)
+
+    def _read(self, path: Path, own: bool) -> None:
+        text = path.read_text()
         if text and not text.endswith("\n"):  # torn by an interruption: drop the tail, that batch is recomputed
             text = text[: text.rfind("\n") + 1]
-            with open(self.path, "r+") as f:
-                f.truncate(len(text.encode()))
+            if own:  # only the owner truncates: another process's file is read, never written
+                with open(path, "r+") as f:
+                    f.truncate(len(text.encode()))
         lines = text.splitlines()
-        head = json.loads(lines[0]) if lines else {}
-        stored = head.get("protocol")
-        if stored != json.loads(json.dumps(fingerprint)):
-            diff = {k: (stored.get(k) if stored else None, v) for k, v in fingerprint.items()
-                    if not stored or stored.get(k) != json.loads(json.dumps(v))}
+        if not lines:  # killed before its header was complete: nothing in it
+            return
+        stored = json.loads(lines[0]).get("protocol")
+        now = json.loads(json.dumps(self.fingerprint))
+        if stored != now:
+            diff = {k: (stored.get(k) if stored else None, v) for k, v in now.items()
+                    if not stored or stored.get(k) != v}
             raise ProtocolMismatchError(
-                f"{self.path} holds values of another protocol (stored vs now: {diff}). Evaluate in another "
+                f"{path} holds values of another protocol (stored vs now: {diff}). Evaluate in another "
                 "directory (hydra.run.dir=...) or pass resume=false to discard them."
             )
+        self._has_header |= own
         for line in lines[1:]:
             self._add(json.loads(line))
 
@@ -75,9 +107,14 @@ class PartialResults:
                 self.values["nfe"].setdefault((int(i), int(rec["r"])), float(rec["nfe"]))
             self.solves.append(int(rec["nfe"]))
 
-    def _write_line(self, rec: dict[str, Any], mode: str = "a") -> None:
+    def _write_line(self, rec: dict[str, Any]) -> None:
+        if not self._has_header:  # written lazily: a file is never seen half-created by a reading process
+            rec_lines = [{"protocol": self.fingerprint}, rec]
+            mode, self._has_header = "w", True
+        else:
+            rec_lines, mode = [rec], "a"
         with open(self.path, mode) as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write("".join(json.dumps(r) + "\n" for r in rec_lines))
             f.flush()
             os.fsync(f.fileno())
 
@@ -111,6 +148,22 @@ class LikelihoodSettings:
     bound_chunk_size: int = 1024
     max_batches: int | None = None
     progress: bool = True
+    solver_check_images: int = 0  # the first N images (repeat 0) re-solved at rtol, atol / SOLVER_CHECK_TIGHTEN
+
+
+SOLVER_CHECK_TIGHTEN = 100.0
+
+
+def is_adaptive(method: str) -> bool:
+    """Whether ``rtol``/``atol`` control the error of ``method`` (a fixed-grid solver ignores them)."""
+    try:
+        from torchdiffeq._impl.odeint import SOLVERS
+        from torchdiffeq._impl.solvers import FixedGridODESolver
+    except ImportError:  # private names of torchdiffeq: fall back to its documented fixed-grid methods
+        return method not in ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams",
+                              "fixed_adams")
+    solver = SOLVERS.get(method)
+    return solver is None or not issubclass(solver, FixedGridODESolver)
 
 
 def _model_space(module: ScoreLitModule, k: Tensor, indices: list[int], r: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -125,8 +178,12 @@ def _model_space(module: ScoreLitModule, k: Tensor, indices: list[int], r: int, 
     return torch.cat(ys), torch.cat(lqs)
 
 
-def ode_bpd(module: ScoreLitModule, k: Tensor, indices: list[int], r: int, s: LikelihoodSettings) -> tuple[Tensor, int]:
-    """Per-image ODE bits/dim ``[B]`` of levels ``k [B, ...]`` (one solve for the batch) and the solver's NFE."""
+def ode_bpd(module: ScoreLitModule, k: Tensor, indices: list[int], r: int, s: LikelihoodSettings,
+            tighten: float = 1.0) -> tuple[Tensor, int]:
+    """Per-image ODE bits/dim ``[B]`` of levels ``k [B, ...]`` (one solve for the batch) and the solver's NFE.
+
+    ``tighten`` divides ``rtol`` and ``atol`` (the solver check); the noise and probes do not change.
+    """
     from scoreflow.likelihood import draw_probe, ode_log_likelihood, truncation_correction
 
     e, dev = module.eval_cfg, k.device
@@ -145,7 +202,8 @@ def ode_bpd(module: ScoreLitModule, k: Tensor, indices: list[int], r: int, s: Li
                                            generator=seeded_generator(dev, image_seed(s.seed, i, r, "ode_eps")))
                      for j, i in enumerate(indices)]
         corr, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    res = ode_log_likelihood(score_fn, module.sde, y, eps=module.eps, rtol=e["rtol"], atol=e["atol"],
+    rtol, atol = e["rtol"] / tighten, e["atol"] / tighten
+    res = ode_log_likelihood(score_fn, module.sde, y, eps=module.eps, rtol=rtol, atol=atol,
                              method=e["method"], divergence=e["divergence"], probe=probe, dtype=dtype)
     return module.to_bpd(res.nll + corr, log_q.to(dtype), y[0].numel()), res.nfe
 
@@ -173,22 +231,42 @@ def _batches(n: int, batch_size: int) -> list[list[int]]:
     return [list(range(a, min(a + batch_size, n))) for a in range(0, n, batch_size)]
 
 
-def run_likelihoods(module: ScoreLitModule, dataset, n: int, store: PartialResults, s: LikelihoodSettings) -> bool:
-    """Evaluate images ``0..n-1`` of ``dataset``, ``s.repeats`` times, skipping what ``store`` holds.
+def work_units(n: int, s: LikelihoodSettings) -> list[tuple[int, list[int], tuple[str, ...]]]:
+    """Every ``(repeat, batch of image indices, quantities)`` of the evaluation, in order.
 
-    Returns ``True`` when every value is there (``False`` if ``s.max_batches`` stopped it early).
+    The batches depend on ``n`` and ``s.batch_size`` only, never on the number of processes: the adaptive ODE
+    solver shares its steps across a batch, so equal batches are what makes the values equal on 1 or N ranks.
+    The solver check's batches (the first ``s.solver_check_images`` images, repeat 0) come last.
     """
-    quantities = [q for q, on in (("bpd_bound", s.bound), ("bpd_ode", s.ode)) if on]
-    units = [(r, b) for r in range(s.repeats) for b in _batches(n, s.batch_size)]
+    main = tuple(q for q, on in (("bpd_bound", s.bound), ("bpd_ode", s.ode)) if on)
+    units = [(r, b, main) for r in range(s.repeats) for b in _batches(n, s.batch_size)] if main else []
+    if s.ode and s.solver_check_images > 0:
+        units += [(0, b, ("bpd_ode_tight",)) for b in _batches(min(s.solver_check_images, n), s.batch_size)]
+    return units
+
+
+def run_likelihoods(module: ScoreLitModule, dataset, n: int, store: PartialResults, s: LikelihoodSettings,
+                    rank: int = 0, world_size: int = 1) -> bool:
+    """Evaluate this process's share of images ``0..n-1`` of ``dataset``, ``s.repeats`` times, skipping what
+    ``store`` holds (what any process computed before, in any earlier run).
+
+    The pending batches are dealt out in turn: batch ``j`` goes to rank ``j mod world_size``. Every process
+    must have read the same ``store`` before any appends to it (the caller's barrier), so they agree on what
+    is pending. Nothing here talks to the other processes: each solves at its own pace (an adaptive solver
+    takes a different number of steps per batch). Returns ``False`` if ``s.max_batches`` (per process)
+    stopped it before its share was done.
+    """
 
     def pending(q: str, r: int, b: list[int]) -> list[int]:
         return [i for i in b if not store.done(q, i, r)]
 
-    todo = [(r, b) for r, b in units if any(pending(q, r, b) for q in quantities)]
-    bar = tqdm(total=len(units), initial=len(units) - len(todo), disable=not s.progress, desc="likelihood",
-               unit="batch", dynamic_ncols=True)
+    todo = [u for u in work_units(n, s) if any(pending(q, u[0], u[1]) for q in u[2])]
+    mine = todo[rank::world_size]
+    shown = [q for q, on in (("bpd_bound", s.bound), ("bpd_ode", s.ode)) if on]  # running means on the bar
+    bar = tqdm(total=len(mine), disable=not s.progress or rank != 0, desc="likelihood", unit="batch",
+               dynamic_ncols=True)
     dev = module.device
-    for done_now, (r, b) in enumerate(todo):
+    for done_now, (r, b, quantities) in enumerate(mine):
         if s.max_batches is not None and done_now >= s.max_batches:
             bar.close()
             return False
@@ -197,21 +275,28 @@ def run_likelihoods(module: ScoreLitModule, dataset, n: int, store: PartialResul
             if not idx:
                 continue
             k = torch.stack([torch.as_tensor(dataset[i][0]) for i in idx]).to(dev)
-            if q == "bpd_ode":
-                v, nfe = ode_bpd(module, k, idx, r, s)
-                store.append(q, r, idx, v, nfe)
-            else:
+            if q == "bpd_bound":
                 store.append(q, r, idx, bound_bpd(module, k, idx, r, s))
+            else:
+                v, nfe = ode_bpd(module, k, idx, r, s, tighten=SOLVER_CHECK_TIGHTEN if q == "bpd_ode_tight" else 1.0)
+                store.append(q, r, idx, v, nfe if q == "bpd_ode" else None)
         bar.update(1)
-        bar.set_postfix({q.removeprefix("bpd_"): f"{np.nanmean(store.table(q, n, s.repeats)):.4f}" for q in quantities})
+        bar.set_postfix({q.removeprefix("bpd_"): f"{np.nanmean(store.table(q, n, s.repeats)):.4f}" for q in shown})
     bar.close()
     return True
 
 
-def summarize(store: PartialResults, split: str, n: int, repeats: int, quantities: list[str]) -> dict[str, float]:
-    """Mean and standard error over images of the per-image mean over its repeats.
+def is_complete(store: PartialResults, n: int, s: LikelihoodSettings) -> bool:
+    """Whether every value of :func:`work_units` is in ``store``."""
+    return all(store.done(q, i, r) for r, b, qs in work_units(n, s) for q in qs for i in b)
+
+
+def summarize(store: PartialResults, split: str, n: int, repeats: int, quantities: list[str],
+              solver_check_images: int = 0) -> dict[str, float]:
+    """Mean and standard error over images of the per-image mean over its repeats, and the solver check.
 
     A partial evaluation averages the repeats each image has so far (images with none are left out).
+    ``{split}/ode_solver_error_max`` / ``_mean`` are over the first ``solver_check_images`` images.
     """
     out: dict[str, float] = {}
     for q in quantities:
@@ -227,16 +312,32 @@ def summarize(store: PartialResults, split: str, n: int, repeats: int, quantitie
     if "bpd_ode" in quantities and store.solves:
         out[f"{split}/nfe"] = float(np.mean(store.solves))
         out[f"{split}/nfe_max"] = float(np.max(store.solves))
+    err = solver_error(store, min(n, solver_check_images))
+    if "bpd_ode" in quantities and err.size:
+        out[f"{split}/ode_solver_error_max"] = float(err.max())
+        out[f"{split}/ode_solver_error_mean"] = float(err.mean())
+        out[f"{split}/ode_solver_error_num_images"] = float(err.size)
     return out
 
 
-def save_per_example(path: Path, store: PartialResults, n: int, repeats: int, quantities: list[str]) -> Path:
-    """``per_example.npz``: ``index [N]`` and ``[N, repeats]`` arrays per quantity (NaN = not computed)."""
+def solver_error(store: PartialResults, n_check: int) -> np.ndarray:
+    """``|bpd_ode - bpd_ode_tight|`` of repeat 0 for the checked images ``< n_check`` that have both values."""
+    ode, tight = store.table("bpd_ode", n_check, 1)[:, 0], store.table("bpd_ode_tight", n_check, 1)[:, 0]
+    both = ~np.isnan(ode) & ~np.isnan(tight)
+    return np.abs(ode[both] - tight[both])
+
+
+def save_per_example(path: Path, store: PartialResults, n: int, repeats: int, quantities: list[str],
+                     solver_check_images: int = 0) -> Path:
+    """``per_example.npz``: ``index [N]`` and ``[N, repeats]`` arrays per quantity (NaN = not computed), and
+    ``bpd_ode_tight [M]``: repeat 0 of the first ``M`` images re-solved at the 100x tighter tolerance."""
     arrays = {"index": np.arange(n)}
     for q in quantities:
         arrays[q] = store.table(q, n, repeats)
     if "bpd_ode" in quantities:
         arrays["nfe"] = store.table("nfe", n, repeats)
+        if solver_check_images > 0:
+            arrays["bpd_ode_tight"] = store.table("bpd_ode_tight", min(n, solver_check_images), 1)[:, 0]
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
