@@ -51,6 +51,7 @@ def pc_sample(
     *,
     predictor: str | Predictor | None = "reverse_diffusion",
     corrector: str | Corrector | None = "langevin",
+    lam: float | None = None,
     snr: float = 0.16,
     n_steps: int = 1,
     steps: int | None = None,
@@ -71,6 +72,8 @@ def pc_sample(
         sde: the forward SDE the score belongs to.
         shape: ``(B, ...)``; may be omitted when ``noise`` is given.
         predictor: a name in :data:`~scoreflow.sampling.predictors.PREDICTORS` or an instance.
+        lam: ``lambda`` of ``predictor="lambda_family"``, Huang et al.'s plug-in reverse SDEs (Eq. 27):
+            0 the reverse SDE, 1 the probability-flow ODE; ``None`` for every other predictor.
         corrector: a name in :data:`~scoreflow.sampling.correctors.CORRECTORS` or an instance
             (``snr`` and ``n_steps`` configure a named one).
         steps: number of predictor steps on a uniform grid from ``T`` to ``eps`` (default ``sde.N``).
@@ -86,7 +89,7 @@ def pc_sample(
     Returns:
         :class:`SampleResult` with ``nfe = steps * (predictor.nfe + corrector.nfe) + denoise``.
     """
-    pred = get_predictor(predictor)
+    pred = get_predictor(predictor, lam=lam)
     corr = get_corrector(corrector, snr=snr, n_steps=n_steps)
     rng = make_noise(generator=generator, seeds=seeds, device=device if noise is None else noise.device)
     x = initial_state(sde, None if shape is None else tuple(shape), noise, rng, dtype=dtype, device=device)
