@@ -8,8 +8,8 @@ VE, or a new one) gets every predictor; nothing branches on the SDE type.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Literal
 
@@ -82,7 +82,7 @@ class PlugInReverseSDE(Predictor):
     def __init__(self, lam: float = 0.0):
         lam = float(lam)
         if not lam <= 1.0:
-            raise ValueError(f"the plug-in reverse SDE family needs lam <= 1 (Huang et al. 2021, Eq. 27), got lam={lam}")
+            raise ValueError(f"the plug-in reverse SDE family needs lam <= 1 (Huang et al. 2021, Eq. 27); got {lam}")
         self.lam = lam
 
     def coefficients(self) -> tuple[float, float]:
