@@ -9,6 +9,7 @@ from typing import Any
 
 import hydra
 import torch
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from scoreflow.lit.callbacks import AtomicCheckpointIO
@@ -53,9 +54,24 @@ def module_from_checkpoint(
 
 
 def make_trainer(trainer_cfg: DictConfig, *, callbacks: list | None = None, logger: Any = False, **overrides):
-    return hydra.utils.instantiate(
-        trainer_cfg, callbacks=callbacks or [], logger=logger, plugins=[AtomicCheckpointIO()], **overrides
-    )
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # signals are scoreflow.lit.preemption's: no second SIGUSR1 handler/requeue
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return hydra.utils.instantiate(trainer_cfg, callbacks=callbacks or [], logger=logger, plugins=plugins, **overrides)
+
+
+def optimized_metric(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
+    """What ``train()`` returns to a Hydra sweeper: ``metrics[cfg.optimized_metric]``; without a test phase
+    (``test=false``) the validation metric of the same name (``test/bpd_ode`` -> ``val/bpd_ode``), then the
+    validation bound (the ODE is measured on validation images only every ``nll_every`` steps)."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    tail = str(name).split("/", 1)[-1]
+    for key in (name, f"val/{tail}", "val/bpd_bound"):
+        if isinstance(metrics.get(key), (int, float)):
+            return float(metrics[key])
+    return None
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:

@@ -15,8 +15,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 
+from scoreflow.lit import preemption
+from scoreflow.lit.preemption import Preempted, PreemptionCheckpoint
 from scoreflow.tasks.build import build_data, build_datamodule, build_module, check_shapes, to_container
 from scoreflow.tasks.common import make_trainer, module_from_checkpoint, results_table, scalar_metrics, write_metrics
+from scoreflow.tasks.console import echo
+from scoreflow.tasks.plots import bpd_plot
+from scoreflow.tasks.resume import last_checkpoint, rerun_hint, resume_path, with_wandb_resume
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +52,21 @@ def instantiate_all(group: DictConfig | None) -> list[Any]:
 def fit(cfg: DictConfig, module: pl.LightningModule, dm: pl.LightningDataModule, out: Path, hparams: dict[str, Any],
         trainer_cfg: DictConfig | None = None) -> tuple[pl.Trainer, list[Any]]:
     """Loggers (given ``hparams``), the configured callbacks plus :class:`FinalCheckpoint`, then ``Trainer.fit``
-    resuming from ``cfg.ckpt_path`` if set. Shared by train, train_dequant and train_classifier."""
-    loggers = instantiate_all(cfg.get("logger"))
+    resuming from ``cfg.ckpt_path`` or, with ``auto_resume``, the run folder's ``last.ckpt``. A pre-emption
+    signal ends it with a checkpoint and :class:`Preempted` (``lit/preemption.py``). Shared by train,
+    train_dequant and train_classifier."""
+    ckpt_path = resume_path(cfg, out)
+    loggers = instantiate_all(with_wandb_resume(cfg.get("logger"), out))
     for lg in loggers:
         lg.log_hyperparams(hparams)
-    callbacks = instantiate_all(cfg.get("callbacks")) + [FinalCheckpoint(out / "checkpoints")]
+    callbacks = instantiate_all(cfg.get("callbacks")) + [FinalCheckpoint(out / "checkpoints"),
+                                                         PreemptionCheckpoint(last_checkpoint(out))]
     trainer = make_trainer(cfg.trainer if trainer_cfg is None else trainer_cfg, callbacks=callbacks,
                            logger=loggers or False)
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    except Preempted as stop:  # checkpoint written, loggers closed: requeue (SLURM) or exit 128 + signal
+        preemption.finish(stop, rerun_hint(out))
     return trainer, loggers
 
 
@@ -84,14 +96,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log_final(loggers, test_metrics, step=int(steps))
     metrics["wall_time_s"] = time.time() - t0
     write_metrics(out / "metrics.json", {**metrics, "protocol": protocol_string(cfg)})
-    print(
+    tested = bool(cfg.get("test", True))
+    # test=false: the last validation (bound on val_subset images, ODE on nll_subset) under its own title
+    shown = metrics if tested else {"test/" + k[4:]: v for k, v in metrics.items() if k.startswith("val/")}
+    title = "test split" if tested else f"validation subset, last validation (step {int(steps)}; test=false)"
+    echo(
         results_table(
-            metrics,
-            title=f"test split, EMA weights ({out})",
+            shown,
+            title=f"{title}, EMA weights ({out})",
             extra={
                 "steps": int(metrics["train/steps"]),
                 "wall time": f"{metrics['wall_time_s']:.0f} s",
                 "protocol": protocol_string(cfg),
+                "plot": bpd_plot(out, metrics, loggers),
             },
         )
     )

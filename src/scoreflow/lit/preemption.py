@@ -1,0 +1,174 @@
+"""Pre-emption: a signal during training writes a checkpoint at the current step, then the run stops.
+
+* SIGUSR1 / SIGUSR2 (SLURM's time-limit warning, ``sbatch --signal=USR1@90``; USR2 is submitit's default):
+  checkpoint, then ``scontrol requeue`` when running as a SLURM batch job; the requeued job resumes from it.
+* SIGTERM (``scancel``, SLURM pre-emption, ``kill``) and SIGINT (Ctrl-C): checkpoint, then stop. No requeue:
+  ``scancel`` sends SIGTERM, and a job that requeued itself on it could never be cancelled. SLURM's own
+  pre-emption with ``PreemptMode=REQUEUE`` requeues the job by itself.
+
+The handlers only set a flag; the checkpoint is written at the end of the optimizer step in progress
+(``on_train_batch_end``, after the EMA update), through the trainer's checkpoint IO (``AtomicCheckpointIO``:
+temporary file + ``os.replace``). Under DDP the ranks agree on the step with one max-reduction per step, so a
+signal that reached one rank only still stops all of them at the same step. Then :class:`Preempted` (a
+``SystemExit`` with code 128 + signal number, as a shell reports a process killed by that signal) leaves
+``Trainer.fit``; the caller requeues and prints :meth:`Preempted.message` (see ``tasks/train.py:fit``).
+
+The handlers replace Lightning's own SIGTERM (and SLURM SIGUSR1) handlers for the duration of the training loop
+(installed in ``on_train_start``, after Lightning registers its own; restored in ``on_train_end`` /
+``on_exception``), so one handler acts on each signal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+log = logging.getLogger(__name__)
+
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_NONE, _STOP, _REQUEUE = 0, 1, 2  # reduced with max across ranks: a requeue request wins
+
+
+class Preempted(SystemExit):
+    """Training stopped on a signal after writing ``ckpt_path`` at ``step``. Exit code ``128 + signum``.
+
+    A ``SystemExit`` (like Lightning's ``SIGTERMException``) so that generic ``except Exception`` error reporting
+    does not present it as a crash, and no scheduler records the run as successful.
+    """
+
+    def __init__(self, signum: int, step: int, ckpt_path: Path, *, requeue: bool, is_global_zero: bool):
+        super().__init__(128 + int(signum))
+        self.signum = int(signum)
+        self.step = step
+        self.ckpt_path = Path(ckpt_path)
+        self.requeue = requeue
+        self.is_global_zero = is_global_zero
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    def message(self, requeued_job: str | None = None, resume_hint: str = "") -> str:
+        head = f"{self.signal_name} at step {self.step}: checkpoint written to {self.ckpt_path}"
+        if requeued_job:
+            return f"{head}; SLURM job {requeued_job} requeued, it resumes from this checkpoint"
+        hint = f" with {resume_hint}" if resume_hint else ""
+        return f"{head}; to resume, run the same command again{hint} (exit code {self.code})"
+
+
+def slurm_job_id() -> str | None:
+    """The id ``scontrol requeue`` takes for this SLURM *batch* job (``<array job>_<task>`` for array jobs), or
+    None outside SLURM and in interactive allocations (``srun --pty bash``), which must not be requeued."""
+    if "SLURM_NTASKS" not in os.environ or os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ.get("SLURM_JOB_ID")
+    return job if job and re.fullmatch(r"[0-9_]+", job) else None
+
+
+def requeue_slurm_job(job_id: str) -> bool:
+    """``scontrol requeue <job_id>``; the job goes back to the queue and SLURM ends this allocation."""
+    try:
+        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        log.error("scontrol requeue %s failed: %s", job_id, err)
+        return False
+    if done.returncode:
+        log.error("scontrol requeue %s failed (%d): %s", job_id, done.returncode, done.stderr.strip())
+    return done.returncode == 0
+
+
+def finish(stop: Preempted, resume_hint: str = "") -> None:
+    """After ``Trainer.fit`` let :class:`Preempted` out (loggers closed): requeue on global rank 0 when a
+    SIGUSR asked for it under SLURM, print the one-line message there, and re-raise the exit."""
+    if stop.is_global_zero:
+        job = slurm_job_id() if stop.requeue else None
+        requeued = job if job and requeue_slurm_job(job) else None
+        line = stop.message(requeued, resume_hint)
+        log.warning(line)
+        print(f"scoreflow: {line}", file=sys.stderr, flush=True)
+    raise stop
+
+
+class PreemptionCheckpoint(Callback):
+    """Turns SIGUSR1/SIGUSR2/SIGTERM/SIGINT during the training loop into a checkpoint at ``ckpt_path`` at the
+    end of the current step, then raises :class:`Preempted`. A second Ctrl-C stops at once, without one."""
+
+    def __init__(self, ckpt_path: str | Path):
+        self.ckpt_path = Path(ckpt_path)
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            self._restore()
+            signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt (Lightning's graceful path)
+        if self.signum is None:
+            self.signum = signum
+            hint = " (Ctrl-C again stops without one)" if signum == signal.SIGINT else ""
+            # os.write, not print: the handler may interrupt a buffered write to stderr (the progress bar)
+            note = f"\nscoreflow: {signal.Signals(signum).name}: checkpoint at the end of this step{hint}\n"
+            os.write(2, note.encode())
+
+    def _install(self) -> None:
+        if self._previous or threading.current_thread() is not threading.main_thread():
+            return
+        for s in (*REQUEUE_SIGNALS, *STOP_SIGNALS):
+            self._previous[s] = signal.signal(s, self._handler)
+
+    def _restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:  # nothing writes checkpoints yet
+            remove_stale_temporaries(self.ckpt_path.parent)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.signum = signal.SIGTERM if trainer.received_sigterm else None  # caught by Lightning's handler
+        self._install()
+        if trainer.is_global_zero:
+            log.info("pre-emption: SIGUSR1/SIGUSR2/SIGTERM/SIGINT write %s at the end of the step", self.ckpt_path)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        code = _NONE if self.signum is None else _REQUEUE if self.signum in REQUEUE_SIGNALS else _STOP
+        if trainer.world_size > 1:  # every rank must stop at the same step (save_checkpoint has a barrier)
+            code = int(trainer.strategy.reduce(torch.tensor(code, device=pl_module.device), reduce_op="max"))
+        if code == _NONE:
+            return
+        signum = self.signum or (signal.SIGUSR1 if code == _REQUEUE else signal.SIGTERM)  # another rank's
+        trainer.save_checkpoint(self.ckpt_path)
+        self._restore()
+        raise Preempted(signum, trainer.global_step, self.ckpt_path, requeue=code == _REQUEUE,
+                        is_global_zero=trainer.is_global_zero)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the ``.<name>.*.tmp`` files of checkpoint writes killed midway (``AtomicCheckpointIO``: the
+    checkpoint they were replacing is intact). Only while nothing writes to ``folder``."""
+    stale = sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d unfinished checkpoint write(s) in %s", len(stale), folder)
+    return stale

@@ -1,0 +1,108 @@
+"""Runs that survive restarts: which checkpoint a run resumes from, its W&B run id, and what to rerun.
+
+A run is its directory. ``<run dir>/checkpoints/last.ckpt`` is written every ``checkpoint_every`` steps, on a
+pre-emption signal (``scoreflow.lit.preemption``) and at the end; with ``auto_resume=true`` the same command run
+again in the same directory resumes from it. The directory is the same when SLURM requeues a job launched with
+``-m hydra/launcher=slurm`` (Hydra copies the sweep's resolved timestamp into every job) and, on a workstation,
+when the command is rerun with the ``hydra.run.dir=...`` (or ``hydra.sweep.dir=...``) the stop message names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+# config groups that define what a checkpoint *is*: resuming with another choice would load a different model
+IDENTITY_KEYS = ("sde", "model", "classifier", "data", "dequantization", "weighting", "seed")
+
+
+def last_checkpoint(out: Path) -> Path:
+    return Path(out) / "checkpoints" / "last.ckpt"
+
+
+def resume_path(cfg: DictConfig, out: Path) -> str | None:
+    """``cfg.ckpt_path`` when given; else, with ``cfg.auto_resume``, the run folder's ``last.ckpt`` if one exists
+    (refused with a clear error when it was trained with another model, SDE, data ... than ``cfg`` asks for)."""
+    if cfg.ckpt_path:
+        return str(cfg.ckpt_path)
+    last = last_checkpoint(out)
+    if not cfg.auto_resume or not last.is_file():
+        return None
+    check_same_run(last, cfg)
+    log.info("auto_resume: resuming from %s", last)
+    return str(last)
+
+
+def check_same_run(ckpt_path: Path, cfg: DictConfig) -> None:
+    stored = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("scoreflow", {}).get("config")
+    if not stored:
+        return
+    stored = OmegaConf.create(stored)
+
+    def plain(node: DictConfig, key: str) -> Any:
+        value = node[key]
+        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+    differ = [k for k in IDENTITY_KEYS if k in cfg and k in stored and plain(cfg, k) != plain(stored, k)]
+    if differ:
+        raise ValueError(
+            f"{ckpt_path} (auto_resume) was trained with other settings for {', '.join(differ)} than this command "
+            f"asks for. Run in another directory (hydra.run.dir=...), pass auto_resume=false to start afresh here "
+            f"(overwriting it), or ckpt_path=... to load a checkpoint deliberately."
+        )
+
+
+def rerun_hint(out: Path) -> str:
+    """The override that puts a rerun in the same directory (printed in the pre-emption message)."""
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return f"hydra.run.dir={out}"
+    if hc.mode == RunMode.MULTIRUN:
+        return f"hydra.sweep.dir={hc.sweep.dir}"
+    return f"hydra.run.dir={hc.run.dir}"
+
+
+def _read_or_create_json(path: Path, content: dict[str, Any]) -> dict[str, Any]:
+    """Create ``path`` with ``content`` unless it exists (atomically: several ranks may race); return its content."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(content, f)
+        try:
+            os.link(tmp, path)  # fails if another process created it first
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    return json.loads(path.read_text())
+
+
+def with_wandb_resume(loggers: DictConfig | None, out: Path) -> DictConfig | None:
+    """Give every ``WandbLogger`` in the logger group the run id (and group) stored in ``<out>/wandb_run.json``,
+    created on first use, with ``resume="allow"``: a requeued or resumed run appends to the same W&B run.
+    An ``id`` set in the config wins (and is stored)."""
+    if not loggers:
+        return loggers
+    loggers = OmegaConf.create(OmegaConf.to_container(loggers, resolve=True))  # detached: resolve ${...} first
+    for name, lg in loggers.items():
+        if not lg or not str(lg.get("_target_", "")).endswith("WandbLogger"):
+            continue
+        fresh = {"id": lg.get("id") or secrets.token_hex(4), "group": lg.get("group")}
+        stored = _read_or_create_json(Path(out) / "wandb_run.json", fresh)
+        OmegaConf.update(loggers, name, {"id": stored["id"], "group": stored["group"], "resume": "allow"},
+                         force_add=True, merge=True)
+    return loggers

@@ -1,0 +1,209 @@
+"""Pre-emption: a real signal sent to a running ``train.py`` writes a checkpoint at the current step and exits
+128 + signal; the same command again resumes from it and ends with the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from scoreflow.lit import preemption
+from scoreflow.lit.callbacks import AtomicCheckpointIO
+from scoreflow.lit.preemption import Preempted, slurm_job_id
+from scoreflow.tasks.build import to_container
+from scoreflow.tasks.resume import resume_path, with_wandb_resume
+from scoreflow.tasks.train import train
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 40
+# no periodic checkpoint and no validation: any last.ckpt before the end is the pre-emption checkpoint
+BASE = ["debug=fast", "trainer.accelerator=cpu", "test=false", "callbacks=minimal", "checkpoint_every=1000",
+        "val_every=1000", "model.net.dropout=0.1", f"trainer.max_steps={STEPS}"]
+READY = "pre-emption: SIGUSR1/SIGUSR2/SIGTERM/SIGINT"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", **extra)
+    return env
+
+
+def run_and_signal(run_dir: Path, sig: int, extra: list[str] = (), env: dict | None = None,
+                   after_s: float = 0.3) -> subprocess.CompletedProcess:
+    """Start ``train.py``, wait until its training loop has installed the handlers (the log line), let it take a
+    few steps, send ``sig`` to it, and wait for it to exit."""
+    cmd = [sys.executable, "train.py", *BASE, *extra, f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    log_file, deadline = run_dir / "train.log", time.time() + 300
+    while not (log_file.is_file() and READY in log_file.read_text()):
+        if proc.poll() is not None or time.time() > deadline:
+            out, err = proc.communicate()
+            pytest.fail(f"train.py ended (rc={proc.returncode}) before its training loop started:\n{err[-3000:]}")
+        time.sleep(0.05)
+    time.sleep(after_s)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def stop_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("scoreflow: ") and "checkpoint written" in ln]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+def assert_same_weights(a_path: Path, b_path: Path) -> None:
+    a, b = (torch.load(p, map_location="cpu", weights_only=True) for p in (a_path, b_path))
+    assert a["global_step"] == b["global_step"] == STEPS
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0, msg=k)
+    for k in a["ema"]["shadow"]:
+        torch.testing.assert_close(a["ema"]["shadow"][k], b["ema"]["shadow"][k], rtol=0, atol=0, msg=k)
+
+
+def test_sigterm_then_same_command_resumes_exactly_and_appends_to_the_wandb_run(make_cfg, tmp_path):
+    run = tmp_path / "run"
+    stopped = run_and_signal(run, signal.SIGTERM, ["logger=wandb"])
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    line = stop_line(stopped.stderr)
+    step = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+    assert 0 < step < STEPS, f"the signal should land mid-run (step {step} of {STEPS})"
+    assert f"SIGTERM at step {step}: checkpoint written to {ckpt}" in line and f"hydra.run.dir={run}" in line
+    assert not list(ckpt.parent.glob(".*.tmp"))
+    assert not (run / "metrics.json").exists()  # a stopped run neither tests nor reports
+
+    resumed = subprocess.run([sys.executable, "train.py", *BASE, "logger=wandb", f"hydra.run.dir={run}"], cwd=ROOT,
+                             env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"auto_resume: resuming from {ckpt}" in (run / "train.log").read_text()
+    assert json.loads((run / "metrics.json").read_text())["train/steps"] == STEPS
+
+    train(make_cfg(BASE, sub="uninterrupted"))
+    assert_same_weights(tmp_path / "uninterrupted" / "checkpoints" / "last.ckpt", ckpt)
+
+    # W&B: one id stored in the run folder; both processes logged to it (offline: one folder each, same id)
+    run_id = json.loads((run / "wandb_run.json").read_text())["id"]
+    offline = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(p.name.endswith(f"-{run_id}") for p in offline), offline
+
+
+@pytest.mark.parametrize(
+    ("sig", "slurm"),
+    [(signal.SIGINT, False), (signal.SIGUSR1, False), (signal.SIGUSR1, True), (signal.SIGTERM, True)],
+    ids=["ctrl-c", "usr1-local", "usr1-slurm-requeues", "sigterm-slurm-no-requeue"],
+)
+def test_each_signal_checkpoints_and_only_usr1_under_slurm_requeues(tmp_path, sig, slurm):
+    """A fake ``scontrol`` on PATH records the requeue; SLURM's variables make this a batch job (array task)."""
+    fake_bin, record = tmp_path / "bin", tmp_path / "scontrol.args"
+    fake_bin.mkdir()
+    (fake_bin / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {record}\n')
+    (fake_bin / "scontrol").chmod(0o755)
+    extra = {}
+    if slurm:
+        extra = dict(SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1", SLURM_NNODES="1", SLURM_PROCID="0",
+                     SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_NODELIST="localhost", SLURM_JOB_NAME="train",
+                     SLURM_JOB_ID="4243", SLURM_ARRAY_JOB_ID="4242", SLURM_ARRAY_TASK_ID="1")
+    env = _env(PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}", **extra)
+    run = tmp_path / "run"
+    stopped = run_and_signal(run, sig, env=env)
+    assert stopped.returncode == 128 + sig, stopped.stderr[-3000:]
+    line = stop_line(stopped.stderr)
+    step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["global_step"]
+    assert re.search(rf"{signal.Signals(sig).name} at step {step}: checkpoint written to ", line), line
+    if slurm and sig == signal.SIGUSR1:
+        assert record.read_text().split() == ["requeue", "4242_1"]
+        assert "SLURM job 4242_1 requeued" in line
+    else:
+        assert not record.exists() and "run the same command again" in line
+
+
+def test_second_ctrl_c_stops_without_a_checkpoint():
+    cb = preemption.PreemptionCheckpoint("unused.ckpt")
+    previous = signal.getsignal(signal.SIGINT)
+    cb._install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert cb.signum == signal.SIGINT  # first Ctrl-C: checkpoint requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is previous  # handlers restored
+    finally:
+        cb._restore()
+
+
+def test_atomic_write_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1}, path)
+
+    def dies_midway(obj, f, *args, **kwargs):
+        f.write(b"\x80half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(OSError, match="disk full"):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    # a write killed outright (SIGKILL) leaves its temporary file; the next run removes it before training
+    (tmp_path / ".last.ckpt.abc123.tmp").write_bytes(b"partial")
+    assert [p.name for p in preemption.remove_stale_temporaries(tmp_path)] == [".last.ckpt.abc123.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_auto_resume_picks_the_run_folders_checkpoint_and_refuses_another_model(make_cfg, tmp_path):
+    cfg = make_cfg(BASE)
+    out = tmp_path / "run"
+    assert resume_path(cfg, out) is None  # nothing to resume yet
+    ckpt = out / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"global_step": 3, "scoreflow": {"config": to_container(cfg)}}, ckpt)
+    assert resume_path(cfg, out) == str(ckpt)
+    assert resume_path(make_cfg([*BASE, "auto_resume=false"]), out) is None
+    assert resume_path(make_cfg([*BASE, "ckpt_path=/elsewhere.ckpt"]), out) == "/elsewhere.ckpt"
+    with pytest.raises(ValueError, match=r"other settings for sde, model\b.*auto_resume=false"):
+        resume_path(make_cfg([*BASE, "sde=ve", "model.net.dropout=0.2"]), out)
+
+
+def test_wandb_run_id_is_stored_once_per_run_folder(make_cfg, tmp_path):
+    group = make_cfg(["logger=wandb"]).logger
+    a = with_wandb_resume(group, tmp_path / "a")
+    again = with_wandb_resume(group, tmp_path / "a")
+    b = with_wandb_resume(group, tmp_path / "b")
+    assert a.wandb.id == again.wandb.id != b.wandb.id and a.wandb.resume == "allow"
+    assert a.wandb.group == b.wandb.group == group.wandb.group  # a sweep's runs share the group
+    assert "id" not in a.csv and "id" not in group.wandb  # other loggers and the input are untouched
+    pinned = with_wandb_resume(make_cfg(["logger=wandb", "+logger.wandb.id=mine"]).logger, tmp_path / "c")
+    assert pinned.wandb.id == "mine"
+
+
+def test_slurm_job_id(monkeypatch):
+    for k in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(k)
+    assert slurm_job_id() is None
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    assert slurm_job_id() == "77"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "70")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert slurm_job_id() == "70_3"
+    monkeypatch.setenv("SLURM_JOB_NAME", "bash")  # an interactive allocation is never requeued
+    assert slurm_job_id() is None
+
+
+def test_preempted_is_an_exit_with_the_signal_code():
+    stop = Preempted(signal.SIGUSR1, 7, Path("/r/checkpoints/last.ckpt"), requeue=True, is_global_zero=True)
+    assert isinstance(stop, SystemExit) and not isinstance(stop, Exception) and stop.code == 138
+    assert stop.message("12_3") == ("SIGUSR1 at step 7: checkpoint written to /r/checkpoints/last.ckpt; "
+                                    "SLURM job 12_3 requeued, it resumes from this checkpoint")
