@@ -3,13 +3,23 @@
 import hydra
 from omegaconf import DictConfig
 
-import scoreflow.tasks.sample as task  # also registers the run-directory resolver used by conf/sample.yaml
+from scoreflow.tasks import validate
+from scoreflow.tasks.entry import preflight, register_lazy_resolvers, run
+
+register_lazy_resolvers()  # conf/sample.yaml names its run folder with ${scoreflow_run_subdir:...}
+
+
+def task(cfg: DictConfig) -> None:
+    import scoreflow.tasks.sample as sample
+
+    sample.sample(cfg)
 
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    task.sample(cfg)
+    run(cfg, "sample.py", task, validate.sample)
 
 
 if __name__ == "__main__":
+    preflight("sample", validate.sample)
     main()

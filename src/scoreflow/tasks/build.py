@@ -17,10 +17,9 @@ from scoreflow.lit.datamodule import ScoreDataModule
 from scoreflow.lit.dequant_module import DequantLitModule
 from scoreflow.lit.module import ScoreLitModule
 from scoreflow.nets import ScoreModel
+from scoreflow.tasks.errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """An impossible or malformed configuration (the message names the offending choices)."""
+__all__ = ["ConfigError", "build_data", "build_datamodule", "build_module", "check_shapes", "to_container"]
 
 
 def to_container(cfg: DictConfig | dict) -> dict[str, Any]:

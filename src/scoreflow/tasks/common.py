@@ -9,6 +9,7 @@ from typing import Any
 
 import hydra
 import torch
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
@@ -57,7 +58,11 @@ def make_trainer(trainer_cfg: DictConfig, *, callbacks: list | None = None, logg
     plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # signals are scoreflow.lit.preemption's: no second SIGUSR1 handler/requeue
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    return hydra.utils.instantiate(trainer_cfg, callbacks=callbacks or [], logger=logger, plugins=plugins, **overrides)
+    callbacks = list(callbacks or [])
+    if not any(isinstance(c, ProgressBar) for c in callbacks) and trainer_cfg.get("enable_progress_bar", True) \
+            and overrides.get("enable_progress_bar", True):
+        callbacks.append(TQDMProgressBar(refresh_rate=10))  # one bar style: Lightning's default is Rich when installed
+    return hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=logger, plugins=plugins, **overrides)
 
 
 def optimized_metric(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:

@@ -1,0 +1,154 @@
+"""What every root entry point does around its task: check, report, keep the console quiet.
+
+``python train.py a=b ...`` runs, in order:
+
+1. :func:`preflight` (before ``@hydra.main``, before torch or Lightning is imported): compose the config
+   the way Hydra will and run the task's cheap checks (:mod:`scoreflow.tasks.validate`). A bad value, an
+   unknown key ("did you mean ...") or a bad path is reported on one screen and exits with code 2 before a
+   run folder exists.
+2. :func:`run` (inside ``@hydra.main``): the same checks again (multiruns skip step 1), the quiet-console
+   set-up (:mod:`scoreflow.tasks.console`), the resolved config as a tree, then the task. An anticipated
+   error (:func:`scoreflow.tasks.errors.classify`) raised by the task is printed as one screen and written
+   to the run's log file; the process exits with its code. Anything else keeps its traceback.
+
+Hydra's own ``run_and_report`` catches every ``Exception`` and prints a traceback, so the exit happens here,
+through ``sys.exit``, which Hydra lets through.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from scoreflow.tasks.errors import ConfigError, UsageError, classify, format_error, full_error
+
+CONF = Path(__file__).resolve().parents[3] / "conf"
+
+
+def register_lazy_resolvers() -> None:
+    """``${scoreflow_run_subdir:...}`` (run folders of evaluate.py / sample.py) without importing Lightning;
+    :mod:`scoreflow.tasks.checkpoint` replaces it with the same function when it is imported."""
+
+    def run_subdir(*args: Any) -> str:
+        from scoreflow.tasks.checkpoint import run_subdir as real
+
+        return real(*args)
+
+    if not OmegaConf.has_resolver("scoreflow_run_subdir"):
+        OmegaConf.register_new_resolver("scoreflow_run_subdir", run_subdir)
+
+
+def _report_and_exit(exc: BaseException, command: str, run_dir: str | None = None) -> None:
+    text = format_error(exc, command, run_dir)
+    sys.stdout.flush()
+    print(text, file=sys.stderr, flush=True)
+    if run_dir:
+        from scoreflow.tasks.console import to_log_file
+
+        to_log_file(text)
+    code, _ = classify(exc) or (1, None)
+    sys.exit(code)
+
+
+def preflight(config_name: str, validator: Callable[[DictConfig], None] | None = None,
+              argv: list[str] | None = None) -> None:
+    """Compose ``config_name`` with the command-line overrides and validate it; on an error print one screen
+    and exit. Command lines with Hydra flags (``-m``, ``--cfg``, ``--help``, ...) are left to Hydra."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a.startswith("-") for a in args) or full_error():
+        return
+    command = Path(sys.argv[0]).name
+    try:
+        cfg = compose(config_name, args)
+    except Exception as e:  # noqa: BLE001 - every composition error is a usage error; see explain_composition
+        _report_and_exit(explain_composition(e, config_name, args), command)
+    if validator is not None:
+        try:
+            validator(cfg)
+        except Exception as e:  # noqa: BLE001
+            if classify(e) is None:
+                raise
+            _report_and_exit(e, command)
+
+
+def compose(config_name: str, overrides: list[str]) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return hydra_compose(config_name, overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def explain_composition(exc: Exception, config_name: str, overrides: list[str]) -> UsageError:
+    """A Hydra composition error as a usage error naming the key; for an unknown key, the nearest known ones
+    (Hydra's own hint, ``+key=value``, would add a key that nothing reads)."""
+    text = "\n".join(str(e) for e in (exc, exc.__cause__) if e is not None)
+    m = re.search(r"[Cc]ould not override '([^']+)'", text) or re.search(r"full_key: (\S+)", text)
+    if m and "not in struct" in text:
+        key = m.group(1).lstrip("+~")
+        bad = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] == key]
+        try:
+            known = flat_keys(compose(config_name, [o for o in overrides if o not in bad]))
+        except Exception:  # noqa: BLE001 - another override is bad as well: no suggestions then
+            known = []
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.75)
+        value = bad[0].split("=", 1)[1] if bad and "=" in bad[0] else None
+        fix = f"did you mean {' or '.join(close)}?" if close else "check the spelling against `python train.py --cfg job`"
+        return ConfigError(f"unknown config key {key!r}", key=key, value=value, fix=fix)
+    m = re.search(r"Could not find '([^'/]+)/", text) or re.search(r"In '[^']*': Could not find '([^'/]+)/", text)
+    key = m.group(1) if m else None
+    first = [ln for ln in str(exc).split("Config search path")[0].splitlines() if ln.strip()][:8]
+    return ConfigError("\n".join(first), key=key, fix="see the options listed above" if key else None)
+
+
+def flat_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a config (lists are leaves), without resolving interpolations."""
+    out = []
+    if isinstance(cfg, DictConfig):
+        for k in cfg.keys():
+            node = cfg._get_node(k)
+            name = f"{prefix}{k}"
+            out.append(name)
+            if isinstance(node, DictConfig):
+                out.extend(flat_keys(node, name + "."))
+    return out
+
+
+def run(cfg: DictConfig, command: str, task: Callable[[DictConfig], Any],
+        validator: Callable[[DictConfig], None] | None = None) -> Any:
+    """Validate, quiet the console, print the config, run ``task(cfg)``; report anticipated errors."""
+    from scoreflow.tasks.console import print_config, quiet_console, run_folder
+
+    out = run_folder()
+    try:
+        if validator is not None:
+            validator(cfg)
+        quiet_console()
+        extras = cfg.get("extras") or {}
+        if extras.get("print_config", False):
+            print_config(cfg, out)
+        return task(cfg)
+    except Exception as e:
+        if classify(e) is None or full_error():
+            raise
+        from scoreflow.tasks.console import is_multirun
+
+        if is_multirun():  # let the launcher record the failed job and go on with the sweep
+            from scoreflow.tasks.console import to_log_file
+
+            text = format_error(e, command, out)
+            print(text, file=sys.stderr, flush=True)
+            to_log_file(text)
+            raise
+        _report_and_exit(e, command, out)

@@ -1,0 +1,98 @@
+"""The errors scoreflow anticipates, and how an entry point reports them: one screen, no traceback.
+
+Every anticipated error says what is wrong, names the config key and its value, and says how to fix it.
+``exit_code`` 2 is a usage error (a bad value, path or checkpoint: change the command), 1 a runtime failure
+(the command was fine but the run failed, e.g. a diverging loss). :func:`classify` also maps the error
+types of other modules (data sources, Lightning module, evaluation) onto these codes, by name, so that this
+module imports neither torch nor Lightning and an entry point can report a bad value in well under a second.
+
+Only ``HYDRA_FULL_ERROR=1`` shows the traceback of an anticipated error; unexpected errors keep theirs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+USAGE = 2  # the command is wrong: fix a value, a path or a checkpoint
+RUNTIME = 1  # the command was fine, the run failed
+
+
+class ScoreflowError(Exception):
+    """Base of the anticipated errors. ``key``/``value`` name the config entry, ``fix`` says what to do."""
+
+    exit_code = RUNTIME
+
+    def __init__(self, message: str, *, key: str | None = None, value: Any = None, fix: str | None = None):
+        super().__init__(message)
+        self.message, self.key, self.value, self.fix = message, key, value, fix
+
+
+class UsageError(ScoreflowError):
+    exit_code = USAGE
+
+
+class ConfigError(UsageError, ValueError):
+    """An impossible or malformed configuration (the message names the offending choices)."""
+
+
+class CheckpointError(UsageError):
+    """``ckpt_path`` is missing, unreadable, of the wrong kind, or does not fit the requested run."""
+
+
+class DataError(UsageError):
+    """The data are missing, unreadable or corrupt (the message names the file or folder)."""
+
+
+class TrainingFailure(ScoreflowError):
+    """The run started but cannot go on (e.g. non-finite losses)."""
+
+
+# Error types defined elsewhere (kept out of this module's imports), by class name -> (exit code, config key).
+FOREIGN = {
+    "DatasetNotFoundError": (USAGE, "data.root"),
+    "DatasetFormatError": (USAGE, "data.root"),
+    "CheckpointFormatError": (USAGE, "ckpt_path"),
+    "ProtocolMismatchError": (USAGE, None),
+    "MissingInceptionWeightsError": (USAGE, "fid.inception_weights"),
+    "NonFiniteLossError": (RUNTIME, "module.optim.lr"),
+}
+
+
+def classify(exc: BaseException) -> tuple[int, str | None] | None:
+    """``(exit code, config key)`` of an anticipated error, or ``None`` for an unexpected one."""
+    if isinstance(exc, ScoreflowError):
+        return exc.exit_code, exc.key
+    for cls in type(exc).__mro__:
+        if cls.__name__ in FOREIGN:
+            return FOREIGN[cls.__name__]
+    return None
+
+
+def full_error() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0")
+
+
+def format_error(exc: BaseException, command: str, run_dir: str | None = None) -> str:
+    """The one screen an anticipated error prints (at most ~12 lines for any message of ours)."""
+    code, key = classify(exc) or (RUNTIME, None)
+    kind = "usage error" if code == USAGE else "run failed"
+    message = exc.message if isinstance(exc, ScoreflowError) else str(exc)
+    lines = [f"[scoreflow] {command}: {kind}: {_first_lines(message, 8)}"]
+    if key is not None:
+        value = getattr(exc, "value", None)
+        lines.append(f"  config key: {key}" + (f" = {value!r}" if value is not None else ""))
+    fix = getattr(exc, "fix", None)
+    if fix:
+        lines.append(f"  fix: {fix}")
+    if run_dir:
+        lines.append(f"  run folder: {run_dir}")
+    lines.append("  (HYDRA_FULL_ERROR=1 shows the traceback)")
+    return "\n".join(lines)
+
+
+def _first_lines(text: str, n: int) -> str:
+    lines = [ln if len(ln) <= 400 else ln[:400] + " ..." for ln in str(text).strip().splitlines()] or [""]
+    if len(lines) > n:
+        lines = [*lines[: n - 1], f"... ({len(lines) - n + 1} more lines)"]
+    return "\n".join(lines)

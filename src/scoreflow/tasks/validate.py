@@ -1,0 +1,337 @@
+"""Cheap checks of a composed config, run before any network, Trainer or data loader is built.
+
+Each check names the key, its value and the fix (:class:`scoreflow.tasks.errors.ConfigError`). Only values
+are read here: no Lightning import, torch only to open a checkpoint, and a data source is instantiated only
+when its ``root`` does not exist (for the source's own message: where it looked, the layout, the URL).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from scoreflow.tasks.errors import CheckpointError, ConfigError, DataError
+
+_ABSENT = object()
+
+
+def get(cfg: DictConfig, key: str, default: Any = _ABSENT) -> Any:
+    """``cfg[key]`` for a dotted key (resolved); ``default`` when the key is absent."""
+    return OmegaConf.select(cfg, key, default=None if default is _ABSENT else default)
+
+
+def has(cfg: DictConfig, key: str) -> bool:
+    return OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT
+
+
+def integer(cfg: DictConfig, key: str, *, low: int | None = None, allow_none: bool = False,
+            also: Iterable[int] = (), fix: str | None = None) -> None:
+    """``key`` must be an int ``>= low`` (or one of ``also``, or null with ``allow_none``)."""
+    if not has(cfg, key):
+        return
+    v = get(cfg, key)
+    if v is None and allow_none:
+        return
+    ok = isinstance(v, int) and not isinstance(v, bool) and (v in also or low is None or v >= low)
+    if not ok:
+        want = "an integer" + (f" >= {low}" if low is not None else "")
+        want += "".join(f" or {a}" for a in also) + (" or null" if allow_none else "")
+        raise ConfigError(f"{key} must be {want}, got {v!r}", key=key, value=v, fix=fix or f"set {key}=<{want}>")
+
+
+def number(cfg: DictConfig, key: str, *, low: float | None = None, high: float | None = None,
+           low_open: bool = True, high_open: bool = True, allow_none: bool = False, fix: str | None = None) -> None:
+    """``key`` must be a finite number in the interval (``low``, ``high``) (open ends unless told)."""
+    if not has(cfg, key):
+        return
+    v = get(cfg, key)
+    if v is None and allow_none:
+        return
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if ok and low is not None:
+        ok = v > low if low_open else v >= low
+    if ok and high is not None:
+        ok = v < high if high_open else v <= high
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        want = "a finite number" + (f" {lo}" if lo else "") + (" and" if lo and hi else "") + (f" {hi}" if hi else "")
+        raise ConfigError(f"{key} must be {want}, got {v!r}", key=key, value=v, fix=fix or f"set {key}=<{want}>")
+
+
+def choice(cfg: DictConfig, key: str, options: Iterable[str]) -> None:
+    if not has(cfg, key):
+        return
+    v, options = get(cfg, key), list(options)
+    if v not in options:
+        raise ConfigError(f"{key} must be one of {', '.join(options)}; got {v!r}", key=key, value=v,
+                          fix=f"set {key}={options[0]}")
+
+
+def devices(cfg: DictConfig, key: str = "trainer.devices") -> None:
+    """Lightning's ``devices``: a positive int, -1, ``auto``, a list of ids or a string of them."""
+    if not has(cfg, key):
+        return
+    v = get(cfg, key)
+    if isinstance(v, bool):
+        ok = False
+    elif isinstance(v, int):
+        ok = v >= 1 or v == -1
+    elif isinstance(v, str):
+        ok = v == "auto" or all(p.strip().lstrip("-").isdigit() for p in v.split(",") if p.strip())
+    else:
+        ok = OmegaConf.is_list(v) and len(v) > 0 and all(isinstance(i, int) and i >= 0 for i in v)
+    if not ok:
+        raise ConfigError(f"{key} must be a number of devices >= 1, -1 (all), auto or a list of ids; got {v!r}",
+                          key=key, value=v, fix=f"set {key}=1")
+    acc = get(cfg, "trainer.accelerator")
+    if acc in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.accelerator=gpu but no CUDA device is available", key="trainer.accelerator",
+                              value=acc, fix="use trainer=cpu (or trainer.accelerator=auto)")
+
+
+def data_root(cfg: DictConfig, key: str = "data.root", data_key: str = "data") -> None:
+    """A data source with a ``root`` that does not exist or cannot be read fails here, with its own message."""
+    root = get(cfg, key)
+    if not root:
+        return
+    path = Path(str(root)).expanduser()
+    import os
+
+    if path.exists() and os.access(path, os.R_OK):
+        return
+    if path.exists():
+        raise DataError(f"{path} is not readable", key=key, value=str(root), fix="fix its permissions")
+    message = f"{path} does not exist"
+    try:
+        import hydra
+
+        source = hydra.utils.instantiate(get(cfg, data_key), _convert_="all")
+        source.load()
+    except Exception as e:  # noqa: BLE001 - the source's own message says where it looked and what it expects
+        message = str(e)
+    raise DataError(message, key=key, value=str(root), fix=f"point {key}= at the data, or set SCOREFLOW_DATA_DIR")
+
+
+def common_training(cfg: DictConfig) -> None:
+    """Types and ranges shared by train, train_dequant and train_classifier."""
+    integer(cfg, "seed")
+    for k in ("datamodule.batch_size", "datamodule.eval_batch_size"):
+        integer(cfg, k, low=1)
+    integer(cfg, "datamodule.val_subset", low=0, allow_none=True)
+    integer(cfg, "datamodule.test_subset", low=1, allow_none=True)
+    integer(cfg, "datamodule.num_workers", low=0)
+    number(cfg, "module.optim.lr", low=0, fix="a learning rate such as module.optim.lr=2e-4")
+    number(cfg, "module.optim.eps", low=0)
+    number(cfg, "module.optim.weight_decay", low=0, low_open=False)
+    integer(cfg, "module.optim.warmup_steps", low=0)
+    number(cfg, "module.optim.grad_clip", low=0, low_open=False, allow_none=True)
+    if has(cfg, "module.optim.betas"):
+        b = get(cfg, "module.optim.betas")
+        ok = OmegaConf.is_list(b) and len(b) == 2 and all(isinstance(x, (int, float)) and 0 <= x < 1 for x in b)
+        if not ok:
+            raise ConfigError(f"module.optim.betas must be two numbers in [0, 1), got {b!r}", key="module.optim.betas",
+                              value=b, fix="module.optim.betas=[0.9,0.999]")
+    integer(cfg, "trainer.max_steps", low=1, also=(-1,), fix="set trainer.max_steps=<number of steps> (-1: no limit)")
+    integer(cfg, "trainer.max_epochs", low=1, also=(-1,), allow_none=True)
+    integer(cfg, "trainer.log_every_n_steps", low=1)
+    integer(cfg, "trainer.num_nodes", low=1)
+    for k in ("val_every", "checkpoint_every"):
+        integer(cfg, k, low=1)
+    integer(cfg, "sample_every", low=0)
+    devices(cfg)
+    if has(cfg, "data.shape"):
+        s = get(cfg, "data.shape")
+        if not (OmegaConf.is_list(s) and len(s) > 0 and all(isinstance(i, int) and i > 0 for i in s)):
+            raise ConfigError(f"data.shape must be a list of positive integers, got {s!r}", key="data.shape", value=s,
+                              fix="e.g. data.shape=[3,32,32]")
+    data_root(cfg)
+
+
+def train(cfg: DictConfig) -> None:
+    """Everything ``train.py`` can check before building anything; also the resume checkpoint."""
+    common_training(cfg)
+    eps = get(cfg, "eps")
+    if eps is not None:
+        T = float(get(cfg, "sde.T", 1.0) or 1.0)
+        number(cfg, "eps", low=0, high=T, fix=f"eps in (0, T={T:g}); null for the SDE's default")
+    ev = "module.evaluation."
+    for k in ("val_num_t", "test_num_t", "test_repeats"):
+        integer(cfg, ev + k, low=1)
+    for k in ("nll_every", "nll_subset"):
+        integer(cfg, ev + k, low=0)
+    for k in ("rtol", "atol"):
+        number(cfg, ev + k, low=0)
+    choice(cfg, "module.loss", ("dsm", "ism"))
+    integer(cfg, "module.max_bad_steps", low=1)
+    number(cfg, "callbacks.ema.decay", low=0, high=1, low_open=False)
+    integer(cfg, "callbacks.samples.num_samples", low=1)
+    if get(cfg, "ckpt_path"):
+        resume(cfg)
+
+
+IDENTITY_GROUPS = ("sde", "model", "data", "dequantization")
+
+
+def read_checkpoint(path_value: Any, key: str = "ckpt_path") -> dict[str, Any]:
+    """Open a checkpoint as ``torch.load(weights_only=True)`` would, with a one-line reason when it cannot."""
+    if path_value in (None, "", "???"):
+        raise CheckpointError(f"{key} is required", key=key,
+                              fix=f"{key}=outputs/train/<run>/checkpoints/last.ckpt")
+    path = Path(str(path_value)).expanduser()
+    if path.is_dir():
+        hint = sorted(path.glob("**/*.ckpt"))[:1]
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file", key=key, value=str(path_value),
+                              fix=f"{key}={hint[0]}" if hint else f"{key}=<run>/checkpoints/last.ckpt")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}", key=key, value=str(path_value),
+                              fix="give the path of a .ckpt file (e.g. <run>/checkpoints/last.ckpt)")
+    import torch
+
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # a legacy (non-zip) torch file
+    except Exception as e:  # noqa: BLE001 - anything torch cannot open is "not a checkpoint"
+        with open(path, "rb") as f:
+            head = f.read(64)
+        what = "a text file" if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "not a torch file"
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({what}; torch.load: {type(e).__name__})",
+                              key=key, value=str(path_value),
+                              fix="give a .ckpt written by train.py (or a score_sde_pytorch .pth)") from e
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint", key=key, value=str(path_value))
+    return ckpt
+
+
+def checkpoint_kind(ckpt: dict[str, Any]) -> str:
+    """``score`` (train.py), ``classifier`` (train_classifier.py), ``score_sde`` (.pth) or ``unknown``."""
+    meta = ckpt.get("scoreflow")
+    if isinstance(meta, dict) and "state_dict" in ckpt:
+        return str(meta.get("kind") or "score")
+    if "model" in ckpt and "ema" in ckpt:
+        return "score_sde"
+    return "unknown"
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): d}
+
+
+def config_differences(stored: dict[str, Any], requested: dict[str, Any],
+                       groups: Iterable[str] = IDENTITY_GROUPS, ignore: Iterable[str] = ("data.root",)) -> list[str]:
+    """``key: stored -> requested`` for every leaf of ``groups`` that differs (``ignore``: may change)."""
+    a = _flat({g: stored.get(g) for g in groups})
+    b = _flat({g: requested.get(g) for g in groups})
+    skip = set(ignore)
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+            for k in sorted(set(a) | set(b)) if k not in skip and a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+
+
+def resume(cfg: DictConfig) -> None:
+    """``ckpt_path`` must be a train.py checkpoint of the same SDE, model, data and dequantization."""
+    ckpt = read_checkpoint(get(cfg, "ckpt_path"))
+    kind = checkpoint_kind(ckpt)
+    if kind != "score":
+        raise CheckpointError(f"ckpt_path is a {kind} checkpoint; train.py resumes only its own (score model) "
+                              "checkpoints", key="ckpt_path", value=get(cfg, "ckpt_path"),
+                              fix="give <run>/checkpoints/last.ckpt of a train.py run")
+    stored = ckpt["scoreflow"].get("config") or {}
+    requested = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [g for g in IDENTITY_GROUPS if g in cfg]),
+                                       resolve=True)
+    diff = config_differences(stored, requested)
+    if diff and not get(cfg, "resume_allow_changes", False):
+        shown = diff[:6] + ([f"... and {len(diff) - 6} more"] if len(diff) > 6 else [])
+        raise CheckpointError(
+            "the checkpoint was trained with another sde/model/data/dequantization (stored -> requested):\n  "
+            + "\n  ".join(shown), key="ckpt_path", value=get(cfg, "ckpt_path"),
+            fix="resume with the checkpoint's settings, or add resume_allow_changes=true to resume anyway")
+
+
+def evaluate(cfg: DictConfig) -> None:
+    """``evaluate.py``: the checkpoint and every count before the model is rebuilt."""
+    ckpt = read_checkpoint(get(cfg, "ckpt_path"))
+    kind = checkpoint_kind(ckpt)
+    if kind not in ("score", "score_sde"):
+        raise CheckpointError(f"ckpt_path is a {kind} checkpoint, not a score model", key="ckpt_path",
+                              value=get(cfg, "ckpt_path"), fix="give <run>/checkpoints/last.ckpt of a train.py run")
+    choice(cfg, "split", ("test", "val", "train"))
+    for k in ("num_images", "repeats", "batch_size", "max_batches"):
+        integer(cfg, k, low=1, allow_none=True)
+    integer(cfg, "bound_chunk_size", low=1)
+    integer(cfg, "fid.num_samples", low=0)
+    integer(cfg, "fid.batch_size", low=1)
+    _device(cfg)
+    if get(cfg, "data_root"):
+        data_root_exists(cfg)
+
+
+def sample(cfg: DictConfig) -> None:
+    """``sample.py``: the checkpoint(s) and every count before the model is rebuilt."""
+    ckpt = read_checkpoint(get(cfg, "ckpt_path"))
+    if checkpoint_kind(ckpt) not in ("score", "score_sde"):
+        raise CheckpointError(f"ckpt_path is a {checkpoint_kind(ckpt)} checkpoint, not a score model",
+                              key="ckpt_path", value=get(cfg, "ckpt_path"))
+    mode = get(cfg, "mode")
+    choice(cfg, "mode", ("sample", "latent", "inpaint", "colorize", "conditional"))
+    if mode in ("sample", "conditional"):
+        integer(cfg, "num_samples", low=1, fix="num_samples=64")
+    else:
+        integer(cfg, "num_images", low=1)
+    integer(cfg, "batch_size", low=1)
+    integer(cfg, "grid_size", low=0)
+    integer(cfg, "sampler.steps", low=1, allow_none=True)
+    choice(cfg, "split", ("test", "val", "train"))
+    _device(cfg)
+    if mode == "conditional":
+        if not get(cfg, "classifier_ckpt"):
+            raise ConfigError("mode=conditional needs a classifier", key="classifier_ckpt",
+                              fix="classifier_ckpt=outputs/train_classifier/<run>/checkpoints/last.ckpt")
+        kind = checkpoint_kind(read_checkpoint(get(cfg, "classifier_ckpt"), "classifier_ckpt"))
+        if kind != "classifier":
+            raise CheckpointError(f"classifier_ckpt is a {kind} checkpoint, not a classifier", key="classifier_ckpt",
+                                  value=get(cfg, "classifier_ckpt"), fix="train one with train_classifier.py")
+    if get(cfg, "data_root"):
+        data_root_exists(cfg)
+
+
+def data_root_exists(cfg: DictConfig) -> None:
+    p = Path(str(get(cfg, "data_root"))).expanduser()
+    if not p.exists():
+        raise DataError(f"data_root {p} does not exist", key="data_root", value=get(cfg, "data_root"),
+                        fix="point data_root= at the folder that holds the data now")
+
+
+def _device(cfg: DictConfig) -> None:
+    d = str(get(cfg, "device") or "auto")
+    if not (d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {d!r}", key="device", value=d,
+                          fix="device=auto")
+
+
+def train_dequant(cfg: DictConfig) -> None:
+    common_training(cfg)
+    path = get(cfg, "score_ckpt")
+    kind = checkpoint_kind(read_checkpoint(path, "score_ckpt"))
+    if kind != "score":
+        raise CheckpointError(f"score_ckpt is a {kind} checkpoint, not a train.py score model", key="score_ckpt",
+                              value=path, fix="score_ckpt=outputs/train/<run>/checkpoints/last.ckpt")
+
+
+def train_classifier(cfg: DictConfig) -> None:
+    common_training(cfg)
