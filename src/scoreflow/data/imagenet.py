@@ -9,6 +9,11 @@
 
 Both keep the whole set in memory as uint8 (3.9 GB at 32x32). The official validation set is the test
 split, as in the papers; ``val`` is a seeded hold-out of train.
+
+The two releases downsample differently, so bits/dim measured on one are not comparable with the other.
+The likelihood papers (PixelRNN, Glow, Flow++, ScoreFlow's 3.76 bits/dim; TFDS ``downsampled_imagenet/32x32``)
+use van den Oord's; ``layout`` also accepts the release names ``van_den_oord`` (= ``png``) and ``chrabaszcz``
+(= ``npz``), and the release read is logged and kept in ``release_used``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,12 @@ from scoreflow.data.base import (
 )
 
 log = logging.getLogger(__name__)
+
+RELEASE_OF_LAYOUT = {
+    "png": "van den Oord et al. 2016 (the original release, the one the likelihood papers report on)",
+    "npz": "Chrabaszcz et al. 2017 (the newer release; bits/dim not comparable with the likelihood papers')",
+}
+LAYOUT_OF_RELEASE = {"van_den_oord": "png", "chrabaszcz": "npz"}
 
 IMAGENET_URL = (
     "https://image-net.org/download-images.php (Downsampled ImageNet: Imagenet32_train_npz.zip and "
@@ -95,7 +106,8 @@ class DownsampledImageNet(DataSource):
         val_size: examples held out of train for validation (stratified when labelled).
         seed: seed of the hold-out.
         hflip: random horizontal flip of train images.
-        layout: ``"auto"``, ``"npz"`` or ``"png"``.
+        layout: ``"auto"``, ``"npz"`` or ``"png"``, or the release by name: ``"chrabaszcz"`` (npz) or
+            ``"van_den_oord"`` (png).
     """
 
     name = "imagenet"
@@ -119,10 +131,17 @@ class DownsampledImageNet(DataSource):
         self.side = self.shape[-1]
         self.name = f"imagenet{self.side}"
         self.num_levels = check_num_levels(self.name, num_levels, 256)
+        layout = LAYOUT_OF_RELEASE.get(layout, layout)
         if layout not in ("auto", "npz", "png"):
-            raise ValueError(f"{self.name}: layout must be 'auto', 'npz' or 'png', got {layout!r}")
+            raise ValueError(f"{self.name}: layout must be 'auto', 'npz', 'png', 'van_den_oord' or 'chrabaszcz', "
+                             f"got {layout!r}")
         self.val_size, self.seed, self.hflip, self.layout = int(val_size), int(seed), bool(hflip), layout
         self.layout_used: str | None = None
+
+    @property
+    def release_used(self) -> str | None:
+        """Which public release was read (after :meth:`load`), e.g. ``"van den Oord et al. 2016 (...)"``."""
+        return None if self.layout_used is None else RELEASE_OF_LAYOUT[self.layout_used]
 
     def _npz_files(self) -> tuple[list[Path], Path] | None:
         r = self.side
@@ -149,18 +168,20 @@ class DownsampledImageNet(DataSource):
         if npz is not None:
             train_files, val_file = npz
             log.info(
-                "%s: using the npz layout (%d train batches, %s) under %s",
+                "%s: using the npz layout (%d train batches, %s) under %s: release %s",
                 self.name,
                 len(train_files),
                 val_file.name,
                 self.root,
+                RELEASE_OF_LAYOUT["npz"],
             )
             parts = [_read_batch(f, self.side) for f in train_files]
             x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
             tx, ty = _read_batch(val_file, self.side)
             self.layout_used = "npz"
         elif png is not None:
-            log.info("%s: using the png layout (%s, %s) under %s", self.name, png[0].name, png[1].name, self.root)
+            log.info("%s: using the png layout (%s, %s) under %s: release %s", self.name, png[0].name, png[1].name,
+                     self.root, RELEASE_OF_LAYOUT["png"])
             x, tx = _read_pngs(png[0], self.side), _read_pngs(png[1], self.side)
             y, ty = np.full(len(x), -1, dtype=np.int64), np.full(len(tx), -1, dtype=np.int64)
             self.layout_used = "png"
