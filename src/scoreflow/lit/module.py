@@ -191,6 +191,7 @@ class ScoreLitModule(pl.LightningModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         if not torch.isfinite(loss):
+            self.log("train/loss", loss.detach(), prog_bar=True)  # NaN in the logs, not the last finite value
             self._skip(f"non-finite loss ({float(loss)})")
             return
         opt.zero_grad(set_to_none=True)
@@ -220,7 +221,8 @@ class ScoreLitModule(pl.LightningModule):
                 f"{msg}. {self._bad_in_a_row} non-finite steps in a row (max_bad_steps={self.max_bad_steps}): "
                 "stopping. Lower the learning rate, check the data scaling, or raise eps."
             )
-        print(f"[scoreflow] warning: {msg}")
+        if self._bad_in_a_row == 1:  # once per streak: the error at max_bad_steps gives the count
+            print(f"[scoreflow] warning: {msg}")
 
     def configure_optimizers(self):
         return adam_with_warmup([p for p in self.parameters() if p.requires_grad], self.optim_cfg)

@@ -9,12 +9,13 @@ from typing import Any
 
 import hydra
 import torch
-from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from scoreflow.lit.callbacks import AtomicCheckpointIO
 from scoreflow.lit.ema import ema_state_dict
+from scoreflow.lit.progress import TerminalProgressBar
 from scoreflow.lit.module import ScoreLitModule
 from scoreflow.tasks.build import build_module
 
@@ -61,7 +62,7 @@ def make_trainer(trainer_cfg: DictConfig, *, callbacks: list | None = None, logg
     callbacks = list(callbacks or [])
     if not any(isinstance(c, ProgressBar) for c in callbacks) and trainer_cfg.get("enable_progress_bar", True) \
             and overrides.get("enable_progress_bar", True):
-        callbacks.append(TQDMProgressBar(refresh_rate=10))  # one bar style: Lightning's default is Rich when installed
+        callbacks.append(TerminalProgressBar())  # one bar style: Lightning's default is Rich when installed
     return hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=logger, plugins=plugins, **overrides)
 
 

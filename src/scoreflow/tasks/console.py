@@ -33,6 +33,7 @@ NOISY_WARNINGS = (
     r".*does not have many workers which may be a bottleneck.*",
     r"The number of training batches .* is smaller than the logging interval.*",
     r".*Checkpoint directory .* exists and is not empty.*",
+    r"Converting a tensor with requires_grad=True to a scalar.*",  # float(loss) in the non-finite-loss message
 )
 
 
