@@ -1,4 +1,5 @@
-"""Any folder of images (searched recursively), resized and center-cropped to ``shape``, held in memory."""
+"""Any folder of images (searched recursively), or train/ val/ test/ folders of them, resized and center-cropped
+to ``shape``, held in memory."""
 
 from __future__ import annotations
 
@@ -9,9 +10,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
 from torch.utils.data import Dataset
 
-from scoreflow.data.base import DatasetNotFoundError, DataSource, as_shape, check_num_levels, image_splits
+from scoreflow.data.base import (
+    ArrayDataset,
+    DatasetFormatError,
+    DatasetNotFoundError,
+    DataSource,
+    as_shape,
+    check_num_levels,
+    image_splits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +45,33 @@ def fit_image(im: Image.Image, channels: int, height: int, width: int) -> np.nda
     return a[None] if channels == 1 else a.transpose(2, 0, 1)
 
 
+SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+
+
 class ImageFolder(DataSource):
     """Every image under ``root`` (recursively; extensions in ``IMAGE_EXTENSIONS``), levels ``0..255``.
 
-    If every image sits inside a first-level subfolder, the subfolder names (sorted) are the classes;
-    otherwise labels are ``-1``. Files are read in sorted path order and split with a (stratified when
-    labelled) seeded hold-out: ``val_size`` and ``test_size`` images, train gets the rest.
+    Two layouts:
+
+    * **split folders**: ``root/train/``, and ``root/val/`` (or ``valid/``, ``validation/``) and/or
+      ``root/test/``: each folder is that split; a missing ``val``/``test`` folder is held out of ``train``
+      (``val_size`` / ``test_size`` images).
+    * **one folder**: the images are split with a (stratified when labelled) seeded hold-out of ``val_size``
+      and ``test_size`` images; train gets the rest.
+
+    In either layout, if every image sits inside a first-level subfolder (of ``root``, or of each split
+    folder), the subfolder names (sorted, over all splits) are the classes; otherwise labels are ``-1``.
+    Files are read in sorted path order. A file PIL cannot read is an error naming it, or, with
+    ``skip_bad_files=True``, skipped and counted (``self.skipped`` lists them).
 
     Args:
         root: the folder.
         shape: ``[C, H, W]`` with ``C`` 1 (greyscale) or 3 (RGB); images are resized and center-cropped to it.
         num_levels: must be 256.
-        val_size, test_size: hold-out sizes.
+        val_size, test_size: hold-out sizes (only for splits without their own folder).
         seed: split seed.
         hflip: random horizontal flip of train images.
+        skip_bad_files: skip unreadable or corrupt files instead of failing.
     """
 
     name = "image_folder"
@@ -62,6 +85,7 @@ class ImageFolder(DataSource):
         test_size: int = 100,
         seed: int = 0,
         hflip: bool = False,
+        skip_bad_files: bool = False,
     ):
         super().__init__()
         self.root = Path(root).expanduser()
@@ -70,35 +94,89 @@ class ImageFolder(DataSource):
             raise ValueError(f"{self.name}: shape must be [C, H, W] with C in (1, 3), got {list(self.shape)}")
         self.num_levels = check_num_levels(self.name, num_levels, 256)
         self.val_size, self.test_size, self.seed, self.hflip = int(val_size), int(test_size), int(seed), bool(hflip)
+        self.skip_bad_files = bool(skip_bad_files)
+        self.skipped: list[Path] = []
 
-    def files(self) -> list[Path]:
-        """The image files under ``root``, sorted."""
-        if not self.root.is_dir():
+    def split_folders(self) -> dict[str, Path]:
+        """``{split: folder}`` of the split-folder layout (``{}`` for a single folder of images)."""
+        found = {}
+        for split, names in SPLIT_FOLDERS.items():
+            for n in names:
+                if (self.root / n).is_dir():
+                    found[split] = self.root / n
+                    break
+        return found if "train" in found and len(found) >= 2 else {}
+
+    def files(self, folder: Path | None = None) -> list[Path]:
+        """The image files under ``folder`` (default ``root``), sorted."""
+        folder = self.root if folder is None else folder
+        if not folder.is_dir():
             raise DatasetNotFoundError(
-                f"image_folder: {self.root} is not a directory. Expected layout: any folder of images "
-                f"({', '.join(IMAGE_EXTENSIONS)}), optionally one subfolder per class."
+                f"image_folder: {folder} is not a directory. Expected layout: any folder of images "
+                f"({', '.join(IMAGE_EXTENSIONS)}), optionally one subfolder per class, or train/ val/ test/ "
+                "folders of those."
             )
-        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not files:
             raise DatasetNotFoundError(
-                f"image_folder: no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}"
+                f"image_folder: no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}"
             )
         return files
 
-    def _load(self) -> dict[str, Dataset]:
-        files = self.files()
-        rel = [f.relative_to(self.root).parts for f in files]
-        if all(len(p) >= 2 for p in rel):
-            self.class_names = tuple(sorted({p[0] for p in rel}))
-            self.num_classes = len(self.class_names)
-            index = {c: i for i, c in enumerate(self.class_names)}
-            y = torch.tensor([index[p[0]] for p in rel], dtype=torch.long)
-        else:
-            y = torch.full((len(files),), -1, dtype=torch.long)
+    def _read(self, files: list[Path]) -> tuple[Tensor, list[Path]]:
+        """``uint8 [N, C, H, W]`` of the readable files, and those files."""
         c, h, w = self.shape
         x = torch.empty(len(files), c, h, w, dtype=torch.uint8)
-        for i, f in enumerate(files):
-            with Image.open(f) as im:
-                x[i] = torch.from_numpy(fit_image(im, c, h, w))
-        log.info("image_folder: %d images (%d classes) from %s", len(files), self.num_classes, self.root)
-        return image_splits(x, y, self.hflip, holdout=(self.val_size, self.test_size), seed=self.seed)
+        kept: list[Path] = []
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    x[len(kept)] = torch.from_numpy(fit_image(im, c, h, w))
+            except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError (OSError), truncated data
+                if not self.skip_bad_files:
+                    raise DatasetFormatError(
+                        f"image_folder: cannot read {f} ({type(e).__name__}: {e}). Remove or replace the file, "
+                        "or set data.skip_bad_files=true to skip unreadable files."
+                    ) from e
+                self.skipped.append(f)
+                continue
+            kept.append(f)
+        return x[: len(kept)], kept
+
+    def _labels(self, rel: dict[str, list[tuple[str, ...]]]) -> dict[str, Tensor]:
+        """Class subfolders (over every split) give labels; otherwise ``-1``."""
+        every = [p for parts in rel.values() for p in parts]
+        if every and all(len(p) >= 2 for p in every):
+            self.class_names = tuple(sorted({p[0] for p in every}))
+            self.num_classes = len(self.class_names)
+            index = {c: i for i, c in enumerate(self.class_names)}
+            return {s: torch.tensor([index[p[0]] for p in parts], dtype=torch.long) for s, parts in rel.items()}
+        return {s: torch.full((len(parts),), -1, dtype=torch.long) for s, parts in rel.items()}
+
+    def _load(self) -> dict[str, Dataset]:
+        folders = self.split_folders()
+        if not folders:
+            x, kept = self._read(self.files())
+            y = self._labels({"all": [f.relative_to(self.root).parts for f in kept]})["all"]
+            self._report(len(kept))
+            return image_splits(x, y, self.hflip, holdout=(self.val_size, self.test_size), seed=self.seed)
+        xs, rel = {}, {}
+        for split, folder in folders.items():
+            xs[split], kept = self._read(self.files(folder))
+            rel[split] = [f.relative_to(folder).parts for f in kept]
+        ys = self._labels(rel)
+        self._report(sum(len(v) for v in xs.values()), folders)
+        # splits without a folder are held out of train (stratified, seeded), as in the one-folder layout
+        holdout = (0 if "val" in folders else self.val_size, 0 if "test" in folders else self.test_size)
+        held = image_splits(xs["train"], ys["train"], self.hflip, holdout=holdout, seed=self.seed)
+        out = {"train": held["train"]}
+        for split in ("val", "test"):
+            out[split] = ArrayDataset(xs[split], ys[split]) if split in folders else held[split]
+        return out
+
+    def _report(self, n: int, folders: dict[str, Path] | None = None) -> None:
+        layout = f"split folders {', '.join(f.name for f in folders.values())}" if folders else "one folder"
+        log.info("image_folder: %d images (%d classes) from %s (%s)", n, self.num_classes, self.root, layout)
+        if self.skipped:
+            log.warning("image_folder: skipped %d unreadable file(s) (skip_bad_files=true), first: %s",
+                        len(self.skipped), self.skipped[0])

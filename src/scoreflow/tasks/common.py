@@ -15,8 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from scoreflow.lit.callbacks import AtomicCheckpointIO
 from scoreflow.lit.ema import ema_state_dict
-from scoreflow.lit.progress import TerminalProgressBar
 from scoreflow.lit.module import ScoreLitModule
+from scoreflow.lit.progress import TerminalProgressBar
 from scoreflow.tasks.build import build_module
 
 

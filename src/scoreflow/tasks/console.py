@@ -149,7 +149,10 @@ def _yaml(d: Any) -> str:
     class Dumper(yaml.SafeDumper):
         pass
 
-    Dumper.add_representer(list, lambda dumper, v: dumper.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+    def flow_list(dumper: yaml.SafeDumper, v: list) -> yaml.Node:
+        return dumper.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True)
+
+    Dumper.add_representer(list, flow_list)
     return yaml.dump(d, Dumper=Dumper, default_flow_style=False, sort_keys=False, width=1000).rstrip()
 
 

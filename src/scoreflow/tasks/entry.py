@@ -104,7 +104,7 @@ def explain_composition(exc: Exception, config_name: str, overrides: list[str]) 
             known = []
         close = difflib.get_close_matches(key, known, n=3, cutoff=0.75)
         value = bad[0].split("=", 1)[1] if bad and "=" in bad[0] else None
-        fix = f"did you mean {' or '.join(close)}?" if close else "check the spelling against `python train.py --cfg job`"
+        fix = f"did you mean {' or '.join(close)}?" if close else "see the known keys: python train.py --cfg job"
         return ConfigError(f"unknown config key {key!r}", key=key, value=value, fix=fix)
     m = re.search(r"Could not find '([^'/]+)/", text) or re.search(r"In '[^']*': Could not find '([^'/]+)/", text)
     key = m.group(1) if m else None

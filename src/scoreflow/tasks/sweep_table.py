@@ -1,61 +1,180 @@
-"""One table over a sweep directory: ``python -m scoreflow.tasks.sweep_table multirun/train/<date>``.
+"""One table over a sweep folder: ``python -m scoreflow.tasks.sweep_table multirun/train/<date>``.
 
-One row per run: its overrides (from ``.hydra/overrides.yaml``) and its test metrics (``metrics.json``).
+A run is a folder with ``.hydra/overrides.yaml``; it *finished* if it has ``metrics.json``, else it is listed
+as failed (with the last line of its log). Test metrics are used where a run has them, else its last
+validation metrics (``test=false``), and the table says which. Runs whose overrides differ only by
+``seed=`` form one row: mean ± sample standard deviation over the seeds, and ``n``. Rows are sorted by
+bits/dim (ODE, then bound), best first. Writes ``sweep_table.md`` and ``sweep_table.csv`` into the folder
+(or ``--out``). Exit code 2 when the folder is missing or holds no run.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
+import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-COLUMNS = [
-    ("test/bpd_ode", "bpd ODE"),
-    ("test/bpd_ode_se", "±"),
-    ("test/bpd_bound", "bpd bound"),
-    ("test/bpd_bound_se", "±"),
-    ("test/nfe", "NFE"),
-    ("train/steps", "steps"),
-    ("wall_time_s", "time s"),
-]
+# (metric without its split, column title, format)
+COLUMNS = [("bpd_ode", "bpd ODE", ".4f"), ("bpd_bound", "bpd bound", ".4f"), ("nfe", "NFE", ".0f")]
+EXTRA = [("train/steps", "steps", ".0f"), ("wall_time_s", "time s", ".0f")]
+SEED_KEYS = ("seed",)
 
 
-def collect(sweep_dir: str | Path) -> list[dict]:
+def find_runs(sweep_dir: Path) -> list[Path]:
+    """Every run folder under ``sweep_dir`` (a folder holding ``.hydra/overrides.yaml``)."""
+    return sorted(p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml"))
+
+
+def read_run(run: Path) -> dict[str, Any]:
+    overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) or []
+    metrics_path = run / "metrics.json"
+    if not metrics_path.is_file():
+        return _run(str(run), overrides, None) | {"reason": _last_log_line(run)}
+    return _run(str(run), overrides, json.loads(metrics_path.read_text()))
+
+
+def _run(run: str, overrides: list[str], metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """A run's row: its group (the overrides but the seed), status, and the metrics of its best split."""
+    key = tuple(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in SEED_KEYS)
+    row: dict[str, Any] = {"run": run, "overrides": list(overrides), "group": " ".join(key) or "(defaults)"}
+    if metrics is None:
+        return {**row, "status": "failed"}
+    split = "test" if any(k.startswith("test/bpd") for k in metrics) else "val"
+    values = {name: metrics.get(f"{split}/{name}") for name, _, _ in COLUMNS}
+    values.update({k: metrics.get(k) for k, _, _ in EXTRA})
+    return {**row, "status": "ok", "split": split, **values}
+
+
+def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """One dict per finished run: ``run`` (folder name), ``overrides`` (one string) and its ``metrics.json``."""
+    out = []
+    for run in find_runs(Path(sweep_dir)):
+        if (run / "metrics.json").is_file():
+            overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) or []
+            metrics = json.loads((run / "metrics.json").read_text())
+            out.append({"run": run.name, "overrides": " ".join(overrides), **metrics})
+    return out
+
+
+def format_table(rows: list[dict[str, Any]], title: str = "sweep") -> str:
+    """The markdown table of :func:`collect`'s rows (seeds grouped, sorted)."""
+    runs = [_run(r["run"], r["overrides"].split(), r) for r in rows]
+    return markdown(group_rows(runs), [], title)
+
+
+def _last_log_line(run: Path) -> str:
+    logs = sorted(run.glob("*.log"))
+    lines = [ln for ln in (logs[0].read_text(errors="replace").splitlines() if logs else []) if ln.strip()]
+    for ln in lines:  # the error screen of scoreflow's entry points starts with this
+        if "usage error:" in ln or "run failed:" in ln:
+            return ln.split(": ", 2)[-1][:160]
+    return lines[-1][:160] if lines else "no metrics.json and no log"
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def group_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per group of finished runs (differing only by seed): mean and sd of every metric, sorted."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        if r["status"] == "ok":
+            groups.setdefault((r["group"], r["split"]), []).append(r)
     rows = []
-    for metrics_path in sorted(Path(sweep_dir).rglob("metrics.json")):
-        run = metrics_path.parent
-        ov_path = run / ".hydra" / "overrides.yaml"
-        overrides = yaml.safe_load(ov_path.read_text()) if ov_path.exists() else []
-        rows.append({"run": run.name, "overrides": " ".join(overrides), **json.loads(metrics_path.read_text())})
-    return rows
+    for (group, split), members in groups.items():
+        row: dict[str, Any] = {"group": group, "split": split, "n": len(members)}
+        for name in [c[0] for c in COLUMNS] + [e[0] for e in EXTRA]:
+            vals = [v for v in (_num(m.get(name)) for m in members) if v is not None]
+            row[name] = sum(vals) / len(vals) if vals else None
+            row[name + "_sd"] = _sd(vals)
+        rows.append(row)
+    return sorted(rows, key=_sort_key)
 
 
-def format_table(rows: list[dict]) -> str:
-    if not rows:
-        return "no runs with metrics.json found"
-    head = ["overrides"] + [c[1] for c in COLUMNS]
-    body = []
+def _sd(vals: list[float]) -> float | None:
+    if len(vals) < 2:
+        return None
+    m = sum(vals) / len(vals)
+    return math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def _sort_key(row: dict[str, Any]) -> tuple:
+    def val(k: str) -> float:
+        v = row.get(k)
+        return v if v is not None and math.isfinite(v) else math.inf
+
+    return (row["split"] != "test", val("bpd_ode"), val("bpd_bound"), row["group"])
+
+
+def _cell(row: dict[str, Any], name: str, fmt: str) -> str:
+    v, sd = row.get(name), row.get(name + "_sd")
+    if v is None:
+        return "-"
+    return f"{v:{fmt}} ± {sd:{fmt}}" if sd is not None else f"{v:{fmt}}"
+
+
+def markdown(rows: list[dict[str, Any]], failed: list[dict[str, Any]], title: str) -> str:
+    head = ["overrides", "split", "n"] + [c[1] for c in COLUMNS] + [e[1] for e in EXTRA]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["overrides"] or r["run"]]
-        for key, _ in COLUMNS:
-            v = r.get(key)
-            cells.append(
-                "-" if v is None else (f"{v:.0f}" if key in ("test/nfe", "train/steps", "wall_time_s") else f"{v:.4f}")
-            )
-        body.append(cells)
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
+        cells = [f"`{r['group']}`", r["split"], str(r["n"])]
+        cells += [_cell(r, n, f) for n, _, f in COLUMNS] + [_cell(r, n, f) for n, _, f in EXTRA]
+        lines.append("| " + " | ".join(cells) + " |")
+    if any(r["split"] == "val" for r in rows):
+        lines += ["", "split `val`: no test metrics (test=false); the last validation (bound on `val_subset` "
+                  "images, ODE on `nll_subset`)."]
+    if any(r["n"] > 1 for r in rows):
+        lines += ["", "n > 1: runs differing only by seed; mean ± sample standard deviation over seeds."]
+    if failed:
+        lines += ["", f"**{len(failed)} failed run(s)** (no metrics.json):", ""]
+        lines += [f"- `{Path(f['run']).name}`: {f['reason']}" for f in failed]
+    return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("sweep_dir")
+def write_csv(path: Path, rows: list[dict[str, Any]], failed: list[dict[str, Any]]) -> None:
+    names = [c[0] for c in COLUMNS] + [e[0] for e in EXTRA]
+    fields = ["overrides", "split", "n", "status"] + [x for n in names for x in (n, n + "_sd")]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({"overrides": r["group"], "split": r["split"], "n": r["n"], "status": "ok",
+                        **{k: r.get(k) for k in fields if k not in ("overrides", "split", "n", "status")}})
+        for r in failed:
+            w.writerow({"overrides": r["group"], "status": "failed", "n": 1})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep_dir", help="a multirun folder, e.g. multirun/train/2026-11-27_12-00-00")
+    p.add_argument("--out", help="where to write sweep_table.md / .csv (default: the sweep folder)")
     args = p.parse_args(argv)
-    print(format_table(collect(args.sweep_dir)))
+    sweep = Path(args.sweep_dir)
+    if not sweep.is_dir():
+        print(f"sweep_table: {sweep} is not a folder (give the multirun/<task>/<date> folder of a sweep)",
+              file=sys.stderr)
+        return 2
+    runs = [read_run(r) for r in find_runs(sweep)]
+    if not runs:
+        print(f"sweep_table: no runs under {sweep} (no .hydra/overrides.yaml found)", file=sys.stderr)
+        return 2
+    rows = group_rows(runs)
+    failed = [r for r in runs if r["status"] == "failed"]
+    text = markdown(rows, failed, f"{sweep} ({len(runs)} runs, {len(failed)} failed)")
+    out = Path(args.out) if args.out else sweep
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep_table.md").write_text(text)
+    write_csv(out / "sweep_table.csv", rows, failed)
+    print(text + f"\nwritten: {out / 'sweep_table.md'}, {out / 'sweep_table.csv'}")
+    return 1 if not rows else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
