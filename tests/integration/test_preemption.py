@@ -207,3 +207,47 @@ def test_preempted_is_an_exit_with_the_signal_code():
     assert isinstance(stop, SystemExit) and not isinstance(stop, Exception) and stop.code == 138
     assert stop.message("12_3") == ("SIGUSR1 at step 7: checkpoint written to /r/checkpoints/last.ckpt; "
                                     "SLURM job 12_3 requeued, it resumes from this checkpoint")
+
+
+def test_one_handler_per_signal_during_training_and_restored_after(make_cfg, monkeypatch):
+    """Under (fake) SLURM, Lightning would add its own SIGUSR1 requeue and SIGTERM handlers; during the training
+    loop every signal goes to scoreflow's handler alone, and the previous handlers are back afterwards."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    for k, v in dict(SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1", SLURM_NNODES="1", SLURM_PROCID="0",
+                     SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_NODELIST="localhost", SLURM_JOB_NAME="train",
+                     SLURM_JOB_ID="99").items():
+        monkeypatch.setenv(k, v)
+    sigs = (*preemption.REQUEUE_SIGNALS, *preemption.STOP_SIGNALS)
+    before = {s: signal.getsignal(s) for s in sigs}
+    seen = {}
+    original = preemption.PreemptionCheckpoint.on_train_batch_end
+
+    def probe(self, trainer, *args):
+        seen.update(env=trainer._accelerator_connector.cluster_environment, mine=self._handler,
+                    handlers={s: signal.getsignal(s) for s in sigs})
+        return original(self, trainer, *args)
+
+    monkeypatch.setattr(preemption.PreemptionCheckpoint, "on_train_batch_end", probe)
+    train(make_cfg([*BASE, "trainer.max_steps=2"]))
+    assert isinstance(seen["env"], SLURMEnvironment) and not seen["env"].auto_requeue
+    assert all(h == seen["mine"] for h in seen["handlers"].values()), seen["handlers"]
+    assert {s: signal.getsignal(s) for s in sigs} == before
+
+
+@pytest.mark.slow
+def test_ddp_sigterm_to_rank_zero_stops_both_ranks_at_one_step_and_resumes_exactly(tmp_path):
+    """``strategy=ddp`` (what SLURM and trainer=ddp run), 2 CPU processes: SIGTERM reaches rank 0 only; the ranks
+    agree on the step (no deadlock at the checkpoint barrier), and the resumed run equals an uninterrupted one."""
+    ddp = ["trainer=ddp_cpu", "trainer.strategy=ddp"]
+    run = tmp_path / "run"
+    stopped = run_and_signal(run, signal.SIGTERM, ddp, after_s=1.0)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    stop_line(stopped.stderr)  # printed once (rank 0)
+    step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["global_step"]
+    assert 0 < step < STEPS
+    for sub in ("run", "uninterrupted"):
+        done = subprocess.run([sys.executable, "train.py", *BASE, *ddp, f"hydra.run.dir={tmp_path / sub}"], cwd=ROOT,
+                              env=_env(), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_weights(tmp_path / "uninterrupted" / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
