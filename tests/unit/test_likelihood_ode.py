@@ -126,3 +126,36 @@ def test_truncation_correction_on_ode_path(gen):
     assert abs(gap.mean().item() - expected) < 4 * gap.std().item() / math.sqrt(len(gap)) + 2e-3
     uncorrected = D / 2 * math.log1p(r) + D * math.log(alpha)
     assert gap.mean().item() < uncorrected - 0.2
+
+
+@pytest.mark.parametrize("sde,eps", SDES, ids=IDS)
+def test_fixed_grid_converges_to_oracle(sde, eps, gen):
+    """The fixed power grid (3/8-rule RK4) reaches the exact value, and its error shrinks with the step count
+    at the method's order (a grid that ignored ``steps`` or mis-weighted the stages would not)."""
+    mix = mixture()
+    x = mix.sample(8, generator=gen)
+    errs, nfes = [], []
+    for n in (10, 20, 40):
+        res = ode_log_likelihood(mix.score_fn(sde), sde, x, eps=eps, divergence="exact", dtype=torch.float64,
+                                 method="rk4", steps=n)
+        errs.append(float((res.nll - exact_nll(mix, sde, x, res.z, eps)).abs().max()) / mix.dim)
+        nfes.append(res.nfe)
+    assert nfes == [40, 80, 160]  # 4 evaluations per step, no rejected steps
+    assert errs[-1] < 2e-3
+    assert errs[2] < errs[1] < errs[0]
+    assert errs[0] / errs[2] > 8  # RK4 is 4th order; 4x the steps gives far more than 4x less error
+
+
+def test_power_grid_and_argument_checks():
+    from scoreflow.likelihood.ode import power_grid
+
+    g = power_grid(1e-5, 1.0, 10, 3.0)
+    assert g[0].item() == 1e-5 and g[-1].item() == 1.0 and bool((g.diff() > 0).all())
+    torch.testing.assert_close(g ** (1 / 3), torch.linspace(1e-5 ** (1 / 3), 1.0, 11, dtype=torch.float64))
+    assert (g[1] - g[0]) < (g[-1] - g[-2]) / 100  # short steps near eps
+    sde, mix = VPSDE(), mixture()
+    x = mix.sample(2)
+    with pytest.raises(ValueError, match="fixed-grid solver: give steps"):
+        ode_log_likelihood(mix.score_fn(sde), sde, x, method="rk4")
+    with pytest.raises(ValueError, match="adaptive"):
+        ode_log_likelihood(mix.score_fn(sde), sde, x, method="dopri5", steps=10)

@@ -28,12 +28,16 @@ class SDE(ABC):
         N: default number of discretization steps for samplers.
         default_eps: smallest time for training and likelihood (SPEC §1).
         default_sample_eps: time where samplers stop before the final denoising step.
+        ode_grid_rho: exponent of the fixed time grid of ODE solves, evenly spaced in ``t^(1/rho)``: 3 where the
+            probability-flow ODE is stiff near ``eps`` (its Jacobian grows like ``1/t``: VP, subVP), 1 where it
+            is not (VE: ``g^2 / sigma^2`` is constant).
     """
 
     T: float = 1.0
     N: int = 1000
     default_eps: float = 1e-5
     default_sample_eps: float = 1e-3
+    ode_grid_rho: float = 3.0
 
     # ----------------------------------------------------------------- scalar coefficients, t: [B]
     @abstractmethod

@@ -21,6 +21,7 @@ class VESDE(SDE):
 
     default_eps = 1e-5
     default_sample_eps = 1e-5
+    ode_grid_rho = 1.0  # the ODE is not stiff near eps: g^2 / sigma^2 is constant
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0):
         if not (0 < sigma_min < sigma_max):
