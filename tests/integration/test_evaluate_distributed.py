@@ -78,7 +78,8 @@ def test_two_processes_give_the_values_of_one(digits_ckpt, make_cfg, tmp_path):
 
 def test_resume_with_another_number_of_processes(digits_ckpt, make_cfg, tmp_path):
     """Ranks simulated in one process: 3 ranks stop after one batch each, then 2 ranks finish."""
-    cfg = make_cfg([f"ckpt_path={digits_ckpt}", "device=cpu", "evaluation.method=rk4", "evaluation.test_num_t=4"],
+    cfg = make_cfg([f"ckpt_path={digits_ckpt}", "device=cpu", "evaluation.method=rk4", "evaluation.steps=1",
+                    "evaluation.test_num_t=4"],
                    config_name="evaluate")
     lm = load_model(cfg)
     data = lm.source.load()["test"]
@@ -149,8 +150,13 @@ def test_solver_check_is_the_tighter_solve_and_shrinks_with_the_tolerance(toy_ck
     assert loose["test/ode_solver_error_max"] == err_lo.max() and loose["test/ode_solver_error_mean"] == err_lo.mean()
     assert tight["test/ode_solver_error_max"] == err_ti.max() and tight["test/ode_solver_error_num_images"] == 3
     assert err_lo.max() > 30 * err_ti.max() and err_ti.max() < 1e-4  # ~0 once the tolerance is tight
-    assert f"solver error (ODE)  <= {err_lo.max():.1e} bpd (max |delta| over 3 images re-solved at rtol=0.0001" \
-        in table
+    line = next(x for x in table.splitlines() if "solver error (ODE)" in x)
+    assert line.split("solver error (ODE)")[1].split()[:2] == ["≤", f"{err_lo.max():.1e}"]
+    assert "max |Δ| over 3 images vs dopri5 rtol=0.0001 atol=0.0001" in line
     assert "bpd_ode_tight" not in mid.files and not any("solver_error" in k for k in _)
-    fixed, _ = run(1e-2, "evaluation.method=rk4")  # a fixed-step solver ignores the tolerances: no check
-    assert not any("solver_error" in k for k in fixed) and "rk4 is a fixed-step method" in capsys.readouterr().out
+    # a fixed grid has no error control: its check is dopri5 at the 100x tighter tolerance, here the 1e-4 solve
+    fixed, fx = run(1e-2, "evaluation.method=rk4", "evaluation.steps=3")
+    np.testing.assert_array_equal(fx["bpd_ode_tight"], mid["bpd_ode"][:, 0])
+    assert fixed["test/ode_solver_error_max"] == np.abs(fx["bpd_ode"][:, 0] - fx["bpd_ode_tight"]).max() > 0
+    assert fixed["protocol"]["solver_check"] == {"num_images": 3, "method": "dopri5", "rtol": 1e-4, "atol": 1e-4}
+    assert fixed["test/nfe"] == 12 and "ODE rk4 steps=3 grid_rho=3" in fixed["protocol_text"]

@@ -38,6 +38,8 @@ DEFAULT_EVAL = dict(
     rtol=1e-5,
     atol=1e-5,
     method="dopri5",
+    steps=None,  # fixed-grid methods (rk4, heun3, ...) only: number of steps on the power grid
+    grid_rho=None,  # its exponent; None: the SDE's (3 for VP/subVP, 1 for VE)
     divergence="rademacher",
     ode_dtype="float64",
     nll_every=500,
@@ -265,6 +267,8 @@ class ScoreLitModule(pl.LightningModule):
             rtol=e["rtol"],
             atol=e["atol"],
             method=e["method"],
+            steps=e["steps"],
+            grid_rho=e["grid_rho"],
             divergence=e["divergence"],
             generator=g,
             dtype=getattr(torch, e["ode_dtype"]),

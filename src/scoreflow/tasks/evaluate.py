@@ -30,16 +30,16 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from scoreflow.likelihood.ode import FIXED_GRID_METHODS
 from scoreflow.tasks.build import ConfigError, to_container
 from scoreflow.tasks.checkpoint import LoadedModel, load_model, resolve_device, task_dir
 from scoreflow.tasks.common import results_table, write_metrics
 from scoreflow.tasks.fid import run_fid
 from scoreflow.tasks.likelihood_eval import (
-    SOLVER_CHECK_TIGHTEN,
     LikelihoodSettings,
     PartialResults,
+    check_solver,
     discard_partial,
-    is_adaptive,
     is_complete,
     run_likelihoods,
     save_per_example,
@@ -84,12 +84,15 @@ def fingerprint(lm: LoadedModel, split: str, seed: int, ode_tc: bool) -> dict[st
     """Everything a per-image value depends on (not the number of images, repeats or the batch size)."""
     e, m = lm.module.eval_cfg, lm.module
     data = {k: v for k, v in to_container(lm.cfg.data).items() if k != "root"}  # the data may move, not change
+    ode = {"method": e["method"], "rtol": e["rtol"], "atol": e["atol"], "divergence": e["divergence"],
+           "dtype": e["ode_dtype"], "truncation_correction": ode_tc}
+    if e["method"] in FIXED_GRID_METHODS:  # only then (rtol/atol unused): folders of earlier releases still resume
+        ode |= {"steps": e["steps"], "grid_rho": e["grid_rho"] or m.sde.ode_grid_rho}
     return {
         "checkpoint": lm.info["path"], "step": lm.info["step"], "weights": lm.info["weights"], "data": data,
         "split": split,
         "seed": seed, "eps": m.eps, "dequantization": type(m.dequantizer).__name__ if m.dequantizer else "none",
-        "ode": {"method": e["method"], "rtol": e["rtol"], "atol": e["atol"], "divergence": e["divergence"],
-                "dtype": e["ode_dtype"], "truncation_correction": ode_tc},
+        "ode": ode,
         "bound": {"num_t": e["test_num_t"], "importance_sampling": e["importance_sampling"],
                   "estimator": e.get("bound_estimator", "closed_form"), "stratified": bool(e.get("stratified", False)),
                   "truncation_correction": e["truncation_correction"]},
@@ -99,8 +102,10 @@ def fingerprint(lm: LoadedModel, split: str, seed: int, ode_tc: bool) -> dict[st
 def protocol_text(p: dict[str, Any]) -> str:
     o, b = p["ode"], p["bound"]
     onoff = {True: "on", False: "off"}
+    solve = f"steps={o['steps']} grid_rho={o['grid_rho']:g}" if "steps" in o else \
+        f"rtol={o['rtol']:g} atol={o['atol']:g}"
     return (f"eps={p['eps']:g}, dequantization={p['dequantization']}, repeats={p['repeats']}, seed={p['seed']}; "
-            f"ODE {o['method']} rtol={o['rtol']:g} atol={o['atol']:g} {o['divergence']} {o['dtype']} "
+            f"ODE {o['method']} {solve} {o['divergence']} {o['dtype']} "
             f"eps-correction {onoff[o['truncation_correction']]}; bound num_t={b['num_t']} "
             f"IS {onoff[b['importance_sampling']]} {b['estimator']}{' stratified' if b['stratified'] else ''} "
             f"eps-correction {onoff[b['truncation_correction']]}")
@@ -123,7 +128,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     dataset = lm.source.load()[split]
     n = len(dataset) if cfg.get("num_images") is None else min(int(cfg.num_images), len(dataset))
     e = module.eval_cfg
-    check = int(cfg.get("solver_check_images") or 0) if is_adaptive(e["method"]) else 0
     s = LikelihoodSettings(
         ode=bool(cfg.ode), bound=bool(cfg.bound), seed=int(cfg.seed),
         repeats=int(cfg.repeats if cfg.get("repeats") is not None else e["test_repeats"]),
@@ -131,13 +135,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                        else lm.cfg.get("datamodule", {}).get("eval_batch_size", 128)),
         ode_truncation_correction=bool(cfg.get("ode_truncation_correction", False)),
         bound_chunk_size=int(cfg.get("bound_chunk_size", 1024)), max_batches=cfg.get("max_batches"),
-        progress=bool(cfg.get("progress", True)), solver_check_images=min(check, n),
+        progress=bool(cfg.get("progress", True)), solver_check_images=min(int(cfg.get("solver_check_images") or 0), n),
     )
     fp = fingerprint(lm, split, s.seed, s.ode_truncation_correction)
     protocol = {**fp, "repeats": s.repeats, "num_images": n, "batch_size": s.batch_size}
     if s.ode:
-        protocol["solver_check"] = {"num_images": s.solver_check_images, "rtol": e["rtol"] / SOLVER_CHECK_TIGHTEN,
-                                    "atol": e["atol"] / SOLVER_CHECK_TIGHTEN, "adaptive": is_adaptive(e["method"])}
+        c = check_solver(e)
+        protocol["solver_check"] = {"num_images": s.solver_check_images, "method": c["method"], "rtol": c["rtol"],
+                                    "atol": c["atol"]}
     if main:
         where = f"{world} processes ({fabric.device.type})" if world > 1 else str(fabric.device)
         print(f"[scoreflow] evaluating {lm.describe()} on {split} ({n} images) on {where}; results in {out}")
@@ -179,19 +184,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def solver_error_text(metrics: dict[str, Any], split: str, check: dict[str, Any]) -> str:
-    """"<= X bpd (max |delta| over n images ...)": how far the reported ODE digits are from a tighter solve."""
+    """``≤ X bpd (max |Δ| over n images ...)``: how far the reported ODE digits are from a 100x tighter solve."""
     p = f"{split}/ode_solver_error_"
-    if not check["adaptive"]:
-        return f"not measured: {metrics['protocol']['ode']['method']} is a fixed-step method (rtol, atol unused)"
     if check["num_images"] == 0:
         return "not measured (solver_check_images=0)"
     if f"{p}max" not in metrics:
         return "not measured yet (the check runs after the main solves)"
     se = metrics.get(f"{split}/bpd_ode_se")
-    vs_se = f", {metrics[p + 'max'] / se:.2g} x the standard error" if se and se == se and se > 0 else ""
-    return (f"<= {metrics[p + 'max']:.1e} bpd (max |delta| over {int(metrics[p + 'num_images'])} images re-solved at "
-            f"rtol={check['rtol']:g} atol={check['atol']:g}, same noise and probes; mean {metrics[p + 'mean']:.1e}"
-            f"{vs_se})")
+    vs_se = f" = {metrics[p + 'max'] / se:.2g} s.e." if se and se == se and se > 0 else ""
+    return (f"≤ {metrics[p + 'max']:.1e} bpd{vs_se} (max |Δ| over {int(metrics[p + 'num_images'])} images "
+            f"vs {check['method']} rtol={check['rtol']:g} atol={check['atol']:g}, same noise and probes; "
+            f"mean {metrics[p + 'mean']:.1e})")
 
 
 def format_table(metrics: dict[str, Any], split: str, lm: LoadedModel, out: Path, complete: bool) -> str:

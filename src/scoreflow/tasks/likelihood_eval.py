@@ -7,8 +7,8 @@
   :func:`save_per_example` turn them into metrics and ``per_example.npz``.
 * :func:`run_likelihoods` shards the batches over processes: batch ``j`` of the pending ones goes to rank
   ``j mod world_size``, with the batches formed as on one process, so every per-image value is identical.
-* The solver check re-solves the first images at a 100x tighter tolerance with the same noise and probes:
-  ``|value - tight value|`` is the ODE solver's own error on the reported digits.
+* The solver check re-solves the first images at a 100x tighter tolerance (dopri5 for a fixed grid) with the
+  same noise and probes: ``|value - tight value|`` is the ODE solver's own error on the reported digits.
 """
 
 from __future__ import annotations
@@ -148,22 +148,21 @@ class LikelihoodSettings:
     bound_chunk_size: int = 1024
     max_batches: int | None = None
     progress: bool = True
-    solver_check_images: int = 0  # the first N images (repeat 0) re-solved at rtol, atol / SOLVER_CHECK_TIGHTEN
+    solver_check_images: int = 0  # the first N images (repeat 0) re-solved by check_solver(...)
 
 
 SOLVER_CHECK_TIGHTEN = 100.0
 
 
-def is_adaptive(method: str) -> bool:
-    """Whether ``rtol``/``atol`` control the error of ``method`` (a fixed-grid solver ignores them)."""
-    try:
-        from torchdiffeq._impl.odeint import SOLVERS
-        from torchdiffeq._impl.solvers import FixedGridODESolver
-    except ImportError:  # private names of torchdiffeq: fall back to its documented fixed-grid methods
-        return method not in ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams",
-                              "fixed_adams")
-    solver = SOLVERS.get(method)
-    return solver is None or not issubclass(solver, FixedGridODESolver)
+def check_solver(e: dict[str, Any]) -> dict[str, Any]:
+    """The solver check's ODE settings for evaluation settings ``e``: the same adaptive method at ``rtol`` and
+    ``atol`` / 100; for a fixed grid (no error control; its ``rtol``/``atol`` unused), dopri5 at ``rtol``, ``atol``
+    / 100 (the reference's solver at a tight tolerance)."""
+    from scoreflow.likelihood.ode import FIXED_GRID_METHODS
+
+    method = "dopri5" if e["method"] in FIXED_GRID_METHODS else e["method"]
+    return {"method": method, "rtol": e["rtol"] / SOLVER_CHECK_TIGHTEN, "atol": e["atol"] / SOLVER_CHECK_TIGHTEN,
+            "steps": None}
 
 
 def _model_space(module: ScoreLitModule, k: Tensor, indices: list[int], r: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -179,10 +178,11 @@ def _model_space(module: ScoreLitModule, k: Tensor, indices: list[int], r: int, 
 
 
 def ode_bpd(module: ScoreLitModule, k: Tensor, indices: list[int], r: int, s: LikelihoodSettings,
-            tighten: float = 1.0) -> tuple[Tensor, int]:
+            solver: dict[str, Any] | None = None) -> tuple[Tensor, int]:
     """Per-image ODE bits/dim ``[B]`` of levels ``k [B, ...]`` (one solve for the batch) and the solver's NFE.
 
-    ``tighten`` divides ``rtol`` and ``atol`` (the solver check); the noise and probes do not change.
+    ``solver`` overrides ``method``/``rtol``/``atol``/``steps`` of ``module.eval_cfg`` (the solver check); the
+    noise and probes do not change.
     """
     from scoreflow.likelihood import draw_probe, ode_log_likelihood, truncation_correction
 
@@ -202,9 +202,10 @@ def ode_bpd(module: ScoreLitModule, k: Tensor, indices: list[int], r: int, s: Li
                                            generator=seeded_generator(dev, image_seed(s.seed, i, r, "ode_eps")))
                      for j, i in enumerate(indices)]
         corr, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    rtol, atol = e["rtol"] / tighten, e["atol"] / tighten
-    res = ode_log_likelihood(score_fn, module.sde, y, eps=module.eps, rtol=rtol, atol=atol,
-                             method=e["method"], divergence=e["divergence"], probe=probe, dtype=dtype)
+    o = {k: e.get(k) for k in ("method", "rtol", "atol", "steps", "grid_rho")} | (solver or {})
+    res = ode_log_likelihood(score_fn, module.sde, y, eps=module.eps, rtol=o["rtol"], atol=o["atol"],
+                             method=o["method"], steps=o["steps"], grid_rho=o["grid_rho"],
+                             divergence=e["divergence"], probe=probe, dtype=dtype)
     return module.to_bpd(res.nll + corr, log_q.to(dtype), y[0].numel()), res.nfe
 
 
@@ -278,7 +279,7 @@ def run_likelihoods(module: ScoreLitModule, dataset, n: int, store: PartialResul
             if q == "bpd_bound":
                 store.append(q, r, idx, bound_bpd(module, k, idx, r, s))
             else:
-                v, nfe = ode_bpd(module, k, idx, r, s, tighten=SOLVER_CHECK_TIGHTEN if q == "bpd_ode_tight" else 1.0)
+                v, nfe = ode_bpd(module, k, idx, r, s, check_solver(module.eval_cfg) if q == "bpd_ode_tight" else None)
                 store.append(q, r, idx, v, nfe if q == "bpd_ode" else None)
         bar.update(1)
         bar.set_postfix({q.removeprefix("bpd_"): f"{np.nanmean(store.table(q, n, s.repeats)):.4f}" for q in shown})
