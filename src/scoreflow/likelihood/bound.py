@@ -93,6 +93,108 @@ class BoundResult:
     truncation_correction: bool
 
 
+
+@dataclass
+class BoundPlan:
+    """How to spend a fixed number of score calls on the bound: a density and a control variate over the IS quantile.
+
+    ``u in [0, 1]`` is the quantile of the importance sampler ``p(t) = g^2/(sigma^2 Z)`` (``t = F^-1(u)``), cut
+    into ``M`` equal bins. ``density[M]`` (mean 1) is a piecewise-constant density ``q(u)`` to draw ``u`` from
+    (weight ``Z / q(u)``): more calls where the estimator is noisy (Neyman allocation). ``cv[M]`` is the
+    coefficient ``c(u)`` of the mean-zero control variate ``-c(u) W/2 (||z||^2 - D)``: ``c = 0`` is the closed
+    form, ``c = 1`` the paired estimator's ``||z||^2`` term; a trained model wants ``c ~ 1`` at small ``t``
+    (the score is ~0 below the dequantization scale, so ``||w||^2 ~ ||z||^2``) and ``c ~ 0`` at large ``t``.
+    Every fixed plan gives an unbiased estimate; fit one with :func:`fit_bound_plan` on draws that the
+    evaluated estimate does not reuse.
+    """
+
+    cv: Tensor
+    density: Tensor
+
+    def __post_init__(self):
+        self.cv = torch.as_tensor(self.cv, dtype=torch.float64).reshape(-1)
+        d = torch.as_tensor(self.density, dtype=torch.float64).reshape(-1)
+        if d.shape != self.cv.shape or not bool((d > 0).all()):
+            raise ValueError(f"need density > 0 and one value per bin like cv {tuple(self.cv.shape)}")
+        self.density = d / d.mean()
+        self._cdf = torch.cat([d.new_zeros(1), (self.density / len(d)).cumsum(0)])
+
+    @property
+    def num_bins(self) -> int:
+        return len(self.cv)
+
+    def _bin(self, u: Tensor) -> Tensor:
+        return (u * self.num_bins).long().clamp(0, self.num_bins - 1)
+
+    def pdf(self, u: Tensor) -> Tensor:
+        return self.density.to(u.device)[self._bin(u)]
+
+    def coef(self, u: Tensor) -> Tensor:
+        return self.cv.to(u.device)[self._bin(u)]
+
+    def icdf(self, s: Tensor) -> Tensor:
+        """Quantile function of ``q``: ``s in [0, 1] -> u`` (linear inside each bin)."""
+        cdf = self._cdf.to(s.device)
+        k = (torch.searchsorted(cdf, s.double(), right=True) - 1).clamp(0, self.num_bins - 1)
+        u = k / self.num_bins + (s - cdf[k]) / self.density.to(s.device)[k]
+        return u.clamp(0.0, 1.0)
+
+    @classmethod
+    def uniform(cls, num_bins: int = 1, cv: float = 0.0) -> BoundPlan:
+        """The plain IS sampler with a constant coefficient (``cv=0``: closed form)."""
+        return cls(torch.full((num_bins,), float(cv)), torch.ones(num_bins))
+
+
+def fit_bound_plan(
+    score_fn: ScoreFn,
+    sde: SDE,
+    x: Tensor,
+    *,
+    eps: float | None = None,
+    num_bins: int = 20,
+    draws: int = 4,
+    neyman: bool = True,
+    floor: float = 0.1,
+    generator: torch.Generator | None = None,
+    chunk_size: int = 1024,
+) -> BoundPlan:
+    """Fit a :class:`BoundPlan` from ``B * num_bins * draws`` pilot score calls on the pilot data ``x [B, ...]``.
+
+    In every bin of the IS quantile, ``draws`` times per image (uniform in the bin, fresh ``z``) give
+    ``a = W/2 ||w||^2`` and ``b = W/2 (||z||^2 - D)``; ``cv`` is the pooled regression coefficient of ``a`` on
+    ``b`` within (image, bin) cells, the least-variance ``c`` for that bin. With ``neyman`` the density is
+    proportional to the residual standard deviation per bin, mixed with ``floor`` of the uniform density
+    (so no region is left with a huge weight). Use pilot images or draws that the evaluation does not reuse.
+    """
+    if draws < 2:
+        raise ValueError(f"need draws >= 2 per bin to fit the control variate, got {draws}")
+    eps = sde.check_eps(sde.default_eps if eps is None else float(eps))
+    B, D, M = x.shape[0], flat_dim(x), num_bins
+    sampler = ImportanceSampledLikelihood(sde, eps)
+    dev = x.device if generator is None else generator.device
+    r = torch.rand(B, M, draws, generator=generator, dtype=torch.float64, device=dev).to(x.device)
+    u = (torch.arange(M, dtype=torch.float64, device=x.device)[:, None] + r) / M
+    t_flat = sampler.icdf(u).reshape(-1).to(x.dtype)
+    rows = torch.arange(B, device=x.device).repeat_interleave(M * draws)
+    a, b = [], []
+    with torch.no_grad():
+        for start in range(0, len(rows), chunk_size):
+            sl = slice(start, start + chunk_size)
+            x0, t = x[rows[sl]], t_flat[sl]
+            z = randn_like(x0, generator)
+            w = append_dims(sde.sigma(t), x0.ndim) * score_fn(sde.perturb(x0, t, z), t).to(x.dtype) + z
+            a.append(0.5 * sampler.Z * sum_except_batch(w**2).double())
+            b.append(0.5 * sampler.Z * (sum_except_batch(z**2).double() - D))
+    A, Bz = torch.cat(a).reshape(B, M, draws), torch.cat(b).reshape(B, M, draws)
+    Ac, Bc = A - A.mean(2, keepdim=True), Bz - Bz.mean(2, keepdim=True)
+    cv = (Ac * Bc).sum((0, 2)) / (Bc * Bc).sum((0, 2))
+    if not neyman:
+        return BoundPlan(cv.cpu(), torch.ones(M, dtype=torch.float64))
+    sd = (A - cv[None, :, None] * Bz).var(dim=2).mean(0).sqrt()
+    density = (1 - floor) * sd / sd.mean().clamp_min(1e-300) + floor
+    return BoundPlan(cv.cpu(), density.cpu())
+
+
 def likelihood_bound(
     score_fn: ScoreFn,
     sde: SDE,
@@ -105,6 +207,8 @@ def likelihood_bound(
     num_eps_samples: int = 4,
     estimator: Estimator = "closed_form",
     stratified: bool = False,
+    plan: BoundPlan | None = None,
+    antithetic: bool = False,
     generator: torch.Generator | None = None,
     chunk_size: int = 1024,
     dtype: torch.dtype | None = None,
@@ -122,42 +226,69 @@ def likelihood_bound(
             of ``x_eps`` (their spread enters ``nll_se`` when there are at least two).
         estimator: ``"closed_form"``, ``"paired"`` or ``"monte_carlo"`` (see the module docstring).
         stratified: one time per quantile stratum instead of i.i.d. times.
+        plan: a :class:`BoundPlan` (see :func:`fit_bound_plan`): time density over the IS quantile and the
+            per-time control-variate coefficient of ``||z||^2``; needs ``importance_sampling`` and
+            ``estimator="closed_form"``. Unbiased for any fixed plan; fit it on other images or other draws.
+        antithetic: each time gets the pair ``z, -z`` (``num_t`` even: ``num_t / 2`` times, ``num_t`` calls).
         chunk_size: rows per score call (``B * num_t`` rows in all); bounds the memory.
         dtype: compute precision (defaults to ``x.dtype``).
     """
     if estimator not in ("closed_form", "paired", "monte_carlo"):
         raise ValueError(f"unknown estimator {estimator!r}")
+    if plan is not None and (estimator != "closed_form" or not importance_sampling):
+        raise ValueError(f"plan= needs estimator='closed_form' and importance_sampling=True, got {estimator!r}, "
+                         f"importance_sampling={importance_sampling}")
+    if antithetic and num_t % 2:
+        raise ValueError(f"antithetic=True needs an even num_t, got {num_t}")
     eps = sde.check_eps(sde.default_eps if eps is None else float(eps))
     x = x if dtype is None else x.to(dtype)
     B, D, T = x.shape[0], flat_dim(x), sde.T
     sampler: TimeSampler = ImportanceSampledLikelihood(sde, eps) if importance_sampling else UniformTime(sde, eps)
     Z = sde.is_normalizer(eps)
 
-    # times [B, num_t] in float64 (the IS quantile near eps needs it), then the weight W = (g^2/sigma^2) / p(t)
+    # one "unit" = one time with its noise (or its antithetic pair): units are the i.i.d. / stratified samples
+    pair = 2 if antithetic else 1
+    n_units = num_t // pair
+    # times [B, n_units] in float64 (the IS quantile near eps needs it), then the weight W = (g^2/sigma^2) / p(t)
     dev = x.device if generator is None else generator.device
-    u = torch.rand(B, num_t, generator=generator, dtype=torch.float64, device=dev).to(x.device)
+    u = torch.rand(B, n_units, generator=generator, dtype=torch.float64, device=dev).to(x.device)
     if stratified:
-        u = (torch.arange(num_t, dtype=torch.float64, device=x.device) + u) / num_t
+        u = (torch.arange(n_units, dtype=torch.float64, device=x.device) + u) / n_units
+    if plan is not None:  # t = F^-1(u), u ~ q on [0, 1]: p(t) = g^2/(sigma^2 Z) q(u), so W = Z / q(u)
+        u = plan.icdf(u)
+        W64, cv64 = Z / plan.pdf(u), plan.coef(u)
     t64 = sampler.icdf(u)
-    W64 = torch.full_like(t64, Z) if importance_sampling else sde.is_ratio(t64) / sampler.density(t64)
+    if plan is None:
+        W64 = torch.full_like(t64, Z) if importance_sampling else sde.is_ratio(t64) / sampler.density(t64)
+        cv64 = None
 
-    rows = torch.arange(B, device=x.device).repeat_interleave(num_t)
+    rows = torch.arange(B, device=x.device).repeat_interleave(n_units)
     t_flat, W_flat = t64.reshape(-1).to(x.dtype), W64.reshape(-1).to(x.dtype)
-    parts: dict[str, list[Tensor]] = {"dsm": [], "noise": [], "div_f": [], "prior": []}
-    for start in range(0, B * num_t, chunk_size):
-        sl = slice(start, start + chunk_size)
+    cv_flat = None if cv64 is None else cv64.reshape(-1).to(x.dtype)
+    parts: dict[str, list[Tensor]] = {"dsm": [], "cv": [], "noise": [], "div_f": [], "prior": []}
+    step = max(1, chunk_size // pair)
+
+    def unit(v: Tensor) -> Tensor:  # per call -> per unit (the mean of an antithetic pair)
+        return v.reshape(pair, -1).mean(0)
+
+    for start in range(0, B * n_units, step):
+        sl = slice(start, start + step)
         x0, t, W = x[rows[sl]], t_flat[sl], W_flat[sl]
-        z = randn_like(x0, generator)
+        z, n = randn_like(x0, generator), x0.shape[0]
+        if antithetic:  # the calls (t, z) and (t, -z), paired back up by `unit`
+            x0, t, W, z = torch.cat([x0, x0]), torch.cat([t, t]), torch.cat([W, W]), torch.cat([z, -z])
         sigma = append_dims(sde.sigma(t), x0.ndim)
         w = sigma * score_fn(sde.perturb(x0, t, z), t).to(x.dtype) + z
-        parts["dsm"].append(0.5 * W * sum_except_batch(w**2))  # Theorem 3: g^2 ||s - grad log p_0t||^2 / 2
+        parts["dsm"].append(unit(0.5 * W * sum_except_batch(w**2)))  # Theorem 3: g^2 ||s - grad log p_0t||^2 / 2
+        if cv_flat is not None:  # control variate c(t) (||z||^2 - D), mean zero at every t
+            parts["cv"].append(-cv_flat[sl] * 0.5 * W[:n] * (sum_except_batch(z[:n] ** 2) - D))
         if estimator != "closed_form":  # the constant term's integrand on the same (t, z)
-            parts["noise"].append(-0.5 * W * sum_except_batch(z**2))  # -g^2 ||grad log p_0t||^2 / 2 / p(t)
-            parts["div_f"].append(-D * sde.drift_coef(t) * W / sde.is_ratio(t))  # -div f / p(t) = -a(t) D / p(t)
+            parts["noise"].append(unit(-0.5 * W * sum_except_batch(z**2)))  # -g^2 ||grad log p_0t||^2 / 2 / p(t)
+            parts["div_f"].append(unit(-D * sde.drift_coef(t) * W / sde.is_ratio(t)))  # -div f / p(t) = -a D / p
         if estimator == "monte_carlo":  # -log pi(x_T), x_T ~ p_0T(.|x)
             x_T = sde.perturb(x0, torch.full_like(t, T), randn_like(x0, generator))
-            parts["prior"].append(-sde.prior_logp(x_T))
-    k = {n: torch.cat(p).reshape(B, num_t) for n, p in parts.items() if p}
+            parts["prior"].append(unit(-sde.prior_logp(x_T)))
+    k = {name: torch.cat(p).reshape(B, n_units) for name, p in parts.items() if p}
     zeros = torch.zeros(B, dtype=x.dtype, device=x.device)
 
     # closed forms (linear drift): E[-log pi(x_T)], -D Z / 2 and -int div f = -D (log alpha_T - log alpha_eps)
@@ -167,17 +298,19 @@ def likelihood_bound(
     prior = k["prior"].mean(1) if "prior" in k else sde.prior_cross_entropy(x)
     noise = k["noise"].mean(1) if "noise" in k else zeros - 0.5 * D * Z
     div_f = k["div_f"].mean(1) if "div_f" in k else zeros - int_div_f
-    dsm_term, const = k["dsm"].mean(1), noise + div_f
+    dsm_term = k["dsm"].mean(1) + (k["cv"].mean(1) if "cv" in k else 0.0)
+    const = noise + div_f
 
-    v = sum(k.values()).detach()  # one Monte-Carlo sample of the whole estimator, per example and time
-    if num_t < 2:
-        sample_var = torch.full_like(zeros, float("nan"))
-    elif stratified:  # E(v_2j - v_2j+1)^2 >= var_2j + var_2j+1: adjacent strata give num_t * Var(mean)
-        m = num_t // 2
-        sample_var = (v[:, 0 : 2 * m : 2] - v[:, 1 : 2 * m : 2]).pow(2).sum(1) / (2 * m)
+    v = sum(k.values()).detach()  # one Monte-Carlo sample (unit) of the whole estimator, per example
+    if n_units < 2:
+        var_mean = torch.full_like(zeros, float("nan"))
+    elif stratified:  # E(v_2j - v_2j+1)^2 >= var_2j + var_2j+1: adjacent strata give n_units * Var(mean)
+        m = n_units // 2
+        var_mean = (v[:, 0 : 2 * m : 2] - v[:, 1 : 2 * m : 2]).pow(2).sum(1) / (2 * m) / n_units
     else:
-        sample_var = v.var(dim=1)
-    se2 = sample_var / num_t
+        var_mean = v.var(dim=1) / n_units
+    sample_var = var_mean * num_t  # per network call: comparable across estimators, pairs and plans
+    se2 = var_mean
 
     correction = zeros
     if truncation_correction:
