@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -62,3 +64,67 @@ def mean_and_se(values: Tensor | Sequence[float]) -> tuple[float, float]:
         raise ValueError("mean_and_se needs at least one value")
     se = float(v.std() / math.sqrt(n)) if n > 1 else float("nan")
     return float(v.mean()), se
+
+
+@dataclass(frozen=True)
+class StandardErrorSplit:
+    """The standard error over images of a Monte-Carlo estimate (e.g. the bound), split into its two sources.
+
+    Each image's value is ``L_i + e_i`` with Monte-Carlo noise ``e_i`` of variance ``m_i``, so the variance over
+    images of the values estimates ``Var(L) + mean(m)`` and ``se^2 = se_between^2 + se_mc^2``:
+    ``se_between = sqrt((var - mean(m)) / n)`` is what a noise-free estimator would report, ``se_mc =
+    sqrt(mean(m) / n)`` what the Monte-Carlo noise adds, and ``mc_excess = se / se_between - 1``.
+    """
+
+    mean: float
+    se: float
+    se_between: float
+    se_mc: float
+    mc_excess: float
+    num_images: int
+    var_between: float  # per image, Var(L) over images
+    mc_var: float  # per image, mean Monte-Carlo variance of one value
+
+
+def split_standard_error(values, mc_var=None) -> StandardErrorSplit:
+    """Split the standard error over images into its between-image and Monte-Carlo parts.
+
+    Args:
+        values: ``[n]`` per-image estimates (then ``mc_var`` is needed) or ``[n, R]`` independent repeats per image
+            (the per-image value is their mean; its Monte-Carlo variance, ``var over repeats / R``, is used
+            unless ``mc_var`` is given).
+        mc_var: ``[n]`` (or a scalar) Monte-Carlo variance of each per-image value, e.g. ``BoundResult.nll_se**2``
+            converted to the same units.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim == 2:
+        if mc_var is None:
+            if v.shape[1] < 2:
+                raise ValueError("need mc_var or at least 2 repeats per image")
+            mc_var = v.var(axis=1, ddof=1) / v.shape[1]
+        v = v.mean(axis=1)
+    elif mc_var is None:
+        raise ValueError("need mc_var with one value per image")
+    n = v.size
+    if n < 2:
+        raise ValueError("need at least 2 images")
+    m = float(np.mean(np.broadcast_to(np.asarray(mc_var, dtype=np.float64), (n,))))
+    var = float(v.var(ddof=1))
+    between = max(var - m, 0.0)
+    se, se_between = math.sqrt(var / n), math.sqrt(between / n)
+    excess = se / se_between - 1 if se_between > 0 else float("inf")
+    return StandardErrorSplit(float(v.mean()), se, se_between, math.sqrt(m / n), excess, n, between, m)
+
+
+def num_samples_for_mc_excess(var_per_sample: float, var_between: float, max_excess: float = 0.1,
+                              repeats: int = 1) -> int:
+    """Smallest number of samples (calls) per image and repeat so that Monte-Carlo noise adds less than
+    ``max_excess`` to the standard error over images: ``var_per_sample / (N R) < ((1 + max_excess)^2 - 1) Var(L)``.
+
+    ``var_per_sample`` is the per-image Monte-Carlo variance per sample (``BoundResult.sample_var``, per network
+    call) and ``var_between`` the variance of the true per-image values (``StandardErrorSplit.var_between``),
+    in the same units.
+    """
+    if var_between <= 0:
+        raise ValueError(f"need var_between > 0, got {var_between}")
+    return math.ceil(var_per_sample / (((1 + max_excess) ** 2 - 1) * var_between * repeats))
