@@ -74,10 +74,11 @@ def bpd_plot(out: str | Path, final: dict[str, float] | None = None, loggers: li
     """Draw ``<out>/plots/bpd_vs_step.png``; log it to W&B / TensorBoard loggers. Returns what to print."""
     out = Path(out)
     src = out / "csv" / "metrics.csv"
-    if not src.is_file():
-        return "none (no csv/metrics.csv: logger=none)"
+    # no CSV (logger=none, or a run too short to log): the figure holds the final test values only
+    series = read_metrics_csv(src) if src.is_file() else {}
     try:
-        path = draw(read_metrics_csv(src), final or {}, out / "plots" / "bpd_vs_step.png", title=out.name)
+        title = out.name if series else f"{out.name} (no csv/metrics.csv)"
+        path = draw(series, final or {}, out / "plots" / "bpd_vs_step.png", title=title)
     except Exception as e:  # noqa: BLE001 - a figure must never fail a finished run
         log.warning("plots/bpd_vs_step.png not written: %s", e)
         return f"none ({type(e).__name__}: {e})"

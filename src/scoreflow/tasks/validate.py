@@ -235,12 +235,24 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_differences(stored: dict[str, Any], requested: dict[str, Any],
                        groups: Iterable[str] = IDENTITY_GROUPS, ignore: Iterable[str] = ("data.root",)) -> list[str]:
-    """``key: stored -> requested`` for every leaf of ``groups`` that differs (``ignore``: may change)."""
+    """``key: stored -> requested`` for every leaf of ``groups`` that differs (``ignore``: may change). Where a
+    ``_target_`` differs (another class), its sibling keys are counted on that line instead of listed."""
     a = _flat({g: stored.get(g) for g in groups})
     b = _flat({g: requested.get(g) for g in groups})
     skip = set(ignore)
-    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
-            for k in sorted(set(a) | set(b)) if k not in skip and a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+    keys = [k for k in sorted(set(a) | set(b)) if k not in skip and a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+    classes = [k[: -len("_target_")] for k in keys if k.endswith("._target_")]
+    out = []
+    for k in keys:
+        owner = next((c for c in classes if k.startswith(c)), None)
+        if owner is not None and not k.endswith("._target_"):
+            continue
+        line = f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+        if owner is not None:
+            n = sum(1 for j in keys if j.startswith(owner) and j != k)
+            line += f" (and {n} other key{'s' * (n != 1)} of {owner.rstrip('.')})" if n else ""
+        out.append(line)
+    return out
 
 
 def resume(cfg: DictConfig) -> None:

@@ -1,0 +1,81 @@
+"""The console of a normal run: each line once, no known noise, the config and run folder at the start,
+the results table at the end and in the run's log."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+NOISE = ("litlogger", "LeafSpec", "ModelCheckpoint with manual optimization", "TPU available", "Testing ━",
+         "weights_only", "Traceback")
+# debug=fast with every phase (train, validation with the ODE, periodic checkpoint, sample grid, test) kept
+# but shortened, so the default suite can afford it; the slow test below runs `debug=fast` itself.
+SHORT = ["trainer.max_steps=4", "val_every=2", "checkpoint_every=2", "sample_every=4",
+         "module.evaluation.nll_every=2", "datamodule.test_subset=4", "datamodule.val_subset=8"]
+
+
+def run_train(tmp_path: Path, args: list[str]) -> tuple[str, Path]:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update(WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    run = tmp_path / "run"
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), "debug=fast", *args, f"hydra.run.dir={run}"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    return out, run
+
+
+def body_lines(out: str) -> list[str]:
+    """Console lines outside the config tree (whose YAML legitimately repeats keys such as `save_top_k: 1`)."""
+    return [ln for ln in out.splitlines() if ln.strip() and not ln.startswith(("config", "│", "├", "└", "    "))]
+
+
+def check_console(out: str, run: Path) -> None:
+    lines = body_lines(out)
+    dups = {ln: n for ln, n in Counter(lines).items() if n > 1}
+    assert not dups, f"duplicated lines: {dups}\n{out[-3000:]}"
+    for noise in NOISE:
+        assert noise not in out, f"{noise!r} on the console:\n{out[-3000:]}"
+    assert out.startswith("config\n"), out[:500]  # the resolved config tree, printed first ...
+    assert out.count("\nconfig\n") == 0 and out.count("├── trainer") == 1  # ... and once
+    assert f"run folder: {run}" in out
+    assert "== test split, EMA weights" in out and "bits/dim (ODE)" in out
+    log = (run / "train.log").read_text()
+    assert "== test split, EMA weights" in log and "bits/dim (bound)" in log and "├── trainer" in log
+    assert (run / "plots" / "bpd_vs_step.png").stat().st_size > 1000
+
+
+def test_console_of_a_short_debug_run_has_no_duplicated_line(tmp_path):
+    out, run = run_train(tmp_path, SHORT)
+    check_console(out, run)
+    assert {p.name for p in tmp_path.iterdir()} == {"run"}
+
+
+@pytest.mark.slow
+def test_console_of_debug_fast_has_no_duplicated_line(tmp_path):
+    out, run = run_train(tmp_path, [])
+    check_console(out, run)
+
+
+def test_without_test_phase_the_last_validation_is_reported_and_returned(make_cfg, capsys):
+    """test=false: the table is titled as validation (not an empty "test split") and train()'s value for a
+    sweeper falls back to the validation metric."""
+    from scoreflow.tasks.common import optimized_metric
+    from scoreflow.tasks.train import train
+
+    cfg = make_cfg(["debug=fast", "trainer.max_steps=2", "val_every=2", "test=false", "callbacks=minimal",
+                    "datamodule.val_subset=8"])
+    metrics = train(cfg)
+    out = capsys.readouterr().out
+    assert "== validation subset, last validation (step 2; test=false)" in out and "test split" not in out
+    assert "bits/dim (bound)  -" not in out
+    assert cfg.optimized_metric == "test/bpd_ode" and "test/bpd_ode" not in metrics
+    assert optimized_metric(cfg, metrics) == metrics["val/bpd_bound"]  # no val ODE in 2 steps: the bound
+    assert optimized_metric(cfg, {**metrics, "val/bpd_ode": 1.5}) == 1.5
+    assert optimized_metric(cfg, {**metrics, "test/bpd_ode": 1.25, "val/bpd_ode": 1.5}) == 1.25

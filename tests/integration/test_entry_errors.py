@@ -1,0 +1,256 @@
+"""Every bad input of issue 14's table, through the real entry points in a subprocess.
+
+Each case checks: the exit code (2 usage, 1 runtime), at most 15 lines of output without HYDRA_FULL_ERROR,
+the offending key or path named, and nothing written outside the run folder (a usage error found before
+the run starts writes nothing at all). Value errors fail before torch is imported (well under a second
+each); checkpoint errors import torch only.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from tests.integration.conftest import compose_cfg
+
+ROOT = Path(__file__).resolve().parents[2]
+MAX_LINES = 15
+
+
+def cli(script: str, args: list[str], cwd: Path, *, full_error: bool = False, timeout: int = 300):
+    """Run ``python <script> args hydra.run.dir=<cwd>/run`` in ``cwd``; return (exit code, output lines)."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update(WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    if full_error:
+        env["HYDRA_FULL_ERROR"] = "1"
+    cmd = [sys.executable, str(ROOT / script), *args, f"hydra.run.dir={cwd / 'run'}"]
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return p.returncode, (p.stdout + p.stderr).splitlines()
+
+
+def check_screen(code: int, lines: list[str], expected_code: int, *names: str) -> str:
+    text = "\n".join(lines)
+    assert code == expected_code, text
+    assert len(lines) <= MAX_LINES, f"{len(lines)} lines:\n{text}"
+    assert "Traceback" not in text, text
+    for n in names:
+        assert n in text, f"{n!r} not named in:\n{text}"
+    return text
+
+
+def written(cwd: Path, inputs: set[str]) -> set[str]:
+    """Top-level entries the command created in its working directory (besides the inputs we put there)."""
+    return {p.name for p in cwd.iterdir()} - inputs
+
+
+# (overrides, names the output must contain): all fail in the preflight, before torch is imported
+USAGE_CASES = [
+    (["datamodule.batch_size=0"], ["datamodule.batch_size", "0"]),
+    (["datamodule.batch_size=-3"], ["datamodule.batch_size", "-3"]),
+    (["module.optim.lr=-1"], ["module.optim.lr", "-1"]),
+    (["trainer.max_steps=abc"], ["trainer.max_steps", "'abc'"]),
+    (["trainer.max_stepz=5"], ["trainer.max_stepz", "did you mean trainer.max_steps"]),
+    (["val_evry=5"], ["val_evry", "did you mean val_every"]),
+    (["sde=nonsense"], ["sde", "vp", "subvp"]),
+    (["eps=1.5"], ["eps", "1.5"]),
+    (["trainer.devices=0"], ["trainer.devices"]),
+    (["datamodule.eval_batch_size=1.5"], ["datamodule.eval_batch_size", "1.5"]),
+    (["data=cifar10", "data.root=/nonexistent/cifar"], ["data.root", "/nonexistent/cifar", "cifar-10-batches-py",
+                                                        "https://"]),
+]
+
+
+# Several commands in one subprocess (a fresh interpreter costs seconds on a loaded CI machine): each runs the
+# entry point's real ``__main__`` block (runpy), its exit code and output captured.
+DRIVER = """
+import contextlib, io, json, runpy, sys
+results = []
+for script, args in json.loads(sys.argv[1]):
+    sys.argv = [script, *args]
+    buf, code = io.StringIO(), 0
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    results.append([code, buf.getvalue()])
+sys.stdout.write(json.dumps(results))
+"""
+
+
+def cli_batch(commands: list[tuple[str, list[str]]], cwd: Path) -> list[tuple[int, list[str]]]:
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update(WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    todo = [(str(ROOT / script), [*args, f"hydra.run.dir={cwd / f'run{i}'}"]) for i, (script, args) in
+            enumerate(commands)]
+    p = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(todo)], cwd=cwd, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return [(code, out.splitlines()) for code, out in json.loads(p.stdout)]
+
+
+@pytest.fixture(scope="module")
+def usage_results(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("usage")
+    results = cli_batch([("train.py", c[0]) for c in USAGE_CASES], cwd)
+    return results, written(cwd, set())
+
+
+@pytest.mark.parametrize("i", range(len(USAGE_CASES)), ids=[" ".join(c[0]) for c in USAGE_CASES])
+def test_bad_value_is_one_screen_before_anything_runs(usage_results, i):
+    results, created = usage_results
+    code, lines = results[i]
+    text = check_screen(code, lines, 2, *USAGE_CASES[i][1])
+    assert "HYDRA_FULL_ERROR=1" in text
+    assert created == set(), "a usage error must not create a run folder"
+
+
+def test_one_bad_value_in_a_fresh_process(tmp_path):
+    code, lines = cli("train.py", ["trainer.max_stepz=5"], tmp_path)
+    check_screen(code, lines, 2, "trainer.max_stepz", "did you mean trainer.max_steps")
+    assert written(tmp_path, set()) == set()
+
+
+def test_full_error_shows_the_traceback(tmp_path):
+    code, lines = cli("train.py", ["datamodule.batch_size=0"], tmp_path, full_error=True)
+    assert code != 0 and "Traceback" in "\n".join(lines) and "datamodule.batch_size" in "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def fake_ckpts(tmp_path_factory):
+    """Checkpoints shaped as train.py / train_classifier.py write them (config and metadata; no weights are
+    needed: every check here happens before a model is built)."""
+    d = tmp_path_factory.mktemp("ckpts")
+    cfg = compose_cfg([], d / "compose")
+    stored = OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["sde", "model", "data", "dequantization"]),
+                                    resolve=True)
+    score = {"state_dict": {}, "global_step": 3, "scoreflow": {"config": stored, "batches_seen": 3}}
+    torch.save(score, d / "score.ckpt")
+    torch.save({**score, "scoreflow": {**score["scoreflow"], "kind": "classifier"}}, d / "classifier.ckpt")
+    (d / "notes.txt").write_text("this is not a checkpoint\n")
+    return d
+
+
+CKPT_CASES = [
+    ("evaluate.py", ["ckpt_path={d}/notes.txt"], ["ckpt_path", "notes.txt", "not a PyTorch checkpoint"]),
+    ("evaluate.py", ["ckpt_path={d}/missing.ckpt"], ["ckpt_path", "missing.ckpt", "not found"]),
+    ("evaluate.py", [], ["ckpt_path", "required"]),
+    ("evaluate.py", ["ckpt_path={d}/classifier.ckpt"], ["ckpt_path", "classifier"]),
+    ("evaluate.py", ["ckpt_path={d}/score.ckpt", "split=tset"], ["split", "tset"]),
+    ("sample.py", ["ckpt_path={d}/score.ckpt", "num_samples=0"], ["num_samples", "0"]),
+    ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=conditional"], ["classifier_ckpt"]),
+    ("train.py", ["ckpt_path={d}/score.ckpt", "model=mlp"], ["ckpt_path", "model.net._target_", "UNet", "MLP",
+                                                            "resume_allow_changes=true"]),
+    ("train.py", ["ckpt_path={d}/score.ckpt", "sde=ve"], ["ckpt_path", "sde._target_", "VPSDE", "VESDE"]),
+    ("train.py", ["ckpt_path={d}/classifier.ckpt"], ["ckpt_path", "classifier"]),
+    ("train.py", ["ckpt_path={d}/notes.txt"], ["ckpt_path", "notes.txt"]),
+    ("train_dequant.py", ["score_ckpt={d}/notes.txt"], ["score_ckpt", "notes.txt"]),
+]
+
+
+@pytest.fixture(scope="module")
+def ckpt_results(tmp_path_factory, fake_ckpts):
+    cwd = tmp_path_factory.mktemp("ckpt_cases")
+    results = cli_batch([(c[0], [a.format(d=fake_ckpts) for a in c[1]]) for c in CKPT_CASES], cwd)
+    return results, written(cwd, set())
+
+
+@pytest.mark.parametrize("i", range(len(CKPT_CASES)), ids=[f"{c[0]} {' '.join(c[1])}" for c in CKPT_CASES])
+def test_bad_checkpoint_is_one_screen(ckpt_results, i):
+    results, created = ckpt_results
+    code, lines = results[i]
+    check_screen(code, lines, 2, *CKPT_CASES[i][2])
+    assert created == set()
+
+
+def test_resume_mismatch_can_be_allowed(fake_ckpts):
+    """resume_allow_changes=true lets the check through (it would now fail later, on the empty weights)."""
+    from scoreflow.tasks import validate
+
+    cfg = compose_cfg([f"ckpt_path={fake_ckpts}/score.ckpt", "sde=ve", "resume_allow_changes=true"],
+                      fake_ckpts / "c2")
+    validate.train(cfg)  # no error
+    validate.train(compose_cfg([f"ckpt_path={fake_ckpts}/score.ckpt"], fake_ckpts / "c3"))  # the same run
+    assert validate.config_differences({"data": {"root": "/a", "k": 1}}, {"data": {"root": "/b", "k": 1}}) == []
+
+
+# A runtime failure: the run started, so its folder exists and holds the error too.
+FAST_RUN = ["debug=fast", "extras.print_config=false", "trainer.log_every_n_steps=1", "sample_every=1000",
+            "module.evaluation.nll_every=0", "test=false"]
+
+
+def test_diverging_run_is_one_screen_logs_nan_and_keeps_no_best_checkpoint(tmp_path):
+    args = [*FAST_RUN, "module.optim.lr=1e6", "module.max_bad_steps=3", "trainer.max_steps=30", "val_every=2"]
+    code, lines = cli("train.py", args, tmp_path)
+    text = check_screen(code, lines, 1, "non-finite", "module.optim.lr", "max_bad_steps")
+    assert written(tmp_path, set()) == {"run"}
+    run = tmp_path / "run"
+    assert "run failed" in (run / "train.log").read_text()  # the same screen in the run's log
+    assert not list(run.glob("checkpoints/best-*.ckpt")), "a 'best' checkpoint was chosen on a non-finite score"
+    losses = [ln.split(",") for ln in (run / "csv" / "metrics.csv").read_text().splitlines()]
+    col = losses[0].index("train/loss")
+    assert "nan" in [row[col].lower() for row in losses[1:] if len(row) > col], "NaN losses not logged as NaN"
+    assert text.count("optimizer step skipped") <= 2  # one warning per streak, then the error
+    assert "├──" not in text  # extras.print_config=false
+
+
+def test_corrupt_image_is_named_or_skipped(tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "imgs"
+    (data / "a").mkdir(parents=True)
+    for i in range(12):
+        Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(data / "a" / f"{i}.png")
+    (data / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    args = [*FAST_RUN, "data=image_folder", f"data.root={data}", "data.shape=[3,8,8]", "data.val_size=2",
+            "data.test_size=2", "trainer.max_steps=1", "callbacks=none", "logger=none"]
+    code, lines = cli("train.py", args, tmp_path)
+    check_screen(code, lines, 2, "broken.png", "data.skip_bad_files=true")
+    assert written(tmp_path, {"imgs"}) == {"run"}
+
+
+def test_image_folder_skip_bad_files_counts_them(tmp_path, caplog):
+    from PIL import Image
+
+    from scoreflow.data.image_folder import ImageFolder
+
+    for split, n in (("train", 6), ("valid", 2), ("test", 3)):
+        for cls in ("x", "y"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.new("L", (4, 4), i * 30).save(tmp_path / split / cls / f"{i}.png")
+    (tmp_path / "train" / "x" / "bad.png").write_text("not an image")
+    (tmp_path / "test" / "y" / "bad.jpg").write_bytes(b"")
+    src = ImageFolder(str(tmp_path), shape=[1, 4, 4], skip_bad_files=True)
+    with caplog.at_level("WARNING"):
+        splits = src.load()
+    assert {k: len(v) for k, v in splits.items()} == {"train": 12, "val": 4, "test": 6}
+    assert sorted(p.name for p in src.skipped) == ["bad.jpg", "bad.png"]
+    assert "skipped 2 unreadable" in caplog.text
+    assert src.class_names == ("x", "y") and sorted(int(splits["test"][i][1]) for i in range(6)) == [0] * 3 + [1] * 3
+    from scoreflow.data.base import DatasetFormatError
+
+    with pytest.raises(DatasetFormatError, match="bad"):
+        ImageFolder(str(tmp_path), shape=[1, 4, 4]).load()
+
+
+def test_image_folder_missing_split_is_held_out_of_train(tmp_path):
+    from PIL import Image
+
+    from scoreflow.data.image_folder import ImageFolder
+
+    for split, n in (("train", 10), ("val", 3)):
+        (tmp_path / split).mkdir()
+        for i in range(n):
+            Image.new("RGB", (4, 4), (i, i, i)).save(tmp_path / split / f"{i}.png")
+    splits = ImageFolder(str(tmp_path), shape=[3, 4, 4], val_size=50, test_size=4).load()
+    assert {k: len(v) for k, v in splits.items()} == {"train": 6, "val": 3, "test": 4}
+    assert int(splits["val"][0][1]) == -1  # no class subfolders: unlabelled
