@@ -8,6 +8,8 @@ import torch
 from scipy import integrate
 
 from scoreflow.likelihood import likelihood_bound, truncation_correction
+from scoreflow.likelihood.bound import BoundPlan, fit_bound_plan
+from scoreflow.likelihood.units import num_samples_for_mc_excess, split_standard_error
 from scoreflow.oracles import GaussianMixture, gaussian
 from scoreflow.sde import VESDE, VPSDE, SubVPSDE
 from scoreflow.utils import append_dims
@@ -16,7 +18,6 @@ MIX = GaussianMixture(
     torch.tensor([0.4, 0.6]), torch.tensor([[1.0, -0.5], [-1.0, 0.5]]), torch.tensor([[0.1, 0.2], [0.3, 0.05]])
 )
 BIG = 2**16  # rows per score call: the oracle is cheap
-
 
 
 def full(v: float, n: int) -> torch.Tensor:
@@ -190,3 +191,106 @@ def test_image_shapes_dtypes_and_gradients(dtype, gen):
     assert bool(((res.nll.double() - ref.nll).abs() < 4 * se).all())
     res.nll.sum().backward()
     assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+
+
+# ---------------------------------------------------------------- plans, antithetic pairs, the se split
+WEIRD = BoundPlan(torch.tensor([1.0, 1.5, -0.5, 0.3, 0.0, 2.0]), torch.tensor([0.3, 2.5, 1.0, 0.2, 1.5, 0.8]))
+
+
+@pytest.mark.parametrize(
+    "plan,antithetic,stratified",
+    [(WEIRD, False, False), (WEIRD, True, True), (None, True, False), (BoundPlan.uniform(4, cv=0.6), False, True)],
+    ids=["weird-plan-iid", "weird-plan-anti-strat", "anti-iid", "const-cv-strat"],
+)
+def test_plans_and_antithetic_pairs_are_unbiased_per_point(plan, antithetic, stratified, vp_quadrature, gen):
+    """Any fixed plan (non-uniform density over the IS quantile, any control-variate coefficients, negative and
+    above 1 included) and antithetic pairs estimate the same ``L(x)`` as quadrature. A wrong weight ``Z/q(u)``
+    or a control variate without its mean ``D`` would be off by several nats here."""
+    sde, eps, x = VPSDE(), 1e-5, POINTS
+    res = likelihood_bound(
+        MIX.score_fn(sde), sde, x, eps=eps, num_t=60000, plan=plan, antithetic=antithetic, stratified=stratified,
+        generator=gen, chunk_size=2**18,
+    )  # fmt: skip
+    assert bool(((res.nll - vp_quadrature).abs() < 4 * res.nll_se + 1e-3).all()), (res.nll, vp_quadrature, res.nll_se)
+    assert float(res.nll_se.max()) < 0.17
+
+
+def test_antithetic_calls_come_in_pairs(gen):
+    """Each time is called with ``z`` and ``-z``: the two ``x_t`` average to ``alpha_t x``; odd chunk sizes too."""
+    sde, seen = VPSDE(), []
+    score = MIX.score_fn(sde)
+
+    def spy(xt, t):
+        seen.append((xt.clone(), t.clone()))
+        return score(xt, t)
+
+    x = POINTS[:2]
+    likelihood_bound(spy, sde, x, num_t=6, antithetic=True, generator=gen, chunk_size=5)  # 2 units per call
+    xt, t = torch.cat([a for a, _ in seen]), torch.cat([b for _, b in seen])
+    assert len(t) == 12 and all(len(a) % 2 == 0 for a, _ in seen)
+    for a, b in seen:
+        n = len(b) // 2
+        torch.testing.assert_close(b[:n], b[n:])
+        mid = (a[:n] + a[n:]) / 2
+        alpha = sde.alpha(b[:n])[:, None]
+        assert bool((((mid / alpha - x[0]).abs() < 1e-9).all(1) | ((mid / alpha - x[1]).abs() < 1e-9).all(1)).all())
+    with pytest.raises(ValueError, match="even"):
+        likelihood_bound(spy, sde, x, num_t=5, antithetic=True)
+    with pytest.raises(ValueError, match="closed_form"):
+        likelihood_bound(spy, sde, x, num_t=4, plan=WEIRD, estimator="paired")
+
+
+def test_nll_se_matches_the_spread_of_independent_estimates(gen):
+    """``nll_se`` (stratified, antithetic, planned) is an honest, slightly conservative standard error: rows of
+    the same point are independent estimates, so their spread is the true Monte-Carlo error."""
+    sde, n = VPSDE(), 1000
+    x = POINTS[:1].expand(n, 2)
+    for kw in (dict(stratified=True), dict(stratified=True, antithetic=True, plan=WEIRD), dict(antithetic=True)):
+        res = likelihood_bound(MIX.score_fn(sde), sde, x, eps=1e-5, num_t=16, generator=gen, chunk_size=BIG, **kw)
+        spread, claimed = float(res.nll.std()), float(res.nll_se.pow(2).mean().sqrt())
+        assert 0.85 * spread < claimed < 1.6 * spread, (kw, spread, claimed)
+        torch.testing.assert_close(res.sample_var, res.nll_se**2 * 16)
+
+
+def test_fitted_control_variate_is_r_squared_for_gaussian_data(gen):
+    """For Gaussian data (variance ``v`` per dimension) with the exact score, ``w = r z - k (x - mu)`` with
+    ``r = alpha^2 v / (alpha^2 v + sigma^2)``, so the least-variance coefficient of ``||z||^2`` is ``r^2``
+    (neither the closed form's 0 nor the paired estimator's 1), and the plan beats both estimators."""
+    sde, eps, v, M = VPSDE(), 1e-5, 0.01, 8
+    data = gaussian(torch.zeros(4), v)
+    x = data.sample(400, generator=gen)
+    plan = fit_bound_plan(data.score_fn(sde), sde, x, eps=eps, num_bins=M, draws=8, neyman=False, generator=gen,
+                          chunk_size=BIG)
+    u = (torch.arange(M, dtype=torch.float64)[:, None] + (torch.arange(200) + 0.5) / 200) / M  # 200 nodes per bin
+    from scoreflow.weighting import ImportanceSampledLikelihood
+
+    a, s = sde.marginal(ImportanceSampledLikelihood(sde, eps).icdf(u))
+    expected = (a**2 * v / (a**2 * v + s**2)).pow(2).mean(1)
+    assert float((plan.cv - expected).abs().max()) < 0.06, (plan.cv, expected)
+    assert float(expected.min()) < 0.1 and float(expected.max()) > 0.9  # the test spans both regimes
+
+    y = data.sample(200, generator=gen)
+    kw = dict(eps=eps, num_t=32, stratified=True, generator=gen, chunk_size=BIG)
+    var = {
+        name: float(likelihood_bound(data.score_fn(sde), sde, y, **extra, **kw).sample_var.mean())
+        for name, extra in [("closed", {}), ("paired", {"estimator": "paired"}), ("plan", {"plan": plan})]
+    }
+    assert var["plan"] < 0.8 * min(var["closed"], var["paired"]), var
+
+
+def test_split_standard_error_recovers_both_parts():
+    rng = np.random.default_rng(0)
+    n, R = 4000, 4
+    true = rng.normal(3.0, 1.0, n)
+    values = true[:, None] + rng.normal(0.0, 2.0, (n, R))  # MC variance of the per-image mean: 4 / 4 = 1
+    s = split_standard_error(values)
+    assert abs(s.var_between - 1.0) < 0.15 and abs(s.mc_var - 1.0) < 0.05
+    assert abs(s.se**2 - s.se_between**2 - s.se_mc**2) < 1e-12
+    assert abs(s.mc_excess - (math.sqrt(2) - 1)) < 0.05
+    t = split_standard_error(values.mean(1), mc_var=np.full(n, 1.0))  # per-image values + their MC variance
+    assert abs(t.se - s.se) < 1e-12 and abs(t.mc_var - 1.0) < 1e-12
+    with pytest.raises(ValueError):
+        split_standard_error(values[:, 0])
+    # N samples of variance 5 each: 5/N < 0.21 Var(L) = 0.21  <=>  N > 23.8
+    assert num_samples_for_mc_excess(5.0, 1.0, 0.1) == 24
+    assert num_samples_for_mc_excess(5.0, 1.0, 0.1, repeats=4) == 6
