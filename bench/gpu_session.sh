@@ -3,8 +3,9 @@
 #
 #   bash bench/gpu_session.sh            # on a CUDA machine, from the repository root
 #
-# The machine's own python3 (with torch) is used; hydra-core/omegaconf/antlr4/torch-fidelity, which such an
-# image may lack, can be put (pure Python) in ./.gpu_site, which is added to PYTHONPATH.
+# The machine's own python3 (with torch) is used; hydra-core/omegaconf/antlr4, which such an image may lack, can be
+# put (pure Python) in ./.gpu_site, which is added to PYTHONPATH; a default-run checkpoint in .gpu_site/ckpt/last.ckpt.
+# This session (2026-11-27): ODE likelihood speed (issue 10) and the training step's MFU levers (issue 12).
 set -u
 OUT=${OUT:-gpu_session_out}
 mkdir -p "$OUT"
@@ -17,22 +18,22 @@ step() {  # step NAME SECONDS CMD...: run, time-boxed, log to $OUT/NAME.log, nev
     local t0=$SECONDS
     timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
     echo "=== $name rc=$? in $((SECONDS - t0))s"
-    tail -n 25 "$OUT/$name.log"
+    grep -v -i warn "$OUT/$name.log" | tail -n 14
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 $PY -c "import torch, lightning, hydra; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'lightning', lightning.__version__, 'hydra', hydra.__version__)"
 
-# 1. images/s per paper model: TF32 baseline, then bf16 autocast + channels_last (what trainer=gpu uses)
-MODELS="ddpmpp ddpmpp_deep ncsnpp ncsnpp_deep"
-step bench_tf32 100 $PY bench/train_step.py --models $MODELS --batch 128 --steps 10 --warmup 3
-step bench_bf16 100 $PY bench/train_step.py --models $MODELS --batch 128 --steps 10 --warmup 3 --amp bf16 --channels-last
-# 2. correctness of the speed options on CUDA (fp64 device vs CPU, SDPA, channels_last, bf16, compile, ODE oracle)
-step pytest_gpu 120 $PY -m pytest -q -p no:cacheprovider -m gpu tests/gpu
-# 3. the default run (digits, 1500 steps, whole-test-split ODE + bound) end to end on the GPU
-rm -rf /tmp/run_gpu
-step train_default 150 $PY train.py trainer=gpu hydra.run.dir=/tmp/run_gpu
-cp /tmp/run_gpu/metrics.json "$OUT/train_default_metrics.json" 2>/dev/null
-# 4. torch.compile on top (compile time, ~100 s per model, is part of the warm-up steps): fp32/TF32, then bf16
-step bench_compile_tf32 200 $PY bench/train_step.py --models ddpmpp --batch 128 --steps 10 --warmup 3 --compile
-step bench_compile_bf16 200 $PY bench/train_step.py --models ddpmpp --batch 128 --steps 10 --warmup 3 --amp bf16 --compile
+# 1. ODE bits/dim, reference method vs ours: DDPM++ (random weights, non-zero output conv) at CIFAR-10 shape
+step lik_ddpmpp 150 $PY bench/likelihood_speed.py --gpu-model ddpmpp --device cuda --num-images 32 \
+    --ours dopri5@1e-5,bosh3@1e-4,rk4#10,rk4#20,rk4#40 --json "$OUT/lik_ddpmpp.json"
+# 2. the same on the default run's trained checkpoint, batch 128
+if [ -f .gpu_site/ckpt/last.ckpt ]; then
+step lik_ckpt 120 $PY bench/likelihood_speed.py --ckpt .gpu_site/ckpt/last.ckpt --device cuda --num-images 128 \
+    --ours dopri5@1e-5,bosh3@1e-4,rk4#30,rk4#40,rk4#50 --json "$OUT/lik_ckpt.json"
+fi
+# 3. training step of ddpmpp at batch 128 (issue 12): bf16 + compile + fused Adam + fused EMA, then CUDA graphs on top
+step train_compile 150 $PY bench/train_step.py --models ddpmpp --batch 128 --steps 20 --warmup 3 --amp bf16 \
+    --compile --fused-adam --ema
+step train_cudagraphs 130 $PY bench/train_step.py --models ddpmpp --batch 128 --steps 20 --warmup 3 --amp bf16 \
+    --compile --compile-mode reduce-overhead --fused-adam --ema

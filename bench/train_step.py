@@ -47,12 +47,13 @@ def bench(name: str, batch: int, device: torch.device, args: argparse.Namespace)
     net = build(name, shape).to(device)
     fmt = torch.channels_last if args.channels_last and len(shape) == 3 else torch.contiguous_format
     net = net.to(memory_format=fmt)
-    opt = torch.optim.Adam(net.parameters(), lr=2e-4)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-4, fused=args.fused_adam or None)
+    ema = [p.detach().clone() for p in net.parameters()] if args.ema else None
     x = torch.randn(batch, *shape, device=device).contiguous(memory_format=fmt)
     noise = torch.randn_like(x)
     label = torch.rand(batch, device=device) * 999
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
-    step_net = torch.compile(net) if args.compile else net
+    step_net = torch.compile(net, mode=args.compile_mode) if args.compile else net
 
     def step() -> None:
         with amp:
@@ -60,6 +61,8 @@ def bench(name: str, batch: int, device: torch.device, args: argparse.Namespace)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if ema is not None:  # the EMA update of every training step, fused over all tensors
+            torch._foreach_lerp_(ema, [p.detach() for p in net.parameters()], 1 - 0.9999)
 
     with FlopCounterMode(display=False) as counter:
         with amp:
@@ -99,6 +102,10 @@ def main() -> None:
     p.add_argument("--amp", choices=["none", "bf16"], default="none")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode: default, reduce-overhead (CUDA graphs), "
+                   "max-autotune, max-autotune-no-cudagraphs")
+    p.add_argument("--fused-adam", action="store_true", help="Adam(fused=True)")
+    p.add_argument("--ema", action="store_true", help="also the EMA update (torch._foreach_lerp_) in each step")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = p.parse_args()
     if args.threads:
@@ -111,7 +118,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
         f"device: {name}  torch {torch.__version__}  amp={args.amp} channels_last={args.channels_last} "
-        f"compile={args.compile}"
+        f"compile={args.compile}{'/' + args.compile_mode if args.compile_mode else ''} fused_adam={args.fused_adam} "
+        f"ema={args.ema}"
     )
     for m in args.models:
         default = 128 if device.type == "cuda" else CPU_BATCH.get(m, 2)

@@ -14,11 +14,11 @@ Two kinds of solve:
 * adaptive (``method="dopri5"``, ``bosh3``, ...): step sizes from ``rtol``/``atol`` error control (the reference);
 * fixed grid (``method="rk4"`` -- torchdiffeq's 3/8-rule RK4 -- ``heun3``, ``midpoint``, ``euler``) with ``steps``
   steps on the power grid ``t_i = (eps^(1/rho) + i/N (T^(1/rho) - eps^(1/rho)))^rho`` (``grid_rho``; 3 for VP and
-  subVP: short steps near ``eps``, where their ODE is stiff, nearly even steps late; 1 for VE, which is not stiff). On trained networks the right-hand
-  side wiggles in ``t`` (the sinusoidal embedding of ``999 t`` has periods down to ~0.006): an adaptive solver
-  resolves every wiggle although their effect on ``log p`` averages out, so at equal error a fixed grid needs
-  several times fewer evaluations (``bench/likelihood_speed.py``). A fixed grid has no error control: check its
-  error against a tight adaptive solve (``evaluate.py`` reports it under the result).
+  subVP: short steps near ``eps``, where their ODE is stiff, nearly even steps late; 1 for VE, which is not stiff).
+  On trained networks the right-hand side wiggles in ``t`` (the sinusoidal embedding of ``999 t`` has periods
+  down to ~0.006): an adaptive solver resolves every wiggle although their effect on ``log p`` averages out, so at
+  equal error a fixed grid needs several times fewer evaluations (``bench/likelihood_speed.py``). A fixed grid has
+  no error control: check its error against a tight adaptive solve (``evaluate.py`` reports it under the result).
 """
 
 from __future__ import annotations
