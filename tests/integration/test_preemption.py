@@ -19,6 +19,7 @@ from scoreflow.lit import preemption
 from scoreflow.lit.callbacks import AtomicCheckpointIO
 from scoreflow.lit.preemption import Preempted, slurm_job_id
 from scoreflow.tasks.build import to_container
+from scoreflow.tasks.errors import CheckpointError
 from scoreflow.tasks.resume import resume_path, with_wandb_resume
 from scoreflow.tasks.train import train
 
@@ -171,8 +172,10 @@ def test_auto_resume_picks_the_run_folders_checkpoint_and_refuses_another_model(
     assert resume_path(cfg, out) == str(ckpt)
     assert resume_path(make_cfg([*BASE, "auto_resume=false"]), out) is None
     assert resume_path(make_cfg([*BASE, "ckpt_path=/elsewhere.ckpt"]), out) == "/elsewhere.ckpt"
-    with pytest.raises(ValueError, match=r"other settings for sde, model\b.*auto_resume=false"):
+    with pytest.raises(CheckpointError, match=r"another sde/model.*\n  model.net.dropout: 0.1 -> 0.2") as err:
         resume_path(make_cfg([*BASE, "sde=ve", "model.net.dropout=0.2"]), out)
+    assert "sde._target_" in str(err.value) and "auto_resume=false" in err.value.fix
+    assert resume_path(make_cfg([*BASE, "sde=ve", "resume_allow_changes=true"]), out) == str(ckpt)
 
 
 def test_wandb_run_id_is_stored_once_per_run_folder(make_cfg, tmp_path):

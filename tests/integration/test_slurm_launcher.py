@@ -82,5 +82,5 @@ def test_submitit_local_sweep_trains_two_jobs_with_metrics_and_one_wandb_group(t
         assert metrics["train/steps"] == 2 and metrics["val/bpd_bound"] > 0
         assert (job / "checkpoints" / "last.ckpt").is_file()
         runs.append(json.loads((job / "wandb_run.json").read_text()))
-    assert runs[0]["id"] != runs[1]["id"] and runs[0]["group"] == runs[1]["group"]
+    assert runs[0]["id"] != runs[1]["id"] and runs[0]["group"] == runs[1]["group"] == str(sweep)
     assert list((sweep / ".submitit").iterdir())  # the jobs went through submitit (logs, pickles)

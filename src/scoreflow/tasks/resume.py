@@ -22,11 +22,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from scoreflow.tasks.errors import CheckpointError
+from scoreflow.tasks.validate import IDENTITY_GROUPS, config_differences
+
 log = logging.getLogger(__name__)
-
-# config groups that define what a checkpoint *is*: resuming with another choice would load a different model
-IDENTITY_KEYS = ("sde", "model", "classifier", "data", "dequantization", "weighting", "seed")
-
 
 def last_checkpoint(out: Path) -> Path:
     return Path(out) / "checkpoints" / "last.ckpt"
@@ -34,7 +33,7 @@ def last_checkpoint(out: Path) -> Path:
 
 def resume_path(cfg: DictConfig, out: Path) -> str | None:
     """``cfg.ckpt_path`` when given; else, with ``cfg.auto_resume``, the run folder's ``last.ckpt`` if one exists
-    (refused with a clear error when it was trained with another model, SDE, data ... than ``cfg`` asks for)."""
+    (refused by :func:`check_same_run` when it was trained with another sde, model, data or dequantization)."""
     if cfg.ckpt_path:
         return str(cfg.ckpt_path)
     last = last_checkpoint(out)
@@ -46,22 +45,21 @@ def resume_path(cfg: DictConfig, out: Path) -> str | None:
 
 
 def check_same_run(ckpt_path: Path, cfg: DictConfig) -> None:
+    """The folder's checkpoint must be of the requested sde/model/data/dequantization (the test ``ckpt_path=``
+    gets in ``validate.resume``), unless ``resume_allow_changes``."""
     stored = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("scoreflow", {}).get("config")
-    if not stored:
+    if not stored or OmegaConf.select(cfg, "resume_allow_changes", default=False):
         return
-    stored = OmegaConf.create(stored)
-
-    def plain(node: DictConfig, key: str) -> Any:
-        value = node[key]
-        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-    differ = [k for k in IDENTITY_KEYS if k in cfg and k in stored and plain(cfg, k) != plain(stored, k)]
-    if differ:
-        raise ValueError(
-            f"{ckpt_path} (auto_resume) was trained with other settings for {', '.join(differ)} than this command "
-            f"asks for. Run in another directory (hydra.run.dir=...), pass auto_resume=false to start afresh here "
-            f"(overwriting it), or ckpt_path=... to load a checkpoint deliberately."
-        )
+    requested = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [g for g in IDENTITY_GROUPS if g in cfg]),
+                                       resolve=True)
+    diff = config_differences(stored, requested)
+    if diff:
+        shown = diff[:6] + ([f"... and {len(diff) - 6} more"] if len(diff) > 6 else [])
+        raise CheckpointError(
+            f"this run folder already holds {ckpt_path}, trained with another sde/model/data/dequantization "
+            "(stored -> requested):\n  " + "\n  ".join(shown), key="auto_resume", value=True,
+            fix="use another folder (hydra.run.dir=...), auto_resume=false to start afresh here (overwriting it), "
+                "or resume_allow_changes=true")
 
 
 def rerun_hint(out: Path) -> str:
