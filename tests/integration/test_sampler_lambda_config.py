@@ -1,0 +1,35 @@
+"""`sampler=lambda_family sampler.lam=...` reaches Huang et al.'s plug-in reverse SDE (Eq. 27) through the real
+config and the one sampler dispatch (scoreflow.lit.callbacks.sample) that sample.py, evaluate.py's FID and the sample
+grids use."""
+
+import pytest
+import torch
+
+from scoreflow.lit.callbacks import sample
+from scoreflow.oracles import GaussianMixture
+from scoreflow.sampling import PlugInReverseSDE, pc_sample
+from scoreflow.sde import SubVPSDE
+from scoreflow.tasks.fid import sampler_kwargs
+
+MIX = GaussianMixture(torch.tensor([0.5, 0.5]), torch.tensor([[-1.0, 0.0], [1.0, 0.5]]), torch.tensor([0.2, 0.3]))
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.7, 1.0])
+def test_config_dispatches_to_the_lambda_family(make_cfg, lam):
+    cfg = make_cfg(["sampler=lambda_family", f"sampler.lam={lam}", "sampler.steps=50"], config_name="sample")
+    kind, kw = sampler_kwargs(cfg.sampler)
+    assert kind == "pc" and kw["predictor"] == "lambda_family" and kw["lam"] == lam and kw["corrector"] == "none"
+    sde = SubVPSDE()
+    got = sample(MIX.score_fn(sde), sde, (6, 2), kind=kind, seeds=list(range(6)), dtype=torch.float64, **kw)
+    ref = pc_sample(MIX.score_fn(sde), sde, (6, 2), predictor=PlugInReverseSDE(lam), corrector="none", steps=50,
+                    seeds=list(range(6)), dtype=torch.float64)
+    torch.testing.assert_close(got.samples, ref.samples, rtol=0, atol=0)
+    assert got.nfe == 51
+
+
+def test_lam_with_another_predictor_is_refused(make_cfg):
+    cfg = make_cfg(["sampler=lambda_family", "sampler.predictor=reverse_diffusion", "sampler.lam=0.5"],
+                   config_name="sample")
+    kind, kw = sampler_kwargs(cfg.sampler)
+    with pytest.raises(ValueError, match="only used by predictor=lambda_family"):
+        sample(MIX.score_fn(SubVPSDE()), SubVPSDE(), (2, 2), kind=kind, seeds=[0, 1], **kw)
