@@ -77,7 +77,8 @@ def bpd_plot(out: str | Path, final: dict[str, float] | None = None, loggers: li
     # no CSV (logger=none, or a run too short to log): the figure holds the final test values only
     series = read_metrics_csv(src) if src.is_file() else {}
     try:
-        title = out.name if series else f"{out.name} (no csv/metrics.csv)"
+        name = out.name if len(out.name) <= 70 else out.name[:67] + "..."  # sweep folders hold every override
+        title = name if series else f"{name} (no csv/metrics.csv)"
         path = draw(series, final or {}, out / "plots" / "bpd_vs_step.png", title=title)
     except Exception as e:  # noqa: BLE001 - a figure must never fail a finished run
         log.warning("plots/bpd_vs_step.png not written: %s", e)

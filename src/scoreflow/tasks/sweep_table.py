@@ -81,6 +81,17 @@ def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
+def drop_common(runs: list[dict[str, Any]]) -> list[str]:
+    """Remove the overrides every run shares from the row labels (shown once above the table); return them."""
+    if len(runs) < 2:
+        return []
+    common = [o for o in runs[0]["overrides"] if all(o in r["overrides"] for r in runs[1:])]
+    for r in runs:
+        rest = [o for o in r["overrides"] if o not in common and o.split("=", 1)[0].lstrip("+~") not in SEED_KEYS]
+        r["group"] = " ".join(rest) or "(defaults)"
+    return common
+
+
 def group_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per group of finished runs (differing only by seed): mean and sd of every metric, sorted."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -165,9 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print(f"sweep_table: no runs under {sweep} (no .hydra/overrides.yaml found)", file=sys.stderr)
         return 2
+    common = drop_common(runs)
     rows = group_rows(runs)
     failed = [r for r in runs if r["status"] == "failed"]
     text = markdown(rows, failed, f"{sweep} ({len(runs)} runs, {len(failed)} failed)")
+    if common:
+        text = text.replace("\n\n", f"\n\nevery run: `{' '.join(common)}`\n\n", 1)
     out = Path(args.out) if args.out else sweep
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep_table.md").write_text(text)
