@@ -100,7 +100,8 @@ def test_sigterm_then_same_command_resumes_exactly_and_appends_to_the_wandb_run(
 
 @pytest.mark.parametrize(
     ("sig", "slurm"),
-    [(signal.SIGINT, False), (signal.SIGUSR1, False), (signal.SIGUSR1, True), (signal.SIGTERM, True)],
+    [(signal.SIGINT, False), pytest.param(signal.SIGUSR1, False, marks=pytest.mark.slow), (signal.SIGUSR1, True),
+     pytest.param(signal.SIGTERM, True, marks=pytest.mark.slow)],
     ids=["ctrl-c", "usr1-local", "usr1-slurm-requeues", "sigterm-slurm-no-requeue"],
 )
 def test_each_signal_checkpoints_and_only_usr1_under_slurm_requeues(tmp_path, sig, slurm):
