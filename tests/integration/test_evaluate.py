@@ -35,10 +35,27 @@ compose_train = compose_cfg  # module-scoped fixtures cannot use the function-sc
 
 @pytest.fixture(scope="module")
 def digits_ckpt(tmp_path_factory) -> Path:
+    """4 training steps on digits, then the test phase (16 images: debug=fast's test_subset)."""
     run = tmp_path_factory.mktemp("digits_run")
-    train(compose_train(["debug=fast", "trainer.accelerator=cpu", "test=false", "trainer.max_steps=4", "val_every=4",
+    train(compose_train(["debug=fast", "trainer.accelerator=cpu", "trainer.max_steps=4", "val_every=4",
                          "callbacks=minimal", "+trainer.enable_progress_bar=false"], run))
     return run / "checkpoints" / "last.ckpt"
+
+
+def test_evaluate_alone_reproduces_the_training_test_phase(digits_ckpt, make_cfg, tmp_path):
+    """One evaluation path: `evaluate.py ckpt_path=<run>/checkpoints/last.ckpt` gives the run's own test-phase
+    values (same images, batches, seeds, protocol), bit for bit."""
+    run = digits_ckpt.parent.parent
+    phase, phase_m = np.load(run / "test_per_example.npz"), json.loads((run / "metrics.json").read_text())
+    m = run_eval(make_cfg, digits_ckpt, ["progress=false"], sub="alone")
+    per = np.load(tmp_path / "alone" / "per_example.npz")
+    np.testing.assert_array_equal(phase["index"], np.arange(16))
+    assert m["protocol"]["num_images"] == 16 and m["protocol"]["seed"] == 0 and per["bpd_ode"].shape == (16, 1)
+    for q in ("bpd_ode", "bpd_bound"):
+        np.testing.assert_array_equal(per[q][:, 0], phase[q])
+        assert m[f"test/{q}"] == pytest.approx(phase_m[f"test/{q}"], rel=1e-6)  # logged as float32
+        assert m[f"test/{q}_se"] == pytest.approx(phase_m[f"test/{q}_se"], rel=1e-5)
+    assert m["test/nfe"] == phase_m["test/nfe"]
 
 
 def run_eval(make_cfg, ckpt, overrides, sub="eval"):

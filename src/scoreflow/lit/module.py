@@ -21,6 +21,7 @@ from torch import Tensor
 from scoreflow.dequantization import Dequantizer, to_model_space
 from scoreflow.likelihood import likelihood_bound, nats_to_bpd, ode_log_likelihood
 from scoreflow.lit.metrics import MeanSE
+from scoreflow.lit.per_image import bound_bpd, mean_se_over_images, ode_bpd
 from scoreflow.losses import dsm_loss, ism_loss
 from scoreflow.nets import ScoreModel
 from scoreflow.utils import ieee_float32
@@ -47,6 +48,7 @@ DEFAULT_EVAL = dict(
     test_ode=True,
     test_bound=True,
     test_repeats=1,
+    seed=0,  # per-image noise of the test phase and evaluate.py; not the training seed, so runs share it
 )
 
 
@@ -142,8 +144,8 @@ class ScoreLitModule(pl.LightningModule):
         self.bad_steps_total = 0
         self._bad_in_a_row = 0
         self.val_bound, self.val_ode = MeanSE(), MeanSE()
-        self.test_bound, self.test_ode, self.test_nfe = MeanSE(), MeanSE(), MeanSE()
-        self._test_values: dict[str, list[Tensor]] = {}
+        self._test_values: dict[str, list[Tensor]] = {}  # rows (image index, repeat, value); "nfe": per solve
+        self._test_seen = 0  # test images of this rank so far
         self._last_ode_step, self._ode_now = 0, False
         self.config_dict: dict[str, Any] | None = None  # the run's resolved config, saved in checkpoints
         self.output_dir: str | None = None  # where per-example test values are written
@@ -304,56 +306,69 @@ class ScoreLitModule(pl.LightningModule):
         self.val_bound.reset()
         self.val_ode.reset()
 
+    def on_test_epoch_start(self) -> None:
+        self._test_values, self._test_seen = {}, 0
+
+    def _test_indices(self, n: int) -> list[int]:
+        """Split indices of this rank's next ``n`` test images: the order of the loader's sampler (``indices``
+        of ``ShardSampler``), else that of ``ShardSampler`` (``rank, rank + world, ...``)."""
+        order = getattr(getattr(self.trainer.test_dataloaders, "sampler", None), "indices", None)
+        start, self._test_seen = self._test_seen, self._test_seen + n
+        if order is not None:
+            return list(order[start : start + n])
+        rank, world = self.global_rank, self.trainer.world_size
+        return [rank + world * pos for pos in range(start, start + n)]
+
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        k = batch[0]
-        e = self.eval_cfg
+        """Per-image test bits/dim through :mod:`scoreflow.lit.per_image`, the function of ``evaluate.py``: on
+        one process, with the same batches, ``evaluate.py ckpt_path=<this run's checkpoint>`` gives these values."""
+        k, e = batch[0], self.eval_cfg
+        idx = self._test_indices(k.shape[0])
+        seed = int(e["seed"])
         for r in range(int(e["test_repeats"])):
-            g = self._generator(batch_idx * 1000 + r, 3)
-            y, log_q = self.to_model_space(k, g)
-            D = y[0].numel()
             if e["test_bound"]:
-                v = self.to_bpd(self.bound_nll(y, e["test_num_t"], g), log_q, D)
-                self.test_bound.update(v)
-                self._test_values.setdefault("bpd_bound", []).append(v.detach().cpu())
+                self._record("bpd_bound", idx, r, bound_bpd(self, k, idx, r, seed))
             if e["test_ode"]:
-                nll, nfe = self.ode_nll(y, g)
-                v = self.to_bpd(nll, log_q, D)
-                self.test_ode.update(v)
-                self.test_nfe.update(torch.tensor([float(nfe)]))
-                self._test_values.setdefault("bpd_ode", []).append(v.detach().cpu())
+                v, nfe = ode_bpd(self, k, idx, r, seed)
+                self._record("bpd_ode", idx, r, v)
+                self._test_values.setdefault("nfe", []).append(torch.tensor([[float(nfe)]], dtype=torch.float64))
+
+    def _record(self, key: str, indices: list[int], repeat: int, values: Tensor) -> None:
+        rows = torch.stack([torch.tensor(indices, dtype=torch.float64),
+                            torch.full((len(indices),), float(repeat), dtype=torch.float64),
+                            values.detach().double().cpu()], dim=1)
+        self._test_values.setdefault(key, []).append(rows)
 
     def on_test_epoch_end(self) -> None:
-        out = {}
-        if self.test_bound.count > 0:
-            m, se = self.test_bound.compute()
-            out |= {"test/bpd_bound": m.float(), "test/bpd_bound_se": se.float()}
-        if self.test_ode.count > 0:
-            m, se = self.test_ode.compute()
-            out |= {
-                "test/bpd_ode": m.float(),
-                "test/bpd_ode_se": se.float(),
-                "test/nfe": self.test_nfe.compute()[0].float(),
-            }
-        self.log_dict(out, sync_dist=False)
-        for metric in (self.test_bound, self.test_ode, self.test_nfe):
-            metric.reset()
+        """Mean ± standard error over images of each image's mean over its repeats (as ``evaluate.py``), from
+        the values of every rank; rank 0 writes them to ``test_per_example.npz``, in image order."""
         values = self.per_example_test_values()
-        if self.output_dir and self.global_rank == 0 and values:
-            path = Path(self.output_dir) / "test_per_example.npz"
-            np.savez(path, **{k: v.numpy() for k, v in values.items()})
+        out, arrays = {}, {}
+        for q in ("bpd_bound", "bpd_ode"):
+            if q not in values:
+                continue
+            index, table = per_image_table(values[q])
+            mean, se, _ = mean_se_over_images(table)
+            out |= {f"test/{q}": torch.tensor(mean).float(), f"test/{q}_se": torch.tensor(se).float()}
+            arrays |= {"index": index, q: table[:, 0] if table.shape[1] == 1 else table}
+        if "nfe" in values:
+            out["test/nfe"] = values["nfe"].mean().float()
+        self.log_dict(out, sync_dist=False)  # every rank holds every value: nothing left to reduce
+        if self.output_dir and self.global_rank == 0 and arrays:
+            np.savez(Path(self.output_dir) / "test_per_example.npz", **arrays)
         self._test_values = {}
 
     def per_example_test_values(self) -> dict[str, Tensor]:
-        """Per-image test bits/dim gathered from all ranks (ranks may hold different counts)."""
+        """The test rows of all ranks (ranks may hold different counts): ``{key: [M, C]}`` on the CPU."""
         out = {}
-        for key, vals in self._test_values.items():
-            local = torch.cat(vals).to(self.device, torch.float64)
+        for key, rows in self._test_values.items():
+            local = torch.cat(rows).to(self.device, torch.float64)
             if self.trainer.world_size > 1:
-                n = self.all_gather(torch.tensor([local.numel()], device=self.device)).reshape(-1)
-                padded = torch.full((int(n.max()),), math.nan, dtype=torch.float64, device=self.device)
-                padded[: local.numel()] = local
-                allv = self.all_gather(padded).reshape(-1)
-                local = allv[~torch.isnan(allv)]
+                n = self.all_gather(torch.tensor([local.shape[0]], device=self.device)).reshape(-1)
+                padded = torch.full((int(n.max()), local.shape[1]), math.nan, dtype=torch.float64, device=self.device)
+                padded[: local.shape[0]] = local
+                everyone = self.all_gather(padded).reshape(-1, local.shape[1])
+                local = everyone[~torch.isnan(everyone).all(dim=1)]
             out[key] = local.cpu()
         return out
 
@@ -369,3 +384,12 @@ class ScoreLitModule(pl.LightningModule):
         state = checkpoint.get("scoreflow", {})
         self.batches_seen = state.get("batches_seen", 0)
         self.bad_steps_total = state.get("bad_steps_total", 0)
+
+
+def per_image_table(rows: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``(image index, repeat, value)`` -> image indices ``[N]`` (sorted) and values ``[N, K]`` (NaN if absent)."""
+    r = rows.numpy()
+    index, where = np.unique(r[:, 0].astype(np.int64), return_inverse=True)
+    table = np.full((index.size, int(r[:, 1].max()) + 1), np.nan)
+    table[where, r[:, 1].astype(np.int64)] = r[:, 2]
+    return index, table

@@ -3,7 +3,8 @@
 * :func:`ckpt_tag` / :func:`run_subdir` name the run directory of ``evaluate.py`` and ``sample.py`` (the
   ``scoreflow_run_subdir`` resolver used by ``conf/evaluate.yaml`` and ``conf/sample.yaml`` is registered on import);
 * :func:`load_model` rebuilds a module from a scoreflow (Lightning) or score_sde_pytorch ``.pth`` checkpoint;
-* :func:`image_seed` / :func:`seeded_generator` give every image its own random numbers, whatever its batch.
+* :func:`image_seed` / :func:`seeded_generator` (from :mod:`scoreflow.lit.per_image`) give every image its own
+  random numbers, whatever its batch.
 
 Shared by :mod:`scoreflow.tasks.evaluate`, :mod:`scoreflow.tasks.sample` and the benchmarks.
 """
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from scoreflow.lit.module import ScoreLitModule
+from scoreflow.lit.per_image import image_seed, seeded_generator  # noqa: F401 (re-exported)
 from scoreflow.tasks.build import ConfigError, build_data, build_module, to_container
 from scoreflow.tasks.common import module_from_checkpoint
 
@@ -155,7 +157,7 @@ def load_model(cfg: DictConfig, *, device: torch.device | None = None) -> Loaded
         mcfg = OmegaConf.create({
             g: to_container(cfg[g]) for g in ("sde", "model", "data", "dequantization", "weighting")
         })
-        mcfg.eps, mcfg.seed = cfg.get("eps"), int(cfg.get("seed", 0))
+        mcfg.eps, mcfg.seed = cfg.get("eps"), int(cfg.get("seed") or 0)
         mcfg.module = {**_not_null(cfg.get("module")), "evaluation": eval_over}
         centered = mcfg.model.net.get("centered", True)
         if centered is False and float(mcfg.module.get("scale", 2.0)) != 1.0:
@@ -192,14 +194,3 @@ def levels_to_uint8(k: Tensor, num_levels: int) -> Tensor:
     if num_levels == 256:
         return k.to(torch.uint8)
     return (k.double() * (255.0 / (num_levels - 1))).round().clamp(0, 255).to(torch.uint8)
-
-
-def image_seed(seed: int, index: int, repeat: int, purpose: str) -> int:
-    """A 63-bit seed for one image, one repeat and one purpose (dequantization, probe, bound, ...)."""
-    h = hashlib.blake2b(f"{seed}/{index}/{repeat}/{purpose}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") >> 1
-
-
-def seeded_generator(device: torch.device, seed: int) -> torch.Generator:
-    """A generator on ``device`` seeded with ``seed`` (e.g. an :func:`image_seed`)."""
-    return torch.Generator(device=device).manual_seed(seed)

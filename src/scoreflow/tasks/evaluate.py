@@ -111,6 +111,19 @@ def protocol_text(p: dict[str, Any]) -> str:
             f"eps-correction {onoff[b['truncation_correction']]}")
 
 
+def num_images(cfg: DictConfig, lm: LoadedModel, split: str, available: int) -> int:
+    """``cfg.num_images``; ``null``: as many as the training run's test phase (its ``datamodule.test_subset``),
+    so that ``evaluate.py ckpt_path=...`` alone reproduces it; ``all``: every image of the split."""
+    want = cfg.get("num_images")
+    if want is None and split == "test":
+        want = (lm.cfg.get("datamodule") or {}).get("test_subset")
+    if want is None or str(want) == "all":
+        return available
+    if int(want) < 0:
+        raise ConfigError(f"num_images must be >= 0, null or all, got {want}")
+    return min(int(want), available)
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.split``; write ``metrics.json`` and ``per_example.npz``; print a table.
 
@@ -126,10 +139,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if split not in ("train", "val", "test"):
         raise ConfigError(f"split must be train, val or test, got {split!r}")
     dataset = lm.source.load()[split]
-    n = len(dataset) if cfg.get("num_images") is None else min(int(cfg.num_images), len(dataset))
     e = module.eval_cfg
+    n = num_images(cfg, lm, split, len(dataset))
     s = LikelihoodSettings(
-        ode=bool(cfg.ode), bound=bool(cfg.bound), seed=int(cfg.seed),
+        ode=bool(cfg.ode), bound=bool(cfg.bound), seed=int(cfg.seed if cfg.get("seed") is not None else e["seed"]),
         repeats=int(cfg.repeats if cfg.get("repeats") is not None else e["test_repeats"]),
         batch_size=int(cfg.batch_size if cfg.get("batch_size") is not None
                        else lm.cfg.get("datamodule", {}).get("eval_batch_size", 128)),

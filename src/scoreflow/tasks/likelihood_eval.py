@@ -1,7 +1,8 @@
 """Per-image bits/dim over a split: the probability-flow ODE and the bound, resumable and batch-independent.
 
-* Image ``i``, repeat ``r`` draws its dequantization noise, Hutchinson probe, bound times and noises from
-  generators seeded by ``(seed, i, r)`` only (:func:`scoreflow.tasks.checkpoint.image_seed`).
+* The values come from :mod:`scoreflow.lit.per_image`, the function the training run's test phase uses too:
+  image ``i``, repeat ``r`` draws its dequantization noise, Hutchinson probe, bound times and noises from
+  generators seeded by ``(seed, i, r)`` only.
 * :class:`PartialResults` appends the values to ``partial.jsonl`` (one file per process) after every batch, so
   a rerun skips what is there and refuses to mix values of a different protocol; :func:`summarize` and
   :func:`save_per_example` turn them into metrics and ``per_example.npz``.
@@ -14,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from scoreflow.lit import per_image
 from scoreflow.lit.module import ScoreLitModule
-from scoreflow.tasks.checkpoint import image_seed, seeded_generator
 
 
 class ProtocolMismatchError(RuntimeError):
@@ -165,67 +165,16 @@ def check_solver(e: dict[str, Any]) -> dict[str, Any]:
             "steps": None}
 
 
-def _model_space(module: ScoreLitModule, k: Tensor, indices: list[int], r: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Dequantize and scale each image with its own generator (so its noise does not depend on the batch)."""
-    ys, lqs = [], []
-    with torch.no_grad():
-        for j, i in enumerate(indices):
-            g = seeded_generator(k.device, image_seed(seed, i, r, "dequantization"))
-            y, lq = module.to_model_space(k[j : j + 1], g)
-            ys.append(y)
-            lqs.append(lq)
-    return torch.cat(ys), torch.cat(lqs)
-
-
 def ode_bpd(module: ScoreLitModule, k: Tensor, indices: list[int], r: int, s: LikelihoodSettings,
             solver: dict[str, Any] | None = None) -> tuple[Tensor, int]:
-    """Per-image ODE bits/dim ``[B]`` of levels ``k [B, ...]`` (one solve for the batch) and the solver's NFE.
-
-    ``solver`` overrides ``method``/``rtol``/``atol``/``steps`` of ``module.eval_cfg`` (the solver check); the
-    noise and probes do not change.
-    """
-    from scoreflow.likelihood import draw_probe, ode_log_likelihood, truncation_correction
-
-    e, dev = module.eval_cfg, k.device
-    dtype = getattr(torch, e["ode_dtype"])
-    y, log_q = _model_space(module, k, indices, r, s.seed)
-    y = y.to(dtype)
-    score_fn = module._score_fn()
-    probe = None
-    if e["divergence"] != "exact":
-        gens = [seeded_generator(dev, image_seed(s.seed, i, r, "probe")) for i in indices]
-        probe = torch.cat([draw_probe(e["divergence"], y[j : j + 1], generator=g) for j, g in enumerate(gens)])
-    corr = torch.zeros(len(indices), dtype=dtype, device=dev)
-    if s.ode_truncation_correction:  # SPEC §4.4: start from x_eps ~ p_0eps(.|x) and add the decoder term
-        with torch.no_grad():
-            parts = [truncation_correction(score_fn, module.sde, y[j : j + 1], module.eps,
-                                           generator=seeded_generator(dev, image_seed(s.seed, i, r, "ode_eps")))
-                     for j, i in enumerate(indices)]
-        corr, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    o = {k: e.get(k) for k in ("method", "rtol", "atol", "steps", "grid_rho")} | (solver or {})
-    res = ode_log_likelihood(score_fn, module.sde, y, eps=module.eps, rtol=o["rtol"], atol=o["atol"],
-                             method=o["method"], steps=o["steps"], grid_rho=o["grid_rho"],
-                             divergence=e["divergence"], probe=probe, dtype=dtype)
-    return module.to_bpd(res.nll + corr, log_q.to(dtype), y[0].numel()), res.nfe
+    """Per-image ODE bits/dim ``[B]`` and the NFE of the batch's solve (:func:`scoreflow.lit.per_image.ode_bpd`)."""
+    return per_image.ode_bpd(module, k, indices, r, s.seed, solver=solver,
+                             ode_truncation_correction=s.ode_truncation_correction)
 
 
 def bound_bpd(module: ScoreLitModule, k: Tensor, indices: list[int], r: int, s: LikelihoodSettings) -> Tensor:
-    """Per-image bound bits/dim ``[B]`` (Theorem 3), each image with its own times and noises."""
-    from scoreflow.likelihood import likelihood_bound
-
-    e, dev = module.eval_cfg, k.device
-    y, log_q = _model_space(module, k, indices, r, s.seed)
-    out = []
-    with torch.no_grad():
-        for j, i in enumerate(indices):
-            res = likelihood_bound(
-                module._score_fn(), module.sde, y[j : j + 1], eps=module.eps, num_t=int(e["test_num_t"]),
-                importance_sampling=e["importance_sampling"], truncation_correction=e["truncation_correction"],
-                estimator=e.get("bound_estimator", "closed_form"), stratified=bool(e.get("stratified", False)),
-                generator=seeded_generator(dev, image_seed(s.seed, i, r, "bound")), chunk_size=s.bound_chunk_size,
-            )
-            out.append(res.nll)
-    return module.to_bpd(torch.cat(out), log_q, y[0].numel())
+    """Per-image bound bits/dim ``[B]`` (:func:`scoreflow.lit.per_image.bound_bpd`)."""
+    return per_image.bound_bpd(module, k, indices, r, s.seed, chunk_size=s.bound_chunk_size)
 
 
 def _batches(n: int, batch_size: int) -> list[list[int]]:
@@ -301,15 +250,10 @@ def summarize(store: PartialResults, split: str, n: int, repeats: int, quantitie
     """
     out: dict[str, float] = {}
     for q in quantities:
-        table = store.table(q, n, repeats)
-        table = table[~np.isnan(table).all(axis=1)]
-        per_image = np.nanmean(table, axis=1) if table.size else table[:, 0]
-        if per_image.size == 0:
+        mean, se, count = per_image.mean_se_over_images(store.table(q, n, repeats))
+        if count == 0:
             continue
-        out[f"{split}/{q}"] = float(per_image.mean())
-        out[f"{split}/{q}_se"] = float(per_image.std(ddof=1) / math.sqrt(per_image.size)) if per_image.size > 1 \
-            else float("nan")
-        out[f"{split}/{q}_num_images"] = float(per_image.size)
+        out[f"{split}/{q}"], out[f"{split}/{q}_se"], out[f"{split}/{q}_num_images"] = mean, se, float(count)
     if "bpd_ode" in quantities and store.solves:
         out[f"{split}/nfe"] = float(np.mean(store.solves))
         out[f"{split}/nfe_max"] = float(np.max(store.solves))

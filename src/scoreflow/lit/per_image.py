@@ -1,0 +1,116 @@
+"""Per-image bits/dim: the one evaluation path of the training run's test phase and of ``evaluate.py``.
+
+Image ``i``, repeat ``r`` draws its dequantization noise, Hutchinson probe, bound times and noises from
+generators seeded by ``(seed, i, r, purpose)`` only (:func:`image_seed`): its bound value does not depend on
+the batch, the process or the command that computed it, and its ODE value depends on its batch only through
+the adaptive solver's step sizes, which the batch shares. Callers that form the same batches (``batch_size``
+consecutive images in index order: ``ScoreLitModule.test_step`` on one process, ``evaluate.py`` on any
+number) therefore get identical values.
+
+The functions read the pieces they need from a ``ScoreLitModule`` (``to_model_space``, ``to_bpd``,
+``_score_fn``, ``sde``, ``eps``, ``eval_cfg``); nothing here imports Lightning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from scoreflow.likelihood import draw_probe, likelihood_bound, ode_log_likelihood, truncation_correction
+
+if TYPE_CHECKING:
+    from scoreflow.lit.module import ScoreLitModule
+
+
+def image_seed(seed: int, index: int, repeat: int, purpose: str) -> int:
+    """A 63-bit seed for one image, one repeat and one purpose (dequantization, probe, bound, ...)."""
+    h = hashlib.blake2b(f"{seed}/{index}/{repeat}/{purpose}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
+def seeded_generator(device: torch.device, seed: int) -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed`` (e.g. an :func:`image_seed`)."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def model_space(module: ScoreLitModule, k: Tensor, indices: list[int], repeat: int,
+                seed: int) -> tuple[Tensor, Tensor]:
+    """Dequantize and scale each image of ``k [B, ...]`` with its own generator: ``(y [B, ...], log_q [B])``."""
+    ys, lqs = [], []
+    with torch.no_grad():
+        for j, i in enumerate(indices):
+            y, lq = module.to_model_space(k[j : j + 1], seeded_generator(k.device, image_seed(seed, i, repeat,
+                                                                                               "dequantization")))
+            ys.append(y)
+            lqs.append(lq)
+    return torch.cat(ys), torch.cat(lqs)
+
+
+def ode_bpd(module: ScoreLitModule, k: Tensor, indices: list[int], repeat: int, seed: int, *,
+            solver: dict[str, Any] | None = None, ode_truncation_correction: bool = False) -> tuple[Tensor, int]:
+    """Per-image ODE bits/dim ``[B]`` of levels ``k [B, ...]`` (images ``indices``; one solve for the batch)
+    and the solver's NFE.
+
+    ``solver`` overrides ``method``/``rtol``/``atol``/``steps``/``grid_rho`` of ``module.eval_cfg`` (the solver
+    check of ``evaluate.py``); the noise and probes do not change. ``ode_truncation_correction`` starts from
+    ``x_eps ~ p_0eps(.|x)`` and adds the decoder term (off in ScoreFlow).
+    """
+    e, dev = module.eval_cfg, k.device
+    dtype = getattr(torch, e["ode_dtype"])
+    y, log_q = model_space(module, k, indices, repeat, seed)
+    y = y.to(dtype)
+    score_fn = module._score_fn()
+    probe = None
+    if e["divergence"] != "exact":
+        gens = [seeded_generator(dev, image_seed(seed, i, repeat, "probe")) for i in indices]
+        probe = torch.cat([draw_probe(e["divergence"], y[j : j + 1], generator=g) for j, g in enumerate(gens)])
+    corr = torch.zeros(len(indices), dtype=dtype, device=dev)
+    if ode_truncation_correction:
+        with torch.no_grad():
+            parts = [truncation_correction(score_fn, module.sde, y[j : j + 1], module.eps,
+                                           generator=seeded_generator(dev, image_seed(seed, i, repeat, "ode_eps")))
+                     for j, i in enumerate(indices)]
+        corr, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    o = {key: e.get(key) for key in ("method", "rtol", "atol", "steps", "grid_rho")} | (solver or {})
+    res = ode_log_likelihood(score_fn, module.sde, y, eps=module.eps, rtol=o["rtol"], atol=o["atol"],
+                             method=o["method"], steps=o["steps"], grid_rho=o["grid_rho"],
+                             divergence=e["divergence"], probe=probe, dtype=dtype)
+    return module.to_bpd(res.nll + corr, log_q.to(dtype), y[0].numel()), res.nfe
+
+
+def bound_bpd(module: ScoreLitModule, k: Tensor, indices: list[int], repeat: int, seed: int, *,
+              chunk_size: int = 1024) -> Tensor:
+    """Per-image bound bits/dim ``[B]`` (Theorem 3), each image with its own times and noises."""
+    e, dev = module.eval_cfg, k.device
+    y, log_q = model_space(module, k, indices, repeat, seed)
+    out = []
+    with torch.no_grad():
+        for j, i in enumerate(indices):
+            res = likelihood_bound(
+                module._score_fn(), module.sde, y[j : j + 1], eps=module.eps, num_t=int(e["test_num_t"]),
+                importance_sampling=e["importance_sampling"], truncation_correction=e["truncation_correction"],
+                estimator=e["bound_estimator"], stratified=bool(e["stratified"]),
+                generator=seeded_generator(dev, image_seed(seed, i, repeat, "bound")), chunk_size=chunk_size,
+            )
+            out.append(res.nll)
+    return module.to_bpd(torch.cat(out), log_q, y[0].numel())
+
+
+def mean_se_over_images(table: np.ndarray) -> tuple[float, float, int]:
+    """``(mean, standard error, number of images)`` over images of each image's mean over its repeats.
+
+    ``table [N, K]`` holds NaN where a value is missing; images with none are left out. The standard error is
+    NaN for a single image.
+    """
+    table = np.asarray(table, dtype=np.float64).reshape(len(table), -1)
+    table = table[~np.isnan(table).all(axis=1)]
+    if table.shape[0] == 0:
+        return math.nan, math.nan, 0
+    per_image = np.nanmean(table, axis=1)
+    se = float(per_image.std(ddof=1) / math.sqrt(per_image.size)) if per_image.size > 1 else math.nan
+    return float(per_image.mean()), se, int(per_image.size)
