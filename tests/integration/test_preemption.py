@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import open_dict
 
 from scoreflow.lit import preemption
 from scoreflow.lit.callbacks import AtomicCheckpointIO
@@ -177,6 +178,11 @@ def test_auto_resume_picks_the_run_folders_checkpoint_and_refuses_another_model(
         resume_path(make_cfg([*BASE, "sde=ve", "model.net.dropout=0.2"]), out)
     assert "sde._target_" in str(err.value) and "auto_resume=false" in err.value.fix
     assert resume_path(make_cfg([*BASE, "sde=ve", "resume_allow_changes=true"]), out) == str(ckpt)
+    # a group the command leaves out (train_dequant takes sde/model/data from its score checkpoint) is not compared
+    no_sde = make_cfg([*BASE, "sde=ve"])
+    with open_dict(no_sde):
+        del no_sde["sde"]
+    assert resume_path(no_sde, out) == str(ckpt)
 
 
 def test_wandb_run_id_is_stored_once_per_run_folder(make_cfg, tmp_path):

@@ -27,6 +27,7 @@ from scoreflow.tasks.validate import IDENTITY_GROUPS, config_differences
 
 log = logging.getLogger(__name__)
 
+
 def last_checkpoint(out: Path) -> Path:
     return Path(out) / "checkpoints" / "last.ckpt"
 
@@ -50,9 +51,9 @@ def check_same_run(ckpt_path: Path, cfg: DictConfig) -> None:
     stored = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("scoreflow", {}).get("config")
     if not stored or OmegaConf.select(cfg, "resume_allow_changes", default=False):
         return
-    requested = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [g for g in IDENTITY_GROUPS if g in cfg]),
-                                       resolve=True)
-    diff = config_differences(stored, requested)
+    # only groups both name: train_dequant's command config leaves sde/model/data to its score checkpoint
+    groups = [g for g in IDENTITY_GROUPS if g in cfg and g in stored]
+    diff = config_differences(stored, OmegaConf.to_container(OmegaConf.masked_copy(cfg, groups), resolve=True), groups)
     if diff:
         shown = diff[:6] + ([f"... and {len(diff) - 6} more"] if len(diff) > 6 else [])
         raise CheckpointError(
