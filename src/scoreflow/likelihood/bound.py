@@ -104,12 +104,16 @@ class BoundPlan:
     coefficient ``c(u)`` of the mean-zero control variate ``-c(u) W/2 (||z||^2 - D)``: ``c = 0`` is the closed
     form, ``c = 1`` the paired estimator's ``||z||^2`` term; a trained model wants ``c ~ 1`` at small ``t``
     (the score is ~0 below the dequantization scale, so ``||w||^2 ~ ||z||^2``) and ``c ~ 0`` at large ``t``.
+    ``mean[M]`` (optional, nats) is a baseline ``h(u)``, linear between bin centres, for the per-time mean of the
+    DSM integrand: each sample gets ``-h(u)/q(u) + int_0^1 h du`` (mean zero), which flattens what stratification
+    sees when ``q`` is far from uniform (the integrand falls from ~D Z/2 at small ``t`` to ~0).
     Every fixed plan gives an unbiased estimate; fit one with :func:`fit_bound_plan` on draws that the
     evaluated estimate does not reuse.
     """
 
     cv: Tensor
     density: Tensor
+    mean: Tensor | None = None
 
     def __post_init__(self):
         self.cv = torch.as_tensor(self.cv, dtype=torch.float64).reshape(-1)
@@ -118,6 +122,29 @@ class BoundPlan:
             raise ValueError(f"need density > 0 and one value per bin like cv {tuple(self.cv.shape)}")
         self.density = d / d.mean()
         self._cdf = torch.cat([d.new_zeros(1), (self.density / len(d)).cumsum(0)])
+        if self.mean is not None:
+            self.mean = torch.as_tensor(self.mean, dtype=torch.float64).reshape(-1)
+            if self.mean.shape != self.cv.shape:
+                raise ValueError(f"need one mean per bin like cv {tuple(self.cv.shape)}")
+
+    def baseline(self, u: Tensor) -> Tensor:
+        """``h(u)``: linear between the bin centres, constant beyond the outer ones (0 without ``mean``)."""
+        if self.mean is None:
+            return torch.zeros_like(u)
+        M, h = self.num_bins, self.mean.to(u.device)
+        pos = (u * M - 0.5).clamp(0.0, M - 1.0)
+        k = pos.floor().long().clamp(max=max(M - 2, 0))
+        frac = pos - k
+        return h[k] * (1 - frac) + h[(k + 1).clamp(max=M - 1)] * frac
+
+    @property
+    def baseline_integral(self) -> float:
+        """``int_0^1 h(u) du`` in closed form (trapezoids between centres, half bins at the ends)."""
+        if self.mean is None:
+            return 0.0
+        h, M = self.mean, self.num_bins
+        inner = float(((h[:-1] + h[1:]) / 2).sum()) if M > 1 else 0.0
+        return (inner + 0.5 * float(h[0] + h[-1])) / M
 
     @property
     def num_bins(self) -> int:
@@ -154,6 +181,7 @@ def fit_bound_plan(
     num_bins: int = 20,
     draws: int = 4,
     neyman: bool = True,
+    baseline: bool = True,
     floor: float = 0.1,
     generator: torch.Generator | None = None,
     chunk_size: int = 1024,
@@ -164,7 +192,8 @@ def fit_bound_plan(
     ``a = W/2 ||w||^2`` and ``b = W/2 (||z||^2 - D)``; ``cv`` is the pooled regression coefficient of ``a`` on
     ``b`` within (image, bin) cells, the least-variance ``c`` for that bin. With ``neyman`` the density is
     proportional to the residual standard deviation per bin, mixed with ``floor`` of the uniform density
-    (so no region is left with a huge weight). Use pilot images or draws that the evaluation does not reuse.
+    (so no region is left with a huge weight); with ``baseline`` the plan's ``mean`` is the pooled per-bin mean of
+    ``a - cv b``. Use pilot images or draws that the evaluation does not reuse.
     """
     if draws < 2:
         raise ValueError(f"need draws >= 2 per bin to fit the control variate, got {draws}")
@@ -188,11 +217,13 @@ def fit_bound_plan(
     A, Bz = torch.cat(a).reshape(B, M, draws), torch.cat(b).reshape(B, M, draws)
     Ac, Bc = A - A.mean(2, keepdim=True), Bz - Bz.mean(2, keepdim=True)
     cv = (Ac * Bc).sum((0, 2)) / (Bc * Bc).sum((0, 2))
+    resid = A - cv[None, :, None] * Bz
+    mean = resid.mean((0, 2)).cpu() if baseline else None
     if not neyman:
-        return BoundPlan(cv.cpu(), torch.ones(M, dtype=torch.float64))
-    sd = (A - cv[None, :, None] * Bz).var(dim=2).mean(0).sqrt()
+        return BoundPlan(cv.cpu(), torch.ones(M, dtype=torch.float64), mean)
+    sd = resid.var(dim=2).mean(0).sqrt()
     density = (1 - floor) * sd / sd.mean().clamp_min(1e-300) + floor
-    return BoundPlan(cv.cpu(), density.cpu())
+    return BoundPlan(cv.cpu(), density.cpu(), mean)
 
 
 def likelihood_bound(
@@ -257,6 +288,7 @@ def likelihood_bound(
     if plan is not None:  # t = F^-1(u), u ~ q on [0, 1]: p(t) = g^2/(sigma^2 Z) q(u), so W = Z / q(u)
         u = plan.icdf(u)
         W64, cv64 = Z / plan.pdf(u), plan.coef(u)
+        base64 = plan.baseline_integral - plan.baseline(u) / plan.pdf(u)  # mean-zero baseline, per unit
     t64 = sampler.icdf(u)
     if plan is None:
         W64 = torch.full_like(t64, Z) if importance_sampling else sde.is_ratio(t64) / sampler.density(t64)
@@ -265,6 +297,7 @@ def likelihood_bound(
     rows = torch.arange(B, device=x.device).repeat_interleave(n_units)
     t_flat, W_flat = t64.reshape(-1).to(x.dtype), W64.reshape(-1).to(x.dtype)
     cv_flat = None if cv64 is None else cv64.reshape(-1).to(x.dtype)
+    base_flat = None if plan is None or plan.mean is None else base64.reshape(-1).to(x.dtype)
     parts: dict[str, list[Tensor]] = {"dsm": [], "cv": [], "noise": [], "div_f": [], "prior": []}
     step = max(1, chunk_size // pair)
 
@@ -281,7 +314,8 @@ def likelihood_bound(
         w = sigma * score_fn(sde.perturb(x0, t, z), t).to(x.dtype) + z
         parts["dsm"].append(unit(0.5 * W * sum_except_batch(w**2)))  # Theorem 3: g^2 ||s - grad log p_0t||^2 / 2
         if cv_flat is not None:  # control variate c(t) (||z||^2 - D), mean zero at every t
-            parts["cv"].append(-cv_flat[sl] * 0.5 * W[:n] * (sum_except_batch(z[:n] ** 2) - D))
+            cv = -cv_flat[sl] * 0.5 * W[:n] * (sum_except_batch(z[:n] ** 2) - D)
+            parts["cv"].append(cv if base_flat is None else cv + base_flat[sl])
         if estimator != "closed_form":  # the constant term's integrand on the same (t, z)
             parts["noise"].append(unit(-0.5 * W * sum_except_batch(z**2)))  # -g^2 ||grad log p_0t||^2 / 2 / p(t)
             parts["div_f"].append(unit(-D * sde.drift_coef(t) * W / sde.is_ratio(t)))  # -div f / p(t) = -a D / p
