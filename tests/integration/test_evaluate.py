@@ -192,6 +192,8 @@ def test_clear_errors(digits_ckpt, make_cfg, tmp_path):
         run_eval(make_cfg, digits_ckpt, [*RK4, "ckpt_format=score_sde"])
     with pytest.raises(ConfigError, match="split"):
         run_eval(make_cfg, digits_ckpt, [*RK4, "split=dev"])
+    with pytest.raises(ConfigError, match="device=cpu names one device; for several use accelerator"):
+        run_eval(make_cfg, digits_ckpt, [*RK4, "devices=2"])  # RK4 holds device=cpu
 
 
 def test_run_directory_is_stable_per_checkpoint_and_overrides(tmp_path):

@@ -63,6 +63,8 @@ def launch(cfg: DictConfig):
     from lightning.fabric.strategies import DDPStrategy
 
     accelerator, devices = str(cfg.get("accelerator") or "auto"), cfg.get("devices") or 1
+    if not isinstance(devices, (int, str)):  # a list of device indices, e.g. devices=[0,2]
+        devices = [int(i) for i in devices]
     num_nodes = int(cfg.get("num_nodes") or 1)
     device = str(cfg.get("device") or "auto")
     if device != "auto":
@@ -73,8 +75,8 @@ def launch(cfg: DictConfig):
         accelerator, devices = d.type, ([d.index] if d.index is not None else 1)
     elif accelerator == "auto":  # not Fabric's auto: it would pick MPS, which has no float64 for the ODE
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
-    count = len(devices) if isinstance(devices, (list, tuple)) else int(devices)
-    strategy = DDPStrategy(timeout=BARRIER_TIMEOUT) if count * num_nodes > 1 else "auto"
+    one = num_nodes == 1 and (len(devices) == 1 if isinstance(devices, list) else str(devices) == "1")
+    strategy = "auto" if one else DDPStrategy(timeout=BARRIER_TIMEOUT)  # "auto"/-1 devices: DDP, maybe of one
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy)
     fabric.launch()
     return fabric
