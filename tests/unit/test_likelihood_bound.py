@@ -315,3 +315,17 @@ def test_fitted_plan_with_density_and_baseline_beats_the_closed_form_on_a_mixtur
     planned = likelihood_bound(MIX.score_fn(sde), sde, y, plan=plan, **kw).sample_var.mean()
     closed = likelihood_bound(MIX.score_fn(sde), sde, y, **kw).sample_var.mean()
     assert float(planned) < 0.8 * float(closed), (planned, closed)
+
+
+def test_bound_plan_density_quantiles_and_baseline_are_consistent():
+    """``icdf`` inverts the piecewise-constant ``q`` (bin masses ``q_k / M``), ``h`` passes through the bin means at
+    the centres and ``baseline_integral`` is its exact integral: the pieces the unbiasedness rests on."""
+    plan, M = WEIRD_H, WEIRD_H.num_bins
+    s = (torch.arange(200000, dtype=torch.float64) + 0.5) / 200000
+    u = plan.icdf(s)
+    mass = torch.bincount((u * M).long().clamp(max=M - 1), minlength=M).double() / len(s)
+    torch.testing.assert_close(mass, plan.density / M, atol=2e-5, rtol=0)
+    torch.testing.assert_close(plan.baseline((torch.arange(M, dtype=torch.float64) + 0.5) / M), plan.mean)
+    grid = (torch.arange(600000, dtype=torch.float64) + 0.5) / 600000
+    assert abs(float(plan.baseline(grid).mean()) - plan.baseline_integral) < 1e-9
+    assert plan.baseline(torch.tensor([0.0, 1.0], dtype=torch.float64)).tolist() == [6.0, 1.0]
