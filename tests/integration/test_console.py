@@ -4,6 +4,7 @@ the results table at the end and in the run's log."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -32,8 +33,11 @@ def run_train(tmp_path: Path, args: list[str]) -> tuple[str, Path]:
 
 
 def body_lines(out: str) -> list[str]:
-    """Console lines outside the config tree (whose YAML legitimately repeats keys such as `save_top_k: 1`)."""
-    return [ln for ln in out.splitlines() if ln.strip() and not ln.startswith(("config", "│", "├", "└", "    "))]
+    """Console lines outside the config tree (whose YAML legitimately repeats keys such as `save_top_k: 1`),
+    without their logging prefix: a message printed as "INFO: msg" and as "[date][logger][INFO] - msg" is the
+    same line twice."""
+    lines = [ln for ln in out.splitlines() if ln.strip() and not ln.startswith(("config", "│", "├", "└", "    "))]
+    return [re.sub(r"^(\[[^\]]*\]){3} - |^(INFO|WARNING|ERROR): ", "", ln) for ln in lines]
 
 
 def check_console(out: str, run: Path) -> None:
