@@ -200,8 +200,13 @@ WEIRD_H = BoundPlan(WEIRD.cv, WEIRD.density, torch.tensor([6.0, -3.0, 0.0, 10.0,
 
 @pytest.mark.parametrize(
     "plan,antithetic,stratified",
-    [(WEIRD, False, False), (WEIRD_H, True, True), (WEIRD_H, False, True), (None, True, False),
-     (BoundPlan.uniform(4, cv=0.6), False, True)],
+    [
+        (WEIRD, False, False),
+        (WEIRD_H, True, True),
+        (WEIRD_H, False, True),
+        (None, True, False),
+        (BoundPlan.uniform(4, cv=0.6), False, True),
+    ],
     ids=["weird-plan-iid", "weird-plan-baseline-anti-strat", "weird-plan-baseline-strat", "anti-iid", "const-cv-strat"],
 )
 def test_plans_and_antithetic_pairs_are_unbiased_per_point(plan, antithetic, stratified, vp_quadrature, gen):
@@ -229,7 +234,7 @@ def test_antithetic_calls_come_in_pairs(gen):
 
     x = POINTS[:2]
     likelihood_bound(spy, sde, x, num_t=6, antithetic=True, generator=gen, chunk_size=5)  # 2 units per call
-    xt, t = torch.cat([a for a, _ in seen]), torch.cat([b for _, b in seen])
+    t = torch.cat([b for _, b in seen])
     assert len(t) == 12 and all(len(a) % 2 == 0 for a, _ in seen)
     for a, b in seen:
         n = len(b) // 2
@@ -262,8 +267,9 @@ def test_fitted_control_variate_is_r_squared_for_gaussian_data(gen):
     sde, eps, v, M = VPSDE(), 1e-5, 0.01, 8
     data = gaussian(torch.zeros(4), v)
     x = data.sample(400, generator=gen)
-    plan = fit_bound_plan(data.score_fn(sde), sde, x, eps=eps, num_bins=M, draws=8, neyman=False, generator=gen,
-                          chunk_size=BIG)
+    plan = fit_bound_plan(
+        data.score_fn(sde), sde, x, eps=eps, num_bins=M, draws=8, neyman=False, generator=gen, chunk_size=BIG
+    )
     u = (torch.arange(M, dtype=torch.float64)[:, None] + (torch.arange(200) + 0.5) / 200) / M  # 200 nodes per bin
     from scoreflow.weighting import ImportanceSampledLikelihood
 
@@ -303,8 +309,16 @@ def test_fitted_plan_with_density_and_baseline_beats_the_closed_form_on_a_mixtur
     """The whole fitted plan (c, q, h) on pilot points, evaluated on other points: unbiased against quadrature and
     a lower variance per call than closed_form + stratified (the evaluate.py default's best rival)."""
     sde, eps = VPSDE(), 1e-5
-    plan = fit_bound_plan(MIX.score_fn(sde), sde, MIX.sample(300, generator=gen), eps=eps, num_bins=12, draws=8,
-                          generator=gen, chunk_size=BIG)
+    plan = fit_bound_plan(
+        MIX.score_fn(sde),
+        sde,
+        MIX.sample(300, generator=gen),
+        eps=eps,
+        num_bins=12,
+        draws=8,
+        generator=gen,
+        chunk_size=BIG,
+    )
     assert plan.mean is not None and float(plan.density.max()) > 1.5 * float(plan.density.min())
     kw = dict(eps=eps, num_t=4000, stratified=True, generator=gen, chunk_size=BIG)
     res = likelihood_bound(MIX.score_fn(sde), sde, POINTS, plan=plan, **kw)

@@ -116,8 +116,9 @@ def split_standard_error(values, mc_var=None) -> StandardErrorSplit:
     return StandardErrorSplit(float(v.mean()), se, se_between, math.sqrt(m / n), excess, n, between, m)
 
 
-def num_samples_for_mc_excess(var_per_sample: float, var_between: float, max_excess: float = 0.1,
-                              repeats: int = 1) -> int:
+def num_samples_for_mc_excess(
+    var_per_sample: float, var_between: float, max_excess: float = 0.1, repeats: int = 1
+) -> int:
     """Smallest number of samples (calls) per image and repeat so that Monte-Carlo noise adds less than
     ``max_excess`` to the standard error over images: ``var_per_sample / (N R) < ((1 + max_excess)^2 - 1) Var(L)``.
 
