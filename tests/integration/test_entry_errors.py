@@ -145,6 +145,7 @@ CKPT_CASES = [
     ("evaluate.py", [], ["ckpt_path", "required"]),
     ("evaluate.py", ["ckpt_path={d}/classifier.ckpt"], ["ckpt_path", "classifier"]),
     ("evaluate.py", ["ckpt_path={d}/score.ckpt", "split=tset"], ["split", "tset"]),
+    ("evaluate.py", ["ckpt_path={d}/score.ckpt", "evaluation.rtol=-1"], ["evaluation.rtol", "-1"]),
     ("sample.py", ["ckpt_path={d}/score.ckpt", "num_samples=0"], ["num_samples", "0"]),
     ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=conditional"], ["classifier_ckpt"]),
     ("train.py", ["ckpt_path={d}/score.ckpt", "model=mlp"], ["ckpt_path", "model.net._target_", "UNet", "MLP",

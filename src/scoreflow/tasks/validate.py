@@ -286,6 +286,9 @@ def evaluate(cfg: DictConfig) -> None:
     for k in ("num_images", "repeats", "batch_size", "max_batches"):
         integer(cfg, k, low=1, allow_none=True)
     integer(cfg, "bound_chunk_size", low=1)
+    for k in ("rtol", "atol", "eps"):  # overrides of the checkpoint's evaluation settings; null keeps them
+        number(cfg, f"evaluation.{k}", low=0, allow_none=True)
+    integer(cfg, "evaluation.test_num_t", low=1, allow_none=True)
     integer(cfg, "fid.num_samples", low=0)
     integer(cfg, "fid.batch_size", low=1)
     _device(cfg)
