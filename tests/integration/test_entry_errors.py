@@ -146,6 +146,7 @@ CKPT_CASES = [
     ("evaluate.py", ["ckpt_path={d}/classifier.ckpt"], ["ckpt_path", "classifier"]),
     ("evaluate.py", ["ckpt_path={d}/score.ckpt", "split=tset"], ["split", "tset"]),
     ("evaluate.py", ["ckpt_path={d}/score.ckpt", "evaluation.rtol=-1"], ["evaluation.rtol", "-1"]),
+    ("evaluate.py", ["ckpt_path={d}/score.ckpt", "num_images=some"], ["num_images", "'some'", "all"]),
     ("sample.py", ["ckpt_path={d}/score.ckpt", "num_samples=0"], ["num_samples", "0"]),
     ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=conditional"], ["classifier_ckpt"]),
     ("train.py", ["ckpt_path={d}/score.ckpt", "model=mlp"], ["ckpt_path", "model.net._target_", "UNet", "MLP",

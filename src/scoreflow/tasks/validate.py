@@ -283,7 +283,9 @@ def evaluate(cfg: DictConfig) -> None:
         raise CheckpointError(f"ckpt_path is a {kind} checkpoint, not a score model", key="ckpt_path",
                               value=get(cfg, "ckpt_path"), fix="give <run>/checkpoints/last.ckpt of a train.py run")
     choice(cfg, "split", ("test", "val", "train"))
-    for k in ("num_images", "repeats", "batch_size", "max_batches"):
+    if get(cfg, "num_images") != "all":
+        integer(cfg, "num_images", low=0, allow_none=True, fix="num_images=<N>, all, or null (the test phase's)")
+    for k in ("repeats", "batch_size", "max_batches"):
         integer(cfg, k, low=1, allow_none=True)
     integer(cfg, "bound_chunk_size", low=1)
     for k in ("rtol", "atol", "eps"):  # overrides of the checkpoint's evaluation settings; null keeps them
