@@ -188,10 +188,18 @@ def main() -> None:
         f"num_t per image (1 repeat) for Monte-Carlo noise adding < 10 % to the se over images "
         f"(Var(L) = {split.var_between:.4f} bpd^2), and what MC noise adds at {a.today} times:"
     )
+    vp = float(var_prior.mean())
+    if split.var_between <= 0:
+        print("  (no between-image variance left after the Monte-Carlo part: use more images or repeats)")
+        return
     for name, (_, v) in results.items():
-        n_t = num_samples_for_mc_excess(v, split.var_between, 0.1)
-        excess = math.sqrt(1 + v / a.today / split.var_between) - 1
-        print(f"  {name:<40}{n_t:>7}{100 * excess:>9.1f} %")
+        if name.startswith("scoreflow"):  # Var = (v - N vp) / n + vp at n calls: the one prior draw is a floor
+            left = ((1.1**2 - 1) * split.var_between - vp) * N
+            n_t = f"{math.ceil((v - N * vp) / left)}" if left > 0 else "never"
+            mc_var = (v - N * vp) / a.today + vp
+        else:
+            n_t, mc_var = f"{num_samples_for_mc_excess(v, split.var_between, 0.1)}", v / a.today
+        print(f"  {name:<40}{n_t:>7}{100 * (math.sqrt(1 + mc_var / split.var_between) - 1):>9.1f} %")
     if any(k.startswith("plan") for k in results):
         print(f"  (plans cost {pilot_calls} pilot calls once per evaluation, on images/draws the estimates do not use)")
 
