@@ -24,7 +24,7 @@ from scoreflow.tasks.train_dequant import train_dequant
 
 FAST = ["debug=fast", "trainer.accelerator=cpu"]
 QUIET = ["callbacks=minimal", "logger=none"]
-EVAL = ["evaluation.method=rk4", "evaluation.test_num_t=8", "num_images=16", "progress=false", "device=cpu"]
+EVAL = ["evaluation.method=rk4", "evaluation.steps=1", "evaluation.test_num_t=8", "num_images=16", "progress=false", "device=cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def score_ckpt(tmp_path_factory):
     run = tmp_path_factory.mktemp("score")
     compose_cfg = conftest.compose_cfg
     train(compose_cfg([*FAST, *QUIET, "trainer.max_steps=2", "test=false", "val_every=100",
-                       "module.evaluation.method=rk4"], run))
+                       "module.evaluation.method=rk4", "module.evaluation.steps=1"], run))
     return run / "checkpoints" / "last.ckpt"
 
 
