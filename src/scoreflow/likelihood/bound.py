@@ -86,8 +86,11 @@ Estimator = Literal["closed_form", "paired", "monte_carlo"]
 class BoundResult:
     """Result of :func:`likelihood_bound`; every tensor is ``[B]``, in nats per example.
 
-    ``nll = prior_term + dsm_term + const_term + correction``; ``nll_se`` is the Monte-Carlo standard error
-    of ``nll`` and ``sample_var`` the variance of one time sample of the estimator (compare estimators on it).
+    ``nll = prior_term + dsm_term + const_term + correction``. ``nll_se`` is the Monte-Carlo standard error of
+    ``nll`` (squared and converted to the reported units, the per-image ``mc_var`` of
+    :func:`scoreflow.likelihood.units.split_standard_error`); ``sample_var`` is the variance per score call,
+    ``num_t * nll_se^2`` without the correction's spread: compare estimators, plans and antithetic pairs on it
+    (for i.i.d. times it is the variance of one time sample).
     """
 
     nll: Tensor
@@ -103,6 +106,8 @@ class BoundResult:
     estimator: str
     stratified: bool
     truncation_correction: bool
+    antithetic: bool = False
+    plan: BoundPlan | None = None
 
 
 @dataclass
@@ -381,4 +386,6 @@ def likelihood_bound(
         estimator=estimator,
         stratified=stratified,
         truncation_correction=truncation_correction,
+        antithetic=antithetic,
+        plan=plan,
     )
