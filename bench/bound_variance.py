@@ -1,4 +1,4 @@
-"""Monte-Carlo variance of the per-image bound per network call: ``python bench/bound_variance.py`` (CPU, ~4 min).
+"""Monte-Carlo variance of the per-image bound per network call: ``python bench/bound_variance.py`` (CPU, 3 min).
 
 On the default run's checkpoint, the first ``--num-images`` test images (dequantized with evaluate.py's seeds,
 repeat 0) each get ``--repeats`` independent estimates of Theorem 3's bound with ``--num-t`` score calls, for

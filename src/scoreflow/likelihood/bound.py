@@ -43,11 +43,12 @@ dequantization scale the score is ~0) and not at large ``t``. ``plan=`` (:class:
 :func:`fit_bound_plan` on pilot images) uses the least-variance coefficient ``c(u)`` of ``||z||^2`` per bin of
 the IS quantile, a Neyman time density ``q(u)`` and a mean baseline ``h(u)`` that keeps ``q`` compatible with
 stratification; ``antithetic=True`` pairs ``z`` with ``-z``. Measured by ``bench/bound_variance.py`` on the
-default run's checkpoint (64 test images, 50 calls each, variance per call in bpd^2 from independent repeats):
-ScoreFlow's estimator ~26, closed_form + stratified 3.35 (7.9x fewer calls for the same standard error),
-plan ``c(u)`` + stratified 0.64-0.69 (~40x), plan ``c, q, h`` + stratified 0.38 (~69x); ``q`` without ``h``
-*hurts* (1.2: the strata then see the steep per-time mean), and antithetic pairs hurt every estimator
-(closed_form + stratified 6.5, plan 3.0 per call: the ``||z||^2`` part is even in ``z`` and dominates).
+default run's checkpoint (64 test images, 50 calls each, variance per call in bpd^2 from 8 independent repeats):
+ScoreFlow's estimator 26.5, paired + stratified 5.9, closed_form + stratified 3.35 (7.9x fewer calls than
+ScoreFlow's for the same standard error), plan ``c`` + stratified 0.64 (41x), plan ``c, q, h`` + stratified 0.34
+(77x), the same with antithetic pairs 0.27 (97x; 0.30 vs 0.35 at 20 calls). ``q`` without ``h`` *hurts* (1.15:
+the strata then see the steep per-time mean), and antithetic pairs hurt the estimators without ``c(u)``
+(closed_form + stratified 6.5, paired + stratified 13.0): the ``||z||^2`` part is even in ``z`` and dominates.
 
 ``truncation_correction=True`` adds ``E_{x_eps ~ p_0eps(.|x)}[-log q(x|x_eps)] - H(p_0eps(.|x))`` with the
 Tweedie decoder (:mod:`scoreflow.likelihood.truncation`), turning the bound on ``-log p_eps`` into one on
