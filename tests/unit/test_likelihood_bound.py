@@ -1,5 +1,6 @@
 """Theorem 3's bound ``L^DSM`` against quadrature, Theorem 2's tightness, and closed-form oracles."""
 
+import json
 import math
 
 import numpy as np
@@ -343,3 +344,6 @@ def test_bound_plan_density_quantiles_and_baseline_are_consistent():
     grid = (torch.arange(600000, dtype=torch.float64) + 0.5) / 600000
     assert abs(float(plan.baseline(grid).mean()) - plan.baseline_integral) < 1e-9
     assert plan.baseline(torch.tensor([0.0, 1.0], dtype=torch.float64)).tolist() == [6.0, 1.0]
+    again = BoundPlan(**json.loads(json.dumps(plan.as_dict())))
+    for name in ("cv", "density", "mean"):
+        torch.testing.assert_close(getattr(again, name), getattr(plan, name))

@@ -183,6 +183,14 @@ class BoundPlan:
         u = k / self.num_bins + (s - cdf[k]) / self.density.to(s.device)[k]
         return u.clamp(0.0, 1.0)
 
+    def as_dict(self) -> dict[str, list[float] | None]:
+        """Plain lists (JSON, a checkpoint, a resumed evaluation): ``BoundPlan(**plan.as_dict())`` rebuilds it."""
+        return {
+            "cv": self.cv.tolist(),
+            "density": self.density.tolist(),
+            "mean": None if self.mean is None else self.mean.tolist(),
+        }
+
     @classmethod
     def uniform(cls, num_bins: int = 1, cv: float = 0.0) -> BoundPlan:
         """The plain IS sampler with a constant coefficient (``cv=0``: closed form)."""
