@@ -128,7 +128,7 @@ def ode_log_likelihood(
         raise ValueError(f"method={method!r} is a fixed-grid solver: give steps=N (e.g. 40), got steps={steps}")
     if not fixed and steps is not None:
         raise ValueError(f"steps={steps} needs a fixed-grid method {FIXED_GRID_METHODS}; {method!r} is adaptive "
-                         "(its step sizes come from rtol/atol)")
+                         "(its step sizes come from rtol/atol): set steps=None (evaluation.steps=null) with it")
     grid_rho = float(sde.ode_grid_rho if grid_rho is None else grid_rho)
     if fixed and grid_rho <= 0:
         raise ValueError(f"grid_rho must be > 0, got {grid_rho}")
