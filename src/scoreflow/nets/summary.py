@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import hydra
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+if TYPE_CHECKING:  # Hydra is imported inside the functions that compose configs: scoreflow.nets stays Hydra-free
+    from omegaconf import DictConfig
 
 DEFAULT_CONF = Path(__file__).resolve().parents[3] / "conf"
 
 
 def compose_model_config(model: str, data: str | None = None, conf_dir: str | Path | None = None) -> DictConfig:
     """Compose ``{model: conf/model/<model>.yaml, data: conf/data/<data>.yaml}`` with Hydra's compose API."""
+    from hydra import compose, initialize_config_dir
+
     conf = Path(conf_dir) if conf_dir else DEFAULT_CONF if DEFAULT_CONF.is_dir() else Path.cwd() / "conf"
     overrides = [f"+model={model}"] + ([f"+data={data}"] if data else [])
     with initialize_config_dir(config_dir=str(conf.resolve()), version_base=None):
@@ -30,6 +33,8 @@ def compose_model_config(model: str, data: str | None = None, conf_dir: str | Pa
 
 def build_net(model_cfg: DictConfig, shape: tuple[int, ...]) -> nn.Module:
     """Instantiate ``model_cfg.net`` for one example of ``shape``, as the training task does."""
+    import hydra
+
     return hydra.utils.instantiate(model_cfg.net, shape=tuple(shape))
 
 
@@ -67,6 +72,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with torch.no_grad():
         flops = forward_flops(net, shape, batch) / batch
     print(f"model: {args['model']} ({cfg.model.net._target_})  shape: {list(shape)}")
+    from omegaconf import OmegaConf
+
     print(f"config: {OmegaConf.to_container(cfg.model.net)}")
     print(f"params: {n}")
     print(f"params (M): {n / 1e6:.2f}")
