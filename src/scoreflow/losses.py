@@ -5,16 +5,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from scoreflow.likelihood.divergence import divergence_hutchinson
 from scoreflow.sde import SDE
-from scoreflow.utils import append_dims, mean_except_batch, sum_except_batch
+from scoreflow.utils import ScoreFn, append_dims, mean_except_batch, sum_except_batch
 
-ScoreFn = Callable[[Tensor, Tensor], Tensor]
 Reduce = Literal["sum", "mean"]
 
 
@@ -50,12 +49,6 @@ def dsm_loss(
     elif form != "eps":
         raise ValueError(f"form must be 'eps' or 'score', got {form!r}")
     return _reduce(per, reduce)
-
-
-def divergence_hutchinson(fn_out: Tensor, x: Tensor, probe: Tensor, *, create_graph: bool) -> Tensor:
-    """``probe^T (d fn / d x) probe`` per example ``[B]``; ``fn_out`` must be computed from ``x``."""
-    (vjp,) = torch.autograd.grad((fn_out * probe).sum(), x, create_graph=create_graph)
-    return sum_except_batch(vjp * probe)
 
 
 def ism_loss(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor
+
+# ``score_fn(x [B, ...], t [B]) -> [B, ...]``: the one signature of a score model throughout the library.
+ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def append_dims(v: Tensor, ndim: int) -> Tensor:

@@ -66,7 +66,6 @@ tightness plus the entropy identity of Theorem 4); the tests check exactly that.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -76,10 +75,9 @@ from torch import Tensor
 from scoreflow.likelihood.divergence import randn_like
 from scoreflow.likelihood.truncation import truncation_correction as _truncation_correction
 from scoreflow.sde import SDE
-from scoreflow.utils import append_dims, flat_dim, sum_except_batch
+from scoreflow.utils import ScoreFn, append_dims, flat_dim, sum_except_batch
 from scoreflow.weighting import ImportanceSampledLikelihood, TimeSampler, UniformTime
 
-ScoreFn = Callable[[Tensor, Tensor], Tensor]
 Estimator = Literal["closed_form", "paired", "monte_carlo"]
 
 

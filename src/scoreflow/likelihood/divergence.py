@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from scoreflow.losses import divergence_hutchinson
+from scoreflow.utils import sum_except_batch
 
 Divergence = Literal["exact", "rademacher", "gaussian"]
 DIVERGENCES: tuple[str, ...] = ("exact", "rademacher", "gaussian")
@@ -28,6 +28,12 @@ def exact_divergence(out: Tensor, x: Tensor, *, create_graph: bool = False) -> T
         (g,) = torch.autograd.grad(flat[:, i].sum(), x, retain_graph=True, create_graph=create_graph)
         div = div + g.reshape(B, -1)[:, i]
     return div
+
+
+def divergence_hutchinson(fn_out: Tensor, x: Tensor, probe: Tensor, *, create_graph: bool) -> Tensor:
+    """``probe^T (d fn / d x) probe`` per example ``[B]`` (Hutchinson); ``fn_out`` must be computed from ``x``."""
+    (vjp,) = torch.autograd.grad((fn_out * probe).sum(), x, create_graph=create_graph)
+    return sum_except_batch(vjp * probe)
 
 
 def randn_like(like: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -23,7 +23,6 @@ Two kinds of solve:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +33,8 @@ from torchdiffeq import odeint
 from scoreflow.likelihood.divergence import Divergence, draw_probe, estimate_divergence
 from scoreflow.likelihood.truncation import truncation_correction as _truncation_correction
 from scoreflow.sde import SDE
-from scoreflow.utils import as_time, flat_dim
+from scoreflow.utils import ScoreFn, as_time, flat_dim
 
-ScoreFn = Callable[[Tensor, Tensor], Tensor]
 FIXED_GRID_METHODS: tuple[str, ...] = ("rk4", "heun3", "midpoint", "euler", "heun2")
 
 

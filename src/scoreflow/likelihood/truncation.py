@@ -20,16 +20,12 @@ with the exact score the corrected bound is tight to ``D/2 (ln(1 + r) - r/(1 + r
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
 from scoreflow.likelihood.divergence import randn_like
 from scoreflow.sde import SDE
-from scoreflow.utils import append_dims, as_time, flat_dim, sum_except_batch
-
-ScoreFn = Callable[[Tensor, Tensor], Tensor]
+from scoreflow.utils import ScoreFn, append_dims, as_time, flat_dim, sum_except_batch
 
 
 def truncation_correction(
