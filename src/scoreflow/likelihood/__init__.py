@@ -6,13 +6,22 @@
 * :mod:`scoreflow.likelihood.units`: nats per example -> bits/dim at the reporting edge (SPEC §4.2).
 """
 
-from scoreflow.likelihood.bound import BoundResult, likelihood_bound
+from scoreflow.likelihood.bound import BoundPlan, BoundResult, fit_bound_plan, likelihood_bound
 from scoreflow.likelihood.divergence import draw_probe, estimate_divergence, exact_divergence
 from scoreflow.likelihood.ode import ODELikelihood, ode_log_likelihood
 from scoreflow.likelihood.truncation import truncation_correction
-from scoreflow.likelihood.units import bpd_offset, bpd_to_nats, mean_and_se, nats_per_dim, nats_to_bpd
+from scoreflow.likelihood.units import (
+    bpd_offset,
+    bpd_to_nats,
+    mean_and_se,
+    nats_per_dim,
+    nats_to_bpd,
+    num_samples_for_mc_excess,
+    split_standard_error,
+)
 
 __all__ = [
+    "BoundPlan",
     "BoundResult",
     "ODELikelihood",
     "bpd_offset",
@@ -20,10 +29,13 @@ __all__ = [
     "draw_probe",
     "estimate_divergence",
     "exact_divergence",
+    "fit_bound_plan",
     "likelihood_bound",
     "mean_and_se",
     "nats_per_dim",
     "nats_to_bpd",
+    "num_samples_for_mc_excess",
     "ode_log_likelihood",
+    "split_standard_error",
     "truncation_correction",
 ]
