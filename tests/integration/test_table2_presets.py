@@ -127,12 +127,17 @@ def one_step_runs() -> dict[str, Path]:
     return {}
 
 
+def train_one_step(make_cfg, fake_data, name):
+    ds = "cifar10" if name.startswith("cifar10") else "imagenet32"
+    cfg = make_cfg([f"experiment=table2/{name}", f"data.root={fake_data[ds]}", *ONE_STEP, *TINY_NET], sub=name)
+    return cfg, train(cfg)
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_trains_one_step_on_fake_data(make_cfg, fake_data, one_step_runs, tmp_path, name, caplog):
     ds = "cifar10" if name.startswith("cifar10") else "imagenet32"
-    cfg = make_cfg([f"experiment=table2/{name}", f"data.root={fake_data[ds]}", *ONE_STEP, *TINY_NET], sub=name)
     with caplog.at_level(logging.INFO, logger="scoreflow.data.imagenet"):
-        metrics = train(cfg)
+        cfg, metrics = train_one_step(make_cfg, fake_data, name)
     assert metrics["train/steps"] == 1 and np.isfinite(metrics["val/bpd_bound"])
     ckpt = tmp_path / name / "checkpoints" / "last.ckpt"
     stored = torch.load(ckpt, map_location="cpu", weights_only=True)["scoreflow"]["config"]
@@ -145,8 +150,9 @@ def test_preset_trains_one_step_on_fake_data(make_cfg, fake_data, one_step_runs,
 @pytest.mark.parametrize("ds", ["cifar10", pytest.param("imagenet32", marks=pytest.mark.slow)])  # 35.5 M flow: ~25 s
 def test_dequantization_step_runs_on_a_row_checkpoint(make_cfg, fake_data, one_step_runs, tmp_path, ds):
     row = f"{ds}_vp_lw_is"
-    if row not in one_step_runs:
-        pytest.skip(f"needs the checkpoint of test_preset_trains_one_step_on_fake_data[{row}]")
+    if row not in one_step_runs:  # run alone: train the row's step here
+        train_one_step(make_cfg, fake_data, row)
+        one_step_runs[row] = tmp_path / row / "checkpoints" / "last.ckpt"
     flow_step = ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.max_steps=1", "datamodule.batch_size=2",
                  "datamodule.eval_batch_size=2", "datamodule.val_subset=2", "datamodule.num_workers=0", "val_every=1",
                  "+module.evaluation.val_num_t=2", "logger=none", "test=false"]
