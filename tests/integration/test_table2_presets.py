@@ -2,7 +2,7 @@
 
 The data are tiny fakes written in the real on-disk formats the loaders read (CIFAR-10 python pickles, the
 van den Oord ImageNet 32x32 PNG folders); the network is shrunk for speed (``model.net.nf=16`` ...) while one
-test builds the presets' real DDPM++ networks and counts their parameters (SPEC §6). The variational-
+test builds the presets' real DDPM++ networks and counts their parameters (README "Networks"). The variational-
 dequantization step (train_dequant.py +experiment=table2/dequant_<dataset>) runs one step on a checkpoint of
 the one-step run.
 """
@@ -83,14 +83,14 @@ def test_preset_has_the_papers_settings(make_cfg, name):
     headline = name.endswith("_scoreflow")  # deep subVP + LW + IS
     deep, cifar, subvp = "deep" in name or headline, name.startswith("cifar10"), "subvp" in name or headline
     assert cfg.table2.name == name
-    # SPEC §7 / App. C: steps, batch, optimizer, warm-up, clipping, EMA
+    # Song et al. 2021b, App. C: steps, batch, optimizer, warm-up, clipping, EMA
     assert cfg.trainer.max_steps == (950_000 if deep else 1_300_000)
     assert cfg.datamodule.batch_size == 128
     o = cfg.module.optim
     assert (o.lr, list(o.betas), o.eps, o.warmup_steps, o.grad_clip) == (2e-4, [0.9, 0.999], 1e-8, 5000, 1.0)
     assert cfg.callbacks.ema.decay == 0.9999 and cfg.callbacks.ema.warmup is False
     assert cfg.module.loss == "dsm" and cfg.module.loss_reduce == "mean"
-    # SDE and its eps (SPEC §1)
+    # SDE and its smallest time eps (VP 1e-5, subVP 1e-2)
     assert cfg.sde._target_.endswith("SubVPSDE" if subvp else ".VPSDE")
     assert cfg.eps == (1e-2 if subvp else 1e-5)
     # network: DDPM++ (deep), dropout per dataset
@@ -172,4 +172,4 @@ def test_real_networks_have_the_papers_sizes(make_cfg, name, params):
 
     cfg = make_cfg([f"experiment=table2/{name}"], sub=name)
     net = instantiate(cfg.model.net, shape=tuple(cfg.data.shape), _convert_="all")
-    assert sum(p.numel() for p in net.parameters()) == params  # SPEC §6: 61.80 M / 106.63 M
+    assert sum(p.numel() for p in net.parameters()) == params  # 61.80 M / 106.63 M (README "Networks")
