@@ -92,7 +92,7 @@ def load_checkpoint_batch(args):
     ds = build_data(cfg).load()["test"]
     dev = torch.device(args.device)
     ys, probes = [], []
-    for i in range(args.num_images):
+    for i in range(args.offset, args.offset + args.num_images):
         k = torch.as_tensor(ds[i][0])[None].to(dev)
         y, _ = module.to_model_space(k, seeded_generator(dev, image_seed(0, i, 0, "dequantization")))
         ys.append(y.double())
@@ -149,6 +149,7 @@ def main() -> None:
     p.add_argument("--gpu-model", help="a conf/model preset with random weights (GPU mode), e.g. ddpmpp")
     p.add_argument("--device", default="cpu")
     p.add_argument("--num-images", type=int, default=32)
+    p.add_argument("--offset", type=int, default=0, help="checkpoint mode: start at this test image")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tight", type=float, default=1e-7, help="rtol=atol of the reference solve (dopri5)")
     p.add_argument("--ref-tols", default="1e-5,1e-4", help="tolerances of the reference method (first = default)")
