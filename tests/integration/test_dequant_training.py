@@ -24,7 +24,8 @@ from scoreflow.tasks.train_dequant import train_dequant
 
 FAST = ["debug=fast", "trainer.accelerator=cpu"]
 QUIET = ["callbacks=minimal", "logger=none"]
-EVAL = ["evaluation.method=rk4", "evaluation.steps=1", "evaluation.test_num_t=8", "num_images=16", "progress=false", "device=cpu"]
+EVAL = ["evaluation.method=rk4", "evaluation.steps=1", "evaluation.test_num_t=8", "num_images=16", "progress=false",
+        "device=cpu"]
 
 
 @pytest.fixture(scope="module")

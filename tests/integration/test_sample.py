@@ -212,8 +212,8 @@ def test_cifar_shaped_model_evaluates_and_samples(make_cfg, tmp_path):
                     "data.val_size=4", "model=unet_small", "model.net.ch=16", "datamodule.batch_size=8",
                     "datamodule.val_subset=4"], sub="cifar_run"))
     ckpt = tmp_path / "cifar_run" / "checkpoints" / "last.ckpt"
-    m = evaluate(make_cfg([f"ckpt_path={ckpt}", *BASE, "evaluation.method=rk4", "evaluation.steps=1", "evaluation.test_num_t=4",
-                           "num_images=3"], sub="cifar_eval", config_name="evaluate"))
+    m = evaluate(make_cfg([f"ckpt_path={ckpt}", *BASE, "evaluation.method=rk4", "evaluation.steps=1",
+                           "evaluation.test_num_t=4", "num_images=3"], sub="cifar_eval", config_name="evaluate"))
     assert np.isfinite(m["test/bpd_ode"]) and np.isfinite(m["test/bpd_bound"])
     run(make_cfg, ckpt, ["sampler=pc", "sampler.steps=3", "num_samples=3", "save_pngs=true"], sub="cifar_s")
     z = np.load(tmp_path / "cifar_s" / "samples.npz")
