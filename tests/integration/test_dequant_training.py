@@ -147,7 +147,8 @@ def test_uniform_flow_reproduces_uniform_dequantization_through_the_same_evaluat
     uniform-dequantization test numbers (same seed, same noise) through module_from_checkpoint and trainer.test."""
     cfg = make_cfg([*FAST, "logger=none", f"score_ckpt={score_ckpt}", "dequantization.num_couplings=0",
                     "dequantization.base=logistic", "module.optim.lr=0", "trainer.max_steps=1", "val_every=100",
-                    "seed=42", "test=false", "module.evaluation.truncation_correction=false"],  # the score run's
+                    "seed=42", "test=false", "module.evaluation.truncation_correction=false",  # the score run's
+                    "module.evaluation.method=rk4", "module.evaluation.steps=1"],  # (debug=fast would say dopri5)
                    config_name="train_dequant")
     train_dequant(cfg)
     flow_ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
