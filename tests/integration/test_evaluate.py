@@ -144,9 +144,9 @@ def test_per_image_values_do_not_depend_on_batch_boundaries(digits_ckpt, make_cf
 def test_changed_protocol_is_refused_then_restarted_with_resume_false(digits_ckpt, make_cfg, tmp_path):
     run_eval(make_cfg, digits_ckpt, [*RK4, "num_images=2"], sub="proto")
     with pytest.raises(ProtocolMismatchError, match="test_num_t|num_t"):
-        run_eval(make_cfg, digits_ckpt, [*RK4, "num_images=2", "evaluation.test_num_t=5"], sub="proto")
-    m = run_eval(make_cfg, digits_ckpt, [*RK4, "num_images=2", "evaluation.test_num_t=5", "resume=false"], sub="proto")
-    assert m["protocol"]["bound"]["num_t"] == 5 and len(counts(tmp_path / "proto" / "partial.jsonl")) == 4
+        run_eval(make_cfg, digits_ckpt, [*RK4, "num_images=2", "evaluation.test_num_t=6"], sub="proto")
+    m = run_eval(make_cfg, digits_ckpt, [*RK4, "num_images=2", "evaluation.test_num_t=6", "resume=false"], sub="proto")
+    assert m["protocol"]["bound"]["num_t"] == 6 and len(counts(tmp_path / "proto" / "partial.jsonl")) == 4
 
 
 def test_val_split_raw_weights_bound_only_with_corrections(digits_ckpt, make_cfg):
@@ -274,3 +274,22 @@ def test_command_line_resumes_in_the_same_directory(digits_ckpt, tmp_path):
     saved = json.loads(metrics.read_text())
     assert saved["complete"] and set(counts(metrics.parent / "partial.jsonl").values()) == {1}
     assert "bits/dim (ODE)" in second.stdout
+
+
+def test_bound_standard_error_split_and_fitted_plan(digits_ckpt, make_cfg, tmp_path, capsys):
+    """The bound's s.e. over images is split into between-image and Monte-Carlo parts (se² = between² + mc²),
+    printed under the result; the fitted plan (the default) gives a smaller Monte-Carlo part than no plan at the
+    same number of calls, and the per-image Monte-Carlo standard errors land in per_example.npz."""
+    common = ["evaluation.method=rk4", "evaluation.steps=1", "progress=false", "device=cpu", "solver_check_images=0",
+              "ode=false", "num_images=16", "evaluation.test_num_t=16"]
+    m = run_eval(make_cfg, digits_ckpt, common, sub="plan")
+    se, b, mc = m["test/bpd_bound_se"], m["test/bpd_bound_se_between"], m["test/bpd_bound_se_mc"]
+    assert "plan fit" in m["protocol_text"] and "antithetic" in m["protocol_text"]
+    assert se**2 == pytest.approx(b**2 + mc**2, rel=1e-6) or b == 0.0
+    assert "bound s.e. split" in capsys.readouterr().out
+    per = np.load(tmp_path / "plan" / "per_example.npz")
+    assert per["bpd_bound_mcse"].shape == per["bpd_bound"].shape and bool((per["bpd_bound_mcse"] > 0).all())
+    m0 = run_eval(make_cfg, digits_ckpt, [*common, "evaluation.bound_plan=none", "evaluation.bound_antithetic=false"],
+                  sub="noplan")
+    assert "plan" not in m0["protocol"]["bound"]
+    assert m["test/bpd_bound_se_mc"] < m0["test/bpd_bound_se_mc"]

@@ -21,7 +21,7 @@ from torch import Tensor
 from scoreflow.dequantization import Dequantizer, to_model_space
 from scoreflow.likelihood import likelihood_bound, nats_to_bpd, ode_log_likelihood
 from scoreflow.lit.metrics import MeanSE
-from scoreflow.lit.per_image import bound_bpd, mean_se_over_images, ode_bpd
+from scoreflow.lit.per_image import bound_bpd, bound_plan, mean_se_over_images, ode_bpd
 from scoreflow.losses import dsm_loss, ism_loss
 from scoreflow.nets import ScoreModel
 from scoreflow.utils import ieee_float32
@@ -48,6 +48,9 @@ DEFAULT_EVAL = dict(
     test_ode=True,
     test_bound=True,
     test_repeats=1,
+    bound_antithetic=False,  # pairs (z, -z) at each bound time
+    bound_plan="none",  # "fit": a time plan (control variate, time density, baseline) fitted once per evaluation
+    bound_plan_images=32,  # images whose pilot draws fit it
     seed=0,  # per-image noise of the test phase and evaluate.py; not the training seed, so runs share it
 )
 
@@ -325,9 +328,10 @@ class ScoreLitModule(pl.LightningModule):
         k, e = batch[0], self.eval_cfg
         idx = self._test_indices(k.shape[0])
         seed = int(e["seed"])
+        plan = bound_plan(self, self.trainer.test_dataloaders.dataset, seed) if e["test_bound"] else None
         for r in range(int(e["test_repeats"])):
             if e["test_bound"]:
-                self._record("bpd_bound", idx, r, bound_bpd(self, k, idx, r, seed))
+                self._record("bpd_bound", idx, r, bound_bpd(self, k, idx, r, seed, plan=plan))
             if e["test_ode"]:
                 v, nfe = ode_bpd(self, k, idx, r, seed)
                 self._record("bpd_ode", idx, r, v)

@@ -21,7 +21,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from scoreflow.likelihood import draw_probe, likelihood_bound, ode_log_likelihood, truncation_correction
+from scoreflow.likelihood import (
+    BoundPlan,
+    draw_probe,
+    fit_bound_plan,
+    likelihood_bound,
+    ode_log_likelihood,
+    truncation_correction,
+)
 
 if TYPE_CHECKING:
     from scoreflow.lit.module import ScoreLitModule
@@ -83,22 +90,70 @@ def ode_bpd(module: ScoreLitModule, k: Tensor, indices: list[int], repeat: int, 
     return module.to_bpd(res.nll + corr, log_q.to(dtype), y[0].numel()), res.nfe
 
 
+PILOT_REPEAT = -1  # the bound plan's pilot draws: a repeat index no evaluation uses, so their noise is independent
+
+
+def bound_plan(module: ScoreLitModule, dataset, seed: int, limit: int | None = None) -> BoundPlan | None:
+    """The bound's time plan (``evaluation.bound_plan``): ``None`` for ``"none"``; for ``"fit"``, a
+    :class:`~scoreflow.likelihood.BoundPlan` fitted by :func:`~scoreflow.likelihood.fit_bound_plan` on the first
+    ``bound_plan_images`` of the images evaluated (``dataset[:limit]``), with pilot noise seeded by
+    ``(seed, image, -1)`` only.
+
+    The same on every process and in every command that evaluates this model with this seed (the training test
+    phase, ``evaluate.py``), and independent of the noise of the evaluated values, so every bound stays unbiased.
+    Cached on the module.
+    """
+    e = module.eval_cfg
+    kind = e.get("bound_plan") or "none"
+    if kind == "none":
+        return None
+    if kind != "fit":
+        raise ValueError(f"evaluation.bound_plan must be 'none' or 'fit', got {kind!r}")
+    n = min(int(e.get("bound_plan_images") or 32), len(dataset), len(dataset) if limit is None else int(limit))
+    cached = getattr(module, "_bound_plan_cache", None)
+    if cached is not None and cached[:2] == (seed, n):
+        return cached[2]
+    if n < 1:
+        raise ValueError("evaluation.bound_plan=fit needs at least one image to fit the plan on")
+    dev = module.device
+    indices = list(range(n))
+    k = torch.stack([torch.as_tensor(dataset[i][0]) for i in indices]).to(dev)
+    y, _ = model_space(module, k, indices, PILOT_REPEAT, seed)
+    plan = fit_bound_plan(module._score_fn(), module.sde, y, eps=module.eps,
+                          generator=seeded_generator(dev, image_seed(seed, 0, PILOT_REPEAT, "bound_plan")))
+    module._bound_plan_cache = (seed, n, plan)
+    return plan
+
+
 def bound_bpd(module: ScoreLitModule, k: Tensor, indices: list[int], repeat: int, seed: int, *,
-              chunk_size: int = 1024) -> Tensor:
-    """Per-image bound bits/dim ``[B]`` (Theorem 3), each image with its own times and noises."""
+              chunk_size: int = 1024, plan: BoundPlan | None = None,
+              return_se: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Per-image bound bits/dim ``[B]`` (Theorem 3), each image with its own times and noises.
+
+    ``plan``: the time plan of :func:`bound_plan` (needed when ``evaluation.bound_plan`` is ``"fit"``).
+    With ``return_se`` also the per-image Monte-Carlo standard error in bits/dim ``[B]``.
+    """
     e, dev = module.eval_cfg, k.device
+    if (e.get("bound_plan") or "none") != "none" and plan is None:
+        raise ValueError("evaluation.bound_plan is set: pass plan=bound_plan(module, dataset, seed)")
     y, log_q = model_space(module, k, indices, repeat, seed)
-    out = []
+    out, ses = [], []
     with torch.no_grad():
         for j, i in enumerate(indices):
             res = likelihood_bound(
                 module._score_fn(), module.sde, y[j : j + 1], eps=module.eps, num_t=int(e["test_num_t"]),
                 importance_sampling=e["importance_sampling"], truncation_correction=e["truncation_correction"],
                 estimator=e["bound_estimator"], stratified=bool(e["stratified"]),
+                antithetic=bool(e.get("bound_antithetic", False)), plan=plan,
                 generator=seeded_generator(dev, image_seed(seed, i, repeat, "bound")), chunk_size=chunk_size,
             )
             out.append(res.nll)
-    return module.to_bpd(torch.cat(out), log_q, y[0].numel())
+            ses.append(res.nll_se)
+    D = y[0].numel()
+    bpd = module.to_bpd(torch.cat(out), log_q, D)
+    if not return_se:
+        return bpd
+    return bpd, torch.cat(ses).double() / (D * math.log(2.0))
 
 
 def mean_se_over_images(table: np.ndarray) -> tuple[float, float, int]:

@@ -97,7 +97,10 @@ def fingerprint(lm: LoadedModel, split: str, seed: int, ode_tc: bool) -> dict[st
         "ode": ode,
         "bound": {"num_t": e["test_num_t"], "importance_sampling": e["importance_sampling"],
                   "estimator": e.get("bound_estimator", "closed_form"), "stratified": bool(e.get("stratified", False)),
-                  "truncation_correction": e["truncation_correction"]},
+                  "truncation_correction": e["truncation_correction"],
+                  **({"antithetic": True} if e.get("bound_antithetic") else {}),
+                  **({"plan": f"fit on {int(e.get('bound_plan_images') or 32)} images"}
+                     if (e.get("bound_plan") or "none") != "none" else {})},
     }
 
 
@@ -109,7 +112,8 @@ def protocol_text(p: dict[str, Any]) -> str:
     return (f"eps={p['eps']:g}, dequantization={p['dequantization']}, repeats={p['repeats']}, seed={p['seed']}; "
             f"ODE {o['method']} {solve} {o['divergence']} {o['dtype']} "
             f"eps-correction {onoff[o['truncation_correction']]}; bound num_t={b['num_t']} "
-            f"IS {onoff[b['importance_sampling']]} {b['estimator']}{' stratified' if b['stratified'] else ''} "
+            f"IS {onoff[b['importance_sampling']]} {b['estimator']}{' stratified' if b['stratified'] else ''}"
+            f"{' antithetic' if b.get('antithetic') else ''}{' plan ' + b['plan'] if b.get('plan') else ''} "
             f"eps-correction {onoff[b['truncation_correction']]}")
 
 
@@ -226,6 +230,11 @@ def format_table(metrics: dict[str, Any], split: str, lm: LoadedModel, out: Path
         extra["solver error (ODE)"] = solver_error_text(metrics, split, check)
     if f"{p}fid" in metrics:
         extra["FID samples / NFE"] = f"{int(metrics[p + 'fid_num_samples'])} / {metrics[p + 'fid_nfe']:.0f}"
+    if f"{p}bpd_bound_se_mc" in metrics:
+        extra["bound s.e. split"] = (
+            f"between images {metrics[p + 'bpd_bound_se_between']:.4f} ⊕ Monte-Carlo "
+            f"{metrics[p + 'bpd_bound_se_mc']:.4f} (the Monte-Carlo noise adds "
+            f"{100 * metrics[p + 'bpd_bound_mc_excess']:.1f} % to the s.e.)")
     extra["protocol"] = metrics["protocol_text"]
     extra["wall time"] = f"{metrics['wall_time_s']:.1f} s"
     extra["output"] = str(out)

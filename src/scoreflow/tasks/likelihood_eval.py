@@ -62,7 +62,7 @@ class PartialResults:
     merged in file order and the first value of an ``(image, repeat)`` wins: each is counted once.
     """
 
-    QUANTITIES = ("bpd_ode", "bpd_bound", "bpd_ode_tight")
+    QUANTITIES = ("bpd_ode", "bpd_bound", "bpd_ode_tight", "bpd_bound_mcse")  # the last rides on bpd_bound lines
 
     def __init__(self, folder: Path, fingerprint: dict[str, Any], rank: int = 0, resume: bool = True):
         self.path = partial_path(folder, rank)
@@ -102,6 +102,8 @@ class PartialResults:
         store = self.values[rec["q"]]
         for i, v in zip(rec["i"], rec["v"]):
             store.setdefault((int(i), int(rec["r"])), float(v))  # first value wins: each counted once
+        for i, se in zip(rec["i"], rec.get("se", ())):  # the bound's per-image Monte-Carlo standard errors
+            self.values["bpd_bound_mcse"].setdefault((int(i), int(rec["r"])), float(se))
         if rec["q"] == "bpd_ode":
             for i in rec["i"]:
                 self.values["nfe"].setdefault((int(i), int(rec["r"])), float(rec["nfe"]))
@@ -121,10 +123,13 @@ class PartialResults:
     def done(self, quantity: str, index: int, repeat: int) -> bool:
         return (index, repeat) in self.values[quantity]
 
-    def append(self, quantity: str, repeat: int, indices: list[int], values: Tensor, nfe: int | None = None) -> None:
+    def append(self, quantity: str, repeat: int, indices: list[int], values: Tensor, nfe: int | None = None,
+               se: Tensor | None = None) -> None:
         rec = {"q": quantity, "r": repeat, "i": indices, "v": [float(v) for v in values.double().cpu()]}
         if nfe is not None:
             rec["nfe"] = int(nfe)
+        if se is not None:
+            rec["se"] = [float(v) for v in se.double().cpu()]
         self._write_line(rec)
         self._add(rec)
 
@@ -172,9 +177,11 @@ def ode_bpd(module: ScoreLitModule, k: Tensor, indices: list[int], r: int, s: Li
                              ode_truncation_correction=s.ode_truncation_correction)
 
 
-def bound_bpd(module: ScoreLitModule, k: Tensor, indices: list[int], r: int, s: LikelihoodSettings) -> Tensor:
-    """Per-image bound bits/dim ``[B]`` (:func:`scoreflow.lit.per_image.bound_bpd`)."""
-    return per_image.bound_bpd(module, k, indices, r, s.seed, chunk_size=s.bound_chunk_size)
+def bound_bpd(module: ScoreLitModule, k: Tensor, indices: list[int], r: int, s: LikelihoodSettings,
+              plan=None) -> tuple[Tensor, Tensor]:
+    """Per-image bound bits/dim ``[B]`` and Monte-Carlo standard errors (:func:`scoreflow.lit.per_image.bound_bpd`)."""
+    return per_image.bound_bpd(module, k, indices, r, s.seed, chunk_size=s.bound_chunk_size, plan=plan,
+                               return_se=True)
 
 
 def _batches(n: int, batch_size: int) -> list[list[int]]:
@@ -216,6 +223,7 @@ def run_likelihoods(module: ScoreLitModule, dataset, n: int, store: PartialResul
     bar = tqdm(total=len(mine), disable=not s.progress or rank != 0, desc="likelihood", unit="batch",
                dynamic_ncols=True)
     dev = module.device
+    plan = per_image.bound_plan(module, dataset, s.seed, limit=n) if s.bound and mine else None  # same on every rank
     for done_now, (r, b, quantities) in enumerate(mine):
         if s.max_batches is not None and done_now >= s.max_batches:
             bar.close()
@@ -226,7 +234,8 @@ def run_likelihoods(module: ScoreLitModule, dataset, n: int, store: PartialResul
                 continue
             k = torch.stack([torch.as_tensor(dataset[i][0]) for i in idx]).to(dev)
             if q == "bpd_bound":
-                store.append(q, r, idx, bound_bpd(module, k, idx, r, s))
+                v, mcse = bound_bpd(module, k, idx, r, s, plan)
+                store.append(q, r, idx, v, se=mcse)  # se: for the between-image / Monte-Carlo split
             else:
                 v, nfe = ode_bpd(module, k, idx, r, s, check_solver(module.eval_cfg) if q == "bpd_ode_tight" else None)
                 store.append(q, r, idx, v, nfe if q == "bpd_ode" else None)
@@ -257,12 +266,30 @@ def summarize(store: PartialResults, split: str, n: int, repeats: int, quantitie
     if "bpd_ode" in quantities and store.solves:
         out[f"{split}/nfe"] = float(np.mean(store.solves))
         out[f"{split}/nfe_max"] = float(np.max(store.solves))
+    if "bpd_bound" in quantities:
+        out |= mc_split(store, split, n, repeats)
     err = solver_error(store, min(n, solver_check_images))
     if "bpd_ode" in quantities and err.size:
         out[f"{split}/ode_solver_error_max"] = float(err.max())
         out[f"{split}/ode_solver_error_mean"] = float(err.mean())
         out[f"{split}/ode_solver_error_num_images"] = float(err.size)
     return out
+
+
+def mc_split(store: PartialResults, split: str, n: int, repeats: int) -> dict[str, float]:
+    """The bound's standard error over images split into its between-image and Monte-Carlo parts
+    (:func:`scoreflow.likelihood.split_standard_error`), over the images that have every repeat's value and
+    Monte-Carlo standard error. Empty if fewer than two such images."""
+    from scoreflow.likelihood import split_standard_error
+
+    v, se = store.table("bpd_bound", n, repeats), store.table("bpd_bound_mcse", n, repeats)
+    ok = ~np.isnan(v).any(axis=1) & ~np.isnan(se).any(axis=1)
+    if ok.sum() < 2:
+        return {}
+    mc_var = (se[ok] ** 2).mean(axis=1) / repeats  # of each image's mean over its repeats
+    sp = split_standard_error(v[ok].mean(axis=1), mc_var=mc_var)
+    return {f"{split}/bpd_bound_se_between": sp.se_between, f"{split}/bpd_bound_se_mc": sp.se_mc,
+            f"{split}/bpd_bound_mc_excess": sp.mc_excess, f"{split}/bpd_bound_mc_num_images": float(sp.num_images)}
 
 
 def solver_error(store: PartialResults, n_check: int) -> np.ndarray:
@@ -274,11 +301,13 @@ def solver_error(store: PartialResults, n_check: int) -> np.ndarray:
 
 def save_per_example(path: Path, store: PartialResults, n: int, repeats: int, quantities: list[str],
                      solver_check_images: int = 0) -> Path:
-    """``per_example.npz``: ``index [N]`` and ``[N, repeats]`` arrays per quantity (NaN = not computed), and
-    ``bpd_ode_tight [M]``: repeat 0 of the first ``M`` images re-solved at the 100x tighter tolerance."""
+    """``per_example.npz``: ``index [N]`` and ``[N, repeats]`` arrays per quantity (NaN = not computed), the
+    bound's per-image Monte-Carlo standard errors ``bpd_bound_mcse [N, repeats]``, and ``bpd_ode_tight [M]``: repeat 0 of the first ``M`` images re-solved at the 100x tighter tolerance."""
     arrays = {"index": np.arange(n)}
     for q in quantities:
         arrays[q] = store.table(q, n, repeats)
+    if "bpd_bound" in quantities:
+        arrays["bpd_bound_mcse"] = store.table("bpd_bound_mcse", n, repeats)
     if "bpd_ode" in quantities:
         arrays["nfe"] = store.table("nfe", n, repeats)
         if solver_check_images > 0:
