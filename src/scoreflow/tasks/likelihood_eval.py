@@ -302,7 +302,8 @@ def solver_error(store: PartialResults, n_check: int) -> np.ndarray:
 def save_per_example(path: Path, store: PartialResults, n: int, repeats: int, quantities: list[str],
                      solver_check_images: int = 0) -> Path:
     """``per_example.npz``: ``index [N]`` and ``[N, repeats]`` arrays per quantity (NaN = not computed), the
-    bound's per-image Monte-Carlo standard errors ``bpd_bound_mcse [N, repeats]``, and ``bpd_ode_tight [M]``: repeat 0 of the first ``M`` images re-solved at the 100x tighter tolerance."""
+    bound's per-image Monte-Carlo standard errors ``bpd_bound_mcse [N, repeats]``, and ``bpd_ode_tight [M]``:
+    repeat 0 of the first ``M`` images re-solved at the 100x tighter tolerance."""
     arrays = {"index": np.arange(n)}
     for q in quantities:
         arrays[q] = store.table(q, n, repeats)
