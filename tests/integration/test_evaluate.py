@@ -22,7 +22,8 @@ from tests.integration.conftest import compose_cfg
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = ["test/bpd_ode", "test/bpd_ode_se", "test/bpd_bound", "test/bpd_bound_se", "test/nfe"]
 # loose tolerances and few bound times: the mechanics, not the numbers
-QUICK = ["evaluation.rtol=1e-2", "evaluation.atol=1e-2", "evaluation.test_num_t=8", "progress=false", "device=cpu"]
+QUICK = ["evaluation.method=dopri5", "evaluation.rtol=1e-2", "evaluation.atol=1e-2", "evaluation.test_num_t=8",
+         "progress=false", "device=cpu"]
 # one fixed RK4 step (4 NFE) for the tests that need many ODE solves, without the (adaptive) solver check
 RK4 = ["evaluation.method=rk4", "evaluation.steps=1", "evaluation.test_num_t=4", "progress=false", "device=cpu",
        "solver_check_images=0"]

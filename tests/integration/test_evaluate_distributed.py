@@ -32,8 +32,8 @@ digits_ckpt = test_evaluate.digits_ckpt  # the tiny checkpoint fixture (4 traini
 
 # dopri5 at a loose tolerance: adaptive, so the ranks take different numbers of steps, and still quick;
 # 7 images in batches of 2 -> 4 batches + 2 batches of the solver check on images 0..2
-ARGS = ["evaluation.rtol=1e-2", "evaluation.atol=1e-2", "evaluation.test_num_t=4", "num_images=7", "batch_size=2",
-        "solver_check_images=3", "progress=false"]
+ARGS = ["evaluation.method=dopri5", "evaluation.rtol=1e-2", "evaluation.atol=1e-2", "evaluation.test_num_t=4",
+        "num_images=7", "batch_size=2", "solver_check_images=3", "progress=false"]
 
 
 def counts(folder: Path) -> dict[tuple[str, int, int], int]:
@@ -66,7 +66,7 @@ def test_two_processes_give_the_values_of_one(digits_ckpt, make_cfg, tmp_path):
     assert set(c.values()) == {1} and len(c) == 2 * 7 + 3  # every (image, repeat) once, + the check of 3 images
 
     a, b = np.load(tmp_path / "one" / "per_example.npz"), np.load(two / "per_example.npz")
-    assert set(a.files) == set(b.files) == {"index", "bpd_ode", "bpd_bound", "nfe", "bpd_ode_tight"}
+    assert set(a.files) == set(b.files) >= {"index", "bpd_ode", "bpd_bound", "nfe", "bpd_ode_tight"}
     for key in a.files:
         np.testing.assert_array_equal(a[key], b[key])  # bit for bit: the same batches on 1 and 2 ranks
     ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
@@ -133,7 +133,8 @@ def toy_ckpt(tmp_path_factory) -> Path:
 
 
 def test_solver_check_is_the_tighter_solve_and_shrinks_with_the_tolerance(toy_ckpt, make_cfg, tmp_path, capsys):
-    base = ["num_images=3", "batch_size=3", "solver_check_images=3", "bound=false", "progress=false", "device=cpu"]
+    base = ["num_images=3", "batch_size=3", "solver_check_images=3", "bound=false", "progress=false", "device=cpu",
+            "evaluation.method=dopri5"]
 
     def run(tol: float, *extra: str) -> tuple[dict, np.lib.npyio.NpzFile]:
         m = run_eval(make_cfg, toy_ckpt, [*base, f"evaluation.rtol={tol}", f"evaluation.atol={tol}", *extra],

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from scoreflow.dequantization import Dequantizer, to_model_space
 from scoreflow.likelihood import likelihood_bound, nats_to_bpd, ode_log_likelihood
+from scoreflow.likelihood.ode import FIXED_GRID_METHODS
 from scoreflow.lit.metrics import MeanSE
 from scoreflow.lit.per_image import bound_bpd, bound_plan, mean_se_over_images, ode_bpd
 from scoreflow.losses import dsm_loss, ism_loss
@@ -272,7 +273,7 @@ class ScoreLitModule(pl.LightningModule):
             rtol=e["rtol"],
             atol=e["atol"],
             method=e["method"],
-            steps=e["steps"],
+            steps=e["steps"] if e["method"] in FIXED_GRID_METHODS else None,
             grid_rho=e["grid_rho"],
             divergence=e["divergence"],
             generator=g,

@@ -29,6 +29,7 @@ from scoreflow.likelihood import (
     ode_log_likelihood,
     truncation_correction,
 )
+from scoreflow.likelihood.ode import FIXED_GRID_METHODS
 
 if TYPE_CHECKING:
     from scoreflow.lit.module import ScoreLitModule
@@ -84,6 +85,8 @@ def ode_bpd(module: ScoreLitModule, k: Tensor, indices: list[int], repeat: int, 
                      for j, i in enumerate(indices)]
         corr, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     o = {key: e.get(key) for key in ("method", "rtol", "atol", "steps", "grid_rho")} | (solver or {})
+    if o["method"] not in FIXED_GRID_METHODS:  # e.g. evaluation.method=dopri5 on a checkpoint stored with rk4
+        o["steps"] = None
     res = ode_log_likelihood(score_fn, module.sde, y, eps=module.eps, rtol=o["rtol"], atol=o["atol"],
                              method=o["method"], steps=o["steps"], grid_rho=o["grid_rho"],
                              divergence=e["divergence"], probe=probe, dtype=dtype)
