@@ -33,7 +33,10 @@ READY = "pre-emption: SIGUSR1/SIGUSR2/SIGTERM/SIGINT"
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    # No SLURM variables, and no W&B service of this pytest process (an earlier in-process W&B test exports
+    # WANDB_SERVICE): a child connected to it would leave its killed run "in use" there and the resumed run's
+    # wandb.init(id=...) would be refused, as happened in the full suite.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "WANDB_SERVICE", "_WANDB"))}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", **extra)
     return env
 
