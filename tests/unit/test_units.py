@@ -72,3 +72,14 @@ def test_ieee_float32_switches_tf32_off_and_restores():
         assert conv.fp32_precision == "tf32"
     finally:
         conv.fp32_precision, matmul.fp32_precision = before
+
+
+def test_lr_schedule_warmup_then_cosine():
+    from scoreflow.lit.module import lr_factor
+
+    assert lr_factor(0, 100) == 0.01 and lr_factor(99, 100) == 1.0 and lr_factor(5000, 100) == 1.0  # no decay
+    assert lr_factor(49, 100, decay_steps=1100) == 0.5  # still warming up
+    assert lr_factor(100, 100, decay_steps=1100) == 1.0
+    assert abs(lr_factor(600, 100, decay_steps=1100) - 0.5) < 1e-12  # half-way: cos(pi/2)
+    assert abs(lr_factor(1100, 100, decay_steps=1100, min_lr_ratio=0.1) - 0.1) < 1e-12
+    assert lr_factor(5000, 100, decay_steps=1100) == 0.0  # held at the floor after decay_steps

@@ -28,7 +28,8 @@ from scoreflow.nets import ScoreModel
 from scoreflow.utils import ieee_float32
 from scoreflow.weighting import TimeSampler
 
-DEFAULT_OPTIM = dict(lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=5000, grad_clip=1.0)
+DEFAULT_OPTIM = dict(lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=5000, grad_clip=1.0,
+                     decay_steps=None, min_lr_ratio=0.0)
 DEFAULT_EVAL = dict(
     eps=None,  # None: the time sampler's eps
     val_num_t=100,
@@ -56,11 +57,24 @@ DEFAULT_EVAL = dict(
 )
 
 
+def lr_factor(step: int, warmup_steps: int, decay_steps: int | None = None, min_lr_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up over ``warmup_steps`` (ScoreFlow's schedule), then, if
+    ``decay_steps`` is set, a cosine decay to ``min_lr_ratio`` at step ``decay_steps`` (held there after)."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    if not decay_steps or decay_steps <= warmup_steps:
+        return warm
+    frac = min(1.0, max(0.0, (step - warmup_steps) / (decay_steps - warmup_steps)))
+    return warm * (min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac)))
+
+
 def adam_with_warmup(params: list[torch.nn.Parameter], o: dict[str, Any]) -> dict[str, Any]:
-    """Adam with a linear learning-rate warm-up over ``o["warmup_steps"]`` steps (SPEC §7), per-step schedule."""
+    """Adam with a linear learning-rate warm-up over ``o["warmup_steps"]`` steps (SPEC §7) and an optional cosine
+    decay (``o["decay_steps"]``, ``o["min_lr_ratio"]``), per-step schedule."""
     opt = torch.optim.Adam(params, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"])
-    warm = int(o["warmup_steps"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+    warm, decay = int(o["warmup_steps"]), o.get("decay_steps")
+    ratio = float(o.get("min_lr_ratio") or 0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, warm, None if decay is None else int(decay), ratio))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
