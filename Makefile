@@ -48,3 +48,7 @@ train: $(STAMP)  ## the default run: train on the embedded digits data
 
 clean:  ## remove the venv and run outputs
 	rm -rf $(VENV) outputs multirun
+
+.PHONY: reproduce-small
+reproduce-small: $(STAMP)  ## the paper's five claims at CPU scale -> reports/ (QUICK=1: ~10 min)
+	$(BIN)/python -m scoreflow.tasks.reproduce $(if $(QUICK),--quick,)

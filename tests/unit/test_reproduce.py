@@ -1,0 +1,178 @@
+"""``scoreflow.tasks.reproduce``: paired statistics, the claims' verdicts, the report and resume skipping."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scoreflow.tasks import reproduce as rp
+
+
+def _images(values, start: int = 0) -> dict[int, float]:
+    return {start + i: float(v) for i, v in enumerate(values)}
+
+
+def test_paired_se_is_that_of_the_differences_not_of_two_means():
+    rng = np.random.default_rng(0)
+    base = rng.normal(2.0, 1.0, 400)  # large between-image spread, shared by both rows
+    a, b = _images(base + 0.01 + rng.normal(0, 0.001, 400)), _images(base)
+    d = rp.paired(a, b)
+    assert d.n == 400
+    assert d.mean == pytest.approx(0.01, abs=2e-4)
+    diffs = np.array([a[i] - b[i] for i in range(400)])
+    assert d.se == pytest.approx(diffs.std(ddof=1) / math.sqrt(400), rel=1e-12)
+    assert d.se < 1e-4  # two independent means would give ~0.07: the pairing is what resolves 0.01
+    assert d.z > 50
+
+
+def test_paired_uses_only_shared_images_and_needs_two():
+    a, b = _images([1.0, 2.0, 3.0]), _images([0.0, 1.0, 5.0, 7.0], start=1)  # shared: 1, 2
+    d = rp.paired(a, b)
+    assert d.n == 2 and d.mean == pytest.approx(((2 - 0) + (3 - 1)) / 2)
+    with pytest.raises(ValueError, match="2 shared"):
+        rp.paired(_images([1.0]), _images([1.0]))
+
+
+@pytest.mark.parametrize(
+    ("zs", "expect_negative", "want"),
+    [
+        ([-3.0, -5.0], True, "holds"),
+        ([-3.0, -1.0], True, "inconclusive"),  # one within 2 s.e. of zero
+        ([-3.0, 2.5], True, "does not hold"),  # one significantly the wrong way
+        ([3.0, 4.0], False, "holds"),
+        ([3.0, -2.1], False, "does not hold"),
+        ([], True, "inconclusive"),
+        ([-1.9, 1.9], True, "inconclusive"),
+    ],
+)
+def test_verdict(zs, expect_negative, want):
+    assert rp.verdict([rp.Paired(z * 0.01, 0.01, 100) for z in zs], expect_negative=expect_negative) == want
+
+
+def _row(sde, w, ode, bound, vd=None, kid=None) -> rp.RowResult:
+    r = rp.RowResult(rp.Row("digits", sde, w, 10, None), _images(ode), _images(bound), kid=kid)
+    if vd is not None:
+        r.ode_vd, r.bound_vd = _images(vd[0]), _images(vd[1])
+    return r
+
+
+def _synthetic(lw_is_shift: float, noise: float, seed: int = 0, vd_shift: float = -0.05) -> list[rp.RowResult]:
+    """Rows built from one per-image base so pairing matters: original > likelihood > lw_is by ``lw_is_shift``."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(2.0, 0.3, 200)
+    rows = []
+    for sde in rp.SDES:
+        for j, w in enumerate(rp.WEIGHTINGS):
+            ode = base - j * lw_is_shift + rng.normal(0, noise, 200)
+            bound = ode + 0.05 + rng.normal(0, noise, 200)  # bound above the NLL
+            vd = (ode + vd_shift + rng.normal(0, noise, 200), bound + vd_shift + rng.normal(0, noise, 200))
+            rows.append(_row(sde, w, ode, bound, vd, kid=(0.01 + 0.01 * (w == "lw_is"), 0.001)))
+    return rows
+
+
+def test_claims_hold_on_synthetic_rows_that_follow_the_paper():
+    cs = {c.number: c for c in rp.claims(_synthetic(lw_is_shift=0.05, noise=0.01))}
+    assert [cs[i].verdict for i in (1, 2, 3, 5)] == ["holds"] * 4
+    assert cs[4].verdict.startswith("holds (NLL/bound); sample quality worse: holds")
+    assert "digits/vp/uniform" in cs[3].evidence and "digits/subvp/variational" in cs[4].evidence
+
+
+def test_claims_do_not_hold_when_the_data_say_the_opposite():
+    # lw_is and likelihood worse than original, variational dequantization worse than uniform, bound below NLL
+    rows = _synthetic(lw_is_shift=-0.05, noise=0.01, vd_shift=+0.05)
+    for r in rows:
+        r.bound = {i: v - 0.2 for i, v in r.ode.items()}
+    cs = {c.number: c for c in rp.claims(rows)}
+    assert cs[1].verdict == "does not hold"
+    assert cs[3].verdict == "does not hold"
+    assert cs[4].verdict.startswith("does not hold")
+    assert cs[5].verdict == "does not hold"
+
+
+def test_claims_are_inconclusive_within_the_noise():
+    cs = {c.number: c for c in rp.claims(_synthetic(lw_is_shift=0.0005, noise=0.2, vd_shift=-0.0005))}
+    assert cs[3].verdict == "inconclusive" and cs[5].verdict == "inconclusive"
+    assert cs[4].verdict.startswith("inconclusive")
+
+
+def test_kid_is_near_zero_for_one_distribution_and_positive_for_two():
+    rng = np.random.default_rng(0)
+    x, y, z = rng.random((400, 16)), rng.random((400, 16)), rng.random((400, 16)) ** 3
+    same, se = rp.kid(x, y)
+    diff, _ = rp.kid(x, z)
+    assert abs(same) < 3 * se + 1e-3
+    assert diff > 10 * se
+
+
+def test_report_lists_every_claim_and_row(tmp_path):
+    rows = _synthetic(lw_is_shift=0.05, noise=0.01)
+    rows[0].loss_var = {"likelihood": 12.0, "lw_is": 0.5}
+    cs = rp.claims(rows)
+    path = rp.write_report(tmp_path / "r.md", rows, cs, command="make reproduce-small QUICK=1", wall_s=90.0,
+                           budget=rp.QUICK, plots={"samples": "r/samples.png"})
+    text = path.read_text()
+    for c in cs:
+        assert f"| {c.number} | {c.text} | **{c.verdict}** |" in text
+    for r in rows:
+        assert f"| {r.row.name} |" in text
+    assert "12 / 0.5" in text and "![samples](r/samples.png)" in text
+    assert "make reproduce-small QUICK=1" in text and "1.5 min" in text
+
+
+def _finished(run: Path) -> None:
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"test/bpd_ode": 1.9}))
+
+
+def test_resume_skips_finished_stages(tmp_path):
+    row = rp.Row("digits", "vp", "lw_is", 10, 16)
+    calls: list[list[str]] = []
+    runner = lambda cmd, log: calls.append(cmd)  # noqa: E731
+    _finished(tmp_path / "runs" / row.name)
+    assert rp.do_row(row, tmp_path, rp.QUICK, runner=runner) == ["dequant", "samples"]
+    assert "train_dequant.py" in calls[0][1] and "sample.py" in calls[1][1]
+    _finished(tmp_path / "runs" / f"{row.name}_vd")
+    (tmp_path / "runs" / f"{row.name}_samples").mkdir()
+    (tmp_path / "runs" / f"{row.name}_samples" / "samples.npz").write_bytes(b"")
+    calls.clear()
+    assert rp.do_row(row, tmp_path, rp.QUICK, runner=runner) == [] and calls == []
+
+
+def test_a_run_without_test_metrics_is_not_done(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    assert not rp.run_done(run)
+    (run / "metrics.json").write_text(json.dumps({"val/bpd_bound": 2.0}))  # test=false or crashed before test
+    assert not rp.run_done(run)
+    (run / "metrics.json").write_text("{trunc")
+    assert not rp.run_done(run)
+
+
+def test_commands_pair_the_protocols():
+    row = rp.Row("digits", "subvp", "original", 300, 100)
+    t = rp.train_cmd(row, Path("/x/r"))
+    assert {"sde=subvp", "weighting=original", "trainer.max_steps=300", "datamodule.test_subset=100",
+            "hydra.run.dir=/x/r"} <= set(t)
+    d = rp.dequant_cmd(row, Path("/x/v"), Path("/x/r"), 100)
+    assert "score_ckpt=/x/r/checkpoints/last.ckpt" in d and "datamodule.test_subset=100" in d
+    assert "module.evaluation.truncation_correction=false" in d  # the bound the uniform row reports
+    assert len(rp.plan(rp.QUICK)) == 6 and len(rp.plan(rp.FULL)) == 8
+
+
+@pytest.mark.slow
+def test_quick_end_to_end(tmp_path):
+    """The whole pipeline on tiny budgets (real train.py / train_dequant.py / sample.py), then resume does nothing."""
+    out = tmp_path / "rep"
+    cmd = [sys.executable, "-m", "scoreflow.tasks.reproduce", "--steps", "30", "--out", str(out)]
+    subprocess.run(cmd, check=True, timeout=1800)
+    text = (tmp_path / "rep.md").read_text()
+    assert text.count("| **") == 5
+    assert all((out / p).is_file() for p in ("samples.png", "bpd_vs_step.png", "loss_variance.png"))
+    again = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600).stdout
+    assert again.count("already done") == 6
