@@ -1,13 +1,12 @@
 """`sampler=lambda_family sampler.lam=...` reaches Huang et al.'s plug-in reverse SDE (Eq. 27) through the real
-config and the one sampler dispatch (scoreflow.lit.callbacks.sample) that sample.py, evaluate.py's FID and the sample
+config and the one sampler dispatch (scoreflow.sampling.sample) that sample.py, evaluate.py's FID and the sample
 grids use."""
 
 import pytest
 import torch
 
-from scoreflow.lit.callbacks import sample
 from scoreflow.oracles import GaussianMixture
-from scoreflow.sampling import PlugInReverseSDE, pc_sample
+from scoreflow.sampling import PlugInReverseSDE, pc_sample, sample
 from scoreflow.sde import SubVPSDE
 from scoreflow.tasks.fid import sampler_kwargs
 

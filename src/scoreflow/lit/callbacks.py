@@ -12,18 +12,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from scoreflow.sampling import sample
 from scoreflow.visualize import levels_to_unit, save_image_grid, save_scatter
-
-
-def sample(score_fn, sde, shape, *, kind: str = "ode", **kwargs):
-    """Dispatch to :func:`scoreflow.sampling.ode_sample` (``kind="ode"``) or ``pc_sample`` (``kind="pc"``)."""
-    from scoreflow.sampling import ode_sample, pc_sample
-
-    if kind == "ode":
-        return ode_sample(score_fn, sde, shape, **kwargs)
-    if kind == "pc":
-        return pc_sample(score_fn, sde, shape, **kwargs)
-    raise ValueError(f"unknown sampler kind {kind!r}; choose 'ode' or 'pc'")
 
 
 class SampleGrid(Callback):
@@ -32,7 +22,7 @@ class SampleGrid(Callback):
     directory and log the image to W&B / TensorBoard when those loggers are active.
 
     Args:
-        sampler: keyword arguments of :func:`sample` (``kind="ode"`` or ``"pc"`` ...).
+        sampler: keyword arguments of :func:`scoreflow.sampling.sample` (``kind="ode"`` or ``"pc"`` ...).
     """
 
     def __init__(

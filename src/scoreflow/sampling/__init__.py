@@ -2,7 +2,8 @@
 
 Every sampler takes ``score_fn(x [B, ...], t [B]) -> score`` and an :class:`~scoreflow.sde.SDE`, works for
 any shape ``[B, ...]`` and every SDE, draws all its noise from one generator or per-sample seeds, and
-returns a :class:`SampleResult` ``(samples, nfe)``.
+returns a :class:`SampleResult` ``(samples, nfe)``. :func:`sample` (``kind="ode" | "pc" | ...``) is the one
+dispatch over the families registered with :func:`register_sampler` (see :mod:`scoreflow.sampling.registry`).
 """
 
 from scoreflow.sampling.controllable import (
@@ -28,7 +29,7 @@ from scoreflow.sampling.correctors import (
 )
 from scoreflow.sampling.latent import RoundTrip, decode, encode, interpolate, round_trip
 from scoreflow.sampling.noise import BatchNoise, NoiseSource, PerSampleNoise, per_sample_randn
-from scoreflow.sampling.ode import ode_sample, solve_probability_flow
+from scoreflow.sampling.ode import ode_sample, ode_text, solve_probability_flow
 from scoreflow.sampling.pc import SampleResult, pc_sample, time_grid, tweedie_denoise
 from scoreflow.sampling.predictors import (
     PREDICTORS,
@@ -42,8 +43,23 @@ from scoreflow.sampling.predictors import (
     ScoreFn,
     get_predictor,
 )
+from scoreflow.sampling.registry import (
+    SAMPLERS,
+    describe_sampler,
+    get_sampler,
+    register_sampler,
+    sample,
+    sampler_options,
+)
 
 __all__ = [
+    "sample",
+    "SAMPLERS",
+    "register_sampler",
+    "get_sampler",
+    "sampler_options",
+    "describe_sampler",
+    "ode_text",
     "SampleResult",
     "pc_sample",
     "ode_sample",

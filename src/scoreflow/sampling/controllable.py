@@ -21,8 +21,8 @@ from torch import Tensor
 
 from scoreflow.sampling.noise import NoiseSource
 from scoreflow.sampling.pc import SampleResult, pc_sample
-from scoreflow.sampling.predictors import ScoreFn
 from scoreflow.sde import SDE
+from scoreflow.utils import ScoreFn
 
 Classifier = Callable[[Tensor, Tensor], Tensor]
 """``classifier(x [B, ...], t [B]) -> logits [B, K]`` of a time-dependent classifier ``p_t(y | x)``."""

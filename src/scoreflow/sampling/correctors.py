@@ -15,9 +15,8 @@ import torch
 from torch import Tensor
 
 from scoreflow.sampling.noise import NoiseSource
-from scoreflow.sampling.predictors import ScoreFn
 from scoreflow.sde import SDE
-from scoreflow.utils import append_dims
+from scoreflow.utils import ScoreFn, append_dims
 
 
 def _norm(v: Tensor) -> Tensor:

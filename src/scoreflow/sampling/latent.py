@@ -13,9 +13,8 @@ import torch
 from torch import Tensor
 
 from scoreflow.sampling.ode import solve_probability_flow
-from scoreflow.sampling.predictors import ScoreFn
 from scoreflow.sde import SDE
-from scoreflow.utils import append_dims
+from scoreflow.utils import ScoreFn, append_dims
 
 
 def encode(

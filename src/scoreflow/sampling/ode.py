@@ -8,7 +8,8 @@ runs it from the prior at ``T`` down to ``eps`` and removes the remaining noise 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,8 +18,9 @@ from tqdm.auto import tqdm
 
 from scoreflow.sampling.noise import initial_state, make_noise
 from scoreflow.sampling.pc import SampleResult, tweedie_denoise
-from scoreflow.sampling.predictors import ScoreFn
+from scoreflow.sampling.registry import register_sampler
 from scoreflow.sde import SDE
+from scoreflow.utils import ScoreFn
 
 FIXED_STEP = ("euler", "heun", "rk4")
 ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
@@ -79,6 +81,14 @@ def solve_probability_flow(
     return x, nfe
 
 
+def ode_text(o: Mapping[str, Any]) -> str:
+    """``"probability-flow ODE <method> <steps or tolerances>"`` for ODE options ``o``."""
+    fixed = o.get("method") in FIXED_STEP
+    how = f"steps={o.get('steps') or 'N'}" if fixed else f"rtol={o.get('rtol')} atol={o.get('atol')}"
+    return f"probability-flow ODE {o.get('method')} {how}"
+
+
+@register_sampler("ode", describe=lambda o: f"{ode_text(o)}, denoise={o.get('denoise')}")
 def ode_sample(
     score_fn: ScoreFn,
     sde: SDE,

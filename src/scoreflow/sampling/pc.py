@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -11,9 +12,10 @@ from tqdm.auto import tqdm
 
 from scoreflow.sampling.correctors import Corrector, get_corrector
 from scoreflow.sampling.noise import NoiseSource, initial_state, make_noise
-from scoreflow.sampling.predictors import Predictor, ScoreFn, get_predictor
+from scoreflow.sampling.predictors import Predictor, get_predictor
+from scoreflow.sampling.registry import register_sampler
 from scoreflow.sde import SDE
-from scoreflow.utils import append_dims
+from scoreflow.utils import ScoreFn, append_dims
 
 Projection = Callable[[Tensor, Tensor, NoiseSource], Tensor]
 """``project(x [B, ...], t [B], rng) -> x``: a constraint applied after every update (e.g. inpainting)."""
@@ -44,6 +46,12 @@ def tweedie_denoise(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor) -> Tensor
     return (x + append_dims(sigma**2, x.ndim) * score_fn(x, t)) / append_dims(alpha, x.ndim)
 
 
+def describe_pc(o: Mapping[str, Any]) -> str:
+    return (f"PC {o.get('predictor')} + {o.get('corrector')} (snr={o.get('snr')}, n_steps={o.get('n_steps')}),"
+            f" steps={o.get('steps') or 'N'}, denoise={o.get('denoise')}")
+
+
+@register_sampler("pc", describe=describe_pc)
 def pc_sample(
     score_fn: ScoreFn,
     sde: SDE,

@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from typing import Literal
 
 from torch import Tensor
 
 from scoreflow.sampling.noise import NoiseSource
 from scoreflow.sde import SDE
-from scoreflow.utils import append_dims
-
-ScoreFn = Callable[[Tensor, Tensor], Tensor]
-"""``score_fn(x [B, ...], t [B]) -> score`` shaped like ``x``."""
+from scoreflow.utils import ScoreFn, append_dims
 
 
 class Predictor(ABC):

@@ -37,18 +37,19 @@ def make_extractor(weights: str | None, device: torch.device):
 
 
 def sampler_kwargs(sampler_cfg: DictConfig | dict) -> tuple[str, dict[str, Any]]:
-    """``conf/sampler/*.yaml`` -> ``(kind, keyword arguments of ode_sample / pc_sample)``."""
-    kw = dict(to_container(sampler_cfg))
-    kind = kw.pop("kind", None)
-    if kind not in ("ode", "pc"):
-        raise ConfigError(f"sampler.kind must be 'ode' or 'pc', got {kind!r} (choose sampler=ode or sampler=pc)")
-    return kind, kw
+    """``conf/sampler/*.yaml`` -> ``(kind, keyword arguments of that sampler)``; an unknown kind is a ConfigError."""
+    from scoreflow.sampling import sampler_options
+
+    try:
+        return sampler_options(to_container(sampler_cfg))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def draw_samples(module: ScoreLitModule, seeds: list[int], sampler_cfg, batch_size: int, *, progress: bool = False,
                  desc: str = "sampling", score_fn=None) -> Iterator[tuple[list[int], Tensor, int]]:
     """Yield ``(seeds, samples in data space [b, ...], nfe)`` batch by batch; sample ``i`` depends on its seed only."""
-    from scoreflow.lit.callbacks import sample
+    from scoreflow.sampling import sample
 
     kind, kw = sampler_kwargs(sampler_cfg)
     score_fn = score_fn or module._score_fn()

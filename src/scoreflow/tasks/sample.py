@@ -325,18 +325,11 @@ MODES: dict[str, Callable[[LoadedModel, DictConfig, Path], Result]] = {
 
 # ----------------------------------------------------------------------------- the task
 def sampler_text(cfg: DictConfig) -> str:
-    kind, kw = sampler_kwargs(cfg.sampler)
-    if cfg.mode == "latent":
-        kind, kw = "ode", to_container(cfg.latent)
-    if kind == "pc":
-        return (f"PC {kw.get('predictor')} + {kw.get('corrector')} (snr={kw.get('snr')}, n_steps={kw.get('n_steps')}),"
-                f" steps={kw.get('steps') or 'N'}, denoise={kw.get('denoise')}")
-    from scoreflow.sampling.ode import FIXED_STEP
+    from scoreflow.sampling import describe_sampler, ode_text
 
-    how = f"steps={kw.get('steps') or 'N'}" if kw.get("method") in FIXED_STEP else \
-        f"rtol={kw.get('rtol')} atol={kw.get('atol')}"
-    tail = "encode + decode" if cfg.mode == "latent" else f"denoise={kw.get('denoise')}"
-    return f"probability-flow ODE {kw.get('method')} {how}, {tail}"
+    if cfg.mode == "latent":  # the probability-flow ODE both ways, set by cfg.latent
+        return f"{ode_text(to_container(cfg.latent))}, encode + decode"
+    return describe_sampler(*sampler_kwargs(cfg.sampler))
 
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
