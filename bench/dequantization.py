@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from scoreflow.dequantization import importance_weighted_nll
+from scoreflow.likelihood import mean_and_se
 from scoreflow.tasks.build import build_data
 from scoreflow.tasks.checkpoint import image_seed
 from scoreflow.tasks.common import checkpoint_config, load_checkpoint, module_from_checkpoint
@@ -116,12 +117,8 @@ def run_job(model: str, quantity: str, args, dataset, out: Path) -> None:
     print(f"[bench] {model}:{quantity} on {n} images in {res['seconds']:.0f} s -> {path}")
 
 
-def mean_se(v: np.ndarray) -> tuple[float, float]:
-    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(v.size))
-
-
 def fmt(v: np.ndarray | None) -> str:
-    return "-" if v is None else "{:.4f} ± {:.4f}".format(*mean_se(v))
+    return "-" if v is None else "{:.4f} ± {:.4f}".format(*mean_and_se(v))
 
 
 def summarize(model: str, out: Path) -> dict:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scoreflow.likelihood import likelihood_bound, ode_log_likelihood
+from scoreflow.likelihood import likelihood_bound, mean_and_se, ode_log_likelihood
 from scoreflow.oracles import GaussianMixture
 from scoreflow.sampling import PlugInReverseSDE, time_grid
 from scoreflow.sampling.noise import BatchNoise
@@ -92,10 +92,6 @@ def fisher_term(score_fn, sde, mix: GaussianMixture, x0: torch.Tensor, eps: floa
     true = chunked(lambda a, b: mix.score(a, sde, b), xt, t, size=500)
     val = 0.5 * sampler.Z * sde.sigma(t) ** 2 * (model - true).pow(2).sum(1)
     return val.reshape(B, num_t).mean(1)
-
-
-def mean_se(v: torch.Tensor) -> tuple[float, float]:
-    return float(v.mean()), float(v.std() / math.sqrt(len(v)))
 
 
 def plot_samples(samples, ts, snapshots, mix, path: Path) -> None:
@@ -182,7 +178,7 @@ def main() -> None:
     samples, ts = lambda_samples(score_fn, sde, args.num_samples, 1000, sde.default_sample_eps, args.seed, snapshots)
     plot_samples(samples, ts, snapshots, mix, args.png)
     # how well each lambda's final samples fit the data: cross-entropy -E log p_data(samples) (lower is tighter)
-    sample_ce = {lam: mean_se(-chunked(mix.log_prob, s[-1])) for lam, s in samples.items()}
+    sample_ce = {lam: mean_and_se(-chunked(mix.log_prob, s[-1])) for lam, s in samples.items()}
     sample_s = time.time() - t1
 
     # right panel: CT-ELBO of lambda = 0 vs the ODE likelihood, and Theorem 6's curve
@@ -199,11 +195,11 @@ def main() -> None:
     lik_s = time.time() - t2
 
     res = {
-        "bound_lam0": mean_se(bound.nll),
-        "ode_nll": mean_se(ode.nll),
-        "bound_minus_ode": mean_se(bound.nll - ode.nll),
-        "fisher": mean_se(fisher),
-        "data_entropy": mean_se(entropy),
+        "bound_lam0": mean_and_se(bound.nll),
+        "ode_nll": mean_and_se(ode.nll),
+        "bound_minus_ode": mean_and_se(bound.nll - ode.nll),
+        "fisher": mean_and_se(fisher),
+        "data_entropy": mean_and_se(entropy),
         "ode_nfe": ode.nfe,
         "sample_cross_entropy": {str(k): v for k, v in sample_ce.items()},
         "bound_lam": {str(lam): res_lam for lam, res_lam in

@@ -54,6 +54,18 @@ def test_mean_and_se_matches_scipy():
     assert m1 == 5.0 and math.isnan(se1)
 
 
+def test_mean_and_se_convention_for_one_and_no_value():
+    """The one convention: a single value has a NaN standard error (not 0), no values give (nan, nan);
+    tensors, arrays and lists agree."""
+    for one in ([5.0], np.array([5.0]), torch.tensor([5.0], dtype=torch.float32)):
+        m, se = mean_and_se(one)
+        assert m == 5.0 and math.isnan(se)
+    assert all(math.isnan(a) for a in mean_and_se([]))
+    v = [0.5, 1.5, 4.0]
+    assert mean_and_se(np.asarray(v)) == mean_and_se(torch.tensor(v, dtype=torch.float64)) == mean_and_se(v)
+    assert mean_and_se(v)[1] == pytest.approx(stats.sem(v))
+
+
 def test_ieee_float32_switches_tf32_off_and_restores():
     from scoreflow.utils import ieee_float32
 

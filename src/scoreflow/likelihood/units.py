@@ -56,13 +56,19 @@ def bpd_to_nats(bpd: Tensor | float, dim: int, *, num_levels: int | None = 256, 
     return (bpd - bpd_offset(num_levels, scale)) * dim * math.log(2)
 
 
-def mean_and_se(values: Tensor | Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error ``std / sqrt(n)`` (unbiased std) of per-example values; ``se = nan`` if ``n < 2``."""
-    v = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+def mean_and_se(values: Tensor | np.ndarray | Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error ``std / sqrt(n)`` (std with Bessel's correction) of ``n`` per-example values.
+
+    The one standard-error function of scoreflow (validation, test phase, ``evaluate.py``, benches). Its
+    convention: one value has no spread to estimate, so its standard error is NaN (never 0, which would claim
+    an exact result); no values give ``(nan, nan)``.
+    """
+    v = torch.as_tensor(np.asarray(values, dtype=np.float64) if not isinstance(values, Tensor) else values)
+    v = v.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
     n = v.numel()
     if n == 0:
-        raise ValueError("mean_and_se needs at least one value")
-    se = float(v.std() / math.sqrt(n)) if n > 1 else float("nan")
+        return math.nan, math.nan
+    se = float(v.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan
     return float(v.mean()), se
 
 

@@ -26,6 +26,7 @@ from scoreflow.likelihood import (
     draw_probe,
     fit_bound_plan,
     likelihood_bound,
+    mean_and_se,
     ode_log_likelihood,
     truncation_correction,
 )
@@ -163,12 +164,11 @@ def mean_se_over_images(table: np.ndarray) -> tuple[float, float, int]:
     """``(mean, standard error, number of images)`` over images of each image's mean over its repeats.
 
     ``table [N, K]`` holds NaN where a value is missing; images with none are left out. The standard error is
-    NaN for a single image.
+    that of :func:`scoreflow.likelihood.mean_and_se` (NaN for a single image).
     """
     table = np.asarray(table, dtype=np.float64).reshape(len(table), -1)
     table = table[~np.isnan(table).all(axis=1)]
     if table.shape[0] == 0:
         return math.nan, math.nan, 0
     per_image = np.nanmean(table, axis=1)
-    se = float(per_image.std(ddof=1) / math.sqrt(per_image.size)) if per_image.size > 1 else math.nan
-    return float(per_image.mean()), se, int(per_image.size)
+    return (*mean_and_se(per_image), int(per_image.size))
