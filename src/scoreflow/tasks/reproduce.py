@@ -70,9 +70,9 @@ def plan(budget: Budget) -> list[Row]:
     return rows
 
 
-def _common(row: Row, every: int) -> list[str]:
+def _common(row: Row) -> list[str]:
     sub = "null" if row.test_subset is None else str(row.test_subset)
-    return [f"datamodule.test_subset={sub}", "extras.print_config=false", "logger=csv"]
+    return [f"datamodule.test_subset={sub}", "logger=csv"]
 
 
 def train_cmd(row: Row, run: Path) -> list[str]:
@@ -80,7 +80,7 @@ def train_cmd(row: Row, run: Path) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), f"data={row.data}", f"sde={row.sde}", f"weighting={row.weighting}",
             f"trainer.max_steps={row.steps}", f"val_every={every}", f"module.evaluation.nll_every={every}",
             "module.evaluation.nll_subset=32", f"checkpoint_every={every}", f"sample_every={row.steps}",
-            "trainer.log_every_n_steps=5", *_common(row, every), f"hydra.run.dir={run}"]
+            "trainer.log_every_n_steps=5", "extras.print_config=false", *_common(row), f"hydra.run.dir={run}"]
 
 
 def dequant_cmd(row: Row, run: Path, score_run: Path, steps: int) -> list[str]:
@@ -88,7 +88,7 @@ def dequant_cmd(row: Row, run: Path, score_run: Path, steps: int) -> list[str]:
     return [sys.executable, str(ROOT / "train_dequant.py"), f"score_ckpt={score_run / 'checkpoints' / 'last.ckpt'}",
             f"trainer.max_steps={steps}", f"val_every={max(steps // 2, 10)}", f"checkpoint_every={steps}",
             "trainer.log_every_n_steps=5", "module.evaluation.truncation_correction=false",
-            *_common(row, steps), f"hydra.run.dir={run}"]
+            *_common(row), f"hydra.run.dir={run}"]
 
 
 def sample_cmd(run: Path, out: Path, n: int) -> list[str]:
@@ -519,7 +519,7 @@ def claims_table(cs: list[Claim]) -> str:
 
 
 def write_report(path: Path, results: list[RowResult], cs: list[Claim], *, command: str, wall_s: float,
-                 budget: Budget, plots: dict[str, str]) -> Path:
+                 budget: Budget, plots: dict[str, str], failed: dict[str, str] | None = None) -> Path:
     parts = [
         f"# The paper's five claims at CPU scale ({'QUICK' if budget.test_subset else 'full'} mode)",
         "",
@@ -557,6 +557,9 @@ def write_report(path: Path, results: list[RowResult], cs: list[Claim], *, comma
         "",
     ]
     parts += [f"![{k}]({v})" for k, v in plots.items()]
+    if failed:
+        parts += ["", "## Rows that failed (left out of every claim above)", ""]
+        parts += [f"- {name}: {err}" for name, err in failed.items()]
     path.write_text("\n".join(parts) + "\n")
     return path
 
@@ -598,9 +601,19 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out or ROOT / "reports" / ("reproduce-small-quick" if a.quick else "reproduce-small")
     out.mkdir(parents=True, exist_ok=True)
     rows = plan(budget)
-    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
-        for row, stages in zip(rows, pool.map(lambda r: do_row(r, out, budget), rows), strict=True):
+    failed: dict[str, str] = {}
+
+    def one(row: Row) -> None:
+        try:
+            stages = do_row(row, out, budget)
             print(f"[reproduce] {row.name}: {'ran ' + ', '.join(stages) if stages else 'already done'}", flush=True)
+        except Exception as e:  # noqa: BLE001 - reported; the other rows go on
+            failed[row.name] = str(e)
+            print(f"[reproduce] {row.name}: FAILED: {e}", flush=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+        list(pool.map(one, rows))
+    rows = [r for r in rows if r.name not in failed]
     import torch
 
     torch.set_num_threads(1)
@@ -618,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     plots = {k: f"{out.name}/{v}" for k, v in plots.items()}
     cmd = "make reproduce-small" + (" QUICK=1" if a.quick else "")
     report = write_report(out.parent / f"{out.name}.md", results, cs, command=cmd, wall_s=time.time() - t0,
-                          budget=budget, plots=plots)
+                          budget=budget, plots=plots, failed=failed)
     print(claims_table(cs))
     print(f"[reproduce] report: {report} ({(time.time() - t0) / 60:.1f} min)")
     return 0
