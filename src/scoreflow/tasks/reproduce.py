@@ -361,10 +361,9 @@ def loss_variance(ckpt: Path, n: int = 1024, seed: int = 0) -> dict[str, float]:
     import torch
 
     from scoreflow.losses import dsm_loss
+    from scoreflow.tasks.build import build_data
     from scoreflow.tasks.common import module_from_checkpoint
     from scoreflow.weighting import ImportanceSampledLikelihood, LikelihoodWeighting
-
-    from scoreflow.tasks.build import build_data
 
     module, cfg, _ = module_from_checkpoint(ckpt, use_ema=True)
     module.eval()
