@@ -13,7 +13,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from scoreflow.data import ArrayDataset, DatasetNotFoundError, Digits, MNIST5k, Toy2D, render_png, seeded_split
+from scoreflow.data import (
+    ArrayDataset,
+    DatasetNotFoundError,
+    Digits,
+    MNIST5k,
+    Toy2D,
+    random_hflip,
+    render_png,
+    seeded_split,
+)
 from scoreflow.data.toy2d import TOY_NAMES, checkerboard_log_prob
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "data"
@@ -59,6 +68,21 @@ def test_hflip_flips_train_items_and_only_when_asked():
     assert all(torch.equal(plain[i][0], img) for i in range(3) for _ in range(8))
     with pytest.raises(IndexError):
         plain[3]
+
+
+def test_random_hflip_mirrors_whole_images_by_a_seeded_coin():
+    img = torch.arange(2 * 3 * 4, dtype=torch.uint8).reshape(2, 3, 4)  # not mirror-symmetric
+    x = torch.stack([img + 50 * i for i in range(200)])  # [200, 2, 3, 4], distinct images
+    out = random_hflip(x, torch.Generator().manual_seed(5))
+    flipped = torch.tensor([torch.equal(o, xi.flip(-1)) for o, xi in zip(out, x)])
+    kept = torch.tensor([torch.equal(o, xi) for o, xi in zip(out, x)])
+    assert bool((flipped ^ kept).all())  # each image whole: mirrored left-right (last axis) or untouched
+    assert 70 < int(flipped.sum()) < 130  # probability 1/2 (binomial(200, 1/2): +-4.2 sd)
+    assert torch.equal(random_hflip(x, torch.Generator().manual_seed(5)), out)  # the generator decides
+    assert not torch.equal(random_hflip(x, torch.Generator().manual_seed(6)), out)
+    g = torch.Generator().manual_seed(0)
+    pts = torch.randn(8, 2)
+    assert random_hflip(pts, g) is pts and torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())
 
 
 # --- digits (the embedded default) -----------------------------------------------------------------

@@ -11,6 +11,7 @@ from scoreflow.data.base import (
     DatasetFormatError,
     DatasetNotFoundError,
     DataSource,
+    random_hflip,
     seeded_split,
 )
 from scoreflow.data.cifar import CIFAR10
@@ -26,6 +27,7 @@ __all__ = [
     "ArrayDataset",
     "CIFAR10",
     "DataSource",
+    "random_hflip",
     "DatasetFormatError",
     "DatasetNotFoundError",
     "Digits",

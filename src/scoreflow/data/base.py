@@ -86,6 +86,16 @@ def seeded_split(n: int, sizes: Sequence[int], seed: int, labels: Tensor | None 
     return [perm[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def random_hflip(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Flip each image of a batch ``[B, C, H, W]`` left-right with probability 1/2, one uniform draw per image
+    from ``generator`` (torch's global RNG when ``None``); other shapes (vectors, 2-D points) are returned
+    unchanged and draw nothing. The one flip augmentation of scoreflow (datasets and Lightning modules)."""
+    if x.ndim != 4:
+        return x
+    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
 class ArrayDataset(Dataset):
     """In-memory examples ``x[index[i]], y[index[i]]`` with an optional random horizontal flip.
 
@@ -93,8 +103,8 @@ class ArrayDataset(Dataset):
         x: ``[N, *shape]`` tensor (``uint8`` levels for images, ``float32`` for continuous data).
         y: ``[N]`` integer labels (``-1`` for none).
         index: optional ``[M]`` indices into ``x`` (a view of a split without copying the images).
-        hflip: flip the last axis with probability 1/2 per access. Uses torch's global RNG, which
-            ``DataLoader`` seeds differently in every worker.
+        hflip: flip an image ``[C, H, W]`` left-right with probability 1/2 per access (:func:`random_hflip`).
+            Uses torch's global RNG, which ``DataLoader`` seeds differently in every worker.
     """
 
     def __init__(self, x: Tensor, y: Tensor, index: Tensor | None = None, hflip: bool = False):
@@ -112,8 +122,8 @@ class ArrayDataset(Dataset):
             raise IndexError(f"index {i} out of range for {len(self)} examples")
         j = i if self.index is None else int(self.index[i])
         x = self.x[j]
-        if self.hflip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
+        if self.hflip:
+            x = random_hflip(x[None])[0]
         return x, int(self.y[j])
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from scoreflow.data.base import random_hflip
 from scoreflow.dequantization import Dequantizer, to_model_space
 from scoreflow.lit.module import adam_with_warmup, step_seed
 from scoreflow.nets.classifier import NoiseConditionalClassifier
@@ -109,9 +110,8 @@ class ClassifierLitModule(pl.LightningModule):
         self.batches_seen += 1
         torch.manual_seed(step_seed(self.seed, self.global_rank, index, 1))  # dropout
         g = self._generator(index, 0)
-        if self.hflip and k.ndim == 4:
-            flip = torch.rand(k.shape[0], generator=g, device=k.device) < 0.5
-            k = torch.where(flip[:, None, None, None], k.flip(-1), k)
+        if self.hflip:
+            k = random_hflip(k, g)
         ce, correct = self.cross_entropy(k, y, None, g)
         loss = ce.mean()  # Monte-Carlo mixture of cross-entropies over t ~ U[eps, T] (App. I.1)
         self.log("train/loss", loss.detach(), prog_bar=True)

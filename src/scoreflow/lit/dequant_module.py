@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from scoreflow.data.base import random_hflip
 from scoreflow.dequantization import importance_weighted_nll
 from scoreflow.likelihood import likelihood_bound
 from scoreflow.lit.module import ScoreLitModule
@@ -127,9 +128,8 @@ class DequantLitModule(ScoreLitModule):
     def training_loss(self, k: Tensor, g: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         D = k[0].numel()
         if self.freeze_score:
-            if self.hflip and k.ndim == 4:  # as ScoreLitModule.training_loss
-                flip = torch.rand(k.shape[0], generator=g, device=k.device) < 0.5
-                k = torch.where(flip[:, None, None, None], k.flip(-1), k)
+            if self.hflip:  # as ScoreLitModule.training_loss
+                k = random_hflip(k, g)
             y, log_q = self.to_model_space(k, g)
             loss, extra = y.new_zeros(()), {}
         else:

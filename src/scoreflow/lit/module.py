@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from scoreflow.data.base import random_hflip
 from scoreflow.dequantization import Dequantizer, to_model_space
 from scoreflow.likelihood import likelihood_bound, nats_to_bpd, ode_log_likelihood
 from scoreflow.likelihood.ode import FIXED_GRID_METHODS
@@ -188,9 +189,8 @@ class ScoreLitModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_loss(self, k: Tensor, g: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-        if self.hflip and k.ndim == 4:
-            flip = torch.rand(k.shape[0], generator=g, device=k.device) < 0.5
-            k = torch.where(flip[:, None, None, None], k.flip(-1), k)
+        if self.hflip:
+            k = random_hflip(k, g)
         y, log_q = self.to_model_space(k, g)
         if self.channels_last and y.ndim == 4:
             y = y.contiguous(memory_format=torch.channels_last)
