@@ -10,8 +10,8 @@ bound's times and noises are common random numbers and the per-image differences
 Jobs (``--jobs``, default all) are cached in ``--out`` as ``<model>_<quantity>.npz`` and skipped when present, so a
 long evaluation can be split into several invocations; every invocation prints the table of what is there:
 
-* ``<model>:bound``: the Theorem-3 bound with importance-sampled time, per image, with the ε-correction (SPEC §4.4)
-  and without it, for ``--iw`` draws of u per image; the importance-weighted estimate
+* ``<model>:bound``: the Theorem-3 bound with importance-sampled time, per image, with the ε-correction
+  (Song et al. 2021b, Sec. 4.3) and without it, for ``--iw`` draws of u per image; the importance-weighted estimate
   ``−log (1/S Σ_s p(y_s)/q(u_s|k))`` (:func:`scoreflow.dequantization.importance_weighted_nll`) uses all of them.
 * ``<model>:ode``: the probability-flow ODE NLL (not ε-corrected, as in ScoreFlow), on the first ``--ode-images``.
 

@@ -38,7 +38,7 @@ def dsm_loss(
     """Denoising score matching, one value per example ``[B]``.
 
     ``form="eps"`` gives ``||sigma_t s + z||^2`` (= ``sigma_t^2 l(t)``); ``form="score"`` gives
-    ``l(t) = ||s - grad log p_0t(x_t|x0)||^2 = ||sigma_t s + z||^2 / sigma_t^2`` (SPEC §3).
+    ``l(t) = ||s - grad log p_0t(x_t|x0)||^2 = ||sigma_t s + z||^2 / sigma_t^2`` (Song et al. 2021b, Table 1).
     """
     z = torch.randn_like(x0) if noise is None else noise
     x_t = sde.perturb(x0, t, z)
@@ -62,7 +62,7 @@ def ism_loss(
     form: Literal["eps", "score"] = "eps",
     reduce: Reduce = "sum",
 ) -> Tensor:
-    """Implicit (Hutchinson) score matching of Huang et al. 2021 (papers/002), per example ``[B]``.
+    """Implicit (Hutchinson) score matching of Huang et al. 2021 (Sec. 6), per example ``[B]``.
 
     ``form="score"``: ``||s||^2 + 2 div s`` (divergence by a Rademacher probe), which equals the DSM
     ``l(t)`` minus a constant independent of the model in expectation. ``form="eps"``:

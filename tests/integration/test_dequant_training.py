@@ -1,4 +1,4 @@
-"""Variational dequantization in training and evaluation (paper 000 Sec. 5.2, Eq. 13; SPEC §5), through the real
+"""Variational dequantization in training and evaluation (Song et al. 2021b, Sec. 5.2, Eq. 13), through the real
 Hydra configs: joint training, training after a frozen score model, checkpoints that carry the flow, and a flow that
 *is* uniform dequantization reproducing the uniform numbers through the same evaluation path."""
 

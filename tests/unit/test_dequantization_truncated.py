@@ -47,7 +47,7 @@ def test_from_sde_matches_the_diffusion_noise_at_eps():
     deq = TruncatedNormalDequantizer.from_sde(sde, eps, num_levels=256, data_scale=2.0)
     t = torch.tensor([eps], dtype=torch.float64)
     assert deq.bin_std == pytest.approx(128 * float(sde.sigma(t) / sde.alpha(t)), rel=1e-12)
-    assert deq.bin_std == pytest.approx(0.128, rel=0.01)  # σ_ε ≈ 1.0e-3 (SPEC §1)
+    assert deq.bin_std == pytest.approx(0.128, rel=0.01)  # σ_ε ≈ 1.0e-3 (docs/reference.md §1)
 
 
 def test_outside_the_bin_has_zero_density_and_shape_is_checked():

@@ -147,13 +147,13 @@ def test_shapes_and_dequantized_range(preset, shape):
 
 def test_cifar10_preset_has_about_3_5m_parameters():
     flow = VariationalDequantizer.from_preset("cifar10", (3, 32, 32))
-    assert sum(p.numel() for p in flow.parameters()) == pytest.approx(3.5e6, rel=0.03)  # SPEC §5
+    assert sum(p.numel() for p in flow.parameters()) == pytest.approx(3.5e6, rel=0.03)  # docs/reference.md §5
 
 
 @pytest.mark.slow
 def test_imagenet32_preset_has_about_35m_parameters():
     flow = VariationalDequantizer.from_preset("imagenet32", (3, 32, 32))
-    assert sum(p.numel() for p in flow.parameters()) == pytest.approx(35e6, rel=0.03)  # SPEC §5
+    assert sum(p.numel() for p in flow.parameters()) == pytest.approx(35e6, rel=0.03)  # docs/reference.md §5
 
 
 def test_default_init_is_close_to_uniform_dequantization():

@@ -29,7 +29,7 @@ def from_yaml(name: str, shape: tuple[int, ...]) -> torch.nn.Module:
     return getattr(importlib.import_module(module), cls)(shape=shape, **kwargs)
 
 
-# Song et al. 2021b / ScoreFlow Table 2 sizes at 32x32x3 (SPEC §6); the exact integers equal
+# Song et al. 2021b / ScoreFlow Table 2 sizes at 32x32x3 (docs/reference.md §6); the exact integers equal
 # score_sde_pytorch's count minus the 128 entries of NCSN++'s frozen Fourier W (a buffer here).
 PUBLISHED = {
     "ddpmpp": (61.80, 61_804_419),

@@ -30,7 +30,7 @@ def test_sigma_float32_accurate_at_small_t(sde):
 
 
 def test_vp_sigma_at_1e5_value():
-    # SPEC §1: sigma_eps ~ 1.0005e-3 at eps=1e-5
+    # docs/reference.md §1: sigma_eps ~ 1.0005e-3 at eps=1e-5
     s = float(VPSDE().sigma(torch.tensor([1e-5])))
     assert s == pytest.approx(1.0005e-3, rel=1e-4)
 

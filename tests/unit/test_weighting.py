@@ -1,4 +1,4 @@
-"""Time samplers: exact CDF inversion, Z and quantiles of SPEC §3, KS test, unbiasedness."""
+"""Time samplers: exact CDF inversion, Z and quantiles of docs/reference.md §3, KS test, unbiasedness."""
 
 import pytest
 import torch

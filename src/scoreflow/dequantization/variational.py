@@ -1,7 +1,7 @@
 """Variational dequantization: a conditional flow ``q_φ(u | k)`` on ``(0, 1)^D`` (Ho et al. 2019, Flow++).
 
 Song et al. (2021b, Sec. 5.2, Eq. 13) train it by maximising ``E_u[log p_θ((k + u)/K) − log q_φ(u|k)]`` with the
-Theorem 3 bound standing in for ``log p_θ``. The flow (as in their Flow++ port, SPEC §5):
+Theorem 3 bound standing in for ``log p_θ``. The flow (as in their Flow++ port, docs/reference.md §5):
 
     ε ~ N(0, I)  ->  [ActNorm -> 1x1 conv -> logistic-mixture coupling] x n  ->  sigmoid  ->  u,
 
@@ -35,7 +35,8 @@ from scoreflow.dequantization.flow_layers import (
 from scoreflow.dequantization.flow_nets import ContextNet, CouplingNet
 from scoreflow.utils import sum_except_batch
 
-# SPEC §5 / the ScoreFlow Flow++ configs. "small" is ours: a fast flow for 8x8 digits and 28x28 MNIST on a CPU.
+# docs/reference.md §5 / the ScoreFlow Flow++ configs. "small" is ours: a fast flow for 8x8 digits and 28x28 MNIST
+# on a CPU.
 PRESETS: dict[str, dict[str, Any]] = {
     "cifar10": dict(
         num_couplings=4,

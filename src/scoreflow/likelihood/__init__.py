@@ -1,9 +1,10 @@
 """Likelihoods of score-based diffusion models, in nats per example.
 
-* :func:`ode_log_likelihood`: exact ``-log p^ODE_eps(x)`` by the probability-flow ODE (SPEC §4.1).
-* :func:`likelihood_bound`: the per-datapoint upper bound ``L^DSM`` of Theorem 3 (SPEC §4.3), optionally with
-  the eps-truncation correction (SPEC §4.4).
-* :mod:`scoreflow.likelihood.units`: nats per example -> bits/dim at the reporting edge (SPEC §4.2).
+* :func:`ode_log_likelihood`: exact ``-log p^ODE_eps(x)`` by the probability-flow ODE
+  (Song et al. 2021, Sec. 4.3, App. D.2).
+* :func:`likelihood_bound`: the per-datapoint upper bound ``L^DSM`` of Theorem 3 (Song et al. 2021b), optionally with
+  the eps-truncation correction (Song et al. 2021b, Sec. 4.3).
+* :mod:`scoreflow.likelihood.units`: nats per example -> bits/dim at the reporting edge (docs/reference.md §4.2).
 """
 
 from scoreflow.likelihood.bound import BoundPlan, BoundResult, fit_bound_plan, likelihood_bound

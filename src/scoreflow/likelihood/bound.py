@@ -1,4 +1,4 @@
-"""Per-datapoint upper bound on ``-log p^SDE(x)``: ``L^DSM`` of Theorem 3 (Song et al. 2021b; SPEC §4.3).
+"""Per-datapoint upper bound on ``-log p^SDE(x)``: ``L^DSM`` of Theorem 3 (Song et al. 2021b).
 
 On ``[eps, T]``, with ``w = sigma_t s(x_t, t) + z``, ``x_t = alpha_t x + sigma_t z``:
 
@@ -275,9 +275,10 @@ def likelihood_bound(
             (and the model), e.g. for variational dequantization; wrap the call in ``torch.no_grad()`` to evaluate.
         eps: smallest time (default ``sde.default_eps``).
         num_t: time samples per example, each with a fresh ``z``.
-        importance_sampling: ``t ~ g^2/(sigma^2 Z)`` if ``True`` (SPEC §3), else ``U[eps, T]``.
-        truncation_correction: add the Tweedie-decoder correction (SPEC §4.4) from ``num_eps_samples`` draws
-            of ``x_eps`` (their spread enters ``nll_se`` when there are at least two).
+        importance_sampling: ``t ~ g^2/(sigma^2 Z)`` if ``True`` (Song et al. 2021b, Sec. 5.1, Eq. 12), else
+            ``U[eps, T]``.
+        truncation_correction: add the Tweedie-decoder correction (Song et al. 2021b, Sec. 4.3) from
+            ``num_eps_samples`` draws of ``x_eps`` (their spread enters ``nll_se`` when there are at least two).
         estimator: ``"closed_form"``, ``"paired"`` or ``"monte_carlo"`` (see the module docstring).
         stratified: one time per quantile stratum instead of i.i.d. times.
         plan: a :class:`BoundPlan` (see :func:`fit_bound_plan`): time density over the IS quantile and the

@@ -47,7 +47,7 @@ def draw_probe(kind: Divergence, like: Tensor, *, generator: torch.Generator | N
 
     Returns ``None`` for ``kind="exact"``. Draw it once per ODE solve and keep it fixed: a probe
     resampled inside the ODE function makes the right-hand side random, and an adaptive solver then
-    rejects step after step (SPEC §4.1).
+    rejects step after step (docs/reference.md §4.1).
     """
     if kind == "exact":
         return None

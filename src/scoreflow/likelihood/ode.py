@@ -1,4 +1,4 @@
-"""Exact likelihood of the probability-flow ODE, ``-log p^ODE_eps(x)`` (Song et al. 2021, App. D.2; SPEC §4.1).
+"""Exact likelihood of the probability-flow ODE, ``-log p^ODE_eps(x)`` (Song et al. 2021, App. D.2).
 
 The ODE ``dx/dt = F(x, t) = f(x, t) - g(t)^2 s(x, t) / 2`` is a continuous normalizing flow from ``p_eps`` to
 ``p_T``; by the instantaneous change of variables (Chen et al. 2018), ``d log p_t(x(t)) / dt = -div F``, so

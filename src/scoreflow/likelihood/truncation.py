@@ -1,4 +1,4 @@
-"""The eps-truncation correction (Song et al. 2021b, Sec. 4.3 and App. B; SPEC §4.4).
+"""The eps-truncation correction (Song et al. 2021b, Sec. 4.3 and App. B).
 
 Likelihoods computed on ``[eps, T]`` are those of ``x_eps``, not of the data ``x = x_0``. Model the data
 with the Tweedie decoder ``q(x | x_eps) = N((x_eps + sigma_eps^2 s(x_eps, eps)) / alpha_eps,
@@ -13,7 +13,7 @@ so the two added terms collapse, without cancellation, to
 
     -log q(x | x_eps) - H = 1/2 (||sigma_eps s(x_eps, eps) + z||^2 - D) - D log alpha_eps.       (*)
 
-Forgetting ``H`` costs about 0.9 bits/dim on CIFAR-10 (SPEC §4.4). For a single Gaussian data distribution
+Forgetting ``H`` costs about 0.9 bits/dim on CIFAR-10 (docs/reference.md §4.4). For a single Gaussian data distribution
 with the exact score the corrected bound is tight to ``D/2 (ln(1 + r) - r/(1 + r)) ~ D r^2 / 4`` with
 ``r = sigma_eps^2 / (alpha_eps^2 v)``, against ``~ D r / 2`` without it.
 """

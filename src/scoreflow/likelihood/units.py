@@ -1,4 +1,4 @@
-"""Nats per example -> bits per dimension, at the reporting edge only (SPEC §4.2; STYLE habit 6).
+"""Nats per example -> bits per dimension, at the reporting edge only (docs/reference.md §4.2).
 
 Discrete data with ``K`` levels per dimension are dequantized to ``x = (k + u) / K`` in ``[0, 1]^D`` and then
 mapped to the model's space by ``y = scale * x + shift`` (``scale = 2, shift = -1`` for data centred in

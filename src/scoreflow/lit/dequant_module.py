@@ -1,13 +1,14 @@
-"""Training with a learnable dequantizer ``q_φ(u|k)`` (Song et al. 2021b, Sec. 5.2, Eq. 13; SPEC §5).
+"""Training with a learnable dequantizer ``q_φ(u|k)`` (Song et al. 2021b, Sec. 5.2, Eq. 13; docs/reference.md §5).
 
 The per-image objective, in nats, is the Theorem-3 bound of the dequantized image plus its log-density under
 the flow,
 
     J_φ(k) = E_{u ~ q_φ(·|k)}[ L^DSM(y) + log q_φ(u|k) ],     y = scale · (k + u)/K + shift,
 
-with importance-sampled time and the ε-correction (SPEC §4.3, §4.4), so that ``J_φ(k)/(D ln 2)`` plus the
-offset of :func:`scoreflow.likelihood.nats_to_bpd` bounds the bits/dim of the discrete image. Gradients reach φ
-through ``y`` (reparametrised sample of the flow) and through ``log q_φ``. Two modes of :class:`DequantLitModule`:
+with importance-sampled time and the ε-correction (Song et al. 2021b, Theorem 3 and Sec. 4.3), so that
+``J_φ(k)/(D ln 2)`` plus the offset of :func:`scoreflow.likelihood.nats_to_bpd` bounds the bits/dim of the discrete
+image. Gradients reach φ through ``y`` (reparametrised sample of the flow) and through ``log q_φ``. Two modes of
+:class:`DequantLitModule`:
 
 * **after** (``freeze_score=True``, SF's recipe, ``train_dequant.py``): the score network is frozen (EMA weights,
   eval mode, ``requires_grad=False``) and only φ trains, on ``J_φ`` alone.

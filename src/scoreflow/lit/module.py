@@ -69,8 +69,8 @@ def lr_factor(step: int, warmup_steps: int, decay_steps: int | None = None, min_
 
 
 def adam_with_warmup(params: list[torch.nn.Parameter], o: dict[str, Any]) -> dict[str, Any]:
-    """Adam with a linear learning-rate warm-up over ``o["warmup_steps"]`` steps (SPEC §7) and an optional cosine
-    decay (``o["decay_steps"]``, ``o["min_lr_ratio"]``), per-step schedule."""
+    """Adam with a linear learning-rate warm-up over ``o["warmup_steps"]`` steps (docs/reference.md §7) and an
+    optional cosine decay (``o["decay_steps"]``, ``o["min_lr_ratio"]``), per-step schedule."""
     opt = torch.optim.Adam(params, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"])
     warm, decay = int(o["warmup_steps"]), o.get("decay_steps")
     ratio = float(o.get("min_lr_ratio") or 0.0)
@@ -98,9 +98,9 @@ class ScoreLitModule(pl.LightningModule):
         num_levels: K for discrete data, ``None`` for continuous data.
         data_shape: one example's shape (for sampling).
         scale, shift: data enter the SDE as ``y = scale * x + shift`` (2, -1: "centered" [-1, 1]).
-        loss: ``"dsm"`` (denoising) or ``"ism"`` (implicit/Hutchinson, papers/002).
+        loss: ``"dsm"`` (denoising) or ``"ism"`` (implicit/Hutchinson, Huang et al. 2021, Sec. 6).
         loss_reduce: ``"mean"`` (the reference's ``reduce_mean``) or ``"sum"`` over dimensions.
-        optim: Adam settings, linear warmup steps and global-norm clip (SPEC §7).
+        optim: Adam settings, linear warmup steps and global-norm clip (docs/reference.md §7).
         evaluation: settings of the periodic and final likelihood evaluation (see ``DEFAULT_EVAL``).
         hflip: random horizontal flips of training images.
         max_bad_steps: consecutive non-finite steps tolerated before the run stops.

@@ -58,7 +58,7 @@ def dense(in_dim: int, out_dim: int, init_scale: float = 1.0) -> nn.Linear:
 
 
 def group_norm(ch: int) -> nn.GroupNorm:
-    """GroupNorm(min(C/4, 32), eps 1e-6) (SPEC §6)."""
+    """GroupNorm(min(C/4, 32), eps 1e-6) (docs/reference.md §6)."""
     return nn.GroupNorm(num_groups=min(ch // 4, 32), num_channels=ch, eps=1e-6)
 
 

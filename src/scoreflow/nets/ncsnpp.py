@@ -3,7 +3,8 @@
 DDPM++: positional (sinusoidal) embedding of ``999 t``, no FIR, no progressive growing; NCSN++ (VE): FIR
 resampling, ``progressive_input='residual'``, Gaussian Fourier features of ``log sigma``. Both use BigGAN
 residual blocks for resampling, skip rescaling by 1/sqrt(2), attention at 16x16, GroupNorm and swish
-(SPEC §6). The net returns the raw output; :class:`~scoreflow.nets.ScoreModel` turns it into a score.
+(Song et al. 2021, App. H; docs/reference.md §6). The net returns the raw output;
+:class:`~scoreflow.nets.ScoreModel` turns it into a score.
 
 Module creation order equals score_sde_pytorch's ``all_modules`` list; ``sp_module_names[i]`` names our
 module for its ``all_modules.{i}`` so checkpoints map by renaming keys (:mod:`scoreflow.nets.sp_checkpoint`).

@@ -1,4 +1,4 @@
-"""Turn a network ``net(x, noise_label)`` into a score function ``score(x, t)`` (SPEC §2)."""
+"""Turn a network ``net(x, noise_label)`` into a score function ``score(x, t)`` (docs/reference.md §2)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ SP saves ``{"model": state_dict, "ema": {"decay", "num_updates", "shadow_params"
 with model keys ``module.all_modules.{i}.{rest}`` (a ``DataParallel`` wrapper around a flat module list)
 plus the buffer ``module.sigmas``; ``shadow_params`` is a list over the parameters that require grad, in
 the model's parameter order. SP loads with ``strict=False``, which silently keeps random weights for any
-key it does not find (SPEC §6). Here every missing or unexpected key and every shape mismatch is an error.
+key it does not find (docs/reference.md §6). Here every missing or unexpected key and every shape mismatch is an error.
 
 Key mapping: ``all_modules.{i}`` -> ``model.sp_module_names[i]``; ``{rest}`` is identical because the
 blocks use SP's attribute names. ``sigmas`` (SP's discrete noise table, unused by continuous models) is

@@ -3,7 +3,7 @@
 Every sampler in this package draws *all* of its randomness (the prior sample and the noise of each
 predictor / corrector step) from a :class:`NoiseSource`. With :class:`PerSampleNoise` row ``i`` of every
 draw comes from the generator seeded with ``seeds[i]`` alone, so an image depends only on its seed and not
-on the batch it was drawn in (the EDM habit, STYLE.md habit 5).
+on the batch it was drawn in (the habit of NVlabs/edm's samplers).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 :func:`solve_probability_flow` integrates between any two times, in either direction; :func:`ode_sample`
 runs it from the prior at ``T`` down to ``eps`` and removes the remaining noise with Tweedie's formula
-(SPEC §8: RK45 with rtol = atol = 1e-5, then one denoising step). Fixed-step methods (``euler``, ``heun``,
+(docs/reference.md §8: RK45 with rtol = atol = 1e-5, then one denoising step). Fixed-step methods (``euler``, ``heun``,
 ``rk4``) are written here so their NFE is exact; adaptive ones come from torchdiffeq.
 """
 

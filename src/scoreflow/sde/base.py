@@ -26,7 +26,7 @@ class SDE(ABC):
     Attributes:
         T: end time (1 for all SDEs here).
         N: default number of discretization steps for samplers.
-        default_eps: smallest time for training and likelihood (SPEC §1).
+        default_eps: smallest time for training and likelihood (docs/reference.md §1).
         default_sample_eps: time where samplers stop before the final denoising step.
         ode_grid_rho: exponent of the fixed time grid of ODE solves, evenly spaced in ``t^(1/rho)``: 3 where the
             probability-flow ODE is stiff near ``eps`` (its Jacobian grows like ``1/t``: VP, subVP), 1 where it
@@ -86,7 +86,7 @@ class SDE(ABC):
         return self.g2(t) / self.sigma(t) ** 2
 
     def is_normalizer(self, eps: float, T: float | None = None) -> float:
-        """``Z = int_eps^T g^2 / sigma^2 dt`` (SPEC §3; ~23.864 for VP at eps=1e-5)."""
+        """``Z = int_eps^T g^2 / sigma^2 dt`` (Song et al. 2021b, Sec. 5.1; ~23.864 for VP at eps=1e-5)."""
         T = self.T if T is None else T
         ts = torch.tensor([eps, T], dtype=torch.float64)
         F = self.is_antiderivative(ts)

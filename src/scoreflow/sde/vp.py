@@ -48,7 +48,7 @@ class _BetaSchedule(SDE):
 class VPSDE(_BetaSchedule):
     """VP SDE ``dx = -beta(t) x / 2 dt + sqrt(beta(t)) dw`` (the continuous DDPM).
 
-    ``sigma_t = sqrt(1 - exp(-B(t)))`` computed with ``expm1`` (SPEC §1 precision trap).
+    ``sigma_t = sqrt(1 - exp(-B(t)))`` computed with ``expm1`` (the float32 precision trap of docs/reference.md §1).
     """
 
     default_eps = 1e-5
@@ -82,7 +82,7 @@ class VPSDE(_BetaSchedule):
 class SubVPSDE(_BetaSchedule):
     """sub-VP SDE ``dx = -beta x / 2 dt + sqrt(beta (1 - e^{-2B})) dw`` (Song et al. 2021, Eq. 15).
 
-    Its kernel std is ``sigma_t = 1 - exp(-B(t))`` itself, with no square root (SPEC §1). SF uses
+    Its kernel std is ``sigma_t = 1 - exp(-B(t))`` itself, with no square root (docs/reference.md §1). SF uses
     eps = 1e-2 for training, likelihood and sampling since ``sigma(1e-5) ~ 1e-6`` is too small.
     """
 

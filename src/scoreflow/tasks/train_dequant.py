@@ -1,4 +1,4 @@
-"""``train_dequant(cfg)``: train a variational dequantizer AFTER the score model (SPEC §5; paper 000 Sec. 5.2).
+"""``train_dequant(cfg)``: train a variational dequantizer AFTER the score model (Song et al. 2021b, Sec. 5.2).
 
 The score model is rebuilt from ``cfg.score_ckpt`` with its EMA weights and frozen; the run's config is the score
 run's config with this run's settings merged over it and its ``dequantization`` replaced, so the checkpoint written
