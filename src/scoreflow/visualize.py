@@ -1,4 +1,4 @@
-"""Pictures: sample grids and 2-D scatter/density plots saved as PNG (matplotlib with the Agg backend)."""
+"""Pictures: sample grids and 2-D scatter plots saved as PNG (matplotlib with the Agg backend)."""
 
 from __future__ import annotations
 
@@ -48,27 +48,6 @@ def save_scatter(x: Tensor, path: str | Path, title: str = "", lim: float | None
         ax.set_ylim(-lim, lim)
     ax.set_title(title)
     ax.set_aspect("equal")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def save_density(logp_fn, path: str | Path, lim: float = 1.5, n: int = 100, title: str = "") -> Path:
-    """Heat map of ``exp(logp_fn(points))`` on an ``n x n`` grid over ``[-lim, lim]^2``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    g = torch.linspace(-lim, lim, n)
-    xx, yy = torch.meshgrid(g, g, indexing="xy")
-    pts = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
-    dens = logp_fn(pts).detach().float().cpu().exp().reshape(n, n)
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-    ax.imshow(dens, extent=(-lim, lim, -lim, lim), origin="lower", cmap="magma")
-    ax.set_title(title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, bbox_inches="tight")

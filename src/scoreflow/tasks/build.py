@@ -29,11 +29,6 @@ def to_container(cfg: DictConfig | dict) -> dict[str, Any]:
     return cfg
 
 
-def _choice(cfg: DictConfig, group: str) -> str:
-    choices = cfg.get("_choices", {}) if isinstance(cfg, dict) else {}
-    return str(choices.get(group, "?"))
-
-
 def build_data(cfg: DictConfig):
     """The data source. Training flips images inside the LightningModule with its per-step generator
     (so resume is exact), so the source's own random flip is switched off here."""
@@ -41,7 +36,7 @@ def build_data(cfg: DictConfig):
     return hydra.utils.instantiate(cfg.data, _convert_="all", **kw)
 
 
-def build_module(cfg: DictConfig, source=None) -> ScoreLitModule:
+def build_module(cfg: DictConfig) -> ScoreLitModule:
     """Instantiate the SDE, network, weighting and dequantizer and wrap them in a ScoreLitModule."""
     data_cfg = cfg.data
     shape = tuple(int(s) for s in data_cfg.shape)

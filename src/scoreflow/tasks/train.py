@@ -77,7 +77,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     source = build_data(cfg)
-    module = build_module(cfg, source)
+    module = build_module(cfg)
     check_shapes(module, tuple(cfg.data.shape))
     module.output_dir = str(out)
     dm = build_datamodule(cfg, source)

@@ -47,7 +47,7 @@ def train_dequant(cfg: DictConfig) -> dict[str, Any]:
     score, score_cfg, _ = module_from_checkpoint(cfg.score_ckpt, use_ema=True)
     run_cfg = flow_run_config(cfg, score_cfg)
     source = build_data(run_cfg)
-    module = build_module(run_cfg, source)
+    module = build_module(run_cfg)
     if not isinstance(module, DequantLitModule):
         raise ConfigError(f"dequantization={type(module.dequantizer).__name__} has nothing to train after the score "
                           "model: use dequantization=variational")
