@@ -1,5 +1,7 @@
 """Time samplers: exact CDF inversion, Z and quantiles of docs/reference.md §3, KS test, unbiasedness."""
 
+import math
+
 import pytest
 import torch
 from scipy import integrate, stats
@@ -73,7 +75,11 @@ def test_weights_per_scheme():
     sde = VPSDE()
     t = torch.tensor([0.1, 0.5], dtype=torch.float64)
     assert torch.equal(OriginalWeighting(sde).weight(t), torch.ones(2, dtype=torch.float64))
-    torch.testing.assert_close(LikelihoodWeighting(sde).weight(t), sde.g2(t) / sde.sigma(t) ** 2)
+    # g^2 / sigma^2 in closed form (docs/reference.md §3), not through the SDE's own g2 / sigma
+    b, B = 0.1 + t * 19.9, 0.1 * t + 0.5 * 19.9 * t**2
+    torch.testing.assert_close(LikelihoodWeighting(sde).weight(t), b / -torch.expm1(-B))
+    torch.testing.assert_close(LikelihoodWeighting(SubVPSDE()).weight(t), b * (1 + torch.exp(-B)) / -torch.expm1(-B))
+    torch.testing.assert_close(LikelihoodWeighting(VESDE()).weight(t), torch.full_like(t, 2 * math.log(50 / 0.01)))
     s = ImportanceSampledLikelihood(sde, normalize=True)
     torch.testing.assert_close(s.weight(t), torch.full_like(t, s.Z / (1 - s.eps)))
 
