@@ -519,8 +519,9 @@ def claims_table(cs: list[Claim]) -> str:
 
 def write_report(path: Path, results: list[RowResult], cs: list[Claim], *, command: str, wall_s: float,
                  budget: Budget, plots: dict[str, str], failed: dict[str, str] | None = None) -> Path:
+    mode = "full" if budget == FULL else "QUICK" if budget == QUICK else "test"
     parts = [
-        f"# The paper's five claims at CPU scale ({'QUICK' if budget.test_subset else 'full'} mode)",
+        f"# The paper's five claims at CPU scale ({mode} mode)",
         "",
         f"Command: `{command}` — wall time {wall_s / 60:.1f} min on this machine (2 cores, shared). Budget: "
         f"{budget.steps} score steps, {budget.dequant_steps} variational-dequantization steps after each score model, "
