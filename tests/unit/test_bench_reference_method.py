@@ -34,10 +34,9 @@ def test_reference_method_matches_ours_and_the_oracle(gen):
     ref_nll, nfe = bench.reference_nll(score, sde, x, probe, eps, 1e-6, 1e-6)
     ours = ode_log_likelihood(score, sde, x, eps=eps, probe=probe, rtol=1e-6, atol=1e-6, dtype=torch.float64)
     assert nfe > 20 and ref_nll.shape == (6,)
-    # same ODE, same probe: the two solvers agree far inside the spread of the Hutchinson estimate
+    # same ODE, same probe, both at 1e-6: within 2e-3 nats per dimension (the oracle tests' tolerance, D = 4);
+    # a wrong sign of the divergence or a lost probe moves the NLL by nats
     assert float((ref_nll.double() - ours.nll).abs().max()) < 2e-3 * 4
-    # a wrong sign of the divergence (or a lost probe) would move it by nats
-    assert float((ref_nll.double() - ours.nll).abs().max()) < 0.05 * float(ours.nll.abs().mean())
 
 
 def test_parse_ours():

@@ -168,8 +168,10 @@ def paired(a: dict[int, float], b: dict[int, float]) -> Paired:
 
 
 def mean_se(v: dict[int, float]) -> tuple[float, float]:
-    x = np.array(list(v.values()), dtype=np.float64)
-    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(x.size))
+    """Mean ± standard error over images (:func:`scoreflow.likelihood.mean_and_se`: NaN for one image)."""
+    from scoreflow.likelihood import mean_and_se
+
+    return mean_and_se(list(v.values()))
 
 
 def verdict(diffs: list[Paired], expect_negative: bool = True, z: float = Z_SIGNIFICANT) -> str:
@@ -402,6 +404,16 @@ def _csv(run: Path) -> dict[str, list[tuple[int, float]]]:
     return cols
 
 
+def _save(fig, path: Path) -> Path:
+    """Lay out, write (80 dpi) and close a report figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(results: list[RowResult], out: Path) -> Path:
     """Validation bound and ODE bits/dim against steps, one panel per SDE, one colour per weighting."""
     import matplotlib
@@ -422,11 +434,7 @@ def plot_curves(results: list[RowResult], out: Path) -> Path:
                     ax.plot(s, v, ls, color=colors[r.row.weighting], label=f"{r.row.weighting} {key[8:]}")
         ax.set(title=f"digits, {sde}", xlabel="step", ylabel="bits/dim (validation)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "bpd_vs_step.png"
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "bpd_vs_step.png")
 
 
 def plot_loss_variance(results: list[RowResult], out: Path) -> Path:
@@ -458,11 +466,7 @@ def plot_loss_variance(results: list[RowResult], out: Path) -> Path:
     a1.set_xticks(x, names, rotation=30, fontsize=7)
     a1.set(title="per-example variance of the LW loss, final model")
     a1.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "loss_variance.png"
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "loss_variance.png")
 
 
 def plot_samples(results: list[RowResult], out: Path, n: int = 36) -> Path:
@@ -484,11 +488,7 @@ def plot_samples(results: list[RowResult], out: Path, n: int = 36) -> Path:
         ax.imshow(grid, cmap="gray")
         ax.set_title(r.row.name.replace("_", " ", 1), fontsize=7)
         ax.axis("off")
-    fig.tight_layout()
-    path = out / "samples.png"
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "samples.png")
 
 
 # ---------------------------------------------------------------- the report
