@@ -1,16 +1,35 @@
 """Exponential moving average of the weights as a Lightning callback.
 
-Lightning's ``WeightAveraging`` swaps weights only around validation *epochs* and has no warm-up, so a
-sample-grid hook that runs at the end of validation would see raw weights, and a short run with
-decay 0.9999 would be dominated by the initial weights. This callback:
+This callback:
 
 * updates after every optimizer step with ``decay_n = min(decay, (1 + n) / (10 + n))`` when
-  ``warmup=True`` (the ramp of score_sde_pytorch) or the fixed ``decay`` otherwise;
+  ``warmup=True`` (the ramp of score_sde_pytorch) or the fixed ``decay`` otherwise; a batch whose step
+  was skipped (non-finite loss or gradient in ``ScoreLitModule``) does not advance ``trainer.global_step``
+  and is not averaged;
 * swaps the EMA weights in for the *whole* validation / test / predict run (``on_*_start`` to
   ``on_*_end``), so every metric, sample grid and "best" checkpoint uses EMA weights;
 * stores its state in the checkpoint (``checkpoint["ema"]``) so resume continues exactly and
   ``evaluate.py``/``sample.py`` can rebuild the EMA model from the checkpoint alone.
-"""
+
+Why not Lightning's ``WeightAveraging`` / ``EMAWeightAveraging`` (checked against Lightning 2.6.6 in
+``tests/unit/test_ema_weight_averaging.py``; revisit when one of its ``test_weight_averaging_*`` tests
+fails). Its update rule can match ours: it updates once per optimizer step (``global_step`` above the last
+update, so skipped steps are skipped), and a ``lerp`` ``avg_fn`` with the ramp gives bit-identical weights,
+but only after overriding ``setup`` to seed the average with the initial weights (``AveragedModel`` copies
+the weights at its first update, so the initial weights never enter). The rest fails our requirements:
+
+* it swaps only in ``on_validation_epoch_start`` / ``on_validation_epoch_end``, so a callback after it in
+  the list (``SampleGrid.on_validation_epoch_end``) and the module's own ``on_validation_epoch_end`` see the
+  raw weights, and it swaps nothing for ``test`` / ``predict``;
+* ``on_train_end`` copies the average over the module for good, so the ``last.ckpt`` written afterwards by
+  ``FinalCheckpoint`` has the EMA weights as its "raw" ``current_model_state``: a resumed run would go on
+  training from the EMA (mid-run checkpoints do resume exactly);
+* it writes the average to ``state_dict`` and the raw weights to ``current_model_state`` with no
+  ``checkpoint["ema"]``, and on resume from one of our checkpoints it ignores ``checkpoint["ema"]`` and
+  restarts the average from the raw weights (a warning only), so old checkpoints, ``ema_state_dict``,
+  ``use_ema=false`` and the checkpoint tools would all need a second format.
+
+Fixing that means overriding its swap hooks, ``on_train_end`` and both checkpoint hooks, i.e. rewriting it."""
 
 from __future__ import annotations
 
