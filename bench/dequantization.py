@@ -22,6 +22,7 @@ Models: ``uniform`` (``--score``), ``variational`` (``--flow``), ``truncated<s>`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -32,8 +33,7 @@ import torch
 from scoreflow.dequantization import importance_weighted_nll
 from scoreflow.likelihood import mean_and_se
 from scoreflow.tasks.build import build_data
-from scoreflow.tasks.checkpoint import image_seed
-from scoreflow.tasks.common import checkpoint_config, load_checkpoint, module_from_checkpoint
+from scoreflow.tasks.checkpoint import checkpoint_config, image_seed, load_checkpoint, module_from_checkpoint
 from scoreflow.tasks.likelihood_eval import LikelihoodSettings, ode_bpd
 
 LN2 = math.log(2.0)
@@ -59,9 +59,10 @@ def load(name: str, args) -> torch.nn.Module:
         module.dequantizer = deq
     else:
         raise SystemExit(f"unknown model {name!r}")
-    module.eval_cfg.update(eps=None, test_num_t=args.num_t, importance_sampling=True, truncation_correction=True,
-                           bound_estimator="paired", stratified=True, rtol=args.rtol, atol=args.rtol,
-                           method="dopri5", divergence="rademacher", ode_dtype="float64")
+    module.eval_cfg = dataclasses.replace(
+        module.eval_cfg, eps=None, test_num_t=args.num_t, importance_sampling=True, truncation_correction=True,
+        bound_estimator="paired", stratified=True, rtol=args.rtol, atol=args.rtol, method="dopri5", steps=None,
+        divergence="rademacher", ode_dtype="float64")
     module.eval()
     return module
 
@@ -77,8 +78,8 @@ def bound_values(module, k, indices: list[int], r: int, seed: int) -> dict[str, 
         g = torch.Generator().manual_seed(image_seed(seed, i, r, "dequantization"))
         y, log_q = module.to_model_space(k[j : j + 1], g)
         res = likelihood_bound(
-            module._score_fn(), module.sde, y, eps=module.eps, num_t=int(e["test_num_t"]), importance_sampling=True,
-            truncation_correction=True, estimator=e["bound_estimator"], stratified=e["stratified"],
+            module._score_fn(), module.sde, y, eps=module.eps, num_t=e.test_num_t, importance_sampling=True,
+            truncation_correction=True, estimator=e.bound_estimator, stratified=e.stratified,
             generator=torch.Generator().manual_seed(image_seed(seed, i, r, "bound")),
         )
         for key, v in (("nll", res.nll), ("correction", res.correction), ("nll_se", res.nll_se), ("log_q", log_q)):

@@ -4,6 +4,7 @@ Hydra configs: joint training, training after a frozen score model, checkpoints 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 from pathlib import Path
@@ -86,7 +87,7 @@ def test_joint_gradients_theta_from_dsm_only_phi_from_the_objective(make_cfg):
     theta, phi = list(module.score_model.parameters()), list(module.dequantizer.parameters())
     out = {}
     for weight in (1.0, 0.0):
-        module.dequant_cfg["weight"] = weight
+        module.dequant_cfg = dataclasses.replace(module.dequant_cfg, weight=weight)
         module.zero_grad(set_to_none=True)
         loss, _ = module.training_loss(k, torch.Generator().manual_seed(3))
         loss.backward()

@@ -29,4 +29,8 @@ def test_score_module_flips_through_random_hflip(make_cfg, monkeypatch, hflip):
 
 
 def test_classifier_and_dequant_modules_use_the_same_function():
-    assert classifier_module.random_hflip is dequant_module.random_hflip is random_hflip
+    assert classifier_module.random_hflip is random_hflip
+    # the dequantization module prepares its batches (flip, dequantize, scale) through the score module's own
+    # prepare(): no second copy of the flip
+    assert dequant_module.DequantLitModule.prepare is score_module.ScoreLitModule.prepare
+    assert not hasattr(dequant_module, "random_hflip")

@@ -87,7 +87,7 @@ def test_ieee_float32_switches_tf32_off_and_restores():
 
 
 def test_lr_schedule_warmup_then_cosine():
-    from scoreflow.lit.module import lr_factor
+    from scoreflow.lit.optim import lr_factor
 
     assert lr_factor(0, 100) == 0.01 and lr_factor(99, 100) == 1.0 and lr_factor(5000, 100) == 1.0  # no decay
     assert lr_factor(49, 100, decay_steps=1100) == 0.5  # still warming up

@@ -12,17 +12,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from scoreflow.data.base import random_hflip
 from scoreflow.dequantization import Dequantizer, to_model_space
-from scoreflow.lit.module import adam_with_warmup, step_seed
+from scoreflow.lit.module import step_seed
+from scoreflow.lit.optim import GuardedOptimization
+from scoreflow.lit.settings import OptimConfig
 from scoreflow.nets.classifier import NoiseConditionalClassifier
-
-DEFAULT_OPTIM = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=100, grad_clip=1.0)
 
 
 def fixed_time_key(split: str, name: str, t: float) -> str:
@@ -30,7 +29,7 @@ def fixed_time_key(split: str, name: str, t: float) -> str:
     return f"{split}/{name}_t{t:g}"
 
 
-class ClassifierLitModule(pl.LightningModule):
+class ClassifierLitModule(GuardedOptimization):
     """Training and evaluation of a noise-conditional classifier.
 
     Args:
@@ -40,8 +39,10 @@ class ClassifierLitModule(pl.LightningModule):
         scale, shift: data enter the SDE as ``scale * x + shift``; must equal the score model's.
         eps: smallest training time (``None``: the SDE's default).
         eval_times: fixed times at which validation and test report accuracy and cross-entropy.
-        optim: Adam settings, linear warmup steps and global-norm clip.
+        optim: Adam settings, linear warmup steps and global-norm clip: an :class:`OptimConfig` or a mapping of its
+            fields (the score model's optimization, with its NaN guard).
         hflip: random horizontal flips of training images.
+        max_bad_steps: consecutive non-finite steps tolerated before the run stops.
         seed: base seed of the per-step generators.
     """
 
@@ -55,11 +56,13 @@ class ClassifierLitModule(pl.LightningModule):
         shift: float = -1.0,
         eps: float | None = None,
         eval_times: Sequence[float] = (0.01, 0.1, 0.5, 0.9),
-        optim: dict[str, Any] | None = None,
+        optim: OptimConfig | dict[str, Any] | None = None,
         hflip: bool = False,
+        max_bad_steps: int = 20,
         seed: int = 0,
     ):
         super().__init__()
+        self._init_guard()
         if (num_levels is None) != (dequantizer is None):
             raise ValueError(
                 f"num_levels={num_levels} and dequantizer={type(dequantizer).__name__} do not fit: discrete data "
@@ -72,11 +75,9 @@ class ClassifierLitModule(pl.LightningModule):
         self.scale, self.shift = float(scale), float(shift)
         self.eps = self.sde.check_eps(self.sde.default_eps if eps is None else float(eps))
         self.eval_times = tuple(float(self.sde.check_eps(t)) for t in eval_times)
-        self.optim_cfg = {**DEFAULT_OPTIM, **(optim or {})}
-        unknown = set(self.optim_cfg) - set(DEFAULT_OPTIM)
-        if unknown:
-            raise ValueError(f"unknown optim settings {sorted(unknown)}; known: {sorted(DEFAULT_OPTIM)}")
+        self.optim_cfg = OptimConfig.from_mapping(optim)
         self.hflip = hflip
+        self.max_bad_steps = max_bad_steps
         self.seed = seed
         self.batches_seen = 0  # training batches drawn so far; checkpointed (ScoreDataModule resumes from it)
         self.config_dict: dict[str, Any] | None = None  # the run's resolved config, saved in checkpoints
@@ -104,7 +105,7 @@ class ClassifierLitModule(pl.LightningModule):
         return F.cross_entropy(logits, y, reduction="none"), (logits.argmax(dim=-1) == y).float()
 
     # ------------------------------------------------------------------ training
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         k, y = batch
         index = self.batches_seen
         self.batches_seen += 1
@@ -114,18 +115,8 @@ class ClassifierLitModule(pl.LightningModule):
             k = random_hflip(k, g)
         ce, correct = self.cross_entropy(k, y, None, g)
         loss = ce.mean()  # Monte-Carlo mixture of cross-entropies over t ~ U[eps, T] (App. I.1)
-        self.log("train/loss", loss.detach(), prog_bar=True)
-        self.log("train/acc", correct.mean())
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        return loss
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        clip = self.optim_cfg["grad_clip"]
-        if clip and clip > 0:
-            self.clip_gradients(optimizer, gradient_clip_val=float(clip), gradient_clip_algorithm="norm")
-
-    def configure_optimizers(self):
-        return adam_with_warmup([p for p in self.parameters() if p.requires_grad], self.optim_cfg)
+        if self.guarded_step(loss, index) is not None:
+            self.log("train/acc", correct.mean())
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, split: str, salt: int) -> None:
@@ -169,7 +160,10 @@ class ClassifierLitModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoint state
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["scoreflow"] = {"kind": "classifier", "batches_seen": self.batches_seen, "config": self.config_dict}
+        checkpoint["scoreflow"] = {"kind": "classifier", "batches_seen": self.batches_seen,
+                                    "bad_steps_total": self.bad_steps_total, "config": self.config_dict}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.batches_seen = checkpoint.get("scoreflow", {}).get("batches_seen", 0)
+        state = checkpoint.get("scoreflow", {})
+        self.batches_seen = state.get("batches_seen", 0)
+        self.bad_steps_total = state.get("bad_steps_total", 0)

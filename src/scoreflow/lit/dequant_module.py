@@ -27,19 +27,10 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from scoreflow.data.base import random_hflip
 from scoreflow.dequantization import importance_weighted_nll
 from scoreflow.likelihood import likelihood_bound
 from scoreflow.lit.module import ScoreLitModule
-
-DEFAULT_DEQUANT = dict(
-    weight=1.0,  # joint mode: weight of J_φ (per dimension, in nats) next to the score model's loss
-    freeze_score=False,  # True: "after" mode, only φ trains
-    num_t=1,  # time samples per image in the training estimate of the bound
-    num_eps_samples=1,  # x_eps draws of the ε-correction per image
-    importance_sampling=True,
-    truncation_correction=True,
-)
+from scoreflow.lit.settings import DequantConfig
 
 
 @torch.no_grad()
@@ -56,7 +47,7 @@ def importance_weighted_bpd(
     for _ in range(num_samples):
         y, log_q = module.to_model_space(k, generator)
         if kind == "bound":
-            nll = module.bound_nll(y, num_t or module.eval_cfg["test_num_t"], generator)
+            nll = module.bound_nll(y, num_t or module.eval_cfg.test_num_t, generator)
         else:
             nll = module.ode_nll(y, generator)[0]
         nlls.append(nll.detach().double())
@@ -69,28 +60,24 @@ class DequantLitModule(ScoreLitModule):
     """A :class:`ScoreLitModule` whose dequantizer is trained on Eq. 13 (see the module docstring).
 
     Args:
-        dequant: settings of ``J_φ`` (see ``DEFAULT_DEQUANT``): ``weight`` (joint mode), ``freeze_score``,
-            ``num_t`` and ``num_eps_samples`` of the training estimate, ``importance_sampling``,
-            ``truncation_correction``.
+        dequant: settings of ``J_φ``: a :class:`DequantConfig` or a mapping of its fields (``weight`` in joint
+            mode, ``freeze_score``, ``num_t`` and ``num_eps_samples`` of the training estimate,
+            ``importance_sampling``, ``truncation_correction``).
         *args, **kwargs: as for :class:`ScoreLitModule`; the dequantizer must have trainable parameters.
     """
 
-    def __init__(self, *args: Any, dequant: dict[str, Any] | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, dequant: DequantConfig | dict[str, Any] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.dequant_cfg = {**DEFAULT_DEQUANT, **(dequant or {})}
-        unknown = set(self.dequant_cfg) - set(DEFAULT_DEQUANT)
-        if unknown:
-            raise ValueError(f"unknown dequant settings {sorted(unknown)}; known: {sorted(DEFAULT_DEQUANT)}")
+        self.dequant_cfg = DequantConfig.from_mapping(dequant)
         if self.dequantizer is None or not any(p.requires_grad for p in self.dequantizer.parameters()):
             raise ValueError(
                 f"module.dequant trains the dequantizer, but dequantization={type(self.dequantizer).__name__} "
                 "has no trainable parameters: use dequantization=variational or drop module.dequant"
             )
-        self.freeze_score = bool(self.dequant_cfg["freeze_score"])
+        self.freeze_score = self.dequant_cfg.freeze_score
         if self.freeze_score:
             self.score_model.requires_grad_(False)  # also keeps it out of the optimizer, the clip and the EMA
             self.score_model.eval()
-        self._stash: list[tuple[Tensor, Tensor]] | None = None
 
     def train(self, mode: bool = True) -> DequantLitModule:
         super().train(mode)
@@ -113,35 +100,21 @@ class DequantLitModule(ScoreLitModule):
         """``J_φ`` per image ``[B]`` in nats: a one-draw estimate of ``L^DSM(y) + log q_φ(u|k)``."""
         d = self.dequant_cfg
         bound = likelihood_bound(
-            self._detached_score_fn(), self.sde, y, eps=self.eps, num_t=int(d["num_t"]),
-            importance_sampling=d["importance_sampling"], truncation_correction=d["truncation_correction"],
-            num_eps_samples=int(d["num_eps_samples"]), generator=g,
+            self._detached_score_fn(), self.sde, y, eps=self.eps, num_t=d.num_t,
+            importance_sampling=d.importance_sampling, truncation_correction=d.truncation_correction,
+            num_eps_samples=d.num_eps_samples, generator=g,
         )
         return bound.nll + log_q
 
-    def to_model_space(self, k: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        y, log_q = super().to_model_space(k, generator)
-        if self._stash is not None:  # joint training: keep the graph for J_φ, hand the DSM loss a detached y
-            self._stash.append((y, log_q))
-            return y.detach(), log_q.detach()
-        return y, log_q
-
     def training_loss(self, k: Tensor, g: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         D = k[0].numel()
+        y, log_q = self.prepare(k, g)  # y keeps its graph to φ for J_φ
         if self.freeze_score:
-            if self.hflip:  # as ScoreLitModule.training_loss
-                k = random_hflip(k, g)
-            y, log_q = self.to_model_space(k, g)
             loss, extra = y.new_zeros(()), {}
-        else:
-            self._stash = []
-            try:
-                loss, extra = super().training_loss(k, g)  # the usual weighted DSM loss on the detached y
-                (y, log_q), = self._stash
-            finally:
-                self._stash = None
+        else:  # the usual weighted DSM loss, on a detached y: it does not pull on φ
+            loss, extra = self.score_loss(y.detach(), g)
         obj = self.dequant_objective(y, log_q, g)
-        weight = 1.0 if self.freeze_score else float(self.dequant_cfg["weight"])
+        weight = 1.0 if self.freeze_score else self.dequant_cfg.weight
         loss = loss + weight * obj.mean() / D  # J_φ in nats per dimension: a learning rate independent of D
         extra = {
             **extra,

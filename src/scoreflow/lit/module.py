@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
@@ -23,64 +22,13 @@ from scoreflow.dequantization import Dequantizer, to_model_space
 from scoreflow.likelihood import likelihood_bound, nats_to_bpd, ode_log_likelihood
 from scoreflow.likelihood.ode import FIXED_GRID_METHODS
 from scoreflow.lit.metrics import MeanSE
+from scoreflow.lit.optim import GuardedOptimization, NonFiniteLossError  # noqa: F401 (NonFiniteLossError: API)
 from scoreflow.lit.per_image import bound_bpd, bound_plan, mean_se_over_images, ode_bpd
+from scoreflow.lit.settings import EvalConfig, OptimConfig
 from scoreflow.losses import dsm_loss, ism_loss
 from scoreflow.nets import ScoreModel
 from scoreflow.utils import ieee_float32
 from scoreflow.weighting import TimeSampler
-
-DEFAULT_OPTIM = dict(lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=5000, grad_clip=1.0,
-                     decay_steps=None, min_lr_ratio=0.0)
-DEFAULT_EVAL = dict(
-    eps=None,  # None: the time sampler's eps
-    val_num_t=100,
-    test_num_t=1000,
-    importance_sampling=True,
-    truncation_correction=False,
-    bound_estimator="paired",  # constant term on the same (t, z) as the DSM term: ~77x lower variance (bench)
-    stratified=True,  # stratified time samples (unbiased, lower variance)
-    rtol=1e-5,
-    atol=1e-5,
-    method="dopri5",
-    steps=None,  # fixed-grid methods (rk4, heun3, ...) only: number of steps on the power grid
-    grid_rho=None,  # its exponent; None: the SDE's (3 for VP/subVP, 1 for VE)
-    divergence="rademacher",
-    ode_dtype="float64",
-    nll_every=500,
-    nll_subset=64,
-    test_ode=True,
-    test_bound=True,
-    test_repeats=1,
-    bound_antithetic=False,  # pairs (z, -z) at each bound time
-    bound_plan="none",  # "fit": a time plan (control variate, time density, baseline) fitted once per evaluation
-    bound_plan_images=32,  # images whose pilot draws fit it
-    seed=0,  # per-image noise of the test phase and evaluate.py; not the training seed, so runs share it
-)
-
-
-def lr_factor(step: int, warmup_steps: int, decay_steps: int | None = None, min_lr_ratio: float = 0.0) -> float:
-    """Learning-rate multiplier at ``step``: linear warm-up over ``warmup_steps`` (ScoreFlow's schedule), then, if
-    ``decay_steps`` is set, a cosine decay to ``min_lr_ratio`` at step ``decay_steps`` (held there after)."""
-    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-    if not decay_steps or decay_steps <= warmup_steps:
-        return warm
-    frac = min(1.0, max(0.0, (step - warmup_steps) / (decay_steps - warmup_steps)))
-    return warm * (min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac)))
-
-
-def adam_with_warmup(params: list[torch.nn.Parameter], o: dict[str, Any]) -> dict[str, Any]:
-    """Adam with a linear learning-rate warm-up over ``o["warmup_steps"]`` steps (docs/reference.md §7) and an
-    optional cosine decay (``o["decay_steps"]``, ``o["min_lr_ratio"]``), per-step schedule."""
-    opt = torch.optim.Adam(params, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"])
-    warm, decay = int(o["warmup_steps"]), o.get("decay_steps")
-    ratio = float(o.get("min_lr_ratio") or 0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, warm, None if decay is None else int(decay), ratio))
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 def step_seed(seed: int, rank: int, index: int, salt: int = 0) -> int:
@@ -88,7 +36,7 @@ def step_seed(seed: int, rank: int, index: int, salt: int = 0) -> int:
     return (seed * 1_000_003 + rank * 7_919 + index * 104_729 + salt * 15_485_863) % (2**63 - 1)
 
 
-class ScoreLitModule(pl.LightningModule):
+class ScoreLitModule(GuardedOptimization):
     """Training and evaluation of a score model.
 
     Args:
@@ -100,8 +48,10 @@ class ScoreLitModule(pl.LightningModule):
         scale, shift: data enter the SDE as ``y = scale * x + shift`` (2, -1: "centered" [-1, 1]).
         loss: ``"dsm"`` (denoising) or ``"ism"`` (implicit/Hutchinson, Huang et al. 2021, Sec. 6).
         loss_reduce: ``"mean"`` (the reference's ``reduce_mean``) or ``"sum"`` over dimensions.
-        optim: Adam settings, linear warmup steps and global-norm clip (docs/reference.md §7).
-        evaluation: settings of the periodic and final likelihood evaluation (see ``DEFAULT_EVAL``).
+        optim: Adam settings, linear warmup steps and global-norm clip: an :class:`OptimConfig` or a mapping of
+            its fields (docs/reference.md §7).
+        evaluation: settings of the periodic and final likelihood evaluation: an :class:`EvalConfig` or a mapping
+            of its fields.
         hflip: random horizontal flips of training images.
         max_bad_steps: consecutive non-finite steps tolerated before the run stops.
         seed: base seed of the per-step generators.
@@ -121,8 +71,8 @@ class ScoreLitModule(pl.LightningModule):
         shift: float = -1.0,
         loss: str = "dsm",
         loss_reduce: str = "mean",
-        optim: dict[str, Any] | None = None,
-        evaluation: dict[str, Any] | None = None,
+        optim: OptimConfig | dict[str, Any] | None = None,
+        evaluation: EvalConfig | dict[str, Any] | None = None,
         hflip: bool = False,
         max_bad_steps: int = 20,
         seed: int = 0,
@@ -137,7 +87,7 @@ class ScoreLitModule(pl.LightningModule):
                 f"num_levels={num_levels} and dequantizer={type(dequantizer).__name__} do not fit: discrete data "
                 "need a dequantizer, continuous data (num_levels=None) must use dequantization=none"
             )
-        self.automatic_optimization = False
+        self._init_guard()
         self.score_model = score_model
         self.sde = score_model.sde
         self.time_sampler = time_sampler
@@ -146,11 +96,8 @@ class ScoreLitModule(pl.LightningModule):
         self.data_shape = tuple(data_shape)
         self.scale, self.shift = float(scale), float(shift)
         self.loss_name, self.loss_reduce = loss, loss_reduce
-        self.optim_cfg = {**DEFAULT_OPTIM, **(optim or {})}
-        self.eval_cfg = {**DEFAULT_EVAL, **(evaluation or {})}
-        unknown = set(self.eval_cfg) - set(DEFAULT_EVAL)
-        if unknown:
-            raise ValueError(f"unknown evaluation settings {sorted(unknown)}; known: {sorted(DEFAULT_EVAL)}")
+        self.optim_cfg = OptimConfig.from_mapping(optim)
+        self.eval_cfg = EvalConfig.from_mapping(evaluation)
         self.hflip = hflip
         if channels_last:
             self.score_model.net.to(memory_format=torch.channels_last)
@@ -160,8 +107,6 @@ class ScoreLitModule(pl.LightningModule):
         self.max_bad_steps = max_bad_steps
         self.seed = seed
         self.batches_seen = 0  # training batches drawn so far (skipped ones included); checkpointed
-        self.bad_steps_total = 0
-        self._bad_in_a_row = 0
         self.val_bound, self.val_ode = MeanSE(), MeanSE()
         self._test_values: dict[str, list[Tensor]] = {}  # rows (image index, repeat, value); "nfe": per solve
         self._test_seen = 0  # test images of this rank so far
@@ -172,7 +117,7 @@ class ScoreLitModule(pl.LightningModule):
     # ------------------------------------------------------------------ data -> SDE space
     @property
     def eps(self) -> float:
-        return self.eval_cfg["eps"] or self.time_sampler.eps
+        return self.eval_cfg.eps or self.time_sampler.eps
 
     def to_model_space(self, k: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         """Integer levels (or continuous data) -> ``(y, log_q)``: dequantize and scale."""
@@ -188,12 +133,17 @@ class ScoreLitModule(pl.LightningModule):
         return g
 
     # ------------------------------------------------------------------ training
-    def training_loss(self, k: Tensor, g: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+    def prepare(self, k: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Training images ``k`` -> ``(y, log_q)``: random flip, dequantization and scaling, all drawn from ``g``."""
         if self.hflip:
             k = random_hflip(k, g)
         y, log_q = self.to_model_space(k, g)
         if self.channels_last and y.ndim == 4:
             y = y.contiguous(memory_format=torch.channels_last)
+        return y, log_q
+
+    def score_loss(self, y: Tensor, g: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted score-matching loss of ``y`` (times, weights and noise drawn from ``g``) and extra logs."""
         t, w = self.time_sampler.sample(y.shape[0], generator=g, device=y.device, dtype=y.dtype)
         z = torch.randn(y.shape, generator=g, device=y.device, dtype=y.dtype)
         if self.loss_name == "dsm":
@@ -204,50 +154,16 @@ class ScoreLitModule(pl.LightningModule):
         loss = (w * per).mean()
         return loss, {"train/loss_var": per.detach().var() if per.numel() > 1 else per.new_zeros(())}
 
+    def training_loss(self, k: Tensor, g: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.score_loss(self.prepare(k, g)[0], g)
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        k = batch[0]
         index = self.batches_seen
         self.batches_seen += 1
         torch.manual_seed(step_seed(self.seed, self.global_rank, index, 1))  # dropout
-        loss, extra = self.training_loss(k, self._generator(index, 0))
-        opt = self.optimizers()
-        sched = self.lr_schedulers()
-        if not torch.isfinite(loss):
-            self.log("train/loss", loss.detach(), prog_bar=True)  # NaN in the logs, not the last finite value
-            self._skip(f"non-finite loss ({float(loss)})")
-            return
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        clip = self.optim_cfg["grad_clip"]
-        params = [p for p in self.parameters() if p.requires_grad]
-        gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else math.inf)
-        if not torch.isfinite(gnorm):
-            opt.zero_grad(set_to_none=True)
-            self._skip(f"non-finite gradient norm ({float(gnorm)})")
-            return
-        opt.step()
-        sched.step()
-        self._bad_in_a_row = 0
-        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=False)
-        self.log("train/grad_norm", gnorm.detach())
-        self.log("train/lr", sched.get_last_lr()[0])
-        self.log_dict(extra)
-
-    def _skip(self, why: str) -> None:
-        self.bad_steps_total += 1
-        self._bad_in_a_row += 1
-        self.log("train/skipped_steps", float(self.bad_steps_total))
-        msg = f"step {self.global_step} (batch {self.batches_seen - 1}): {why}; optimizer step skipped"
-        if self._bad_in_a_row >= self.max_bad_steps:
-            raise NonFiniteLossError(
-                f"{msg}. {self._bad_in_a_row} non-finite steps in a row (max_bad_steps={self.max_bad_steps}): "
-                "stopping. Lower the learning rate, check the data scaling, or raise eps."
-            )
-        if self._bad_in_a_row == 1:  # once per streak: the error at max_bad_steps gives the count
-            print(f"[scoreflow] warning: {msg}")
-
-    def configure_optimizers(self):
-        return adam_with_warmup([p for p in self.parameters() if p.requires_grad], self.optim_cfg)
+        loss, extra = self.training_loss(batch[0], self._generator(index, 0))
+        if self.guarded_step(loss, index) is not None:
+            self.log_dict(extra)
 
     # ------------------------------------------------------------------ likelihood evaluation
     def _score_fn(self):
@@ -269,10 +185,10 @@ class ScoreLitModule(pl.LightningModule):
             y,
             eps=self.eps,
             num_t=num_t,
-            importance_sampling=e["importance_sampling"],
-            truncation_correction=e["truncation_correction"],
-            estimator=e["bound_estimator"],
-            stratified=e["stratified"],
+            importance_sampling=e.importance_sampling,
+            truncation_correction=e.truncation_correction,
+            estimator=e.bound_estimator,
+            stratified=e.stratified,
             generator=g,
         )
         return res.nll
@@ -284,20 +200,20 @@ class ScoreLitModule(pl.LightningModule):
             self.sde,
             y,
             eps=self.eps,
-            rtol=e["rtol"],
-            atol=e["atol"],
-            method=e["method"],
-            steps=e["steps"] if e["method"] in FIXED_GRID_METHODS else None,
-            grid_rho=e["grid_rho"],
-            divergence=e["divergence"],
+            rtol=e.rtol,
+            atol=e.atol,
+            method=e.method,
+            steps=e.steps if e.method in FIXED_GRID_METHODS else None,
+            grid_rho=e.grid_rho,
+            divergence=e.divergence,
             generator=g,
-            dtype=getattr(torch, e["ode_dtype"]),
+            dtype=getattr(torch, e.ode_dtype),
         )
         return res.nll, res.nfe
 
     def on_validation_epoch_start(self) -> None:
         # decide once per validation run whether the (expensive) ODE likelihood is due
-        every = self.eval_cfg["nll_every"]
+        every = self.eval_cfg.nll_every
         self._ode_now = (
             bool(every) and not self.trainer.sanity_checking and (self.global_step >= self._last_ode_step + every)
         )
@@ -307,10 +223,10 @@ class ScoreLitModule(pl.LightningModule):
         g = self._generator(batch_idx, 2)  # fixed per batch: the same noise at every validation
         y, log_q = self.to_model_space(k, g)
         D = y[0].numel()
-        self.val_bound.update(self.to_bpd(self.bound_nll(y, self.eval_cfg["val_num_t"], g), log_q, D))
-        seen = batch_idx * k.shape[0]
-        if self._ode_now and seen < self.eval_cfg["nll_subset"]:
-            y, log_q = y[: self.eval_cfg["nll_subset"] - seen], log_q[: self.eval_cfg["nll_subset"] - seen]
+        self.val_bound.update(self.to_bpd(self.bound_nll(y, self.eval_cfg.val_num_t, g), log_q, D))
+        seen, subset = batch_idx * k.shape[0], self.eval_cfg.nll_subset
+        if self._ode_now and seen < subset:
+            y, log_q = y[: subset - seen], log_q[: subset - seen]
             nll, _ = self.ode_nll(y, g)
             self.val_ode.update(self.to_bpd(nll, log_q, D))
 
@@ -342,12 +258,12 @@ class ScoreLitModule(pl.LightningModule):
         one process, with the same batches, ``evaluate.py ckpt_path=<this run's checkpoint>`` gives these values."""
         k, e = batch[0], self.eval_cfg
         idx = self._test_indices(k.shape[0])
-        seed = int(e["seed"])
-        plan = bound_plan(self, self.trainer.test_dataloaders.dataset, seed) if e["test_bound"] else None
-        for r in range(int(e["test_repeats"])):
-            if e["test_bound"]:
+        seed = e.seed
+        plan = bound_plan(self, self.trainer.test_dataloaders.dataset, seed) if e.test_bound else None
+        for r in range(e.test_repeats):
+            if e.test_bound:
                 self._record("bpd_bound", idx, r, bound_bpd(self, k, idx, r, seed, plan=plan))
-            if e["test_ode"]:
+            if e.test_ode:
                 v, nfe = ode_bpd(self, k, idx, r, seed)
                 self._record("bpd_ode", idx, r, v)
                 self._test_values.setdefault("nfe", []).append(torch.tensor([[float(nfe)]], dtype=torch.float64))

@@ -70,14 +70,14 @@ def ode_bpd(module: ScoreLitModule, k: Tensor, indices: list[int], repeat: int, 
     ``x_eps ~ p_0eps(.|x)`` and adds the decoder term (off in ScoreFlow).
     """
     e, dev = module.eval_cfg, k.device
-    dtype = getattr(torch, e["ode_dtype"])
+    dtype = getattr(torch, e.ode_dtype)
     y, log_q = model_space(module, k, indices, repeat, seed)
     y = y.to(dtype)
     score_fn = module._score_fn()
     probe = None
-    if e["divergence"] != "exact":
+    if e.divergence != "exact":
         gens = [seeded_generator(dev, image_seed(seed, i, repeat, "probe")) for i in indices]
-        probe = torch.cat([draw_probe(e["divergence"], y[j : j + 1], generator=g) for j, g in enumerate(gens)])
+        probe = torch.cat([draw_probe(e.divergence, y[j : j + 1], generator=g) for j, g in enumerate(gens)])
     corr = torch.zeros(len(indices), dtype=dtype, device=dev)
     if ode_truncation_correction:
         with torch.no_grad():
@@ -85,12 +85,12 @@ def ode_bpd(module: ScoreLitModule, k: Tensor, indices: list[int], repeat: int, 
                                            generator=seeded_generator(dev, image_seed(seed, i, repeat, "ode_eps")))
                      for j, i in enumerate(indices)]
         corr, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    o = {key: e.get(key) for key in ("method", "rtol", "atol", "steps", "grid_rho")} | (solver or {})
+    o = {key: getattr(e, key) for key in ("method", "rtol", "atol", "steps", "grid_rho")} | (solver or {})
     if o["method"] not in FIXED_GRID_METHODS:  # e.g. evaluation.method=dopri5 on a checkpoint stored with rk4
         o["steps"] = None
     res = ode_log_likelihood(score_fn, module.sde, y, eps=module.eps, rtol=o["rtol"], atol=o["atol"],
                              method=o["method"], steps=o["steps"], grid_rho=o["grid_rho"],
-                             divergence=e["divergence"], probe=probe, dtype=dtype)
+                             divergence=e.divergence, probe=probe, dtype=dtype)
     return module.to_bpd(res.nll + corr, log_q.to(dtype), y[0].numel()), res.nfe
 
 
@@ -108,12 +108,12 @@ def bound_plan(module: ScoreLitModule, dataset, seed: int, limit: int | None = N
     Cached on the module.
     """
     e = module.eval_cfg
-    kind = e.get("bound_plan") or "none"
+    kind = e.bound_plan
     if kind == "none":
         return None
     if kind != "fit":
         raise ValueError(f"evaluation.bound_plan must be 'none' or 'fit', got {kind!r}")
-    n = min(int(e.get("bound_plan_images") or 32), len(dataset), len(dataset) if limit is None else int(limit))
+    n = min(e.bound_plan_images, len(dataset), len(dataset) if limit is None else int(limit))
     cached = getattr(module, "_bound_plan_cache", None)
     if cached is not None and cached[:2] == (seed, n):
         return cached[2]
@@ -138,17 +138,16 @@ def bound_bpd(module: ScoreLitModule, k: Tensor, indices: list[int], repeat: int
     With ``return_se`` also the per-image Monte-Carlo standard error in bits/dim ``[B]``.
     """
     e, dev = module.eval_cfg, k.device
-    if (e.get("bound_plan") or "none") != "none" and plan is None:
+    if e.bound_plan != "none" and plan is None:
         raise ValueError("evaluation.bound_plan is set: pass plan=bound_plan(module, dataset, seed)")
     y, log_q = model_space(module, k, indices, repeat, seed)
     out, ses = [], []
     with torch.no_grad():
         for j, i in enumerate(indices):
             res = likelihood_bound(
-                module._score_fn(), module.sde, y[j : j + 1], eps=module.eps, num_t=int(e["test_num_t"]),
-                importance_sampling=e["importance_sampling"], truncation_correction=e["truncation_correction"],
-                estimator=e["bound_estimator"], stratified=bool(e["stratified"]),
-                antithetic=bool(e.get("bound_antithetic", False)), plan=plan,
+                module._score_fn(), module.sde, y[j : j + 1], eps=module.eps, num_t=e.test_num_t,
+                importance_sampling=e.importance_sampling, truncation_correction=e.truncation_correction,
+                estimator=e.bound_estimator, stratified=e.stratified, antithetic=e.bound_antithetic, plan=plan,
                 generator=seeded_generator(dev, image_seed(seed, i, repeat, "bound")), chunk_size=chunk_size,
             )
             out.append(res.nll)

@@ -95,7 +95,16 @@ def explain_composition(exc: Exception, config_name: str, overrides: list[str]) 
     (Hydra's own hint, ``+key=value``, would add a key that nothing reads)."""
     text = "\n".join(str(e) for e in (exc, exc.__cause__) if e is not None)
     m = re.search(r"[Cc]ould not override '([^']+)'", text) or re.search(r"full_key: (\S+)", text)
-    if m and "not in struct" in text:
+    typed = re.search(r"(Value '[^']*' of type '[^']*' could not be converted to \w+|Invalid value '[^']*'[^\n]*)",
+                      text)
+    if typed:  # a value of the wrong type for a field of a typed schema (scoreflow.lit.settings)
+        key = re.search(r"full_key: (\S+)", text)
+        key = key.group(1) if key else (m.group(1) if m else None)
+        bad = [o for o in overrides if key and o.lstrip("+~").split("=", 1)[0] == key]
+        value = bad[0].split("=", 1)[1] if bad and "=" in bad[0] else None
+        return ConfigError(f"{key}: {typed.group(1)}", key=key, value=value,
+                           fix="see the field's type in scoreflow/lit/settings.py or python train.py --cfg job")
+    if m and ("not in struct" in text or re.search(r"Key '[^']+' not in '", text)):
         key = m.group(1).lstrip("+~")
         bad = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] == key]
         try:

@@ -22,6 +22,7 @@ command line). The pieces live in :mod:`scoreflow.tasks.checkpoint` (loading, sh
 
 from __future__ import annotations
 
+import inspect
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -31,6 +32,7 @@ import torch
 from omegaconf import DictConfig
 
 from scoreflow.likelihood.ode import FIXED_GRID_METHODS
+from scoreflow.lit.datamodule import ScoreDataModule
 from scoreflow.tasks.build import ConfigError, to_container
 from scoreflow.tasks.checkpoint import LoadedModel, load_model, resolve_device, task_dir
 from scoreflow.tasks.common import results_table, write_metrics
@@ -86,21 +88,20 @@ def fingerprint(lm: LoadedModel, split: str, seed: int, ode_tc: bool) -> dict[st
     """Everything a per-image value depends on (not the number of images, repeats or the batch size)."""
     e, m = lm.module.eval_cfg, lm.module
     data = {k: v for k, v in to_container(lm.cfg.data).items() if k != "root"}  # the data may move, not change
-    ode = {"method": e["method"], "rtol": e["rtol"], "atol": e["atol"], "divergence": e["divergence"],
-           "dtype": e["ode_dtype"], "truncation_correction": ode_tc}
-    if e["method"] in FIXED_GRID_METHODS:  # only then (rtol/atol unused): folders of earlier releases still resume
-        ode |= {"steps": e["steps"], "grid_rho": e["grid_rho"] or m.sde.ode_grid_rho}
+    ode = {"method": e.method, "rtol": e.rtol, "atol": e.atol, "divergence": e.divergence,
+           "dtype": e.ode_dtype, "truncation_correction": ode_tc}
+    if e.method in FIXED_GRID_METHODS:  # only then (rtol/atol unused): folders of earlier releases still resume
+        ode |= {"steps": e.steps, "grid_rho": e.grid_rho or m.sde.ode_grid_rho}
     return {
         "checkpoint": lm.info["path"], "step": lm.info["step"], "weights": lm.info["weights"], "data": data,
         "split": split,
         "seed": seed, "eps": m.eps, "dequantization": type(m.dequantizer).__name__ if m.dequantizer else "none",
         "ode": ode,
-        "bound": {"num_t": e["test_num_t"], "importance_sampling": e["importance_sampling"],
-                  "estimator": e.get("bound_estimator", "closed_form"), "stratified": bool(e.get("stratified", False)),
-                  "truncation_correction": e["truncation_correction"],
-                  **({"antithetic": True} if e.get("bound_antithetic") else {}),
-                  **({"plan": f"fit on {int(e.get('bound_plan_images') or 32)} images"}
-                     if (e.get("bound_plan") or "none") != "none" else {})},
+        "bound": {"num_t": e.test_num_t, "importance_sampling": e.importance_sampling,
+                  "estimator": e.bound_estimator, "stratified": e.stratified,
+                  "truncation_correction": e.truncation_correction,
+                  **({"antithetic": True} if e.bound_antithetic else {}),
+                  **({"plan": f"fit on {e.bound_plan_images} images"} if e.bound_plan != "none" else {})},
     }
 
 
@@ -130,6 +131,14 @@ def num_images(cfg: DictConfig, lm: LoadedModel, split: str, available: int) -> 
     return min(int(want), available)
 
 
+def eval_batch_size(run_cfg: DictConfig) -> int:
+    """The training run's ``datamodule.eval_batch_size`` (its test phase's batches), or ScoreDataModule's default."""
+    stored = (run_cfg.get("datamodule") or {}).get("eval_batch_size")
+    if stored is None:
+        stored = inspect.signature(ScoreDataModule).parameters["eval_batch_size"].default
+    return int(stored)
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.split``; write ``metrics.json`` and ``per_example.npz``; print a table.
 
@@ -148,13 +157,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     e = module.eval_cfg
     n = num_images(cfg, lm, split, len(dataset))
     s = LikelihoodSettings(
-        ode=bool(cfg.ode), bound=bool(cfg.bound), seed=int(cfg.seed if cfg.get("seed") is not None else e["seed"]),
-        repeats=int(cfg.repeats if cfg.get("repeats") is not None else e["test_repeats"]),
-        batch_size=int(cfg.batch_size if cfg.get("batch_size") is not None
-                       else lm.cfg.get("datamodule", {}).get("eval_batch_size", 128)),
-        ode_truncation_correction=bool(cfg.get("ode_truncation_correction", False)),
-        bound_chunk_size=int(cfg.get("bound_chunk_size", 1024)), max_batches=cfg.get("max_batches"),
-        progress=bool(cfg.get("progress", True)), solver_check_images=min(int(cfg.get("solver_check_images") or 0), n),
+        ode=bool(cfg.ode), bound=bool(cfg.bound), seed=int(cfg.seed if cfg.seed is not None else e.seed),
+        repeats=int(cfg.repeats if cfg.repeats is not None else e.test_repeats),
+        batch_size=int(cfg.batch_size if cfg.batch_size is not None else eval_batch_size(lm.cfg)),
+        ode_truncation_correction=bool(cfg.ode_truncation_correction),
+        bound_chunk_size=int(cfg.bound_chunk_size), max_batches=cfg.max_batches,
+        progress=bool(cfg.progress), solver_check_images=min(int(cfg.solver_check_images or 0), n),
     )
     fp = fingerprint(lm, split, s.seed, s.ode_truncation_correction)
     protocol = {**fp, "repeats": s.repeats, "num_images": n, "batch_size": s.batch_size}
@@ -171,7 +179,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if quantities and n == 0:
         raise ConfigError(f"the {split} split of {lm.source.name} has no images to evaluate")
     if quantities:
-        resume = bool(cfg.get("resume", True))
+        resume = bool(cfg.resume)
         if main and not resume:
             discard_partial(out)
         fabric.barrier()
@@ -191,7 +199,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         return metrics
     fid_cfg = cfg.get("fid")
     if complete and fid_cfg is not None and int(fid_cfg.get("num_samples") or 0) > 0:
-        fid = run_fid(lm, fid_cfg, cfg.sampler, out, bool(cfg.get("progress", True)))
+        fid = run_fid(lm, fid_cfg, cfg.sampler, out, bool(cfg.progress))
         metrics.update({f"{split}/{k}": v for k, v in fid.items()})
         protocol["fid"] = {"sampler": to_container(cfg.sampler), "num_samples": int(fid_cfg.num_samples),
                            "reference": f"train split ({int(fid['fid_ref_num_images'])} images)"}

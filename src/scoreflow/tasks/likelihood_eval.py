@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from scoreflow.lit import per_image
 from scoreflow.lit.module import ScoreLitModule
+from scoreflow.lit.settings import EvalConfig
 
 
 class ProtocolMismatchError(RuntimeError):
@@ -159,14 +160,14 @@ class LikelihoodSettings:
 SOLVER_CHECK_TIGHTEN = 100.0
 
 
-def check_solver(e: dict[str, Any]) -> dict[str, Any]:
+def check_solver(e: EvalConfig) -> dict[str, Any]:
     """The solver check's ODE settings for evaluation settings ``e``: the same adaptive method at ``rtol`` and
     ``atol`` / 100; for a fixed grid (no error control; its ``rtol``/``atol`` unused), dopri5 at ``rtol``, ``atol``
     / 100 (the reference's solver at a tight tolerance)."""
     from scoreflow.likelihood.ode import FIXED_GRID_METHODS
 
-    method = "dopri5" if e["method"] in FIXED_GRID_METHODS else e["method"]
-    return {"method": method, "rtol": e["rtol"] / SOLVER_CHECK_TIGHTEN, "atol": e["atol"] / SOLVER_CHECK_TIGHTEN,
+    method = "dopri5" if e.method in FIXED_GRID_METHODS else e.method
+    return {"method": method, "rtol": e.rtol / SOLVER_CHECK_TIGHTEN, "atol": e.atol / SOLVER_CHECK_TIGHTEN,
             "steps": None}
 
 

@@ -1,0 +1,96 @@
+"""The one optimization mechanism of every module: Adam + warm-up (+ cosine decay) + global-norm clip, stepped
+by hand so that a non-finite loss or gradient norm skips the step (counted, logged) and too many in a row stop
+the run with a message naming the step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from scoreflow.lit.settings import OptimConfig
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def lr_factor(step: int, warmup_steps: int, decay_steps: int | None = None, min_lr_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up over ``warmup_steps`` (ScoreFlow's schedule), then, if
+    ``decay_steps`` is set, a cosine decay to ``min_lr_ratio`` at step ``decay_steps`` (held there after)."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    if not decay_steps or decay_steps <= warmup_steps:
+        return warm
+    frac = min(1.0, max(0.0, (step - warmup_steps) / (decay_steps - warmup_steps)))
+    return warm * (min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac)))
+
+
+def adam_with_warmup(params: list[torch.nn.Parameter], o: OptimConfig | dict[str, Any]) -> dict[str, Any]:
+    """Adam with a linear learning-rate warm-up over ``o.warmup_steps`` steps (docs/reference.md §7) and an
+    optional cosine decay (``o.decay_steps``, ``o.min_lr_ratio``), per-step schedule."""
+    o = OptimConfig.from_mapping(o)
+    opt = torch.optim.Adam(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, o.warmup_steps, o.decay_steps, o.min_lr_ratio))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class GuardedOptimization(pl.LightningModule):
+    """Manual optimization with the NaN guard, shared by the score, dequantization and classifier modules.
+
+    Subclasses set ``self.optim_cfg`` (an :class:`OptimConfig`) and ``self.max_bad_steps``, and call
+    :meth:`guarded_step` with the training loss; ``bad_steps_total`` is checkpointed by the subclass.
+    """
+
+    optim_cfg: OptimConfig
+    max_bad_steps: int = 20
+
+    def _init_guard(self) -> None:
+        self.automatic_optimization = False
+        self.bad_steps_total = 0
+        self._bad_in_a_row = 0
+
+    def configure_optimizers(self):
+        return adam_with_warmup([p for p in self.parameters() if p.requires_grad], self.optim_cfg)
+
+    def guarded_step(self, loss: Tensor, batch_index: int) -> Tensor | None:
+        """Backward, clip and step on ``loss``; skip the step (and return ``None``) when the loss or the gradient
+        norm is not finite. Logs ``train/loss``, ``train/grad_norm``, ``train/lr``; returns the gradient norm."""
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        if not torch.isfinite(loss):
+            self.log("train/loss", loss.detach(), prog_bar=True)  # NaN in the logs, not the last finite value
+            self._skip(f"non-finite loss ({float(loss)})", batch_index)
+            return None
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        clip = self.optim_cfg.grad_clip
+        params = [p for p in self.parameters() if p.requires_grad]
+        gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else math.inf)
+        if not torch.isfinite(gnorm):
+            opt.zero_grad(set_to_none=True)
+            self._skip(f"non-finite gradient norm ({float(gnorm)})", batch_index)
+            return None
+        opt.step()
+        sched.step()
+        self._bad_in_a_row = 0
+        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=False)
+        self.log("train/grad_norm", gnorm.detach())
+        self.log("train/lr", sched.get_last_lr()[0])
+        return gnorm
+
+    def _skip(self, why: str, batch_index: int) -> None:
+        self.bad_steps_total += 1
+        self._bad_in_a_row += 1
+        self.log("train/skipped_steps", float(self.bad_steps_total))
+        msg = f"step {self.global_step} (batch {batch_index}): {why}; optimizer step skipped"
+        if self._bad_in_a_row >= self.max_bad_steps:
+            raise NonFiniteLossError(
+                f"{msg}. {self._bad_in_a_row} non-finite steps in a row (max_bad_steps={self.max_bad_steps}): "
+                "stopping. Lower the learning rate, check the data scaling, or raise eps."
+            )
+        if self._bad_in_a_row == 1:  # once per streak: the error at max_bad_steps gives the count
+            print(f"[scoreflow] warning: {msg}")
