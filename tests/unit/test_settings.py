@@ -115,3 +115,17 @@ def test_typo_in_a_settings_key_is_a_clear_error_of_the_real_command():
     r = subprocess.run([sys.executable, "train.py", "module.optim.lr=abc"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 2 and "module.optim.lr: Value 'abc'" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("name,file", [("small", "variational"), ("cifar10", "variational_cifar10"),
+                                       ("imagenet32", "variational_imagenet32")])
+def test_flow_presets_of_the_library_and_the_yaml_agree(name, file):
+    """``VariationalDequantizer.from_preset(name)`` (the Python API) and ``dequantization=<file>`` (the CLI) build
+    the same flow: every preset key has the same value in both, so the two homes cannot drift apart."""
+    from scoreflow.dequantization import PRESETS
+
+    node = yaml.safe_load((CONF / "dequantization" / f"{file}.yaml").read_text())["dequantization"]
+    if file != "variational":  # the ScoreFlow sizes inherit the base file and override it
+        base = yaml.safe_load((CONF / "dequantization" / "variational.yaml").read_text())["dequantization"]
+        node = {**base, **node}
+    assert {k: node[k] for k in PRESETS[name]} == PRESETS[name]
