@@ -1,7 +1,9 @@
 """Assembly of every component from a config, in one explicit order.
 
-data source -> SDE -> network -> ScoreModel -> time sampler -> dequantizer -> ScoreLitModule.
-Used by training and by evaluate/sample, which rebuild everything from the config stored in a checkpoint.
+Score model: data source -> SDE -> network -> ScoreModel -> time sampler -> dequantizer -> ScoreLitModule.
+Classifier (App. I.1): data source -> SDE -> network -> NoiseConditionalClassifier -> dequantizer ->
+ClassifierLitModule. Used by training and by evaluate/sample, which rebuild everything from the config stored in
+a checkpoint; the checks that data, dequantizer and network fit together live here, once for both.
 """
 
 from __future__ import annotations
@@ -11,15 +13,19 @@ from typing import Any
 import hydra
 import torch
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from scoreflow.dequantization import Dequantizer
+from scoreflow.lit.classifier_module import ClassifierLitModule
 from scoreflow.lit.datamodule import ScoreDataModule
 from scoreflow.lit.dequant_module import DequantLitModule
 from scoreflow.lit.module import ScoreLitModule
 from scoreflow.nets import ScoreModel
+from scoreflow.nets.classifier import NoiseConditionalClassifier
 from scoreflow.tasks.errors import ConfigError
 
-__all__ = ["ConfigError", "build_data", "build_datamodule", "build_module", "check_shapes", "to_container"]
+__all__ = ["ConfigError", "build_classifier", "build_classifier_module", "build_data", "build_datamodule",
+           "build_dequantizer", "build_module", "check_shapes", "to_container"]
 
 
 def to_container(cfg: DictConfig | dict) -> dict[str, Any]:
@@ -54,20 +60,7 @@ def build_module(cfg: DictConfig) -> ScoreLitModule:
         ) from e
     score_model = ScoreModel(net, sde, cfg.model.get("parametrization", "eps"), cfg.model.get("time_label", "t999"))
     time_sampler = hydra.utils.instantiate(cfg.weighting, sde=sde, eps=eps)
-    deq_cfg = cfg.dequantization
-    dequantizer = None
-    if deq_cfg.get("_target_") is not None:
-        if num_levels is None:
-            raise ConfigError(
-                f"dequantization={deq_cfg._target_.rsplit('.', 1)[-1]} needs discrete data, but the data "
-                f"({data_cfg._target_.rsplit('.', 1)[-1]}) is continuous (num_levels=null): use dequantization=none"
-            )
-        dequantizer = hydra.utils.instantiate(deq_cfg, **_deq_kwargs(deq_cfg, shape, num_levels))
-    elif num_levels is not None:
-        raise ConfigError(
-            f"dequantization=none cannot be used with discrete data ({data_cfg._target_.rsplit('.', 1)[-1]}, "
-            f"num_levels={num_levels}): choose dequantization=uniform or variational"
-        )
+    dequantizer = build_dequantizer(cfg, fix="choose dequantization=uniform or variational")
     mcfg = to_container(cfg.module)
     # a learnable dequantizer must be trained on its own objective (Eq. 13), never through the DSM loss alone
     learnable = dequantizer is not None and any(p.requires_grad for p in dequantizer.parameters())
@@ -82,6 +75,30 @@ def build_module(cfg: DictConfig) -> ScoreLitModule:
     )
     module.config_dict = to_container(cfg)
     return module
+
+
+def _name(target: str) -> str:
+    return str(target).rsplit(".", 1)[-1]
+
+
+def build_dequantizer(cfg: DictConfig, *, fix: str) -> Dequantizer | None:
+    """``cfg.dequantization`` for the data of ``cfg.data``: ``None`` for ``dequantization=none``. Discrete data
+    (``num_levels`` set) need a dequantizer and continuous data must have none; ``fix`` is the advice given when
+    discrete data come without one."""
+    data_cfg, deq_cfg = cfg.data, cfg.dequantization
+    num_levels = data_cfg.get("num_levels")
+    if deq_cfg.get("_target_") is None:
+        if num_levels is not None:
+            raise ConfigError(f"dequantization=none cannot be used with discrete data ({_name(data_cfg._target_)}, "
+                              f"num_levels={num_levels}): {fix}")
+        return None
+    if num_levels is None:
+        raise ConfigError(
+            f"dequantization={_name(deq_cfg._target_)} needs discrete data, but the data "
+            f"({_name(data_cfg._target_)}) is continuous (num_levels=null): use dequantization=none"
+        )
+    shape = tuple(int(s) for s in data_cfg.shape)
+    return hydra.utils.instantiate(deq_cfg, **_deq_kwargs(deq_cfg, shape, num_levels))
 
 
 def _deq_kwargs(deq_cfg: DictConfig, shape: tuple[int, ...], num_levels: int) -> dict[str, Any]:
@@ -102,13 +119,53 @@ def build_datamodule(cfg: DictConfig, source) -> ScoreDataModule:
     return ScoreDataModule(source, seed=int(cfg.seed), **to_container(cfg.datamodule))
 
 
-def check_shapes(module: ScoreLitModule, source_shape: tuple[int, ...]) -> None:
-    """Fail early with a clear message when the data do not fit the model (before any training)."""
-    x = torch.zeros(2, *source_shape)
+def check_shapes(module: ScoreLitModule | ClassifierLitModule, shape: tuple[int, ...]) -> None:
+    """Fail early with a clear message when the data do not fit the network (before any training): a score model
+    maps data to data, a classifier maps data to one logit a class."""
+    if isinstance(module, ClassifierLitModule):
+        name, net, want, what = "classifier", module.classifier, (module.classifier.num_classes,), ", not logits"
+    else:
+        name, net, want, what = "model", module.score_model, tuple(shape), ""
+    x = torch.zeros(2, *shape)
     try:
         with torch.no_grad():
-            out = module.score_model(x, torch.full((2,), 0.5))
+            out = net(x, torch.full((2,), 0.5))
     except Exception as e:  # noqa: BLE001 - re-raised with context
-        raise ConfigError(f"the model cannot take data of shape {list(source_shape)}: {e}") from e
-    if out.shape != x.shape:
-        raise ConfigError(f"the model maps data of shape {list(source_shape)} to {list(out.shape[1:])}")
+        raise ConfigError(f"the {name} cannot take data of shape {list(shape)}: {e}") from e
+    if tuple(out.shape[1:]) != want:
+        raise ConfigError(f"the {name} maps data of shape {list(shape)} to {list(out.shape[1:])}{what}")
+
+
+# ----------------------------------------------------------------------------- the classifier (App. I.1)
+def build_classifier(cfg: DictConfig) -> NoiseConditionalClassifier:
+    """SDE and network from ``cfg.sde``, ``cfg.classifier`` and ``cfg.data.shape``; ``cfg.num_classes`` must be set."""
+    if cfg.get("num_classes") is None:
+        raise ConfigError("num_classes is not set and no data source was given to read it from")
+    shape = tuple(int(s) for s in cfg.data.shape)
+    sde = hydra.utils.instantiate(cfg.sde)
+    net = hydra.utils.instantiate(cfg.classifier.net, shape=shape, num_classes=int(cfg.num_classes), _convert_="all")
+    return NoiseConditionalClassifier(
+        net, sde, cfg.classifier.get("time_label", "log_sigma"), cfg.classifier.get("normalize_input", True)
+    )
+
+
+def build_classifier_module(cfg: DictConfig, source=None) -> ClassifierLitModule:
+    """The LightningModule; ``num_classes: null`` is read from ``source`` and written back into the stored config."""
+    if cfg.get("num_classes") is None and source is not None:
+        n = int(getattr(source, "num_classes", 0))
+        if n < 2:
+            raise ConfigError(f"data={_name(cfg.data._target_)} has no class labels (num_classes={n}): "
+                              "a classifier needs labelled data")
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.num_classes = n
+    classifier = build_classifier(cfg)
+    dequantizer = build_dequantizer(cfg, fix="use dequantization=uniform")
+    if dequantizer is not None and any(True for _ in dequantizer.parameters()):
+        # a learned q(u|x) is part of a likelihood model; the classifier must see the score model's x_0
+        raise ConfigError(f"dequantization={_name(cfg.dequantization._target_)} has parameters; "
+                          "train classifiers with dequantization=uniform")
+    module = ClassifierLitModule(classifier, dequantizer, num_levels=cfg.data.get("num_levels"), eps=cfg.get("eps"),
+                                 seed=int(cfg.seed), **to_container(cfg.module))
+    module.config_dict = to_container(cfg)
+    return module

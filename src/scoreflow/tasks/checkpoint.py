@@ -2,11 +2,14 @@
 
 * :func:`ckpt_tag` / :func:`run_subdir` name the run directory of ``evaluate.py`` and ``sample.py`` (the
   ``scoreflow_run_subdir`` resolver used by ``conf/evaluate.yaml`` and ``conf/sample.yaml`` is registered on import);
+* :func:`task_dir` is the run folder of every task;
+* :func:`module_from_checkpoint` rebuilds the module (score model or classifier) from the config stored in a
+  scoreflow checkpoint, :func:`load_classifier` the frozen classifier that guides sampling;
 * :func:`load_model` rebuilds a module from a scoreflow (Lightning) or score_sde_pytorch ``.pth`` checkpoint;
 * :func:`image_seed` / :func:`seeded_generator` (from :mod:`scoreflow.lit.per_image`) give every image its own
   random numbers, whatever its batch.
 
-Shared by :mod:`scoreflow.tasks.evaluate`, :mod:`scoreflow.tasks.sample` and the benchmarks.
+Shared by every task and the benchmarks.
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from scoreflow.lit.classifier_module import ClassifierLitModule
+from scoreflow.lit.ema import ema_state_dict
 from scoreflow.lit.module import ScoreLitModule
 from scoreflow.lit.per_image import image_seed, seeded_generator  # noqa: F401 (re-exported)
-from scoreflow.tasks.build import ConfigError, build_data, build_module, to_container
-from scoreflow.tasks.common import module_from_checkpoint
+from scoreflow.nets.classifier import NoiseConditionalClassifier
+from scoreflow.sde import SDE
+from scoreflow.tasks.build import ConfigError, build_classifier_module, build_data, build_module, to_container
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +93,9 @@ class LoadedModel:
         return f"{i['format']} checkpoint {i['path']} (step {i['step']}, {i['weights']} weights)"
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict at ``path`` on the CPU (``weights_only``), or a clear error for anything else."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -115,6 +123,79 @@ def detect_format(ckpt: dict[str, Any], path: Path) -> str:
     )
 
 
+def checkpoint_config(ckpt: dict[str, Any]) -> DictConfig:
+    cfg = (ckpt.get("scoreflow") or {}).get("config")
+    if cfg is None:
+        raise KeyError("this checkpoint carries no scoreflow config (was it written by scoreflow's train.py?)")
+    return OmegaConf.create(cfg)
+
+
+_TRAINED_BY = {"score": "train.py", "classifier": "train_classifier.py"}
+
+
+def module_from_checkpoint(
+    path: str | Path, *, use_ema: bool = True, overrides: dict[str, Any] | None = None, kind: str = "score"
+) -> tuple[ScoreLitModule | ClassifierLitModule, DictConfig, dict[str, Any]]:
+    """Rebuild the module of a ``kind`` (``score`` or ``classifier``) checkpoint from the config stored in it and
+    load its (EMA) weights strictly.
+
+    ``overrides`` are merged into the stored config first (e.g. ``{"module": {"evaluation": {...}}}``). A classifier
+    trained without the EMA callback (``callbacks=none``) has only its raw weights, which are then used.
+    """
+    ckpt = load_checkpoint(path)
+    stored = (ckpt.get("scoreflow") or {}).get("kind") or "score"
+    if stored != kind:
+        raise ValueError(f"{path} is not a {kind} checkpoint (kind={stored!r}); train one with {_TRAINED_BY[kind]}")
+    cfg = checkpoint_config(ckpt)
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
+    module = build_classifier_module(cfg) if kind == "classifier" else build_module(cfg)
+    with_ema = use_ema and (kind == "score" or "ema" in ckpt)  # score: no EMA state is an error (ema_state_dict)
+    missing, unexpected = module.load_state_dict(ema_state_dict(ckpt) if with_ema else ckpt["state_dict"],
+                                                 strict=False)
+    missing = [k for k in missing if not k.startswith(("val_", "test_"))]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {path} does not match the model: missing={missing}, unexpected={unexpected}")
+    module.batches_seen = ckpt["scoreflow"].get("batches_seen", 0)
+    return module, cfg, ckpt
+
+
+def classifier_module_from_checkpoint(
+    path: str | Path, *, use_ema: bool = True
+) -> tuple[ClassifierLitModule, DictConfig, dict[str, Any]]:
+    """:func:`module_from_checkpoint` of a ``train_classifier`` checkpoint."""
+    return module_from_checkpoint(path, use_ema=use_ema, kind="classifier")
+
+
+def load_classifier(
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    *,
+    use_ema: bool = True,
+    sde: SDE | None = None,
+    scale: float | None = None,
+    shift: float | None = None,
+) -> NoiseConditionalClassifier:
+    """The trained ``classifier(x_t, t) -> logits`` of a ``train_classifier`` checkpoint, in eval mode, frozen.
+
+    The SDE it was trained with is ``.sde``. Passing the guided score model's ``sde`` / ``scale`` / ``shift``
+    checks that they equal the classifier's (guidance with a classifier of another SDE or data scaling
+    silently gives wrong gradients), raising a ``ConfigError`` that names both otherwise.
+    """
+    module, cfg, _ = classifier_module_from_checkpoint(path, use_ema=use_ema)
+    clf = module.classifier
+    if sde is not None and not (type(sde) is type(clf.sde) and vars(sde) == vars(clf.sde)):
+        raise ConfigError(f"the classifier {path} was trained with {clf.sde!r}, but the score model uses {sde!r}")
+    for name, want in (("scale", scale), ("shift", shift)):
+        have = float(cfg.module.get(name, 2.0 if name == "scale" else -1.0))
+        if want is not None and float(want) != have:
+            raise ConfigError(
+                f"the classifier {path} saw data with {name}={have}, but the score model uses {name}={want}"
+            )
+    clf.requires_grad_(False)  # guidance differentiates w.r.t. x only
+    return clf.eval().to(device)
+
+
 def _not_null(d: DictConfig | dict | None) -> dict[str, Any]:
     return {k: v for k, v in (to_container(d) if d is not None else {}).items() if v is not None}
 
@@ -130,7 +211,7 @@ def load_model(cfg: DictConfig, *, device: torch.device | None = None) -> Loaded
         raise ConfigError("ckpt_path is required, e.g. ckpt_path=outputs/train/<run>/checkpoints/last.ckpt")
     path = Path(str(cfg.ckpt_path)).expanduser()
     use_ema = bool(cfg.get("use_ema", True))
-    ckpt = _read_checkpoint(path)
+    ckpt = load_checkpoint(path)
     fmt = str(cfg.get("ckpt_format", "auto"))
     detected = detect_format(ckpt, path)
     if fmt not in ("auto", "scoreflow", "score_sde"):

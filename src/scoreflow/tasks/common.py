@@ -1,60 +1,121 @@
-"""Helpers shared by the tasks: rebuilding from checkpoints, trainers, metrics.json and result tables."""
+"""Helpers shared by the tasks: the run folder, trainers, ``fit`` with resume and pre-emption, the test phase of a
+checkpoint, metrics.json and result tables. Every task module (``train``, ``train_dequant``, ``train_classifier``,
+``evaluate``, ``sample``, ...) is a leaf over these helpers and :mod:`~scoreflow.tasks.build` /
+:mod:`~scoreflow.tasks.checkpoint`: no task imports another (``tests/unit/test_task_leaves.py``)."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 import hydra
+import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from scoreflow.lit import preemption
 from scoreflow.lit.callbacks import AtomicCheckpointIO
-from scoreflow.lit.ema import ema_state_dict
-from scoreflow.lit.module import ScoreLitModule
+from scoreflow.lit.preemption import Preempted, PreemptionCheckpoint
 from scoreflow.lit.progress import TerminalProgressBar
-from scoreflow.tasks.build import build_module
+from scoreflow.tasks.build import build_data, build_datamodule
+from scoreflow.tasks.checkpoint import module_from_checkpoint, task_dir
+from scoreflow.tasks.resume import last_checkpoint, rerun_hint, resume_path, with_wandb_resume
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+# ----------------------------------------------------------------------------- a training run
+def start_run(cfg: DictConfig) -> Path:
+    """Seed every generator with ``cfg.seed`` and return the run folder (created; ``outputs/train`` outside
+    ``@hydra.main`` without ``cfg.run_dir``)."""
+    out = task_dir(cfg, "train")
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    return out
 
 
-def checkpoint_config(ckpt: dict[str, Any]) -> DictConfig:
-    cfg = (ckpt.get("scoreflow") or {}).get("config")
-    if cfg is None:
-        raise KeyError("this checkpoint carries no scoreflow config (was it written by scoreflow's train.py?)")
-    return OmegaConf.create(cfg)
+class FinalCheckpoint(Callback):
+    """Writes ``checkpoints/last.ckpt`` when training ends (whatever the validation schedule)."""
+
+    def __init__(self, dirpath: Path):
+        self.path = Path(dirpath) / "last.ckpt"
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.save_checkpoint(self.path)
 
 
-def module_from_checkpoint(
-    path: str | Path, *, use_ema: bool = True, overrides: dict[str, Any] | None = None
-) -> tuple[ScoreLitModule, DictConfig, dict[str, Any]]:
-    """Rebuild the module from the config stored in the checkpoint and load its (EMA) weights strictly.
+def instantiate_all(group: DictConfig | None) -> list[Any]:
+    if not group:
+        return []
+    return [hydra.utils.instantiate(c) for c in group.values() if c and c.get("_target_")]
 
-    ``overrides`` are merged into the stored config first (e.g. ``{"module": {"evaluation": {...}}}``).
+
+def fit(cfg: DictConfig, module: pl.LightningModule, source: Any, out: Path, t0: float, *,
+        run_cfg: DictConfig | None = None) -> tuple[dict[str, float], list[Any]]:
+    """Fit ``module`` on the datamodule of ``source``: loggers (given the module's stored config), the configured
+    callbacks plus :class:`FinalCheckpoint`, then ``Trainer.fit`` resuming from ``cfg.ckpt_path`` or, with
+    ``auto_resume``, the run folder's ``last.ckpt``. A pre-emption signal ends it with a checkpoint and
+    :class:`Preempted` (``lit/preemption.py``). ``run_cfg``: the model's config where it is not ``cfg`` (its
+    ``datamodule`` and ``trainer`` are used).
+
+    Returns ``train/steps``, ``train/wall_time_s`` (since ``t0``) and the last ``val/`` metrics, and the loggers.
     """
-    ckpt = load_checkpoint(path)
-    cfg = checkpoint_config(ckpt)
-    if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
-    module = build_module(cfg)
-    state = ema_state_dict(ckpt) if use_ema else ckpt["state_dict"]
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(("val_", "test_"))]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {path} does not match the model: missing={missing}, unexpected={unexpected}")
-    module.batches_seen = ckpt.get("scoreflow", {}).get("batches_seen", 0)
-    return module, cfg, ckpt
+    run_cfg = cfg if run_cfg is None else run_cfg
+    dm = build_datamodule(run_cfg, source)
+    ckpt_path = resume_path(cfg, out)
+    loggers = instantiate_all(with_wandb_resume(cfg.get("logger"), out))
+    for lg in loggers:
+        lg.log_hyperparams(module.config_dict)
+    callbacks = instantiate_all(cfg.get("callbacks")) + [FinalCheckpoint(out / "checkpoints"),
+                                                         PreemptionCheckpoint(last_checkpoint(out))]
+    trainer = make_trainer(run_cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    except Preempted as stop:  # checkpoint written, loggers closed: requeue (SLURM) or exit 128 + signal
+        preemption.finish(stop, rerun_hint(out))
+    train_time = time.time() - t0
+    # under ddp_spawn the main process's trainer never stepped: read the step from the final checkpoint
+    last = out / "checkpoints" / "last.ckpt"
+    steps = trainer.global_step or torch.load(last, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+    metrics = {"train/steps": float(steps), "train/wall_time_s": train_time}
+    metrics.update({k: v for k, v in scalar_metrics(trainer.callback_metrics).items() if k.startswith("val/")})
+    return metrics, loggers
 
 
+def test_checkpoint(cfg: DictConfig, ckpt_path: Path, out: Path, *, kind: str = "score", use_ema: bool = True,
+                    source: Any = None, logger: Any = False) -> dict[str, float]:
+    """Evaluate the test split (of ``source``, else ``build_data(cfg)``) with the (EMA) weights of a ``kind``
+    checkpoint; per-image values go to ``out``."""
+    module, _, _ = module_from_checkpoint(ckpt_path, use_ema=use_ema, kind=kind)
+    module.output_dir = str(out)
+    dm = build_datamodule(cfg, build_data(cfg) if source is None else source)
+    trainer = make_trainer(cfg.trainer, logger=logger, enable_checkpointing=False)
+    results = trainer.test(module, datamodule=dm, verbose=False)
+    return scalar_metrics(results[0] if results else trainer.callback_metrics)
+
+
+def protocol_string(cfg: DictConfig) -> str:
+    """One line naming the evaluation protocol of a score model's test phase (solver, bound, dequantization)."""
+    e = cfg.module.evaluation
+    deq = cfg.get("dequantization")
+    deq_name = str(deq.get("_target_", "?")).rsplit(".", 1)[-1] if deq else "none"
+    from scoreflow.likelihood.ode import FIXED_GRID_METHODS
+
+    solve = (f"{e.get('steps')} steps" if e.method in FIXED_GRID_METHODS else f"rtol={e.rtol} atol={e.atol}")
+    extras = "".join(f" {name}" for name, on in (("stratified", e.get("stratified")),
+                                                 ("antithetic", e.get("bound_antithetic")),
+                                                 ("plan=fit", (e.get("bound_plan") or "none") == "fit")) if on)
+    return (
+        f"eps={cfg.get('eps') or 'sde default'}, dequantization={deq_name}, "
+        f"ODE {e.method} {solve} {e.divergence} "
+        f"{e.ode_dtype}, bound num_t={e.test_num_t} IS={e.importance_sampling} {e.bound_estimator}{extras} "
+        f"eps-correction={e.truncation_correction}, repeats={e.test_repeats}"
+    )
+
+
+# ----------------------------------------------------------------------------- trainers, metrics, tables
 def make_trainer(trainer_cfg: DictConfig, *, callbacks: list | None = None, logger: Any = False, **overrides):
     plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # signals are scoreflow.lit.preemption's: no second SIGUSR1 handler/requeue

@@ -260,7 +260,7 @@ def load_classifier_from(path: str, module: ScoreLitModule):
     import inspect
 
     try:
-        from scoreflow.tasks.train_classifier import load_classifier
+        from scoreflow.tasks.checkpoint import load_classifier
     except ImportError as e:
         raise ConfigError(f"mode=conditional needs scoreflow.tasks.train_classifier.load_classifier ({e})") from e
     if not Path(path).expanduser().is_file():

@@ -8,19 +8,15 @@ variational dequantizer.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
-import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from scoreflow.lit.dequant_module import DequantLitModule
-from scoreflow.tasks.build import ConfigError, build_data, build_datamodule, build_module, to_container
-from scoreflow.tasks.common import module_from_checkpoint, results_table, scalar_metrics, write_metrics
-from scoreflow.tasks.train import fit, protocol_string, run_dir, test_checkpoint
-
-log = logging.getLogger(__name__)
+from scoreflow.tasks.build import ConfigError, build_data, build_module, to_container
+from scoreflow.tasks.checkpoint import module_from_checkpoint
+from scoreflow.tasks.common import fit, protocol_string, results_table, start_run, test_checkpoint, write_metrics
 
 _RUN_ONLY = ("score_ckpt", "ckpt_path")  # describe this invocation, not the model
 _REPLACED = ("dequantization", "trainer", "callbacks", "logger")  # this run's own, not merged with the score run's
@@ -41,9 +37,7 @@ def flow_run_config(cfg: DictConfig, score_cfg: DictConfig) -> DictConfig:
 def train_dequant(cfg: DictConfig) -> dict[str, Any]:
     """Train φ with the frozen score model, write ``checkpoints/last.ckpt`` and ``metrics.json``, return the metrics."""
     t0 = time.time()
-    out = run_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    out = start_run(cfg)
     score, score_cfg, _ = module_from_checkpoint(cfg.score_ckpt, use_ema=True)
     run_cfg = flow_run_config(cfg, score_cfg)
     source = build_data(run_cfg)
@@ -53,12 +47,8 @@ def train_dequant(cfg: DictConfig) -> dict[str, Any]:
                           "model: use dequantization=variational")
     module.score_model.load_state_dict(score.score_model.state_dict())  # the frozen EMA weights
     module.output_dir = str(out)
-    dm = build_datamodule(run_cfg, source)
 
-    trainer, _ = fit(cfg, module, dm, out, to_container(run_cfg), trainer_cfg=run_cfg.trainer)
-
-    metrics: dict[str, Any] = {"train/steps": float(trainer.global_step), "train/wall_time_s": time.time() - t0}
-    metrics.update({k: v for k, v in scalar_metrics(trainer.callback_metrics).items() if k.startswith("val/")})
+    metrics, _ = fit(cfg, module, source, out, t0, run_cfg=run_cfg)
     if cfg.get("test", True):
         metrics.update(test_checkpoint(run_cfg, out / "checkpoints" / "last.ckpt", out))
     metrics["wall_time_s"] = time.time() - t0
