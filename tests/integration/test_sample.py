@@ -7,7 +7,6 @@ import json
 import pickle
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -168,9 +167,7 @@ class Brightness(torch.nn.Module):
 
 
 def test_class_guidance_with_an_analytic_classifier(digits_ckpt, make_cfg, tmp_path, monkeypatch):
-    fake = types.ModuleType("scoreflow.tasks.train_classifier")
-    fake.load_classifier = lambda path: Brightness()
-    monkeypatch.setitem(sys.modules, "scoreflow.tasks.train_classifier", fake)
+    monkeypatch.setattr("scoreflow.tasks.checkpoint.load_classifier", lambda path: Brightness())
     (tmp_path / "clf.ckpt").write_bytes(b"")
     m = run(make_cfg, digits_ckpt, [*PC, "mode=conditional", f"classifier_ckpt={tmp_path / 'clf.ckpt'}",
                                     "guidance_scale=20", "num_samples=8", "batch_size=3"])

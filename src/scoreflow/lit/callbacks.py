@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from scoreflow.sampling import sample
+from scoreflow.sampling import sample, sampler_options
 from scoreflow.visualize import levels_to_unit, save_image_grid, save_scatter
 
 
@@ -22,19 +23,21 @@ class SampleGrid(Callback):
     directory and log the image to W&B / TensorBoard when those loggers are active.
 
     Args:
-        sampler: keyword arguments of :func:`scoreflow.sampling.sample` (``kind="ode"`` or ``"pc"`` ...).
+        sampler: a sampler as ``conf/sampler/*.yaml`` gives it: a partial of a registered sampler function (what
+            Hydra instantiates from ``_target_`` + ``_partial_: true``) or a mapping (``_target_`` or ``kind``, and
+            options); default: the probability-flow ODE, RK4 with 50 steps.
     """
 
     def __init__(
         self,
         every_n_steps: int = 1000,
         num_samples: int = 64,
-        sampler: dict[str, Any] | None = None,
+        sampler: Callable[..., Any] | Mapping[str, Any] | None = None,
         dirname: str = "samples",
     ):
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
-        self.sampler = dict(sampler or {"kind": "ode", "method": "rk4", "steps": 50})
+        self.kind, self.options = sampler_options(sampler or {"kind": "ode", "method": "rk4", "steps": 50})
         self.dirname = dirname
         self._last = 0
 
@@ -58,7 +61,8 @@ class SampleGrid(Callback):
             (self.num_samples, *shape),
             seeds=seeds,
             device=pl_module.device,
-            **self.sampler,
+            kind=self.kind,
+            **self.options,
         )
         x = (res.samples.float() - pl_module.shift) / pl_module.scale
         if trainer.global_rank != 0:

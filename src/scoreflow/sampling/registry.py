@@ -2,13 +2,16 @@
 
 Every sampler family is a plain function with one signature,
 ``fn(score_fn, sde, shape, *, seeds=, generator=, device=, dtype=, progress=, **options) -> SampleResult``,
-registered under the ``kind`` that ``conf/sampler/<name>.yaml`` names. Adding a family is that function,
+registered under a ``kind``; ``conf/sampler/<name>.yaml`` names it as ``_target_`` with ``_partial_: true`` and
+its options (a Hydra partial object with the shared call signature). Adding a family is that function,
 decorated with :func:`register_sampler` in a module :mod:`scoreflow.sampling` imports, plus one YAML file;
-the sample grids, ``sample.py`` and the FID all go through :func:`sample`.
+the sample grids, ``sample.py`` and the FID all go through :func:`sampler_options` and :func:`sample`.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -54,14 +57,38 @@ def get_sampler(kind: str) -> SamplerEntry:
     return SAMPLERS[kind]
 
 
-def sampler_options(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """A sampler config (``conf/sampler/*.yaml`` as a plain mapping) -> ``(kind, options)``; checks ``kind``."""
+def sampler_options(config: Mapping[str, Any] | functools.partial) -> tuple[str, dict[str, Any]]:
+    """A sampler config (``conf/sampler/*.yaml`` as a plain mapping) -> ``(kind, options)``.
+
+    The config names its family by ``_target_`` (the registered function's dotted path, with ``_partial_: true``:
+    ``hydra.utils.instantiate`` then gives ``fn(score_fn, sde, shape, **call options)``) or, as configs written
+    before, by ``kind``; both must name a registered sampler. A partial of a registered function (the
+    instantiated config) works too."""
+    if isinstance(config, functools.partial):
+        config = {"_target_": config.func, **config.keywords}
     options = dict(config)
+    target = options.pop("_target_", None)
+    options.pop("_partial_", None)
     kind = options.pop("kind", None)
+    if target is not None:
+        fn = target if callable(target) else _locate(str(target))
+        kind = next((k for k, entry in SAMPLERS.items() if entry.fn is fn), None)
+        if kind is None:
+            raise ValueError(f"sampler._target_={target} is not a registered sampler: decorate it with "
+                             f"@register_sampler(<kind>) (registered: {sorted(SAMPLERS)})")
     if kind not in SAMPLERS:
         raise ValueError(f"sampler.kind must be one of {sorted(SAMPLERS)}, got {kind!r} "
                          f"(choose sampler=<a file of conf/sampler>)")
     return kind, options
+
+
+def _locate(path: str) -> Any:
+    """The object at a dotted path ``package.module.name`` (what Hydra's ``_target_`` names)."""
+    module_name, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"sampler._target_={path} cannot be imported: {e}") from None
 
 
 def sample(score_fn: ScoreFn, sde: SDE, shape, *, kind: str = "ode", **options: Any):

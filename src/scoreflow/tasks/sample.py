@@ -8,7 +8,7 @@ Modes (``mode=``):
 * ``inpaint``: fill in the unknown pixels of data images (``mask=center|half|random|<png>``; App. I.2);
 * ``colorize``: RGB images whose grey level is that of data images (App. I.3; needs 3-channel data);
 * ``conditional``: class-conditional samples with a time-dependent classifier (``classifier_ckpt``,
-  ``guidance_scale``; App. I.1), loaded by ``scoreflow.tasks.train_classifier.load_classifier``.
+  ``guidance_scale``; App. I.1), loaded by ``scoreflow.tasks.checkpoint.load_classifier``.
 
 Everything goes to the run directory: PNG grids, ``.npz`` arrays, optionally one PNG per sample
 (``save_pngs=true``, e.g. for external FID tools), ``metrics.json``; a short table is printed.
@@ -252,17 +252,14 @@ def run_colorize(lm: LoadedModel, cfg: DictConfig, out: Path) -> Result:
 
 
 def load_classifier_from(path: str, module: ScoreLitModule):
-    """``scoreflow.tasks.train_classifier.load_classifier`` (imported lazily): ``classifier(x, t) -> logits``.
+    """The classifier of ``path`` (``scoreflow.tasks.checkpoint.load_classifier``): ``classifier(x, t) -> logits``.
 
     The score model's SDE and data scaling are passed when the loader accepts them, so that a classifier
     trained for another SDE or scaling is refused instead of giving silently wrong gradients.
     """
     import inspect
 
-    try:
-        from scoreflow.tasks.checkpoint import load_classifier
-    except ImportError as e:
-        raise ConfigError(f"mode=conditional needs scoreflow.tasks.train_classifier.load_classifier ({e})") from e
+    from scoreflow.tasks.checkpoint import load_classifier  # looked up at call time (tests replace it)
     if not Path(path).expanduser().is_file():
         raise FileNotFoundError(f"classifier checkpoint not found: {path}")
     offered = {"device": module.device, "sde": module.sde, "scale": module.scale, "shift": module.shift}
