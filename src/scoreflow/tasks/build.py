@@ -69,7 +69,15 @@ def build_module(cfg: DictConfig) -> ScoreLitModule:
             f"module.dequant (training of the dequantizer) was given with dequantization={type(dequantizer).__name__},"
             " which has nothing to train: use dequantization=variational"
         )
-    module_cls = DequantLitModule if learnable else ScoreLitModule
+    # module._target_ names the LightningModule (a subclass of ours works); configs of earlier releases have none
+    target = mcfg.pop("_target_", None) or (DequantLitModule if learnable else ScoreLitModule)
+    module_cls = hydra.utils.get_class(target) if isinstance(target, str) else target
+    if not issubclass(module_cls, ScoreLitModule):
+        raise ConfigError(f"module._target_={target} is not a ScoreLitModule (scoreflow.lit.module)")
+    if learnable != issubclass(module_cls, DequantLitModule):
+        need = "scoreflow.lit.dequant_module.DequantLitModule" if learnable else "scoreflow.lit.module.ScoreLitModule"
+        raise ConfigError(f"module._target_={module_cls.__name__} does not fit dequantization="
+                          f"{type(dequantizer).__name__}: that needs module._target_={need}")
     module = module_cls(
         score_model, time_sampler, dequantizer, num_levels=num_levels, data_shape=shape, seed=int(cfg.seed), **mcfg
     )
@@ -165,7 +173,12 @@ def build_classifier_module(cfg: DictConfig, source=None) -> ClassifierLitModule
         # a learned q(u|x) is part of a likelihood model; the classifier must see the score model's x_0
         raise ConfigError(f"dequantization={_name(cfg.dequantization._target_)} has parameters; "
                           "train classifiers with dequantization=uniform")
-    module = ClassifierLitModule(classifier, dequantizer, num_levels=cfg.data.get("num_levels"), eps=cfg.get("eps"),
-                                 seed=int(cfg.seed), **to_container(cfg.module))
+    mcfg = to_container(cfg.module)
+    target = mcfg.pop("_target_", None) or ClassifierLitModule
+    module_cls = hydra.utils.get_class(target) if isinstance(target, str) else target
+    if not issubclass(module_cls, ClassifierLitModule):
+        raise ConfigError(f"module._target_={target} is not a ClassifierLitModule (scoreflow.lit.classifier_module)")
+    module = module_cls(classifier, dequantizer, num_levels=cfg.data.get("num_levels"), eps=cfg.get("eps"),
+                        seed=int(cfg.seed), **mcfg)
     module.config_dict = to_container(cfg)
     return module

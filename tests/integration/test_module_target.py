@@ -1,0 +1,42 @@
+"""The LightningModule is an object of the config (``module._target_``): a subclass is one override, a module
+that does not fit the dequantization is refused naming both choices, and configs of earlier releases (no
+``_target_``) still build the module their dequantizer needs."""
+
+import pytest
+from omegaconf import open_dict
+
+from scoreflow.lit.dequant_module import DequantLitModule
+from scoreflow.lit.module import ScoreLitModule
+from scoreflow.tasks.build import build_module
+from scoreflow.tasks.errors import ConfigError
+
+
+class Tagged(ScoreLitModule):
+    """A user's subclass (e.g. another loss), reached by ``module._target_`` alone."""
+
+
+def test_a_subclass_is_one_override(make_cfg):
+    m = build_module(make_cfg(["debug=fast", f"module._target_={__name__}.Tagged"]))
+    assert type(m) is Tagged and m.optim_cfg.lr == 2e-3
+
+
+def test_the_default_targets(make_cfg):
+    assert type(build_module(make_cfg(["debug=fast"]))) is ScoreLitModule
+    assert type(build_module(make_cfg(["debug=fast", "dequantization=variational"]))) is DequantLitModule
+
+
+def test_a_module_that_does_not_fit_is_refused(make_cfg):
+    cfg = make_cfg(["debug=fast", "dequantization=variational", "module._target_=scoreflow.lit.module.ScoreLitModule"])
+    with pytest.raises(ConfigError, match=r"module._target_=ScoreLitModule does not fit dequantization="
+                                          r"VariationalDequantizer: that needs .*DequantLitModule"):
+        build_module(cfg)
+    with pytest.raises(ConfigError, match=r"module._target_=torch.nn.Linear is not a ScoreLitModule"):
+        build_module(make_cfg(["debug=fast", "module._target_=torch.nn.Linear"]))
+
+
+@pytest.mark.parametrize("deq,cls", [("uniform", ScoreLitModule), ("variational", DequantLitModule)])
+def test_configs_without_a_target_still_build(make_cfg, deq, cls):
+    cfg = make_cfg(["debug=fast", f"dequantization={deq}"])
+    with open_dict(cfg):
+        del cfg.module["_target_"]
+    assert type(build_module(cfg)) is cls
