@@ -40,3 +40,22 @@ def test_configs_without_a_target_still_build(make_cfg, deq, cls):
     with open_dict(cfg):
         del cfg.module["_target_"]
     assert type(build_module(cfg)) is cls
+
+
+def test_the_optimizer_is_a_partial_object(make_cfg):
+    """``module.optimizer`` replaces the built-in Adam (called with module.optim.lr); the warm-up schedule, the
+    clip and the NaN guard stay; Adam's own keys set beside it are refused naming both."""
+    import torch
+
+    adamw = "module.optimizer={_target_: torch.optim.AdamW, _partial_: true, weight_decay: 0.05}"
+    m = build_module(make_cfg(["debug=fast", adamw]))
+    conf = m.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    assert type(opt) is torch.optim.AdamW and opt.defaults["weight_decay"] == 0.05
+    assert opt.param_groups[0]["initial_lr"] == m.optim_cfg.lr and sched.get_last_lr()[0] < m.optim_cfg.lr  # warm-up
+    assert type(build_module(make_cfg(["debug=fast"])).configure_optimizers()["optimizer"]) is torch.optim.Adam
+    with pytest.raises(ConfigError, match=r"module.optim \['weight_decay'\] configure the built-in Adam, but "
+                                          r"module.optimizer=torch.optim.AdamW replaces it"):
+        build_module(make_cfg(["debug=fast", adamw, "module.optim.weight_decay=0.1"]))
+    with pytest.raises(ConfigError, match="module.optimizer must be a Hydra partial object"):
+        build_module(make_cfg(["debug=fast", "module.optimizer={_target_: torch.optim.SGD}"]))

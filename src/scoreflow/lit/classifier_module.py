@@ -19,7 +19,7 @@ from torch import Tensor
 from scoreflow.data.base import random_hflip
 from scoreflow.dequantization import Dequantizer, to_model_space
 from scoreflow.lit.module import step_seed
-from scoreflow.lit.optim import GuardedOptimization
+from scoreflow.lit.optim import GuardedOptimization, OptimizerFactory
 from scoreflow.lit.settings import OptimConfig
 from scoreflow.nets.classifier import NoiseConditionalClassifier
 
@@ -41,6 +41,7 @@ class ClassifierLitModule(GuardedOptimization):
         eval_times: fixed times at which validation and test report accuracy and cross-entropy.
         optim: Adam settings, linear warmup steps and global-norm clip: an :class:`OptimConfig` or a mapping of its
             fields (the score model's optimization, with its NaN guard).
+        optimizer: ``factory(params, lr=...)`` replacing the built-in Adam (``module.optimizer``).
         hflip: random horizontal flips of training images.
         max_bad_steps: consecutive non-finite steps tolerated before the run stops.
         seed: base seed of the per-step generators.
@@ -57,6 +58,7 @@ class ClassifierLitModule(GuardedOptimization):
         eps: float | None = None,
         eval_times: Sequence[float] = (0.01, 0.1, 0.5, 0.9),
         optim: OptimConfig | dict[str, Any] | None = None,
+        optimizer: OptimizerFactory | None = None,
         hflip: bool = False,
         max_bad_steps: int = 20,
         seed: int = 0,
@@ -76,6 +78,7 @@ class ClassifierLitModule(GuardedOptimization):
         self.eps = self.sde.check_eps(self.sde.default_eps if eps is None else float(eps))
         self.eval_times = tuple(float(self.sde.check_eps(t)) for t in eval_times)
         self.optim_cfg = OptimConfig.from_mapping(optim)
+        self.optimizer_factory = optimizer
         self.hflip = hflip
         self.max_bad_steps = max_bad_steps
         self.seed = seed

@@ -22,7 +22,11 @@ from scoreflow.dequantization import Dequantizer, to_model_space
 from scoreflow.likelihood import likelihood_bound, nats_to_bpd, ode_log_likelihood
 from scoreflow.likelihood.ode import FIXED_GRID_METHODS
 from scoreflow.lit.metrics import MeanSE
-from scoreflow.lit.optim import GuardedOptimization, NonFiniteLossError  # noqa: F401 (NonFiniteLossError: API)
+from scoreflow.lit.optim import (  # noqa: F401 (NonFiniteLossError: API)
+    GuardedOptimization,
+    NonFiniteLossError,
+    OptimizerFactory,
+)
 from scoreflow.lit.per_image import bound_bpd, bound_plan, mean_se_over_images, ode_bpd
 from scoreflow.lit.settings import EvalConfig, OptimConfig
 from scoreflow.losses import dsm_loss, ism_loss
@@ -50,6 +54,8 @@ class ScoreLitModule(GuardedOptimization):
         loss_reduce: ``"mean"`` (the reference's ``reduce_mean``) or ``"sum"`` over dimensions.
         optim: Adam settings, linear warmup steps and global-norm clip: an :class:`OptimConfig` or a mapping of
             its fields (docs/reference.md §7).
+        optimizer: ``factory(params, lr=...)`` replacing the built-in Adam (``module.optimizer``: a Hydra
+            ``_partial_`` object, e.g. ``torch.optim.AdamW``); the warm-up, decay, clip and guard stay.
         evaluation: settings of the periodic and final likelihood evaluation: an :class:`EvalConfig` or a mapping
             of its fields.
         hflip: random horizontal flips of training images.
@@ -72,6 +78,7 @@ class ScoreLitModule(GuardedOptimization):
         loss: str = "dsm",
         loss_reduce: str = "mean",
         optim: OptimConfig | dict[str, Any] | None = None,
+        optimizer: OptimizerFactory | None = None,
         evaluation: EvalConfig | dict[str, Any] | None = None,
         hflip: bool = False,
         max_bad_steps: int = 20,
@@ -97,6 +104,7 @@ class ScoreLitModule(GuardedOptimization):
         self.scale, self.shift = float(scale), float(shift)
         self.loss_name, self.loss_reduce = loss, loss_reduce
         self.optim_cfg = OptimConfig.from_mapping(optim)
+        self.optimizer_factory = optimizer
         self.eval_cfg = EvalConfig.from_mapping(evaluation)
         self.hflip = hflip
         if channels_last:

@@ -6,6 +6,7 @@ the run with a message naming the step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -29,11 +30,24 @@ def lr_factor(step: int, warmup_steps: int, decay_steps: int | None = None, min_
     return warm * (min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac)))
 
 
-def adam_with_warmup(params: list[torch.nn.Parameter], o: OptimConfig | dict[str, Any]) -> dict[str, Any]:
-    """Adam with a linear learning-rate warm-up over ``o.warmup_steps`` steps (docs/reference.md §7) and an
-    optional cosine decay (``o.decay_steps``, ``o.min_lr_ratio``), per-step schedule."""
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+"""``factory(params, lr=...) -> Optimizer``: a Hydra ``_partial_`` optimizer (``module.optimizer``)."""
+
+
+def adam_with_warmup(params: list[torch.nn.Parameter], o: OptimConfig | dict[str, Any],
+                     factory: OptimizerFactory | None = None) -> dict[str, Any]:
+    """Adam (or ``factory(params, lr=o.lr)``) with a linear learning-rate warm-up over ``o.warmup_steps`` steps
+    (docs/reference.md §7) and an optional cosine decay (``o.decay_steps``, ``o.min_lr_ratio``), per step."""
     o = OptimConfig.from_mapping(o)
-    opt = torch.optim.Adam(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    if factory is None:
+        opt = torch.optim.Adam(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    else:
+        adam_only = {k: getattr(o, k) for k in ("betas", "eps", "weight_decay")
+                     if getattr(o, k) != getattr(OptimConfig(), k)}
+        if adam_only:
+            raise ValueError(f"module.optim {sorted(adam_only)} set the built-in Adam, but module.optimizer gives the "
+                             "optimizer: put them on module.optimizer")
+        opt = factory(params, lr=o.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, o.warmup_steps, o.decay_steps, o.min_lr_ratio))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -42,11 +56,13 @@ def adam_with_warmup(params: list[torch.nn.Parameter], o: OptimConfig | dict[str
 class GuardedOptimization(pl.LightningModule):
     """Manual optimization with the NaN guard, shared by the score, dequantization and classifier modules.
 
-    Subclasses set ``self.optim_cfg`` (an :class:`OptimConfig`) and ``self.max_bad_steps``, and call
+    Subclasses set ``self.optim_cfg`` (an :class:`OptimConfig`), ``self.max_bad_steps`` and, to replace the built-in
+    Adam, ``self.optimizer_factory`` (``factory(params, lr=...)``), and call
     :meth:`guarded_step` with the training loss; ``bad_steps_total`` is checkpointed by the subclass.
     """
 
     optim_cfg: OptimConfig
+    optimizer_factory: OptimizerFactory | None = None
     max_bad_steps: int = 20
 
     def _init_guard(self) -> None:
@@ -55,7 +71,8 @@ class GuardedOptimization(pl.LightningModule):
         self._bad_in_a_row = 0
 
     def configure_optimizers(self):
-        return adam_with_warmup([p for p in self.parameters() if p.requires_grad], self.optim_cfg)
+        return adam_with_warmup([p for p in self.parameters() if p.requires_grad], self.optim_cfg,
+                                self.optimizer_factory)
 
     def guarded_step(self, loss: Tensor, batch_index: int) -> Tensor | None:
         """Backward, clip and step on ``loss``; skip the step (and return ``None``) when the loss or the gradient

@@ -20,6 +20,7 @@ from scoreflow.lit.classifier_module import ClassifierLitModule
 from scoreflow.lit.datamodule import ScoreDataModule
 from scoreflow.lit.dequant_module import DequantLitModule
 from scoreflow.lit.module import ScoreLitModule
+from scoreflow.lit.settings import OptimConfig
 from scoreflow.nets import ScoreModel
 from scoreflow.nets.classifier import NoiseConditionalClassifier
 from scoreflow.tasks.errors import ConfigError
@@ -79,10 +80,33 @@ def build_module(cfg: DictConfig) -> ScoreLitModule:
         raise ConfigError(f"module._target_={module_cls.__name__} does not fit dequantization="
                           f"{type(dequantizer).__name__}: that needs module._target_={need}")
     module = module_cls(
-        score_model, time_sampler, dequantizer, num_levels=num_levels, data_shape=shape, seed=int(cfg.seed), **mcfg
+        score_model, time_sampler, dequantizer, num_levels=num_levels, data_shape=shape, seed=int(cfg.seed),
+        **_with_optimizer(mcfg)
     )
     module.config_dict = to_container(cfg)
     return module
+
+
+def _with_optimizer(mcfg: dict[str, Any]) -> dict[str, Any]:
+    """``module.optimizer`` (a ``_partial_`` optimizer such as ``{_target_: torch.optim.AdamW, _partial_: true,
+    weight_decay: 0.01}``) instantiated; null or absent: the built-in Adam of ``module.optim``."""
+    spec = mcfg.get("optimizer")
+    if spec is None:
+        mcfg.pop("optimizer", None)
+        return mcfg
+    if not (isinstance(spec, dict) and spec.get("_target_") and spec.get("_partial_")):
+        raise ConfigError(f"module.optimizer must be a Hydra partial object ({{_target_: torch.optim.AdamW, "
+                          f"_partial_: true, ...}}), got {spec!r}")
+    o = OptimConfig.from_mapping(mcfg.get("optim"))
+    adam_only = sorted(k for k in ("betas", "eps", "weight_decay") if getattr(o, k) != getattr(OptimConfig(), k))
+    if adam_only:
+        raise ConfigError(f"module.optim {adam_only} configure the built-in Adam, but module.optimizer="
+                          f"{spec['_target_']} replaces it: set them on module.optimizer")
+    try:
+        factory = hydra.utils.instantiate(spec)
+    except InstantiationException as e:
+        raise ConfigError(f"module.optimizer={spec.get('_target_')} cannot be built: {e.__cause__ or e}") from e
+    return {**mcfg, "optimizer": factory}
 
 
 def _name(target: str) -> str:
@@ -179,6 +203,6 @@ def build_classifier_module(cfg: DictConfig, source=None) -> ClassifierLitModule
     if not issubclass(module_cls, ClassifierLitModule):
         raise ConfigError(f"module._target_={target} is not a ClassifierLitModule (scoreflow.lit.classifier_module)")
     module = module_cls(classifier, dequantizer, num_levels=cfg.data.get("num_levels"), eps=cfg.get("eps"),
-                        seed=int(cfg.seed), **mcfg)
+                        seed=int(cfg.seed), **_with_optimizer(mcfg))
     module.config_dict = to_container(cfg)
     return module
