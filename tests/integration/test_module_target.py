@@ -7,6 +7,7 @@ from omegaconf import open_dict
 
 from scoreflow.lit.dequant_module import DequantLitModule
 from scoreflow.lit.module import ScoreLitModule
+from scoreflow.nets import ScoreModel
 from scoreflow.tasks.build import build_module
 from scoreflow.tasks.errors import ConfigError
 
@@ -59,3 +60,24 @@ def test_the_optimizer_is_a_partial_object(make_cfg):
         build_module(make_cfg(["debug=fast", adamw, "module.optim.weight_decay=0.1"]))
     with pytest.raises(ConfigError, match="module.optimizer must be a Hydra partial object"):
         build_module(make_cfg(["debug=fast", "module.optimizer={_target_: torch.optim.SGD}"]))
+
+
+class Shifted(ScoreModel):
+    """A user's score-model wrapper (another parametrization, say), reached by ``model._target_`` alone."""
+
+
+def test_the_score_model_wrapper_is_an_object(make_cfg):
+    m = build_module(make_cfg(["debug=fast", f"model._target_={__name__}.Shifted", "model.time_label=t"]))
+    assert type(m.score_model) is Shifted and m.score_model.time_label == "t"
+    with pytest.raises(ConfigError, match=r"model._target_=torch.nn.Linear is not a ScoreModel"):
+        build_module(make_cfg(["debug=fast", "model._target_=torch.nn.Linear"]))
+    cfg = make_cfg(["debug=fast"])
+    with open_dict(cfg):  # a config of an earlier release: no model._target_, the same model and no difference
+        del cfg.model["_target_"]
+    assert type(build_module(cfg).score_model) is ScoreModel
+    from scoreflow.tasks.build import to_container
+    from scoreflow.tasks.validate import config_differences
+
+    assert config_differences(to_container(cfg), to_container(make_cfg(["debug=fast"]))) == []
+    assert config_differences(to_container(make_cfg(["debug=fast", f"model._target_={__name__}.Shifted"])),
+                              to_container(make_cfg(["debug=fast"]))) != []

@@ -59,7 +59,7 @@ def build_module(cfg: DictConfig) -> ScoreLitModule:
             f"model {cfg.model.net._target_.rsplit('.', 1)[-1]} cannot be built for data "
             f"{data_cfg._target_.rsplit('.', 1)[-1]} of shape {list(shape)}: {e.__cause__ or e}"
         ) from e
-    score_model = ScoreModel(net, sde, cfg.model.get("parametrization", "eps"), cfg.model.get("time_label", "t999"))
+    score_model = _wrap(cfg.model, ScoreModel, net, sde)
     time_sampler = hydra.utils.instantiate(cfg.weighting, sde=sde, eps=eps)
     dequantizer = build_dequantizer(cfg, fix="choose dequantization=uniform or variational")
     mcfg = to_container(cfg.module)
@@ -176,9 +176,19 @@ def build_classifier(cfg: DictConfig) -> NoiseConditionalClassifier:
     shape = tuple(int(s) for s in cfg.data.shape)
     sde = hydra.utils.instantiate(cfg.sde)
     net = hydra.utils.instantiate(cfg.classifier.net, shape=shape, num_classes=int(cfg.num_classes), _convert_="all")
-    return NoiseConditionalClassifier(
-        net, sde, cfg.classifier.get("time_label", "log_sigma"), cfg.classifier.get("normalize_input", True)
-    )
+    return _wrap(cfg.classifier, NoiseConditionalClassifier, net, sde)
+
+
+def _wrap(node: DictConfig, base: type, net: torch.nn.Module, sde) -> Any:
+    """The wrapper object of ``node`` (``model``: a ScoreModel; ``classifier``: a NoiseConditionalClassifier) around
+    the built ``net``: ``node._target_`` (``base`` or a subclass; configs of earlier releases have none: ``base``)
+    with the node's other keys; the class's signature holds the defaults."""
+    kw = {k: v for k, v in to_container(node).items() if k not in ("_target_", "net")}
+    target = node.get("_target_")
+    cls = hydra.utils.get_class(target) if target else base
+    if not issubclass(cls, base):
+        raise ConfigError(f"{node._key()}._target_={target} is not a {base.__name__}")
+    return cls(net, sde, **kw)
 
 
 def build_classifier_module(cfg: DictConfig, source=None) -> ClassifierLitModule:

@@ -178,6 +178,7 @@ def train(cfg: DictConfig) -> None:
 
 
 IDENTITY_GROUPS = ("sde", "model", "data", "dequantization")
+ADDED_SINCE_RELEASES = {"model._target_": "scoreflow.nets.ScoreModel"}  # identity keys configs gained later
 
 
 def read_checkpoint(path_value: Any, key: str = "ckpt_path") -> dict[str, Any]:
@@ -238,6 +239,9 @@ def config_differences(stored: dict[str, Any], requested: dict[str, Any],
     """``key: stored -> requested`` for every leaf of ``groups`` that differs (``ignore``: may change). Where a
     ``_target_`` differs (another class), its sibling keys are counted on that line instead of listed."""
     a = _flat({g: stored.get(g) for g in groups})
+    for key, value in ADDED_SINCE_RELEASES.items():  # a config written before the key existed meant its value
+        if key.split(".", 1)[0] in groups and stored.get(key.split(".", 1)[0]) is not None:
+            a.setdefault(key, value)
     b = _flat({g: requested.get(g) for g in groups})
     skip = set(ignore)
     keys = [k for k in sorted(set(a) | set(b)) if k not in skip and a.get(k, _ABSENT) != b.get(k, _ABSENT)]
