@@ -50,8 +50,11 @@ def test_a_new_family_is_one_registered_function(monkeypatch):
 def test_unknown_kind_is_refused_naming_the_choices():
     with pytest.raises(ValueError, match=r"unknown sampler kind 'sde'; choose from \['ode', 'pc'\]"):
         sample(None, VPSDE(), (1, 2), kind="sde")
-    with pytest.raises(ValueError, match=r"sampler.kind must be one of \['ode', 'pc'\], got None"):
+    with pytest.raises(ValueError, match=r"names its sampler by _target_ .* or by kind \(one of \['ode', 'pc'\]\); "
+                                         r"this one has neither"):
         sampler_options({"method": "rk4"})
+    with pytest.raises(ValueError, match=r"sampler.kind must be one of \['ode', 'pc'\], got 'sde'"):
+        sampler_options({"kind": "sde"})
     with pytest.raises(ValueError, match="already registered"):
         register_sampler("ode")(lambda *a, **k: None)
 

@@ -76,6 +76,10 @@ def sampler_options(config: Mapping[str, Any] | functools.partial) -> tuple[str,
         if kind is None:
             raise ValueError(f"sampler._target_={target} is not a registered sampler: decorate it with "
                              f"@register_sampler(<kind>) (registered: {sorted(SAMPLERS)})")
+    if kind is None:
+        raise ValueError("a sampler config names its sampler by _target_ (e.g. scoreflow.sampling.ode_sample, with "
+                         f"_partial_: true) or by kind (one of {sorted(SAMPLERS)}); this one has neither "
+                         "(choose sampler=<a file of conf/sampler>)")
     if kind not in SAMPLERS:
         raise ValueError(f"sampler.kind must be one of {sorted(SAMPLERS)}, got {kind!r} "
                          f"(choose sampler=<a file of conf/sampler>)")
