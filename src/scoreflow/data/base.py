@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +20,15 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 SPLITS = ("train", "val", "test")
+
+# How :meth:`DataSource._configure` stores each optional constructor argument a source shares.
+CONFIG_OPTIONS: dict[str, Callable[[Any], Any]] = {
+    "root": lambda root: Path(root).expanduser(),
+    "val_size": int,
+    "test_size": int,
+    "seed": int,
+    "hflip": bool,
+}
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -146,6 +156,31 @@ class DataSource(ABC):
 
     def __init__(self) -> None:
         self._splits: dict[str, Dataset] | None = None
+
+    def _configure(
+        self, shape: Sequence[int], num_levels: int | None, native_levels: int | None, **options: Any
+    ) -> None:
+        """Store the constructor arguments the sources share (each subclass keeps its own signature and defaults).
+
+        In this order: ``root`` (if given) user-expanded; ``shape`` as a tuple (:func:`as_shape`), then checked by
+        :meth:`_check_shape`; ``num_levels``, which must be the data's ``native_levels`` (:func:`check_num_levels`);
+        then the other ``options`` in the order given, stored as :data:`CONFIG_OPTIONS` says (``val_size``,
+        ``test_size`` and ``seed`` as ints, ``hflip`` as a bool).
+        """
+        unknown = set(options) - set(CONFIG_OPTIONS)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}._configure: unknown options {sorted(unknown)}")
+        if "root" in options:
+            self.root = CONFIG_OPTIONS["root"](options.pop("root"))
+        self.shape = as_shape(shape)
+        self._check_shape()
+        self.num_levels = check_num_levels(self.name, num_levels, native_levels)
+        for key, value in options.items():
+            setattr(self, key, CONFIG_OPTIONS[key](value))
+
+    def _check_shape(self) -> None:
+        """Raise ``ValueError`` if the configured ``self.shape`` does not suit this source (any shape does here)."""
+        return None
 
     @property
     def dim(self) -> int:

@@ -17,8 +17,6 @@ from torch.utils.data import Dataset
 from scoreflow.data.base import (
     DatasetFormatError,
     DataSource,
-    as_shape,
-    check_num_levels,
     check_shape,
     image_splits,
     not_found,
@@ -80,10 +78,7 @@ class CIFAR10(DataSource):
         hflip: bool = True,
     ):
         super().__init__()
-        self.root = Path(root).expanduser()
-        self.shape = as_shape(shape)
-        self.num_levels = check_num_levels(self.name, num_levels, 256)
-        self.val_size, self.seed, self.hflip = int(val_size), int(seed), bool(hflip)
+        self._configure(shape, num_levels, 256, root=root, val_size=val_size, seed=seed, hflip=hflip)
 
     def _batch_dir(self) -> Path:
         dirs = [self.root / CIFAR10_DIR, self.root]

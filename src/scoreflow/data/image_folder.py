@@ -18,8 +18,6 @@ from scoreflow.data.base import (
     DatasetFormatError,
     DatasetNotFoundError,
     DataSource,
-    as_shape,
-    check_num_levels,
     image_splits,
 )
 
@@ -88,14 +86,16 @@ class ImageFolder(DataSource):
         skip_bad_files: bool = False,
     ):
         super().__init__()
-        self.root = Path(root).expanduser()
-        self.shape = as_shape(shape)
-        if len(self.shape) != 3 or self.shape[0] not in (1, 3):
-            raise ValueError(f"{self.name}: shape must be [C, H, W] with C in (1, 3), got {list(self.shape)}")
-        self.num_levels = check_num_levels(self.name, num_levels, 256)
-        self.val_size, self.test_size, self.seed, self.hflip = int(val_size), int(test_size), int(seed), bool(hflip)
+        self._configure(
+            shape, num_levels, 256, root=root, val_size=val_size, test_size=test_size, seed=seed, hflip=hflip
+        )
         self.skip_bad_files = bool(skip_bad_files)
         self.skipped: list[Path] = []
+
+    def _check_shape(self) -> None:
+        """Grey or RGB images ``[C, H, W]``."""
+        if len(self.shape) != 3 or self.shape[0] not in (1, 3):
+            raise ValueError(f"{self.name}: shape must be [C, H, W] with C in (1, 3), got {list(self.shape)}")
 
     def split_folders(self) -> dict[str, Path]:
         """``{split: folder}`` of the split-folder layout (``{}`` for a single folder of images)."""

@@ -32,8 +32,6 @@ from torch.utils.data import Dataset
 from scoreflow.data.base import (
     DatasetFormatError,
     DataSource,
-    as_shape,
-    check_num_levels,
     check_shape,
     image_splits,
     not_found,
@@ -124,19 +122,20 @@ class DownsampledImageNet(DataSource):
         layout: str = "auto",
     ):
         super().__init__()
-        self.root = Path(root).expanduser()
-        self.shape = as_shape(shape)
-        if len(self.shape) != 3 or self.shape[0] != 3 or self.shape[1] != self.shape[2]:
-            raise ValueError(f"{self.name}: shape must be [3, R, R], got {list(self.shape)}")
-        self.side = self.shape[-1]
-        self.name = f"imagenet{self.side}"
-        self.num_levels = check_num_levels(self.name, num_levels, 256)
+        self._configure(shape, num_levels, 256, root=root, val_size=val_size, seed=seed, hflip=hflip)
         layout = LAYOUT_OF_RELEASE.get(layout, layout)
         if layout not in ("auto", "npz", "png"):
             raise ValueError(f"{self.name}: layout must be 'auto', 'npz', 'png', 'van_den_oord' or 'chrabaszcz', "
                              f"got {layout!r}")
-        self.val_size, self.seed, self.hflip, self.layout = int(val_size), int(seed), bool(hflip), layout
+        self.layout = layout
         self.layout_used: str | None = None
+
+    def _check_shape(self) -> None:
+        """Square RGB images only; the side names the source (``imagenet32``, ``imagenet64``)."""
+        if len(self.shape) != 3 or self.shape[0] != 3 or self.shape[1] != self.shape[2]:
+            raise ValueError(f"{self.name}: shape must be [3, R, R], got {list(self.shape)}")
+        self.side = self.shape[-1]
+        self.name = f"imagenet{self.side}"
 
     @property
     def release_used(self) -> str | None:

@@ -18,8 +18,6 @@ from torch.utils.data import Dataset
 from scoreflow.data.base import (
     DatasetFormatError,
     DataSource,
-    as_shape,
-    check_num_levels,
     check_shape,
     image_splits,
     not_found,
@@ -93,10 +91,7 @@ class MNIST(DataSource):
         hflip: bool = False,
     ):
         super().__init__()
-        self.root = Path(root).expanduser()
-        self.shape = as_shape(shape)
-        self.num_levels = check_num_levels(self.name, num_levels, 256)
-        self.val_size, self.seed, self.hflip = int(val_size), int(seed), bool(hflip)
+        self._configure(shape, num_levels, 256, root=root, val_size=val_size, seed=seed, hflip=hflip)
 
     def _read(self, images: Path, labels: Path) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = read_idx(images), read_idx(labels)

@@ -20,8 +20,6 @@ from scoreflow.data.base import (
     DatasetFormatError,
     DatasetNotFoundError,
     DataSource,
-    as_shape,
-    check_num_levels,
     check_shape,
     image_splits,
 )
@@ -81,9 +79,7 @@ class MNIST5k(DataSource):
         path: str | None = None,
     ):
         super().__init__()
-        self.shape = as_shape(shape)
-        self.num_levels = check_num_levels(self.name, num_levels, 256)
-        self.val_size, self.test_size, self.seed, self.hflip = int(val_size), int(test_size), int(seed), bool(hflip)
+        self._configure(shape, num_levels, 256, val_size=val_size, test_size=test_size, seed=seed, hflip=hflip)
         self.path = None if path is None else Path(path).expanduser()
 
     def _load(self) -> dict[str, Dataset]:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from scoreflow.data.base import ArrayDataset, DataSource, as_shape, check_num_levels, not_found
+from scoreflow.data.base import ArrayDataset, DataSource, not_found
 
 PHOTOS = ("china.jpg", "flower.jpg")
 
@@ -64,16 +64,18 @@ class SklearnPhotos(DataSource):
         path: str | None = None,
     ):
         super().__init__()
-        self.shape = as_shape(shape)
-        if len(self.shape) != 3 or self.shape[0] != 3 or self.shape[1] != self.shape[2]:
-            raise ValueError(f"photos: shape must be [3, P, P], got {list(self.shape)}")
-        self.num_levels = check_num_levels(self.name, num_levels, 256)
+        self._configure(shape, num_levels, 256)
         self.downsample, self.stride = int(downsample), int(stride)
         self.bands = tuple(float(b) for b in bands)
         if len(self.bands) != 2 or min(self.bands) <= 0 or sum(self.bands) >= 1:
             raise ValueError(f"photos: bands = (train, val) fractions of the width, each > 0, sum < 1; got {bands}")
         self.hflip = bool(hflip)
         self.path = Path(path) if path else None
+
+    def _check_shape(self) -> None:
+        """Square RGB patches ``[3, P, P]``."""
+        if len(self.shape) != 3 or self.shape[0] != 3 or self.shape[1] != self.shape[2]:
+            raise ValueError(f"photos: shape must be [3, P, P], got {list(self.shape)}")
 
     def _load(self) -> dict[str, Dataset]:
         from PIL import Image

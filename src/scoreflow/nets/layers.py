@@ -195,8 +195,15 @@ class ResBlock(nn.Module):
         return (x + h) / SQRT2 if self.skip_rescale else x + h
 
 
-class Upsample(nn.Module):
-    """x2 upsampling, FIR or nearest, optionally with a 3x3 conv (NCSN++ progressive growing)."""
+class _Resample(nn.Module):
+    """The constructor :class:`Upsample` and :class:`Downsample` share; ``_up`` (a class attribute) picks the way.
+
+    With ``with_conv`` and ``fir`` a fused FIR conv ``Conv2d_0``; with ``with_conv`` alone a 3x3 conv ``Conv_0``
+    (stride 2, no padding, when downsampling); always the FIR kernel ``fir_k`` (not persistent). These names
+    are those of score_sde_pytorch's checkpoints.
+    """
+
+    _up: bool
 
     def __init__(
         self,
@@ -209,12 +216,18 @@ class Upsample(nn.Module):
         super().__init__()
         out_ch = out_ch or in_ch
         if with_conv and fir:
-            self.Conv2d_0 = fir_ops.FIRConv2d(in_ch, out_ch, 3, up=True, fir_kernel=fir_kernel)
+            self.Conv2d_0 = fir_ops.FIRConv2d(in_ch, out_ch, 3, up=self._up, down=not self._up, fir_kernel=fir_kernel)
             default_init_(self.Conv2d_0.weight)
         elif with_conv:
-            self.Conv_0 = conv3x3(in_ch, out_ch)
+            self.Conv_0 = conv3x3(in_ch, out_ch) if self._up else conv3x3(in_ch, out_ch, stride=2, padding=0)
         self.fir, self.with_conv = fir, with_conv
         self.register_buffer("fir_k", fir_ops.make_fir_kernel(fir_kernel), persistent=False)
+
+
+class Upsample(_Resample):
+    """x2 upsampling, FIR or nearest, optionally with a 3x3 conv (NCSN++ progressive growing)."""
+
+    _up = True
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, in, H, W] -> [B, out, 2H, 2W]``."""
@@ -224,26 +237,10 @@ class Upsample(nn.Module):
         return self.Conv_0(h) if self.with_conv else h
 
 
-class Downsample(nn.Module):
+class Downsample(_Resample):
     """/2 downsampling, FIR or average pooling / strided conv (NCSN++ progressive growing)."""
 
-    def __init__(
-        self,
-        in_ch: int,
-        out_ch: int | None = None,
-        with_conv: bool = False,
-        fir: bool = False,
-        fir_kernel: Sequence[float] = (1, 3, 3, 1),
-    ):
-        super().__init__()
-        out_ch = out_ch or in_ch
-        if with_conv and fir:
-            self.Conv2d_0 = fir_ops.FIRConv2d(in_ch, out_ch, 3, down=True, fir_kernel=fir_kernel)
-            default_init_(self.Conv2d_0.weight)
-        elif with_conv:
-            self.Conv_0 = conv3x3(in_ch, out_ch, stride=2, padding=0)
-        self.fir, self.with_conv = fir, with_conv
-        self.register_buffer("fir_k", fir_ops.make_fir_kernel(fir_kernel), persistent=False)
+    _up = False
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, in, H, W] -> [B, out, H/2, W/2]``."""

@@ -17,6 +17,17 @@ from scoreflow.sde import SDE
 from scoreflow.utils import ScoreFn, append_dims
 
 
+def _flow(
+    score_fn: ScoreFn, sde: SDE, x: Tensor, eps: float | None, solver: dict, *, to_latent: bool
+) -> tuple[Tensor, int]:
+    """``(x_end, nfe)`` of the probability-flow ODE from ``eps`` to ``T`` (``to_latent``) or from ``T`` to ``eps``
+    (``eps`` defaults to ``sde.default_sample_eps``); ``solver`` holds the ``method``/``rtol``/``atol``/``steps``
+    keywords of :func:`solve_probability_flow`."""
+    eps = sde.check_eps(sde.default_sample_eps if eps is None else eps)
+    t0, t1 = (eps, sde.T) if to_latent else (sde.T, eps)
+    return solve_probability_flow(score_fn, sde, x, t0, t1, **solver)
+
+
 def encode(
     score_fn: ScoreFn,
     sde: SDE,
@@ -29,8 +40,7 @@ def encode(
     steps: int | None = None,
 ) -> Tensor:
     """Latent ``z = x(T)`` of data ``x = x(eps)`` of shape ``[B, ...]`` (eps defaults to ``sde.default_sample_eps``)."""
-    eps = sde.check_eps(sde.default_sample_eps if eps is None else eps)
-    return solve_probability_flow(score_fn, sde, x, eps, sde.T, method=method, rtol=rtol, atol=atol, steps=steps)[0]
+    return _flow(score_fn, sde, x, eps, dict(method=method, rtol=rtol, atol=atol, steps=steps), to_latent=True)[0]
 
 
 def decode(
@@ -45,8 +55,7 @@ def decode(
     steps: int | None = None,
 ) -> Tensor:
     """Data ``x(eps)`` of latents ``z = x(T)`` of shape ``[B, ...]``; no denoising (the exact inverse of encode)."""
-    eps = sde.check_eps(sde.default_sample_eps if eps is None else eps)
-    return solve_probability_flow(score_fn, sde, z, sde.T, eps, method=method, rtol=rtol, atol=atol, steps=steps)[0]
+    return _flow(score_fn, sde, z, eps, dict(method=method, rtol=rtol, atol=atol, steps=steps), to_latent=False)[0]
 
 
 @dataclass
@@ -73,10 +82,9 @@ def round_trip(
     steps: int | None = None,
 ) -> RoundTrip:
     """Encode ``x [B, ...]``, decode the latents again and report the per-example reconstruction error."""
-    eps = sde.check_eps(sde.default_sample_eps if eps is None else eps)
-    kw = dict(method=method, rtol=rtol, atol=atol, steps=steps)
-    z, nfe_e = solve_probability_flow(score_fn, sde, x, eps, sde.T, **kw)
-    x_rec, nfe_d = solve_probability_flow(score_fn, sde, z, sde.T, eps, **kw)
+    solver = dict(method=method, rtol=rtol, atol=atol, steps=steps)
+    z, nfe_e = _flow(score_fn, sde, x, eps, solver, to_latent=True)
+    x_rec, nfe_d = _flow(score_fn, sde, z, eps, solver, to_latent=False)
     diff = (x_rec - x).reshape(x.shape[0], -1)
     rel = diff.norm(dim=1) / x.reshape(x.shape[0], -1).norm(dim=1).clamp_min(torch.finfo(x.dtype).tiny)
     return RoundTrip(z, x_rec, diff.abs().amax(dim=1), rel, nfe_e, nfe_d)
