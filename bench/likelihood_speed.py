@@ -12,7 +12,8 @@ drift, computing ``g^2`` as the square of the diffusion coefficient as that code
 Times are CPU time of this process on the CPU (``time.process_time``: with one thread it does not move when other
 programs load the machine) and synchronised wall time on a GPU. Every setting is scored against one tight solve
 (scoreflow dopri5 at ``--tight``, float64 state): NFE, seconds
-per image, max and mean per-image |error| in bits/dim. The last line is the **time ratio at equal accuracy**:
+per image, max and mean per-image |error| in bits/dim (NFE counts network calls: for ``rk4_shared`` one in four
+is a forward pass without a divergence). The last line is the **time ratio at equal accuracy**:
 the reference at its default 1e-5 against our fastest setting whose max error is not larger.
 """
 
@@ -31,6 +32,7 @@ import torch
 from scipy import integrate
 
 from scoreflow.likelihood import draw_probe, ode_log_likelihood
+from scoreflow.likelihood.ode import power_grid
 from scoreflow.utils import flat_dim
 
 LN2 = math.log(2.0)
@@ -135,12 +137,40 @@ def load_random_network(args):
 
 
 def parse_ours(spec: str) -> dict:
-    """``dopri5@1e-5`` (adaptive, rtol=atol) or ``rk4#40`` (fixed power grid with 40 steps)."""
+    """One setting of ours.
+
+    ``dopri5@1e-5``: adaptive, rtol=atol. ``rk4#40``: fixed power grid with 40 steps (the SDE's rho).
+    ``rk4#40^2.5``: the same with rho = 2.5. ``rk4#50>0.1:19``: two-piece grid, the 50-step power grid's times
+    below t = 0.1, then 19 even steps from 0.1 to T (passed as ``grid=``).
+    """
     if "#" in spec:
-        method, steps = spec.split("#")
-        return {"method": method, "steps": int(steps)}
+        method, rest = spec.split("#")
+        if ">" in rest:
+            n, tail = rest.split(">")
+            knee, n_even = tail.split(":")
+            return {"method": method, "two_piece": (int(n), float(knee), int(n_even))}
+        if "^" in rest:
+            n, rho = rest.split("^")
+            return {"method": method, "steps": int(n), "grid_rho": float(rho)}
+        return {"method": method, "steps": int(rest)}
     method, tol = spec.split("@")
     return {"method": method, "rtol": float(tol), "atol": float(tol)}
+
+
+def two_piece_grid(sde, eps: float, n_power: int, knee: float, n_even: int) -> torch.Tensor:
+    """Times of the ``n_power``-step power grid below ``knee``, then ``n_even`` even steps from ``knee`` to T."""
+    g = power_grid(eps, sde.T, n_power, sde.ode_grid_rho)
+    return torch.cat([g[g < knee], torch.linspace(knee, sde.T, n_even + 1, dtype=torch.float64)])
+
+
+def setting_name(kw: dict) -> str:
+    if "two_piece" in kw:
+        n, knee, n_even = kw["two_piece"]
+        return f"{kw['method']} {n}>{knee:g}:{n_even} steps"
+    if "steps" in kw:
+        rho = f" rho={kw['grid_rho']:g}" if "grid_rho" in kw else ""
+        return f"{kw['method']} {kw['steps']} steps{rho}"
+    return f"{kw['method']} rtol=atol={kw['rtol']:g}"
 
 
 def main() -> None:
@@ -153,8 +183,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tight", type=float, default=1e-7, help="rtol=atol of the reference solve (dopri5)")
     p.add_argument("--ref-tols", default="1e-5,1e-4", help="tolerances of the reference method (first = default)")
-    p.add_argument("--ours", default="dopri5@1e-5,bosh3@1e-4,rk4#30,rk4#40,rk4#50",
-                   help="comma-separated: METHOD@TOL (adaptive) or METHOD#STEPS (fixed power grid)")
+    p.add_argument("--ours", default="dopri5@1e-5,bosh3@1e-4,rk4#30,rk4#40,rk4#50,rk4#60,rk4#70,"
+                   "rk4_shared#40,rk4_shared#50,rk4_shared#60",
+                   help="comma-separated: METHOD@TOL (adaptive), METHOD#STEPS (fixed power grid), METHOD#STEPS^RHO "
+                   "(its rho), METHOD#N>KNEE:M (two-piece: the N-step power grid below KNEE, M even steps above)")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--cache", default="outputs/bench_cache",
                    help="folder where the tight solve is kept between runs (keyed by model, images and tolerance)")
@@ -172,13 +204,16 @@ def main() -> None:
     clock = time.process_time if dev.type == "cpu" else time.perf_counter
 
     def ours(**kw) -> Row:
+        setting = setting_name(kw)
+        if "two_piece" in kw:
+            kw = {**kw, "grid": two_piece_grid(sde, eps, *kw.pop("two_piece"))}
         sync(dev)
         t0 = clock()
         r = ode_log_likelihood(score_fn, sde, y, eps=eps, probe=probe, dtype=torch.float64, **kw)
         sync(dev)
         dt = clock() - t0
-        setting = f"{kw['method']} {kw['steps']} steps" if "steps" in kw else f"{kw['method']} rtol=atol={kw['rtol']:g}"
-        return Row("scoreflow", setting, r.nfe, dt, to_bpd(r.nll))
+        # NFE = network calls; rk4_shared's drift-only ones (forward pass, no divergence) are counted too
+        return Row("scoreflow", setting, r.nfe + r.nfe_drift_only, dt, to_bpd(r.nll))
 
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} thread(s)"
     print(f"# {what}: {B} images of shape {tuple(y.shape[1:])} on {name}, torch {torch.__version__}; "
@@ -228,7 +263,7 @@ def main() -> None:
 
 def _fmt(r: Row, tight: Row, B: int) -> str:
     err = np.abs(r.bpd - tight.bpd)
-    return (f"{r.method:9s} {r.setting:26s} NFE {r.nfe:6.0f}  {r.seconds / B * 1e3:8.1f} ms/image  "
+    return (f"{r.method:9s} {r.setting:28s} NFE {r.nfe:6.0f}  {r.seconds / B * 1e3:8.1f} ms/image  "
             f"max err {err.max():.2e}  mean err {err.mean():.2e}  bpd {r.bpd.mean():.5f}")
 
 

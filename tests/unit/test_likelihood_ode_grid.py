@@ -117,3 +117,35 @@ def test_grid_argument_checks():
     # the ends are snapped exactly onto eps and T (a float32 round trip may move them by an ulp)
     h = check_grid(g.float(), eps, T)
     assert h[0].item() == eps and h[-1].item() == T and h.dtype == torch.float64
+
+
+@pytest.mark.parametrize("sde,eps", [(VPSDE(), 1e-5), (SubVPSDE(), 1e-2), (VESDE(), 1e-5)], ids=["vp", "subvp", "ve"])
+def test_rk4_shared_is_rk4_for_the_state_and_converges(sde, eps, gen):
+    """``rk4_shared``: the latent ``z`` is rk4's (same steps), 3 divergences per step plus one at ``T`` and one
+    drift-only call per step, and ``delta_logp`` converges to the oracle at least at second order."""
+    mix = mixture()
+    x = mix.sample(8, generator=gen)
+    errs = []
+    for n in (20, 40, 80):
+        kw = dict(eps=eps, divergence="exact", dtype=torch.float64, steps=n)
+        ref = ode_log_likelihood(mix.score_fn(sde), sde, x, method="rk4", **kw)
+        res = ode_log_likelihood(mix.score_fn(sde), sde, x, method="rk4_shared", **kw)
+        torch.testing.assert_close(res.z, ref.z, rtol=1e-12, atol=1e-12)
+        assert (res.nfe, res.nfe_drift_only, ref.nfe_drift_only) == (3 * n + 1, n, 0)
+        errs.append(float((res.nll - exact_nll(mix, sde, x, res.z, eps)).abs().max()) / mix.dim)
+    assert errs[-1] < 2e-4
+    assert errs[1] / errs[2] > 2.5  # 4 for second order
+
+
+def test_rk4_shared_on_an_explicit_grid_and_its_arguments(gen):
+    sde, mix = VPSDE(), mixture()
+    x = mix.sample(4, generator=gen).double()
+    probe = torch.randint(0, 2, x.shape, generator=gen).double() * 2 - 1
+    g = power_grid(sde.default_eps, sde.T, 15, 3.0)
+    a = ode_log_likelihood(mix.score_fn(sde), sde, x, method="rk4_shared", steps=15, probe=probe)
+    b = ode_log_likelihood(mix.score_fn(sde), sde, x, method="rk4_shared", grid=g, probe=probe)
+    torch.testing.assert_close(a.nll, b.nll, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="takes none"):
+        ode_log_likelihood(mix.score_fn(sde), sde, x, method="rk4_shared", steps=5, options={"perturb": True})
+    with pytest.raises(ValueError, match="fixed-grid solver"):
+        ode_log_likelihood(mix.score_fn(sde), sde, x, method="rk4_shared")
