@@ -206,7 +206,8 @@ def main() -> None:
     def ours(**kw) -> Row:
         setting = setting_name(kw)
         if "two_piece" in kw:
-            kw = {**kw, "grid": two_piece_grid(sde, eps, *kw.pop("two_piece"))}
+            kw = dict(kw)
+            kw["grid"] = two_piece_grid(sde, eps, *kw.pop("two_piece"))
         sync(dev)
         t0 = clock()
         r = ode_log_likelihood(score_fn, sde, y, eps=eps, probe=probe, dtype=torch.float64, **kw)
