@@ -37,7 +37,8 @@ rho = 3 power grid wherever t > 0.05, and tiny below it, so a grid fitted to the
 does not beat it. Neither did, at equal evaluations, rho in [2, 5] (better at some step counts, worse at others),
 midpoint or heun3, Adams-Bashforth 3/4 (one evaluation per step, all nodes distinct) or phase-shifted grids: all lie
 on one error-versus-NFE curve. Some two-piece grids (power grid below t = 0.1, even steps above) happen to alias
-less on this model, but their neighbours (one step more, or shifted by a quarter step) are as bad as the power grid.
+less on some images of this model, but not robustly: 19 even steps passed three sets of 64 test images at the
+reference's max error, 20 passed two, 21 one, and 20 shifted by a quarter step neither of the two it was tried on.
 """
 
 from __future__ import annotations
