@@ -18,7 +18,7 @@ class Tagged(ScoreLitModule):
 
 def test_a_subclass_is_one_override(make_cfg):
     m = build_module(make_cfg(["debug=fast", f"module._target_={__name__}.Tagged"]))
-    assert type(m) is Tagged and m.optim_cfg.lr == 2e-3
+    assert type(m) is Tagged and m.optim_cfg.lr == 6e-3
 
 
 def test_the_default_targets(make_cfg):

@@ -64,7 +64,7 @@ def test_yaml_only_overrides_the_defaults():
     from scoreflow.tasks.entry import compose
 
     cfg = compose("train", [])
-    assert OptimConfig.from_mapping(cfg.module.optim) == OptimConfig(lr=2e-3, warmup_steps=100)
+    assert OptimConfig.from_mapping(cfg.module.optim) == OptimConfig(lr=6e-3, warmup_steps=100)
     raw = yaml.safe_load((CONF / "train.yaml").read_text())["module"]
     for group in ("optim", "evaluation"):
         defaults = GROUPS[group]()

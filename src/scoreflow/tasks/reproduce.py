@@ -78,7 +78,8 @@ def _common(row: Row) -> list[str]:
 def train_cmd(row: Row, run: Path) -> list[str]:
     every = max(row.steps // 6, 25)
     return [sys.executable, str(ROOT / "train.py"), f"data={row.data}", f"sde={row.sde}", f"weighting={row.weighting}",
-            f"trainer.max_steps={row.steps}", f"val_every={every}", f"module.evaluation.nll_every={every}",
+            f"trainer.max_steps={row.steps}", "module.optim.lr=2e-3",  # this report's budget: the former default run
+            f"val_every={every}", f"module.evaluation.nll_every={every}",
             "module.evaluation.nll_subset=32", f"checkpoint_every={every}", f"sample_every={row.steps}",
             "trainer.log_every_n_steps=5", "extras.print_config=false", *_common(row), f"hydra.run.dir={run}"]
 
