@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[3]  # the checkout: train.py, train_dequ
 # ---------------------------------------------------------------- the plan
 @dataclass(frozen=True)
 class Budget:
-    steps: int  # score-model training steps (the default run: 1500)
+    steps: int  # score-model training steps (the previous default run: 1500 at lr 2e-3)
     test_subset: int | None  # test images evaluated (None: the whole split)
     dequant_steps: int  # variational-dequantization steps after the score model
     num_samples: int  # samples per row for the sample-quality number
