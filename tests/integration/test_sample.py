@@ -27,7 +27,7 @@ PC = ["sampler=pc", "sampler.steps=5"]
 
 
 
-TRAIN_FAST = ["debug=fast", "trainer.accelerator=cpu", "test=false", "trainer.max_steps=4", "val_every=4",
+TRAIN_FAST = ["debug=fast", "sde=vp", "trainer.accelerator=cpu", "test=false", "trainer.max_steps=4", "val_every=4",
               "callbacks=minimal", "+trainer.enable_progress_bar=false"]
 
 

@@ -80,7 +80,7 @@ class GuardedOptimization(pl.LightningModule):
         opt, sched = self.optimizers(), self.lr_schedulers()
         if not torch.isfinite(loss):
             self.log("train/loss", loss.detach(), prog_bar=True)  # NaN in the logs, not the last finite value
-            self._skip(f"non-finite loss ({float(loss)})", batch_index)
+            self._skip(f"non-finite loss ({float(loss.detach())})", batch_index)
             return None
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
