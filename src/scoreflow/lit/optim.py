@@ -34,6 +34,12 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 """``factory(params, lr=...) -> Optimizer``: a Hydra ``_partial_`` optimizer (``module.optimizer``)."""
 
 
+def adam_only_settings(o: OptimConfig) -> list[str]:
+    """The built-in Adam's own settings (betas, eps, weight_decay) that ``o`` changes from their defaults: they
+    would be ignored beside a ``module.optimizer`` factory, so setting both is an error."""
+    return sorted(k for k in ("betas", "eps", "weight_decay") if getattr(o, k) != getattr(OptimConfig(), k))
+
+
 def adam_with_warmup(params: list[torch.nn.Parameter], o: OptimConfig | dict[str, Any],
                      factory: OptimizerFactory | None = None) -> dict[str, Any]:
     """Adam (or ``factory(params, lr=o.lr)``) with a linear learning-rate warm-up over ``o.warmup_steps`` steps
@@ -42,10 +48,9 @@ def adam_with_warmup(params: list[torch.nn.Parameter], o: OptimConfig | dict[str
     if factory is None:
         opt = torch.optim.Adam(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     else:
-        adam_only = {k: getattr(o, k) for k in ("betas", "eps", "weight_decay")
-                     if getattr(o, k) != getattr(OptimConfig(), k)}
+        adam_only = adam_only_settings(o)
         if adam_only:
-            raise ValueError(f"module.optim {sorted(adam_only)} set the built-in Adam, but module.optimizer gives the "
+            raise ValueError(f"module.optim {adam_only} set the built-in Adam, but module.optimizer gives the "
                              "optimizer: put them on module.optimizer")
         opt = factory(params, lr=o.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
