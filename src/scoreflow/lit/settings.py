@@ -128,7 +128,7 @@ class EvalConfig(Settings):
     bound_plan_images: int = 32  # images whose pilot draws fit it
     rtol: float = 1e-5  # adaptive ODE solvers (and evaluate.py's solver check at rtol/100)
     atol: float = 1e-5
-    method: str = "dopri5"  # adaptive: dopri5 | bosh3 | ...; fixed grid: rk4 | rk4_shared | heun3 | midpoint | ...
+    method: str = "dopri5"  # adaptive: dopri5 | bosh3 | ...; fixed grid: rk4 | rk4_shared | exp_pc3 | heun3 | ...
     steps: int | None = None  # fixed-grid methods only: steps on the power grid
     grid_rho: float | None = None  # its exponent; None: the SDE's (3 for VP/subVP, 1 for VE)
     divergence: str = "rademacher"  # rademacher | gaussian | exact
