@@ -181,6 +181,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--num-images", type=int, default=32)
     p.add_argument("--offset", type=int, default=0, help="checkpoint mode: start at this test image")
+    p.add_argument("--batch", type=int, default=None,
+                   help="solve the images in batches of this size (every method, as evaluate.py does) and pool the "
+                   "per-image errors; default: all images as one batch")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tight", type=float, default=1e-7, help="rtol=atol of the reference solve (dopri5)")
     p.add_argument("--ref-tols", default="1e-5,1e-4", help="tolerances of the reference method (first = default)")
@@ -203,41 +206,67 @@ def main() -> None:
         return (nll.double().cpu() / (D * LN2)).numpy() + offset
 
     clock = time.process_time if dev.type == "cpu" else time.perf_counter
+    bs = args.batch or B
+    chunks = [(y[i:i + bs], probe[i:i + bs]) for i in range(0, B, bs)]
+
+    def pooled(method: str, setting: str, solve) -> Row:
+        """``solve(y, probe) -> (nll, nfe)`` on every batch: total time, mean NFE per batch, per-image bpd."""
+        nfes, bpds, seconds = [], [], 0.0
+        for yb, pb in chunks:
+            sync(dev)
+            t0 = clock()
+            nll, nfe = solve(yb, pb)
+            sync(dev)
+            seconds += clock() - t0
+            nfes.append(nfe)
+            bpds.append(to_bpd(nll))
+        return Row(method, setting, float(np.mean(nfes)), seconds, np.concatenate(bpds))
 
     def ours(**kw) -> Row:
         setting = setting_name(kw)
         if "two_piece" in kw:
             kw = dict(kw)
             kw["grid"] = two_piece_grid(sde, eps, *kw.pop("two_piece"))
-        sync(dev)
-        t0 = clock()
-        r = ode_log_likelihood(score_fn, sde, y, eps=eps, probe=probe, dtype=torch.float64, **kw)
-        sync(dev)
-        dt = clock() - t0
-        # NFE = network calls; rk4_shared's drift-only ones (forward pass, no divergence) are counted too
-        return Row("scoreflow", setting, r.nfe + r.nfe_drift_only, dt, to_bpd(r.nll))
+
+        def solve(yb, pb):
+            r = ode_log_likelihood(score_fn, sde, yb, eps=eps, probe=pb, dtype=torch.float64, **kw)
+            # NFE = network calls; rk4_shared's drift-only ones (forward pass, no divergence) are counted too
+            return r.nll, r.nfe + r.nfe_drift_only
+
+        return pooled("scoreflow", setting, solve)
 
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} thread(s)"
     print(f"# {what}: {B} images of shape {tuple(y.shape[1:])} on {name}, torch {torch.__version__}; "
-          f"times: {'process CPU time' if dev.type == 'cpu' else 'wall time'}", flush=True)
-    key = hashlib.sha1(f"{what}|{B}|{args.tight}|{float(y.sum())}|{float(probe.sum())}".encode()).hexdigest()[:16]
-    cached = Path(args.cache) / f"tight_{key}.npz"
-    if cached.exists():
-        c = np.load(cached)
-        tight = Row("scoreflow", "tight", float(c["nfe"]), float(c["seconds"]), c["bpd"])
-        print(f"# tight solve (cached in {cached}): dopri5 rtol=atol={args.tight:g}: {tight.nfe:.0f} NFE", flush=True)
-    else:
-        tight = ours(method="dopri5", rtol=args.tight, atol=args.tight)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cached, nfe=tight.nfe, seconds=tight.seconds, bpd=tight.bpd)
-        print(f"# tight solve: dopri5 rtol=atol={args.tight:g}: {tight.nfe:.0f} NFE, {tight.seconds:.1f} s", flush=True)
-    rows: list[Row] = []
-    for tol in [float(s) for s in args.ref_tols.split(",")]:
+          f"times: {'process CPU time' if dev.type == 'cpu' else 'wall time'}"
+          + (f"; solved in batches of {bs}, errors pooled" if bs < B else ""), flush=True)
+    tight_bpd, tight_nfe = [], []
+    for yb, pb in chunks:  # one tight solve per batch, cached (keyed by the batch's own images and probe)
+        ident = f"{what}|{yb.shape[0]}|{args.tight}|{float(yb.sum())}|{float(pb.sum())}"
+        key = hashlib.sha1(ident.encode()).hexdigest()
+        cached = Path(args.cache) / f"tight_{key[:16]}.npz"
+        if cached.exists():
+            c = np.load(cached)
+            tight_bpd.append(c["bpd"])
+            tight_nfe.append(float(c["nfe"]))
+            print(f"# tight solve (cached in {cached}): dopri5 rtol=atol={args.tight:g}: {tight_nfe[-1]:.0f} NFE",
+                  flush=True)
+            continue
         sync(dev)
         t0 = clock()
-        nll, nfe = reference_nll(score_fn, sde, y, probe, eps, tol, tol)
+        r = ode_log_likelihood(score_fn, sde, yb, eps=eps, probe=pb, dtype=torch.float64, method="dopri5",
+                               rtol=args.tight, atol=args.tight)
         sync(dev)
-        rows.append(Row("reference", f"RK45 rtol=atol={tol:g}", nfe, clock() - t0, to_bpd(nll)))
+        seconds = clock() - t0
+        tight_bpd.append(to_bpd(r.nll))
+        tight_nfe.append(float(r.nfe))
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cached, nfe=r.nfe, seconds=seconds, bpd=tight_bpd[-1])
+        print(f"# tight solve: dopri5 rtol=atol={args.tight:g}: {r.nfe} NFE, {seconds:.1f} s", flush=True)
+    tight = Row("scoreflow", "tight", float(np.mean(tight_nfe)), 0.0, np.concatenate(tight_bpd))
+    rows: list[Row] = []
+    for tol in [float(s) for s in args.ref_tols.split(",")]:
+        rows.append(pooled("reference", f"RK45 rtol=atol={tol:g}",
+                           lambda yb, pb, tol=tol: reference_nll(score_fn, sde, yb, pb, eps, tol, tol)))
         print(_fmt(rows[-1], tight, B), flush=True)
     for spec in args.ours.split(","):
         rows.append(ours(**parse_ours(spec)))

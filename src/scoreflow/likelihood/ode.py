@@ -33,8 +33,11 @@ Two kinds of solve:
   nothing; ``eps_hat = -sigma s`` and its divergence are interpolated in ``lambda`` through past evaluations
   (DPM-Solver's multistep idea, with a UniPC-style corrector that reuses the new evaluation). One network call
   (forward + vector-Jacobian product) per step instead of RK4's four, third order on smooth problems (oracle
-  tests), and on the default run's model ~6x cheaper than score_sde_pytorch's method at equal max error (50 steps,
-  51 evaluations; ``bench/likelihood_speed.py``, README "ODE likelihood speed").
+  tests). On the default run's model (subVP, 3600 steps) 60 steps are 5.6x cheaper than score_sde_pytorch's method
+  at a smaller max error over 192 test images, with the same mean error; but its interpolation through past
+  evaluations amplifies the network's wiggles in ``t``: on a second seed 60 steps miss the reference's max error
+  (70 pass, 4.8x), and on the wigglier VP model of 1500 steps its mean error is 2-3x the reference's at 60-80
+  steps. So ``rk4`` with 50 steps stays the default (``bench/likelihood_speed.py``, README "ODE likelihood speed").
 
 What limits a fixed grid on a trained network (the default run's model, ``bench/likelihood_speed.py``): the error is
 aliasing of those wiggles by steps longer than their periods, not the truncation error of a smooth solution. It
@@ -75,6 +78,15 @@ def power_grid(eps: float, T: float, steps: int, rho: float = 3.0, *, dtype=torc
     grid = (a + u * (b - a)) ** rho
     grid[0], grid[-1] = eps, T
     return grid.to(dtype=dtype, device=device)
+
+
+def default_grid_rho(sde: SDE, method: str) -> float:
+    """The power grid's exponent when none is given: the SDE's (3 for VP/subVP: short steps near the stiff ``eps``
+    end; 1 for VE), at most 2 for ``exp_pc*``, which integrates the stiff linear part exactly (on the default run's
+    model 60 steps at rho = 2 had max errors 9.6e-4 / 8.7e-4 / 9.7e-4 on three sets of 64 test images, against
+    1.4e-3 / 1.6e-3 / 2.3e-3 at rho = 3; ``bench/likelihood_speed.py``)."""
+    rho = float(sde.ode_grid_rho)
+    return min(rho, 2.0) if method in EXP_PC_METHODS else rho
 
 
 def check_grid(grid: Tensor | Sequence[float], eps: float, T: float, *, dtype=torch.float64, device=None) -> Tensor:
@@ -154,7 +166,8 @@ def ode_log_likelihood(
             ``rtol``/``atol`` only matter for adaptive methods. ``method="rk4_shared"`` is solved here, not by
             torchdiffeq (module docstring); ``options`` must then be empty.
         steps, grid_rho: fixed-grid methods (``FIXED_GRID_METHODS``) only: the number of steps and the exponent
-            of the power grid in ``t`` (module docstring; ``None``: ``sde.ode_grid_rho``, 3 for VP/subVP, 1 for VE).
+            of the power grid in ``t`` (module docstring; ``None``: :func:`default_grid_rho`, 3 for VP/subVP, 1 for VE,
+            2 for VP/subVP with ``exp_pc*``).
         grid: fixed-grid methods only: explicit times ``eps = t_0 < ... < t_N = T`` used instead of the power grid
             (``steps`` is then ``None`` or ``N``; ``grid_rho`` must be ``None``).
         divergence: ``"exact"`` (``D`` backward passes per step; small ``D`` only), ``"rademacher"`` or
@@ -190,7 +203,7 @@ def ode_log_likelihood(
                          "(its step sizes come from rtol/atol): set steps=None (evaluation.steps=null) with it")
     if method in ("rk4_shared", *EXP_PC_METHODS) and options:
         raise ValueError(f"options={options} are torchdiffeq's; method={method!r} takes none")
-    grid_rho = float(sde.ode_grid_rho if grid_rho is None else grid_rho)
+    grid_rho = float(default_grid_rho(sde, method) if grid_rho is None else grid_rho)
     if fixed and grid_rho <= 0:
         raise ValueError(f"grid_rho must be > 0, got {grid_rho}")
 

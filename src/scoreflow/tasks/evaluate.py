@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from scoreflow.likelihood.ode import FIXED_GRID_METHODS
+from scoreflow.likelihood.ode import FIXED_GRID_METHODS, default_grid_rho
 from scoreflow.lit.datamodule import ScoreDataModule
 from scoreflow.tasks.build import ConfigError, to_container
 from scoreflow.tasks.checkpoint import LoadedModel, load_model, resolve_device, task_dir
@@ -91,7 +91,7 @@ def fingerprint(lm: LoadedModel, split: str, seed: int, ode_tc: bool) -> dict[st
     ode = {"method": e.method, "rtol": e.rtol, "atol": e.atol, "divergence": e.divergence,
            "dtype": e.ode_dtype, "truncation_correction": ode_tc}
     if e.method in FIXED_GRID_METHODS:  # only then (rtol/atol unused): folders of earlier releases still resume
-        ode |= {"steps": e.steps, "grid_rho": e.grid_rho or m.sde.ode_grid_rho}
+        ode |= {"steps": e.steps, "grid_rho": e.grid_rho or default_grid_rho(m.sde, e.method)}
     return {
         "checkpoint": lm.info["path"], "step": lm.info["step"], "weights": lm.info["weights"], "data": data,
         "split": split,

@@ -81,6 +81,8 @@ def train_cmd(row: Row, run: Path) -> list[str]:
             f"trainer.max_steps={row.steps}", "module.optim.lr=2e-3",  # this report's budget: the former default run
             f"val_every={every}", f"module.evaluation.nll_every={every}",
             "module.evaluation.nll_subset=32", f"checkpoint_every={every}", f"sample_every={row.steps}",
+            # the ODE protocol its rows were measured with, pinned against later default changes (flows inherit it)
+            "module.evaluation.method=rk4", "module.evaluation.steps=50",
             "trainer.log_every_n_steps=5", "extras.print_config=false", *_common(row), f"hydra.run.dir={run}"]
 
 
