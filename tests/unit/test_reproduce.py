@@ -122,7 +122,31 @@ def test_report_lists_every_claim_and_row(tmp_path):
     for r in rows:
         assert f"| {r.row.name} |" in text
     assert "12 / 0.5" in text and "![samples](r/samples.png)" in text
-    assert "make reproduce-small QUICK=1" in text and "1.5 min" in text
+    assert "make reproduce-small QUICK=1" in text and "wall time 1.5 min from scratch" in text
+
+
+def test_a_resumed_report_does_not_pass_its_invocation_off_as_the_cost(tmp_path):
+    """A rerun that reused finished stages says so and reports the recorded stage times, not its own minutes."""
+    rows = _synthetic(lw_is_shift=0.05, noise=0.01)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / rp.TIMINGS).write_text('{"stage": "a", "seconds": 600.0, "exit": 0}\n{"stage": "b", "seconds": 300.0, '
+                                   '"exit": 0}\n')
+    assert rp.stage_seconds(runs) == 900.0 and rp.stage_seconds(tmp_path / "none") == 0.0
+    text = rp.write_report(tmp_path / "r.md", rows, rp.claims(rows), command="make reproduce-small", wall_s=60.0,
+                           budget=rp.FULL, plots={}, resumed=True, stage_s=rp.stage_seconds(runs)).read_text()
+    assert "this invocation took 1.0 min but resumed earlier ones" in text and "sum to 15.0 min" in text
+    assert "from scratch" not in text
+
+
+def test_the_runner_records_each_stage_time(tmp_path):
+    log = tmp_path / "runs" / "row.log"
+    rp._call([sys.executable, "-c", "pass"], log)
+    rec = [json.loads(line) for line in (log.parent / rp.TIMINGS).read_text().splitlines()]
+    assert len(rec) == 1 and rec[0]["stage"] == "row" and rec[0]["exit"] == 0 and rec[0]["seconds"] >= 0
+    with pytest.raises(RuntimeError, match="exit 3"):
+        rp._call([sys.executable, "-c", "raise SystemExit(3)"], log)
+    assert json.loads((log.parent / rp.TIMINGS).read_text().splitlines()[-1])["exit"] == 3
 
 
 def _finished(run: Path) -> None:

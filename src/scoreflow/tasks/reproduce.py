@@ -119,12 +119,26 @@ def samples_done(folder: Path) -> bool:
 def _call(cmd: list[str], log: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
     with log.open("a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
         rc = subprocess.call(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    with (log.parent / TIMINGS).open("a") as f:  # every stage's own wall time, over all invocations
+        f.write(json.dumps({"stage": log.stem, "seconds": round(time.time() - t0, 1), "exit": rc}) + "\n")
     if rc != 0:
         raise RuntimeError(f"command failed with exit {rc} (log: {log}): {' '.join(cmd)}")
+
+
+TIMINGS = "timings.jsonl"
+
+
+def stage_seconds(runs: Path) -> float:
+    """Sum of the recorded stage wall times (``runs/timings.jsonl``), over every invocation."""
+    f = runs / TIMINGS
+    if not f.is_file():
+        return 0.0
+    return sum(json.loads(line)["seconds"] for line in f.read_text().splitlines() if line.strip())
 
 
 def do_row(row: Row, out: Path, budget: Budget, runner=_call) -> list[str]:
@@ -521,12 +535,20 @@ def claims_table(cs: list[Claim]) -> str:
 
 
 def write_report(path: Path, results: list[RowResult], cs: list[Claim], *, command: str, wall_s: float,
-                 budget: Budget, plots: dict[str, str], failed: dict[str, str] | None = None) -> Path:
+                 budget: Budget, plots: dict[str, str], failed: dict[str, str] | None = None,
+                 resumed: bool = False, stage_s: float = 0.0) -> Path:
     mode = "full" if budget == FULL else "QUICK" if budget == QUICK else "test"
+    if resumed:
+        when = (f"this invocation took {wall_s / 60:.1f} min but resumed earlier ones (finished stages were reused, "
+                "not rerun), so it is not the command's cost; " + (
+                    f"the stages' own wall times recorded in `runs/{TIMINGS}` sum to {stage_s / 60:.1f} min (rows "
+                    "run two at a time)" if stage_s > 0 else "the stages that ran earlier recorded no times"))
+    else:
+        when = f"wall time {wall_s / 60:.1f} min from scratch on this machine (2 cores, rows two at a time)"
     parts = [
         f"# The paper's five claims at CPU scale ({mode} mode)",
         "",
-        f"Command: `{command}` — wall time {wall_s / 60:.1f} min on this machine (2 cores, shared). Budget: "
+        f"Command: `{command}` — {when}. Budget: "
         f"{budget.steps} score steps, {budget.dequant_steps} variational-dequantization steps after each score model, "
         f"{'all' if budget.test_subset is None else budget.test_subset} test images, {budget.num_samples} samples per "
         "row. Seeds: training `seed=42` (train.py), flow `seed=0` (train_dequant.py), evaluation seed 0 (per-image "
@@ -606,9 +628,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = plan(budget)
     failed: dict[str, str] = {}
 
+    skipped: list[str] = []
+
     def one(row: Row) -> None:
         try:
             stages = do_row(row, out, budget)
+            if len(stages) < 3:
+                skipped.append(row.name)
             print(f"[reproduce] {row.name}: {'ran ' + ', '.join(stages) if stages else 'already done'}", flush=True)
         except Exception as e:  # noqa: BLE001 - reported; the other rows go on
             failed[row.name] = str(e)
@@ -634,7 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     plots = {k: f"{out.name}/{v}" for k, v in plots.items()}
     cmd = "make reproduce-small" + (" QUICK=1" if a.quick else "")
     report = write_report(out.parent / f"{out.name}.md", results, cs, command=cmd, wall_s=time.time() - t0,
-                          budget=budget, plots=plots, failed=failed)
+                          budget=budget, plots=plots, failed=failed, resumed=bool(skipped),
+                          stage_s=stage_seconds(out / "runs"))
     print(claims_table(cs))
     print(f"[reproduce] report: {report} ({(time.time() - t0) / 60:.1f} min)")
     return 0
