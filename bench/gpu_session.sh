@@ -29,11 +29,11 @@ $PY -c "import torch, lightning, hydra; print('torch', torch.__version__, 'cuda'
 
 # 1. ODE bits/dim, reference method vs ours: DDPM++ (random weights, non-zero output conv) at CIFAR-10 shape
 step lik_ddpmpp 150 $PY bench/likelihood_speed.py --gpu-model ddpmpp --device cuda --num-images 32 --tight 1e-6 \
-    --ours dopri5@1e-5,bosh3@1e-4,rk4#10,rk4#20,rk4#40 --json "$OUT/lik_ddpmpp.json"
+    --ours dopri5@1e-5,rk4#10,rk4#20,rk4#40,exp_pc3#20,exp_pc3#40,exp_pc3#60 --json "$OUT/lik_ddpmpp.json"
 # 2. the same on the default run's trained checkpoint, batch 128
 if [ -f .gpu_site/ckpt/last.ckpt ]; then
 step lik_ckpt 120 $PY bench/likelihood_speed.py --ckpt .gpu_site/ckpt/last.ckpt --device cuda --num-images 64 --tight 1e-6 \
-    --ours dopri5@1e-5,bosh3@1e-4,rk4#30,rk4#40,rk4#50 --json "$OUT/lik_ckpt.json"
+    --ours dopri5@1e-5,rk4#40,rk4#50,exp_pc3#50,exp_pc3#60,exp_pc3#70 --json "$OUT/lik_ckpt.json"
 fi
 # 3. training step of ddpmpp at batch 128 (issue 12): bf16 + compile + fused Adam + fused EMA, then CUDA graphs on top
 step train_compile 240 $PY bench/train_step.py --models ddpmpp --batch 128 --steps 20 --warmup 3 --amp bf16 \
