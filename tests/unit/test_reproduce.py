@@ -200,3 +200,17 @@ def test_quick_end_to_end(tmp_path):
     assert all((out / p).is_file() for p in ("samples.png", "bpd_vs_step.png", "loss_variance.png"))
     again = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600).stdout
     assert again.count("already done") == 6
+
+
+def test_the_mnist_pair_has_its_own_smaller_budget(tmp_path):
+    """Full mode: the mnist5k rows validate twice, train a shorter flow and draw fewer samples (the 60-min budget)."""
+    rows = {r.name: r for r in rp.plan(rp.FULL)}
+    m = rows["mnist5k_vp_lw_is"]
+    assert (m.steps, m.test_subset, m.validations, m.dequant_steps, m.num_samples) == (300, 100, 2, 150, 200)
+    cmd = rp.train_cmd(m, tmp_path / "r")
+    assert "val_every=150" in cmd and "module.evaluation.nll_every=150" in cmd
+    assert "val_every=250" in rp.train_cmd(rows["digits_vp_original"], tmp_path / "d")
+    calls: list[list[str]] = []
+    _finished(tmp_path / "runs" / m.name)
+    rp.do_row(m, tmp_path, rp.FULL, runner=lambda cmd, log: calls.append(cmd))
+    assert "trainer.max_steps=150" in calls[0] and "num_samples=200" in calls[1]
