@@ -200,6 +200,8 @@ def test_quick_end_to_end(tmp_path):
     assert all((out / p).is_file() for p in ("samples.png", "bpd_vs_step.png", "loss_variance.png"))
     again = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600).stdout
     assert again.count("already done") == 6
+    assert "from scratch" in text and "resumed earlier ones" in (tmp_path / "rep.md").read_text()
+    assert len((out / "runs" / rp.TIMINGS).read_text().splitlines()) == 18  # 6 rows x 3 stages, none rerun
 
 
 def test_the_mnist_pair_has_its_own_smaller_budget(tmp_path):
