@@ -58,6 +58,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchdiffeq import odeint
@@ -229,31 +230,28 @@ def ode_log_likelihood(
             tt = as_time(t, B, x_t)
             return sde.ode_drift(x_t, tt, score_fn(x_t, tt).to(dtype))
 
-        def rhs(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        def score_and_div(t: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            """One evaluation: ``(t as [B], s, the estimate of div s)``, both detached."""
             nonlocal nfe
             nfe += 1
-            x_t = state[0]
             tt = as_time(t, B, x_t)
             with torch.enable_grad():
                 xg = x_t.detach().requires_grad_(True)
                 s = score_fn(xg, tt).to(dtype)
                 div_s = estimate_divergence(s, xg, probe)
-            dx = sde.ode_drift(x_t, tt, s.detach())
+            return tt, s.detach(), div_s.detach()
+
+        def rhs(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+            x_t = state[0]
+            tt, s, div_s = score_and_div(t, x_t)
             # instantaneous change of variables: div F = div f - g^2 div s / 2, with div f = a(t) D exact
-            ddelta = sde.div_drift(tt, D) - 0.5 * sde.g2(tt) * div_s.detach()
-            return dx, ddelta
+            return sde.ode_drift(x_t, tt, s), sde.div_drift(tt, D) - 0.5 * sde.g2(tt) * div_s
 
         def eps_hat(t: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
-            """``eps_hat = -sigma_t s`` and the estimate of its divergence ``-sigma_t div s``: one evaluation."""
-            nonlocal nfe
-            nfe += 1
-            tt = as_time(t, B, x_t)
-            with torch.enable_grad():
-                xg = x_t.detach().requires_grad_(True)
-                s = score_fn(xg, tt).to(dtype)
-                div_s = estimate_divergence(s, xg, probe)
+            """``eps_hat = -sigma_t s`` and the estimate of its divergence ``-sigma_t div s``."""
+            tt, s, div_s = score_and_div(t, x_t)
             sigma = sde.sigma(tt)
-            return -append_dims(sigma, x_t.ndim) * s.detach(), -sigma * div_s.detach()
+            return -append_dims(sigma, x_t.ndim) * s, -sigma * div_s
 
         ts = torch.tensor([eps, T], dtype=dtype, device=x.device)
         y0 = (x_start, torch.zeros(B, dtype=dtype, device=x.device))
@@ -340,15 +338,14 @@ _WEIGHTS_CACHE: dict[tuple, list] = {}
 
 
 def _exp_pc_weights(sde: SDE, grid: Tensor, order: int) -> list[tuple[list[float], ...]]:
-    """Per step: the predictor's and the corrector's weights on ``eps_hat`` and on its divergence.
+    """Per step: the predictor's weights on ``eps_hat``, the corrector's on ``eps_hat`` and on its divergence (the
+    log-density is only ever updated by the corrector).
 
     ``int w(l) L_j(l) dl`` over the step ``[lambda_i, lambda_{i+1}]`` (``lambda`` falls as ``t`` grows) for the Lagrange
     basis on the step's interpolation nodes, with ``w = -e^{-l}`` (the state ``y``) and ``w = -sigma(l)`` (the
     log-density), by Gauss-Legendre in ``lambda``. They depend on the grid only, so they are computed once per
     (SDE, grid, order) and reused for every batch.
     """
-    import numpy as np
-
     t = grid.detach().to(torch.float64).cpu()
     key = (repr(sde), tuple(t.tolist()), order)
     if key in _WEIGHTS_CACHE:
@@ -365,7 +362,7 @@ def _exp_pc_weights(sde: SDE, grid: Tensor, order: int) -> list[tuple[list[float
         pred = lam_list[max(0, i - order + 1): i + 1]  # the last `order` evaluated points
         corr = lam_list[max(0, i - order + 2): i + 2]  # the last `order - 1` of them and the new one
         out.append(tuple(_lagrange_integrals(q[i], wq[i], nodes).tolist()
-                         for nodes in (pred, corr) for wq in (w_state, w_logp)))
+                         for nodes, wq in ((pred, w_state), (corr, w_state), (corr, w_logp))))
     if len(_WEIGHTS_CACHE) > 64:
         _WEIGHTS_CACHE.clear()
     _WEIGHTS_CACHE[key] = out
@@ -390,7 +387,7 @@ def _exp_pc(eps_hat, sde: SDE, x0: Tensor, grid: Tensor, *, order: int, dim: int
     e, h = eps_hat(grid[0], x0)
     hist_e, hist_h = [e], [h]
     y, delta = x0 / alpha[0], torch.zeros_like(h)
-    for i, (py, _, cy, cd) in enumerate(weights):
+    for i, (py, cy, cd) in enumerate(weights):
         y_pred = y + sum(c * v for c, v in zip(py, hist_e[-len(py):]))
         e, h = eps_hat(grid[i + 1], alpha[i + 1] * y_pred)
         hist_e, hist_h = (hist_e + [e])[-order:], (hist_h + [h])[-order:]

@@ -130,7 +130,7 @@ class EvalConfig(Settings):
     atol: float = 1e-5
     method: str = "dopri5"  # adaptive: dopri5 | bosh3 | ...; fixed grid: rk4 | rk4_shared | exp_pc3 | heun3 | ...
     steps: int | None = None  # fixed-grid methods only: steps on the power grid
-    grid_rho: float | None = None  # its exponent; None: the SDE's (3 for VP/subVP, 1 for VE)
+    grid_rho: float | None = None  # its exponent; None: the SDE's (3 VP/subVP, 1 VE; at most 2 with exp_pc*)
     divergence: str = "rademacher"  # rademacher | gaussian | exact
     ode_dtype: str = "float64"
     nll_every: int = 500  # steps between validation ODE likelihoods; 0: never
