@@ -236,12 +236,15 @@ class RowResult:
     seconds: float = math.nan
 
 
-def per_image(run: Path) -> tuple[dict[int, float], dict[int, float]]:
-    """``(ODE, bound)`` bits/dim per test image from a run's ``test_per_example.npz`` (mean over repeats)."""
-    z = np.load(run / "test_per_example.npz")
+def per_image(run: Path, name: str = "test_per_example.npz") -> tuple[dict[int, float], dict[int, float]]:
+    """``(ODE, bound)`` bits/dim per test image from a run's ``test_per_example.npz`` (or ``evaluate.py``'s
+    ``per_example.npz``; mean over repeats; a quantity the file lacks gives an empty dict)."""
+    z = np.load(run / name)
     idx = np.asarray(z["index"]).astype(int).ravel()
 
     def col(name: str) -> dict[int, float]:
+        if name not in z:
+            return {}
         v = np.asarray(z[name], dtype=np.float64).reshape(len(idx), -1)
         return {int(i): float(np.nanmean(r)) for i, r in zip(idx, v, strict=True) if not np.isnan(r).all()}
 
