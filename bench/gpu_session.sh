@@ -8,7 +8,7 @@
 # Issue 10 (ODE likelihood speed) and issue 12 (the training step's MFU levers). On 2026-11-27 every step of the
 # previous version ran past its time box (1e-7 tight solves; torch.compile > 140 s): tight solves are 1e-6 now,
 # and the compile steps get 240 s each. Budget: <= 510 s of steps (run with timeout_s=590); CUDA graphs in a
-# second call with ALSO_CUDAGRAPHS=1.
+# second call with ALSO_CUDAGRAPHS=1; the bf16-vs-fp32 training check alone with BF16_CHECK=1.
 set -u
 OUT=${OUT:-gpu_session_out}
 mkdir -p "$OUT"
@@ -25,6 +25,15 @@ step() {  # step NAME SECONDS CMD...: run, time-boxed, log to $OUT/NAME.log, nev
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+if [ "${BF16_CHECK:-0}" = 1 ]; then  # a call of its own (issue 12): the default run in fp32 and in bf16-mixed on the
+    # GPU, seed 42, then the test bits/dim paired per image (README "Does bf16 training change the bits/dim?")
+    for prec in 32-true bf16-mixed; do
+        step "default_$prec" 280 $PY train.py trainer=gpu trainer.precision=$prec seed=42 \
+            hydra.run.dir="$OUT/default_$prec" extras.print_config=false
+    done
+    $PY bench/compare_runs.py "$OUT/default_32-true" "$OUT/default_bf16-mixed" | tee "$OUT/bf16_check.txt"
+    exit 0
+fi
 $PY -c "import torch, lightning, hydra; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'lightning', lightning.__version__, 'hydra', hydra.__version__)"
 
 # 1. ODE bits/dim, reference method vs ours: DDPM++ (random weights, non-zero output conv) at CIFAR-10 shape
