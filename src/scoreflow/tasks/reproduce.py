@@ -236,10 +236,10 @@ class RowResult:
     seconds: float = math.nan
 
 
-def per_image(run: Path, name: str = "test_per_example.npz") -> tuple[dict[int, float], dict[int, float]]:
+def per_image(run: Path, filename: str = "test_per_example.npz") -> tuple[dict[int, float], dict[int, float]]:
     """``(ODE, bound)`` bits/dim per test image from a run's ``test_per_example.npz`` (or ``evaluate.py``'s
     ``per_example.npz``; mean over repeats; a quantity the file lacks gives an empty dict)."""
-    z = np.load(run / name)
+    z = np.load(run / filename)
     idx = np.asarray(z["index"]).astype(int).ravel()
 
     def col(name: str) -> dict[int, float]:
