@@ -317,6 +317,8 @@ class ScoreLitModule(GuardedOptimization):
 
     # ------------------------------------------------------------------ checkpoint state
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.optim_cfg.fused:  # the device's count of skipped steps, exact in the checkpoint
+            self.read_bad_steps(stop=False)
         checkpoint["scoreflow"] = {
             "batches_seen": self.batches_seen,
             "bad_steps_total": self.bad_steps_total,

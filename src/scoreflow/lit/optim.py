@@ -1,6 +1,17 @@
 """The one optimization mechanism of every module: Adam + warm-up (+ cosine decay) + global-norm clip, stepped
 by hand so that a non-finite loss or gradient norm skips the step (counted, logged) and too many in a row stop
 the run with a message naming the step.
+
+Two guards, the same maths when every step is finite:
+
+* default: the loss and the gradient norm are checked on the host (two device syncs per step); a skipped step
+  does not count (``global_step``, the learning-rate schedule and the EMA do not advance);
+* ``module.optim.fused=true``: ``Adam(fused=True)``, and the check stays on the device: the fused kernel gets the
+  step's non-finite flag as ``found_inf`` (the mechanism of ``torch.amp.GradScaler``) and leaves the weights, the
+  moments and Adam's step count unchanged, so the host never waits for the device. The skipped step still counts
+  as a step (``global_step``, schedule, EMA ramp; the EMA averages the unchanged weights once more). Counts are
+  kept on the device and read every ``trainer.log_every_n_steps`` steps (and before a checkpoint), where a warning
+  is printed and a streak of ``max_bad_steps`` stops the run.
 """
 
 from __future__ import annotations
@@ -35,9 +46,9 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
 def adam_only_settings(o: OptimConfig) -> list[str]:
-    """The built-in Adam's own settings (betas, eps, weight_decay) that ``o`` changes from their defaults: they
-    would be ignored beside a ``module.optimizer`` factory, so setting both is an error."""
-    return sorted(k for k in ("betas", "eps", "weight_decay") if getattr(o, k) != getattr(OptimConfig(), k))
+    """The built-in Adam's own settings (betas, eps, weight_decay, fused) that ``o`` changes from their defaults:
+    they would be ignored beside a ``module.optimizer`` factory, so setting both is an error."""
+    return sorted(k for k in ("betas", "eps", "weight_decay", "fused") if getattr(o, k) != getattr(OptimConfig(), k))
 
 
 def adam_with_warmup(params: list[torch.nn.Parameter], o: OptimConfig | dict[str, Any],
@@ -46,7 +57,8 @@ def adam_with_warmup(params: list[torch.nn.Parameter], o: OptimConfig | dict[str
     (docs/reference.md §7) and an optional cosine decay (``o.decay_steps``, ``o.min_lr_ratio``), per step."""
     o = OptimConfig.from_mapping(o)
     if factory is None:
-        opt = torch.optim.Adam(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        opt = torch.optim.Adam(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                               fused=True if o.fused else None)
     else:
         adam_only = adam_only_settings(o)
         if adam_only:
@@ -74,14 +86,24 @@ class GuardedOptimization(pl.LightningModule):
         self.automatic_optimization = False
         self.bad_steps_total = 0
         self._bad_in_a_row = 0
+        self._bad_counts: Tensor | None = None  # fused guard, on the device: (skipped since last read, streak, max)
+        self._bad_read_step = 0  # global_step of the last read of those counts
 
     def configure_optimizers(self):
+        if self.optim_cfg.fused and getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None):
+            raise ValueError("module.optim.fused=true skips non-finite steps through Adam's found_inf, which "
+                             "trainer.precision=16-mixed (a GradScaler) also sets: use bf16-mixed or 32-true, or "
+                             "module.optim.fused=false")
         return adam_with_warmup([p for p in self.parameters() if p.requires_grad], self.optim_cfg,
                                 self.optimizer_factory)
 
     def guarded_step(self, loss: Tensor, batch_index: int) -> Tensor | None:
         """Backward, clip and step on ``loss``; skip the step (and return ``None``) when the loss or the gradient
-        norm is not finite. Logs ``train/loss``, ``train/grad_norm``, ``train/lr``; returns the gradient norm."""
+        norm is not finite. Logs ``train/loss``, ``train/grad_norm``, ``train/lr``; returns the gradient norm.
+
+        With ``optim.fused`` the skip happens on the device and the gradient norm is always returned."""
+        if self.optim_cfg.fused:
+            return self._guarded_step_on_device(loss, batch_index)
         opt, sched = self.optimizers(), self.lr_schedulers()
         if not torch.isfinite(loss):
             self.log("train/loss", loss.detach(), prog_bar=True)  # NaN in the logs, not the last finite value
@@ -103,6 +125,65 @@ class GuardedOptimization(pl.LightningModule):
         self.log("train/grad_norm", gnorm.detach())
         self.log("train/lr", sched.get_last_lr()[0])
         return gnorm
+
+    def _guarded_step_on_device(self, loss: Tensor, batch_index: int) -> Tensor:
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        clip = self.optim_cfg.grad_clip
+        params = [p for p in self.parameters() if p.requires_grad]
+        gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else math.inf)
+        bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(gnorm))
+        inner = opt.optimizer
+        inner.found_inf = bad.to(torch.float32)  # fused Adam: no update of weights, moments or step where 1
+        opt.step()
+        inner.found_inf = None
+        sched.step()
+        self._count_bad(bad)
+        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=False)
+        self.log("train/grad_norm", gnorm.detach())
+        self.log("train/lr", sched.get_last_lr()[0])
+        every = max(1, getattr(self._trainer, "log_every_n_steps", 50) or 50)
+        if self.global_step - self._bad_read_step >= every:
+            self.read_bad_steps(batch_index)
+        return gnorm
+
+    def _count_bad(self, bad: Tensor) -> None:
+        if self._bad_counts is None or self._bad_counts.device != bad.device:
+            self._bad_counts = torch.zeros(3, dtype=torch.int64, device=bad.device)
+        c, b = self._bad_counts, bad.to(torch.int64)
+        c[0] += b
+        c[1] = (c[1] + 1) * b
+        c[2] = torch.maximum(c[2], c[1])
+
+    def read_bad_steps(self, batch_index: int | None = None, stop: bool = True) -> None:
+        """Fused guard: read the device's counts of skipped steps since the last read (one host sync), add them to
+        ``bad_steps_total`` and warn; ``stop`` (in the training step): log them, and raise when a streak reached
+        ``max_bad_steps``."""
+        start, self._bad_read_step = self._bad_read_step, self.global_step
+        if self._bad_counts is None:
+            return
+        skipped, streak, longest = (int(v) for v in self._bad_counts.tolist())
+        self._bad_counts[0] = 0
+        self._bad_counts[2] = streak
+        if not skipped:
+            return
+        self.bad_steps_total += skipped
+        if stop:  # inside the training step (Lightning refuses logs from the checkpoint and end hooks)
+            self.log("train/skipped_steps", float(self.bad_steps_total))
+        msg = (f"steps {start + 1}-{self.global_step}"
+               f"{f' (batch {batch_index})' if batch_index is not None else ''}: {skipped} non-finite loss or "
+               f"gradient norm, optimizer step skipped")
+        if stop and longest >= self.max_bad_steps:
+            raise NonFiniteLossError(
+                f"{msg}. {longest} non-finite steps in a row (max_bad_steps={self.max_bad_steps}): stopping. "
+                "Lower the learning rate, check the data scaling, or raise eps."
+            )
+        print(f"[scoreflow] warning: {msg} (longest streak {longest}; {self.bad_steps_total} in all)")
+
+    def on_train_end(self) -> None:
+        if self.optim_cfg.fused:
+            self.read_bad_steps(stop=False)
 
     def _skip(self, why: str, batch_index: int) -> None:
         self.bad_steps_total += 1
