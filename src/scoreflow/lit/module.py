@@ -35,6 +35,9 @@ from scoreflow.utils import ieee_float32
 from scoreflow.weighting import TimeSampler
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def step_seed(seed: int, rank: int, index: int, salt: int = 0) -> int:
     """A 63-bit seed that differs per run seed, rank, batch index and purpose."""
     return (seed * 1_000_003 + rank * 7_919 + index * 104_729 + salt * 15_485_863) % (2**63 - 1)
@@ -62,7 +65,9 @@ class ScoreLitModule(GuardedOptimization):
         max_bad_steps: consecutive non-finite steps tolerated before the run stops.
         seed: base seed of the per-step generators.
         channels_last: run the network in channels_last memory format (faster convolutions on GPUs).
-        compile: wrap the network in ``torch.compile`` (the NCSN++ family traces without graph breaks).
+        compile: wrap the network in ``torch.compile`` (the NCSN++ family traces without graph breaks): ``True``
+            or a ``torch.compile`` mode (``reduce-overhead``: CUDA graphs; ``max-autotune``;
+            ``max-autotune-no-cudagraphs``).
     """
 
     def __init__(
@@ -84,7 +89,7 @@ class ScoreLitModule(GuardedOptimization):
         max_bad_steps: int = 20,
         seed: int = 0,
         channels_last: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
     ):
         super().__init__()
         if loss not in ("dsm", "ism"):
@@ -110,8 +115,10 @@ class ScoreLitModule(GuardedOptimization):
         if channels_last:
             self.score_model.net.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
-        if compile:
-            self.score_model.net.compile()  # in place: state-dict keys stay those of the plain network
+        if isinstance(compile, str) and compile not in COMPILE_MODES:
+            raise ValueError(f"module.compile={compile!r}: use true/false or a torch.compile mode {list(COMPILE_MODES)}")
+        if compile:  # in place: state-dict keys stay those of the plain network
+            self.score_model.net.compile(mode=None if compile is True else compile)
         self.max_bad_steps = max_bad_steps
         self.seed = seed
         self.batches_seen = 0  # training batches drawn so far (skipped ones included); checkpointed
