@@ -22,6 +22,7 @@ from scoreflow.lit import preemption
 from scoreflow.lit.callbacks import AtomicCheckpointIO
 from scoreflow.lit.preemption import Preempted, PreemptionCheckpoint
 from scoreflow.lit.progress import TerminalProgressBar
+from scoreflow.lit.throughput import SUMMARY_KEYS as THROUGHPUT_KEYS
 from scoreflow.tasks.build import build_data, build_datamodule
 from scoreflow.tasks.checkpoint import module_from_checkpoint, task_dir
 from scoreflow.tasks.resume import last_checkpoint, rerun_hint, resume_path, with_wandb_resume
@@ -60,7 +61,8 @@ def fit(cfg: DictConfig, module: pl.LightningModule, source: Any, out: Path, t0:
     :class:`Preempted` (``lit/preemption.py``). ``run_cfg``: the model's config where it is not ``cfg`` (its
     ``datamodule`` and ``trainer`` are used).
 
-    Returns ``train/steps``, ``train/wall_time_s`` (since ``t0``) and the last ``val/`` metrics, and the loggers.
+    Returns ``train/steps``, ``train/wall_time_s`` (since ``t0``), the last ``val/`` metrics and, with the
+    ``Throughput`` callback, its summary (``train/img_per_s``, ...), and the loggers.
     """
     run_cfg = cfg if run_cfg is None else run_cfg
     dm = build_datamodule(run_cfg, source)
@@ -80,7 +82,9 @@ def fit(cfg: DictConfig, module: pl.LightningModule, source: Any, out: Path, t0:
     last = out / "checkpoints" / "last.ckpt"
     steps = trainer.global_step or torch.load(last, map_location="cpu", weights_only=True, mmap=True)["global_step"]
     metrics = {"train/steps": float(steps), "train/wall_time_s": train_time}
-    metrics.update({k: v for k, v in scalar_metrics(trainer.callback_metrics).items() if k.startswith("val/")})
+    # Throughput puts its summary in callback_metrics: the one place a ddp_spawn run sends back to this process
+    metrics.update({k: v for k, v in scalar_metrics(trainer.callback_metrics).items()
+                    if k.startswith("val/") or k in THROUGHPUT_KEYS})
     return metrics, loggers
 
 
@@ -164,6 +168,22 @@ def _fmt(mean: float | None, se: float | None) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "-"
     return f"{mean:.4f} ± {se:.4f}" if se is not None else f"{mean:.4f}"
+
+
+def train_speed(metrics: dict[str, float]) -> str | None:
+    """The ``Throughput`` summary in one line (``1234 img/s (steady state, 480 steps), 12.3 TFLOP/s, 14.1 % MFU``,
+    the parts that are known); ``None`` without one."""
+    if "train/img_per_s" not in metrics:
+        return None
+    steps = int(metrics.get("train/throughput_steps", 0))
+    how = (f"steady state, {steps} steps" if metrics.get("train/throughput_steady")
+           else f"{steps} steps, not steady state: run shorter than the warm-up")
+    parts = [f"{metrics['train/img_per_s']:.0f} img/s ({how})"]
+    if "train/tflops" in metrics:
+        parts.append(f"{metrics['train/tflops']:.3g} TFLOP/s")
+    if "train/mfu" in metrics:
+        parts.append(f"{100 * metrics['train/mfu']:.1f} % MFU")
+    return ", ".join(parts)
 
 
 def results_table(metrics: dict[str, float], title: str = "results", extra: dict[str, Any] | None = None) -> str:

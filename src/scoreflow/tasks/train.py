@@ -8,7 +8,15 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 
 from scoreflow.tasks.build import build_data, build_module, check_shapes
-from scoreflow.tasks.common import fit, protocol_string, results_table, start_run, test_checkpoint, write_metrics
+from scoreflow.tasks.common import (
+    fit,
+    protocol_string,
+    results_table,
+    start_run,
+    test_checkpoint,
+    train_speed,
+    write_metrics,
+)
 from scoreflow.tasks.console import echo
 from scoreflow.tasks.plots import bpd_plot
 
@@ -34,18 +42,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # test=false: the last validation (bound on val_subset images, ODE on nll_subset) under its own title
     shown = metrics if tested else {"test/" + k[4:]: v for k, v in metrics.items() if k.startswith("val/")}
     title = "test split" if tested else f"validation subset, last validation (step {int(steps)}; test=false)"
-    echo(
-        results_table(
-            shown,
-            title=f"{title}, EMA weights ({out})",
-            extra={
-                "steps": int(metrics["train/steps"]),
-                "wall time": f"{metrics['wall_time_s']:.0f} s",
-                "protocol": protocol_string(cfg),
-                "plot": bpd_plot(out, metrics, loggers),
-            },
-        )
-    )
+    extra = {"steps": int(metrics["train/steps"]), "wall time": f"{metrics['wall_time_s']:.0f} s"}
+    if speed := train_speed(metrics):  # with the Throughput callback (callbacks=default)
+        extra["train speed"] = speed
+    extra.update({"protocol": protocol_string(cfg), "plot": bpd_plot(out, metrics, loggers)})
+    echo(results_table(shown, title=f"{title}, EMA weights ({out})", extra=extra))
     return metrics
 
 
