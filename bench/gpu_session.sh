@@ -8,7 +8,8 @@
 # Issue 10 (ODE likelihood speed) and issue 12 (the training step's MFU levers). On 2026-11-27 every step of the
 # previous version ran past its time box (1e-7 tight solves; torch.compile > 140 s): tight solves are 1e-6 now,
 # and the compile steps get 240 s each. Budget: <= 510 s of steps (run with timeout_s=590); CUDA graphs in a
-# second call with ALSO_CUDAGRAPHS=1; the bf16-vs-fp32 training check alone with BF16_CHECK=1.
+# second call with ALSO_CUDAGRAPHS=1; the bf16-vs-fp32 training check alone with BF16_CHECK=1; the real train.py's
+# images/s and MFU (TF32 eager; bf16 + compile + fused Adam/guard; the same with CUDA graphs) alone with TRAIN_PY=1.
 set -u
 OUT=${OUT:-gpu_session_out}
 mkdir -p "$OUT"
@@ -32,6 +33,24 @@ if [ "${BF16_CHECK:-0}" = 1 ]; then  # a call of its own (issue 12): the default
             hydra.run.dir="$OUT/default_$prec" extras.print_config=false
     done
     $PY bench/compare_runs.py "$OUT/default_32-true" "$OUT/default_bf16-mixed" | tee "$OUT/bf16_check.txt"
+    exit 0
+fi
+if [ "${TRAIN_PY:-0}" = 1 ]; then  # a call of its own (issue 12): what users get, the real train.py on CIFAR-10-shaped
+    # data (random pixels in the official layout), DDPM++ at batch 128; images/s, TFLOP/s and MFU after 20 warm-up
+    # steps, from each run's metrics.json (train/img_per_s, train/tflops, train/mfu). Budget ~540 s (timeout_s=590).
+    $PY -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from table2_throughput import write_cifar
+write_cifar(Path(sys.argv[1]), 10000)" "$OUT/fakecifar"
+    common="experiment=cifar10_table2 data.root=$OUT/fakecifar val_every=100000 sample_every=100000
+        checkpoint_every=100000 test=false module.evaluation.nll_every=0 trainer.num_sanity_val_steps=0
+        extras.print_config=false ${TRAIN_EXTRA:-}"
+    step train_tf32_eager 110 $PY train.py $common trainer.max_steps=300 hydra.run.dir="$OUT/train_tf32_eager"
+    step train_bf16_compile_fused 200 $PY train.py $common trainer.max_steps=500 trainer.precision=bf16-mixed \
+        module.compile=true module.optim.fused=true hydra.run.dir="$OUT/train_bf16_compile_fused"
+    step train_bf16_cudagraphs_fused 220 $PY train.py $common trainer.max_steps=500 trainer.precision=bf16-mixed \
+        module.compile=reduce-overhead module.optim.fused=true hydra.run.dir="$OUT/train_bf16_cudagraphs_fused"
+    for d in "$OUT"/train_*/; do
+        $PY -c "import json,sys; m=json.load(open(sys.argv[1]+'metrics.json')); print(sys.argv[1], {k: m[k] for k in m if k.startswith('train/')})" "$d" || true
+    done
     exit 0
 fi
 $PY -c "import torch, lightning, hydra; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'lightning', lightning.__version__, 'hydra', hydra.__version__)"

@@ -85,6 +85,10 @@ def test_h200_peak_is_dense(monkeypatch):
     assert peak_flops(torch.device("cuda"), torch.bfloat16) == 989.4e12
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     assert peak_flops(torch.device("cuda"), torch.float32) == 494.7e12  # cuDNN convolutions run in TF32
+    for name, bf16 in [("NVIDIA H100", 989.4e12), ("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 NVL", 835.5e12),
+                       ("NVIDIA H200 NVL", 835.5e12), ("NVIDIA H100 PCIe", 756e12)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        assert peak_flops(torch.device("cuda"), torch.bfloat16) == bf16, name
 
 
 # ----------------------------------------------------------------------------- a tiny training run

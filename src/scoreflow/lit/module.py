@@ -34,7 +34,6 @@ from scoreflow.nets import ScoreModel
 from scoreflow.utils import ieee_float32
 from scoreflow.weighting import TimeSampler
 
-
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -116,7 +115,8 @@ class ScoreLitModule(GuardedOptimization):
             self.score_model.net.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
         if isinstance(compile, str) and compile not in COMPILE_MODES:
-            raise ValueError(f"module.compile={compile!r}: use true/false or a torch.compile mode {list(COMPILE_MODES)}")
+            raise ValueError(f"module.compile={compile!r}: use true/false or a torch.compile mode "
+                             f"{list(COMPILE_MODES)}")
         if compile:  # in place: state-dict keys stay those of the plain network
             self.score_model.net.compile(mode=None if compile is True else compile)
         self.max_bad_steps = max_bad_steps

@@ -31,15 +31,14 @@ from scoreflow.lit.dequant_module import DequantLitModule
 # what ``summary()`` may hold; ``tasks/common.fit`` copies these keys into the run's metrics
 SUMMARY_KEYS = ("train/img_per_s", "train/tflops", "train/mfu", "train/throughput_steps", "train/throughput_steady")
 
-# Dense peaks (NVIDIA H200 datasheet, without sparsity; the SXM card computes like the H100 SXM). Lightning 2.6.6
-# does not recognise "NVIDIA H200" (the SXM card's name: it expects "sxm1"/"nvl1") and its H200 entries are the
-# with-sparsity figures, twice the dense ones.
-_H200_DENSE = {
-    "sxm": {torch.float64: 33.5e12, torch.float32: 66.9e12, "tfloat32": 494.7e12, torch.bfloat16: 989.4e12,
-            torch.float16: 989.4e12},
-    "nvl": {torch.float64: 30e12, torch.float32: 60e12, "tfloat32": 417.5e12, torch.bfloat16: 835.5e12,
-            torch.float16: 835.5e12},
-}
+# Dense peaks (NVIDIA H100/H200 datasheets, without sparsity; the H200 SXM computes like the H100 SXM, the NVL
+# cards alike). Lightning 2.6.6 does not recognise "NVIDIA H200" (the SXM card's name: it expects "sxm1"/"nvl1"),
+# its H200 and H100 NVL entries are the with-sparsity figures (twice the dense ones), and an H100 whose name says
+# neither HBM3, NVL nor PCIe (e.g. "NVIDIA H100") is unknown to it: SXM, the cards of clusters, is assumed.
+_SXM = {torch.float64: 33.5e12, torch.float32: 66.9e12, "tfloat32": 494.7e12, torch.bfloat16: 989.4e12,
+        torch.float16: 989.4e12}
+_NVL = {torch.float64: 30e12, torch.float32: 60e12, "tfloat32": 417.5e12, torch.bfloat16: 835.5e12,
+        torch.float16: 835.5e12}
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
@@ -53,8 +52,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     if dtype is torch.float32 and tf32:
         dtype = "tfloat32"
     name = torch.cuda.get_device_name(device).lower()
-    if "h200" in name:
-        return _H200_DENSE["nvl" if "nvl" in name else "sxm"].get(dtype)
+    if "h200" in name or ("h100" in name and "pcie" not in name and "hbm2e" not in name):
+        return (_NVL if "nvl" in name else _SXM).get(dtype)
     if dtype == "tfloat32" and torch.cuda.get_device_capability(device)[0] < 8:
         dtype = torch.float32  # before Ampere there is no TF32
     return get_available_flops(device, dtype)
