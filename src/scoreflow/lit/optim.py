@@ -22,6 +22,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from scoreflow.lit.settings import OptimConfig
@@ -101,46 +102,52 @@ class GuardedOptimization(pl.LightningModule):
         """Backward, clip and step on ``loss``; skip the step (and return ``None``) when the loss or the gradient
         norm is not finite. Logs ``train/loss``, ``train/grad_norm``, ``train/lr``; returns the gradient norm.
 
-        With ``optim.fused`` the skip happens on the device and the gradient norm is always returned."""
-        if self.optim_cfg.fused:
-            return self._guarded_step_on_device(loss, batch_index)
+        Every rank runs the backward, even of a non-finite loss (DDP all-reduces the gradients inside it: a rank
+        that left it out would leave the others waiting), and the ranks agree on the skip (the flag's maximum over
+        ranks), so the replicas stay identical. With ``optim.fused`` the skip happens on the device and the
+        gradient norm is always returned."""
         opt, sched = self.optimizers(), self.lr_schedulers()
-        if not torch.isfinite(loss):
-            self.log("train/loss", loss.detach(), prog_bar=True)  # NaN in the logs, not the last finite value
-            self._skip(f"non-finite loss ({float(loss.detach())})", batch_index)
-            return None
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         clip = self.optim_cfg.grad_clip
         params = [p for p in self.parameters() if p.requires_grad]
         gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else math.inf)
-        if not torch.isfinite(gnorm):
+        loss_ok = torch.isfinite(loss.detach())
+        bad = self._agree((~(loss_ok & torch.isfinite(gnorm))).to(torch.float32))
+        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=False)  # NaN in the logs when it is NaN
+        if self.optim_cfg.fused:
+            return self._step_on_device(bad, gnorm, batch_index)
+        if bad.item():
             opt.zero_grad(set_to_none=True)
-            self._skip(f"non-finite gradient norm ({float(gnorm)})", batch_index)
+            if not loss_ok:
+                why = f"non-finite loss ({float(loss.detach())})"
+            elif not torch.isfinite(gnorm):
+                why = f"non-finite gradient norm ({float(gnorm)})"
+            else:
+                why = "non-finite loss or gradient norm on another rank"
+            self._skip(why, batch_index)
             return None
         opt.step()
         sched.step()
         self._bad_in_a_row = 0
-        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=False)
         self.log("train/grad_norm", gnorm.detach())
         self.log("train/lr", sched.get_last_lr()[0])
         return gnorm
 
-    def _guarded_step_on_device(self, loss: Tensor, batch_index: int) -> Tensor:
+    def _agree(self, flag: Tensor) -> Tensor:
+        """The maximum of ``flag`` over the ranks (one all-reduce, queued on the device: no host sync)."""
+        if self._trainer is not None and self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag
+
+    def _step_on_device(self, bad: Tensor, gnorm: Tensor, batch_index: int) -> Tensor:
         opt, sched = self.optimizers(), self.lr_schedulers()
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        clip = self.optim_cfg.grad_clip
-        params = [p for p in self.parameters() if p.requires_grad]
-        gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else math.inf)
-        bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(gnorm))
         inner = opt.optimizer
-        inner.found_inf = bad.to(torch.float32)  # fused Adam: no update of weights, moments or step where 1
+        inner.found_inf = bad  # fused Adam: no update of weights, moments or step where 1
         opt.step()
         inner.found_inf = None
         sched.step()
         self._count_bad(bad)
-        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=False)
         self.log("train/grad_norm", gnorm.detach())
         self.log("train/lr", sched.get_last_lr()[0])
         every = max(1, getattr(self._trainer, "log_every_n_steps", 50) or 50)

@@ -1,0 +1,64 @@
+"""The NaN guard under DDP: a non-finite loss on one rank only must skip the step on every rank (the replicas stay
+identical and no rank waits for a gradient all-reduce that another rank never starts)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from scoreflow.dequantization import UniformDequantizer
+from scoreflow.lit.module import ScoreLitModule
+from scoreflow.nets import ScoreModel
+from scoreflow.sde import VPSDE
+from scoreflow.weighting import ImportanceSampledLikelihood
+
+
+class _NaNOnRank1(nn.Module):
+    """An eps-net whose output is NaN on rank 1's calls listed in ``nan_calls`` (1-based)."""
+
+    def __init__(self, nan_calls):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 4)
+        self.calls, self.nan_calls = 0, set(nan_calls)
+
+    def forward(self, x, label):
+        self.calls += 1
+        out = self.lin(x.reshape(x.shape[0], -1)).reshape(x.shape)
+        bad = dist.is_initialized() and dist.get_rank() == 1 and self.calls in self.nan_calls
+        return out * float("nan") if bad else out
+
+
+class _SaveWeights(pl.Callback):
+    def __init__(self, where):
+        self.where = where
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save({"state": pl_module.state_dict(), "step": trainer.global_step,
+                    "bad": pl_module.bad_steps_total}, f"{self.where}/rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["host-guard", "fused-guard"])
+def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, fused):
+    sde = VPSDE()
+    module = ScoreLitModule(ScoreModel(_NaNOnRank1(nan_calls=(3, 4)), sde), ImportanceSampledLikelihood(sde),
+                            UniformDequantizer(), num_levels=4, data_shape=(1, 2, 2),
+                            optim={"warmup_steps": 1, "lr": 1e-2, "fused": fused})
+    data = TensorDataset(torch.randint(0, 4, (256, 1, 2, 2)), torch.zeros(256))
+    trainer = pl.Trainer(max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         default_root_dir=tmp_path, accelerator="cpu", devices=2, log_every_n_steps=4,
+                         strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)),
+                         callbacks=[_SaveWeights(str(tmp_path))])
+    trainer.fit(module, DataLoader(data, batch_size=8))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for k in r0["state"]:
+        torch.testing.assert_close(r0["state"][k], r1["state"][k], rtol=0, atol=0, msg=k)
+    assert r0["bad"] == r1["bad"] == 2
+    assert r0["step"] == r1["step"] == 8  # skipped steps count with the fused guard only: 8 batches vs 10
