@@ -9,6 +9,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -21,18 +22,20 @@ from scoreflow.weighting import ImportanceSampledLikelihood
 
 
 class _Net(nn.Module):
-    """An eps-net whose output is NaN on the calls listed in ``nan_calls`` (1-based)."""
+    """An eps-net whose output is NaN on the calls listed in ``nan_calls`` (1-based), on every process or, with
+    ``rank``, on that DDP rank only."""
 
-    def __init__(self, nan_calls=()):
+    def __init__(self, nan_calls=(), rank: int | None = None):
         super().__init__()
         torch.manual_seed(0)
         self.lin = nn.Linear(4, 4)
-        self.calls, self.nan_calls = 0, set(nan_calls)
+        self.calls, self.nan_calls, self.rank = 0, set(nan_calls), rank
 
     def forward(self, x, label):
         self.calls += 1
         out = self.lin(x.reshape(x.shape[0], -1)).reshape(x.shape)
-        return out * float("nan") if self.calls in self.nan_calls else out
+        here = self.rank is None or (dist.is_initialized() and dist.get_rank() == self.rank)
+        return out * float("nan") if here and self.calls in self.nan_calls else out
 
 
 def _module(fused: bool, nan_calls=(), max_bad_steps: int = 20) -> ScoreLitModule:

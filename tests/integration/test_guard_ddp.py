@@ -8,9 +8,7 @@ from datetime import timedelta
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from scoreflow.dequantization import UniformDequantizer
@@ -18,22 +16,7 @@ from scoreflow.lit.module import ScoreLitModule
 from scoreflow.nets import ScoreModel
 from scoreflow.sde import VPSDE
 from scoreflow.weighting import ImportanceSampledLikelihood
-
-
-class _NaNOnRank1(nn.Module):
-    """An eps-net whose output is NaN on rank 1's calls listed in ``nan_calls`` (1-based)."""
-
-    def __init__(self, nan_calls):
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin = nn.Linear(4, 4)
-        self.calls, self.nan_calls = 0, set(nan_calls)
-
-    def forward(self, x, label):
-        self.calls += 1
-        out = self.lin(x.reshape(x.shape[0], -1)).reshape(x.shape)
-        bad = dist.is_initialized() and dist.get_rank() == 1 and self.calls in self.nan_calls
-        return out * float("nan") if bad else out
+from tests.integration.test_fused_guard import _Net
 
 
 class _SaveWeights(pl.Callback):
@@ -48,7 +31,7 @@ class _SaveWeights(pl.Callback):
 @pytest.mark.parametrize("fused", [False, True], ids=["host-guard", "fused-guard"])
 def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, fused):
     sde = VPSDE()
-    module = ScoreLitModule(ScoreModel(_NaNOnRank1(nan_calls=(3, 4)), sde), ImportanceSampledLikelihood(sde),
+    module = ScoreLitModule(ScoreModel(_Net(nan_calls=(3, 4), rank=1), sde), ImportanceSampledLikelihood(sde),
                             UniformDequantizer(), num_levels=4, data_shape=(1, 2, 2),
                             optim={"warmup_steps": 1, "lr": 1e-2, "fused": fused})
     data = TensorDataset(torch.randint(0, 4, (256, 1, 2, 2)), torch.zeros(256))
