@@ -37,12 +37,13 @@ if [ "${BF16_CHECK:-0}" = 1 ]; then  # a call of its own (issue 12): the default
     exit 0
 fi
 if [ "${TRAIN_PY:-0}" = 1 ]; then  # a call of its own (issue 12), in order of importance, ~540 s (timeout_s=590):
-    # 1-2. what users get: the real train.py on CIFAR-10-shaped data (random pixels in the official layout), DDPM++ at
-    #      batch 128, bf16 + compile + fused Adam/guard, then TF32 eager; images/s, TFLOP/s and MFU after 20 warm-up
-    #      steps from each run's metrics.json; 3. bench/train_step.py's bare step in the same configuration, or with
-    #      ALSO_CUDAGRAPHS=1 instead: train.py with CUDA graphs (module.compile=reduce-overhead). The bf16-vs-fp32
-    #      check (BF16_CHECK=1) needs a call of its own: a shortened run would compare training trajectories
-    #      that have not settled (on CPU, 40 steps: bound +0.021 +- 0.004 between fp32 and bf16, paired).
+    # 1-3. what users get: the real train.py on CIFAR-10-shaped data (random pixels in the official layout), DDPM++ at
+    #      batch 128: bf16 + compile + fused Adam/guard, then the same with the host guard and foreach Adam (the fused
+    #      lever alone; Inductor's cache makes its compilation shorter), then the bare step (bench/train_step.py) in
+    #      configuration 1; images/s, TFLOP/s and MFU after 20 warm-up steps from each run's metrics.json.
+    #      ALSO_CUDAGRAPHS=1, a second call: TF32 eager train.py and CUDA graphs (module.compile=reduce-overhead).
+    #      The bf16-vs-fp32 check (BF16_CHECK=1) needs a call of its own: a shortened run would compare training
+    #      trajectories that have not settled (on CPU, 40 steps: bound +0.021 +- 0.004 between fp32 and bf16, paired).
     $PY -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from table2_throughput import write_cifar
 write_cifar(Path(sys.argv[1]), 10000)" "$OUT/fakecifar"
     common="experiment=cifar10_table2 data.root=$OUT/fakecifar val_every=100000 sample_every=100000
@@ -54,14 +55,17 @@ write_cifar(Path(sys.argv[1]), 10000)" "$OUT/fakecifar"
     step train_bf16_compile_fused 200 $PY train.py $common trainer.max_steps=400 trainer.precision=bf16-mixed \
         module.compile=true module.optim.fused=true hydra.run.dir="$OUT/train_bf16_compile_fused"
     speed "$OUT/train_bf16_compile_fused"
-    step train_tf32_eager 90 $PY train.py $common trainer.max_steps=250 hydra.run.dir="$OUT/train_tf32_eager"
-    speed "$OUT/train_tf32_eager"
     if [ "${ALSO_CUDAGRAPHS:-0}" = 1 ]; then
-        step train_bf16_cudagraphs_fused 220 $PY train.py $common trainer.max_steps=400 trainer.precision=bf16-mixed \
+        step train_tf32_eager 90 $PY train.py $common trainer.max_steps=250 hydra.run.dir="$OUT/train_tf32_eager"
+        speed "$OUT/train_tf32_eager"
+        step train_bf16_cudagraphs_fused 240 $PY train.py $common trainer.max_steps=400 trainer.precision=bf16-mixed \
             module.compile=reduce-overhead module.optim.fused=true hydra.run.dir="$OUT/train_bf16_cudagraphs_fused"
         speed "$OUT/train_bf16_cudagraphs_fused"
-    else  # the bare step of the same configuration (the issue's "done when" quotes bench/train_step.py)
-        step train_step_bf16_compile_fused 200 $PY bench/train_step.py --models ddpmpp --batch 128 --steps 20 \
+    else
+        step train_bf16_compile 140 $PY train.py $common trainer.max_steps=400 trainer.precision=bf16-mixed \
+            module.compile=true hydra.run.dir="$OUT/train_bf16_compile"
+        speed "$OUT/train_bf16_compile"
+        step train_step_bf16_compile_fused 190 $PY bench/train_step.py --models ddpmpp --batch 128 --steps 20 \
             --warmup 3 --amp bf16 --compile --fused-adam --ema ${TRAIN_STEP_EXTRA:-}
     fi
     exit 0
