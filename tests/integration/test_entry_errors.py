@@ -60,6 +60,7 @@ USAGE_CASES = [
     (["sde=nonsense"], ["sde", "vp", "subvp"]),
     (["eps=1.5"], ["eps", "1.5"]),
     (["trainer.devices=0"], ["trainer.devices"]),
+    (["trainer.precision=16-mixed"], ["trainer.precision", "16-mixed", "bf16-mixed", "32-true"]),
     (["datamodule.eval_batch_size=1.5"], ["datamodule.eval_batch_size", "1.5"]),
     (["data=cifar10", "data.root=/nonexistent/cifar"], ["data.root", "/nonexistent/cifar", "cifar-10-batches-py",
                                                         "https://"]),

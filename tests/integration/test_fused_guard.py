@@ -173,3 +173,14 @@ def test_fused_resume_is_exact(make_cfg, tmp_path):
     sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
     for i in sa:
         torch.testing.assert_close(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"], rtol=0, atol=0)
+
+
+def test_fp16_is_refused_by_the_module(tmp_path):
+    """Library users building their own Trainer: fp16 stops at fit start (the CLI refuses it before anything runs,
+    tests/integration/test_entry_errors.py)."""
+    module = _module(False)
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         default_root_dir=tmp_path, accelerator="cpu", precision="16-true")
+    data = TensorDataset(torch.randint(0, 4, (16, 1, 2, 2)), torch.zeros(16))
+    with pytest.raises(ValueError, match=r"trainer.precision=16-true is not supported.*bf16-mixed"):
+        trainer.fit(module, DataLoader(data, batch_size=8))

@@ -91,10 +91,13 @@ class GuardedOptimization(pl.LightningModule):
         self._bad_read_step = 0  # global_step of the last read of those counts
 
     def configure_optimizers(self):
-        if self.optim_cfg.fused and getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None):
-            raise ValueError("module.optim.fused=true skips non-finite steps through Adam's found_inf, which "
-                             "trainer.precision=16-mixed (a GradScaler) also sets: use bf16-mixed or 32-true, or "
-                             "module.optim.fused=false")
+        precision = str(getattr(self._trainer, "precision", "32-true"))
+        if precision.startswith("16"):
+            raise ValueError(
+                f"trainer.precision={precision} is not supported: fp16 needs loss scaling (a GradScaler), under which "
+                "the gradient clip and the NaN guard of this manual optimization would see scaled gradients, and "
+                "fp16 weights would reach the float32/float64 likelihood; use trainer.precision=bf16-mixed (Ampere "
+                "or newer) or 32-true")
         return adam_with_warmup([p for p in self.parameters() if p.requires_grad], self.optim_cfg,
                                 self.optimizer_factory)
 

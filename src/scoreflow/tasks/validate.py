@@ -97,6 +97,16 @@ def devices(cfg: DictConfig, key: str = "trainer.devices") -> None:
                               value=acc, fix="use trainer=cpu (or trainer.accelerator=auto)")
 
 
+def precision(cfg: DictConfig, key: str = "trainer.precision") -> None:
+    """fp16 (``16-mixed``, ``16-true``, ``16``) is refused: its loss scaling would hide from the clip and the NaN
+    guard of the manual optimization, and fp16 weights would reach the float32/float64 likelihood."""
+    if has(cfg, key) and str(get(cfg, key)).startswith("16"):
+        raise ConfigError("fp16 is not supported: it needs loss scaling, under which the gradient clip and the NaN "
+                          "guard would see scaled gradients, and fp16 weights would reach the float32/float64 "
+                          "likelihood", key=key, value=get(cfg, key),
+                          fix="trainer.precision=bf16-mixed (Ampere or newer GPUs) or 32-true")
+
+
 def data_root(cfg: DictConfig, key: str = "data.root", data_key: str = "data") -> None:
     """A data source with a ``root`` that does not exist or cannot be read fails here, with its own message."""
     root = get(cfg, key)
@@ -147,6 +157,7 @@ def common_training(cfg: DictConfig) -> None:
         integer(cfg, k, low=1)
     integer(cfg, "sample_every", low=0)
     devices(cfg)
+    precision(cfg)
     if has(cfg, "data.shape"):
         s = get(cfg, "data.shape")
         if not (OmegaConf.is_list(s) and len(s) > 0 and all(isinstance(i, int) and i > 0 for i in s)):
