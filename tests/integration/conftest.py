@@ -10,6 +10,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+import scoreflow.tasks  # noqa: F401 - registers the typed schemas that conf/*.yaml name in their defaults
+
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 

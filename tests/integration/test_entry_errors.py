@@ -57,6 +57,7 @@ USAGE_CASES = [
     (["trainer.max_steps=abc"], ["trainer.max_steps", "'abc'"]),
     (["trainer.max_stepz=5"], ["trainer.max_stepz", "did you mean trainer.max_steps"]),
     (["val_evry=5"], ["val_evry", "did you mean val_every"]),
+    (["trainer.accumulate_grad_batches=2"], ["did you mean module.optim.accumulate_grad_batches"]),
     (["sde=nonsense"], ["sde", "vp", "subvp"]),
     (["eps=1.5"], ["eps", "1.5"]),
     (["trainer.devices=0"], ["trainer.devices"]),

@@ -50,7 +50,7 @@ class EMA(Callback):
         self.num_updates = 0
         self.shadow: list[torch.Tensor] | None = None
         self._backup: list[torch.Tensor] | None = None
-        self._last_step = -1
+        self._last_step = 0  # global_step of the last update: none before the first optimizer step
 
     @staticmethod
     def _params(pl_module: pl.LightningModule) -> list[torch.Tensor]:
@@ -71,7 +71,9 @@ class EMA(Callback):
     @torch.no_grad()
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if step == self._last_step or step % self.every_n_steps:  # no optimizer step happened (skipped batch)
+        # no optimizer step happened: a skipped batch, a micro-batch inside an accumulated step, or either of
+        # those before the first optimizer step (global_step still 0)
+        if step == self._last_step or step % self.every_n_steps:
             return
         self._last_step = step
         d = self.current_decay()

@@ -89,6 +89,21 @@ class GuardedOptimization(pl.LightningModule):
         self._bad_in_a_row = 0
         self._bad_counts: Tensor | None = None  # fused guard, on the device: (skipped since last read, streak, max)
         self._bad_read_step = 0  # global_step of the last read of those counts
+        self._micro = 0  # micro-batches of the current optimizer step so far (optim.accumulate_grad_batches)
+        self._loss_ok: Tensor | None = None  # every loss of those micro-batches finite
+
+    @property
+    def accumulating(self) -> bool:
+        """Inside an optimizer step of several micro-batches (``optim.accumulate_grad_batches``): gradients are
+        partial, so no checkpoint is written now (pre-emption waits for the step's last micro-batch)."""
+        return self._micro != 0
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # DDP: only the step's last micro-batch all-reduces (DDP reads the flag in its forward, which comes next)
+        n = self.optim_cfg.accumulate_grad_batches
+        ddp = getattr(self._trainer.strategy, "model", None) if self._trainer is not None else None
+        if n > 1 and isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            ddp.require_backward_grad_sync = self._micro == n - 1
 
     def configure_optimizers(self):
         precision = str(getattr(self._trainer, "precision", "32-true"))
@@ -98,6 +113,9 @@ class GuardedOptimization(pl.LightningModule):
                 "the gradient clip and the NaN guard of this manual optimization would see scaled gradients, and "
                 "fp16 weights would reach the float32/float64 likelihood; use trainer.precision=bf16-mixed (Ampere "
                 "or newer) or 32-true")
+        if self.optim_cfg.accumulate_grad_batches < 1:
+            raise ValueError(f"module.optim.accumulate_grad_batches must be >= 1, got "
+                             f"{self.optim_cfg.accumulate_grad_batches}")
         return adam_with_warmup([p for p in self.parameters() if p.requires_grad], self.optim_cfg,
                                 self.optimizer_factory)
 
@@ -108,22 +126,35 @@ class GuardedOptimization(pl.LightningModule):
         Every rank runs the backward, even of a non-finite loss (DDP all-reduces the gradients inside it: a rank
         that left it out would leave the others waiting), and the ranks agree on the skip (the flag's maximum over
         ranks), so the replicas stay identical. With ``optim.fused`` the skip happens on the device and the
-        gradient norm is always returned."""
+        gradient norm is always returned.
+
+        With ``optim.accumulate_grad_batches = n > 1`` an optimizer step takes ``n`` calls (micro-batches): each
+        backpropagates ``loss / n`` into the summed gradients and returns ``None`` except the last, which clips,
+        checks (every loss of the step and the gradient norm) and steps as above."""
         opt, sched = self.optimizers(), self.lr_schedulers()
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        n = self.optim_cfg.accumulate_grad_batches
+        if self._micro == 0:
+            opt.zero_grad(set_to_none=True)
+            self._loss_ok = None
+        self.manual_backward(loss / n if n > 1 else loss)
+        ok = torch.isfinite(loss.detach())
+        self._loss_ok = ok if self._loss_ok is None else self._loss_ok & ok
+        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=False)  # NaN in the logs when it is NaN
+        self._micro = (self._micro + 1) % n
+        if self._micro:
+            return None
+        loss_ok = self._loss_ok
         clip = self.optim_cfg.grad_clip
         params = [p for p in self.parameters() if p.requires_grad]
         gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else math.inf)
-        loss_ok = torch.isfinite(loss.detach())
         bad = self._agree((~(loss_ok & torch.isfinite(gnorm))).to(torch.float32))
-        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=False)  # NaN in the logs when it is NaN
         if self.optim_cfg.fused:
             return self._step_on_device(bad, gnorm, batch_index)
         if bad.item():
             opt.zero_grad(set_to_none=True)
             if not loss_ok:
-                why = f"non-finite loss ({float(loss.detach())})"
+                why = f"non-finite loss ({float(loss.detach())})" if n == 1 else \
+                    f"non-finite loss in one of its {n} micro-batches"
             elif not torch.isfinite(gnorm):
                 why = f"non-finite gradient norm ({float(gnorm)})"
             else:

@@ -145,6 +145,8 @@ class PreemptionCheckpoint(Callback):
             log.info("pre-emption: SIGUSR1/SIGUSR2/SIGTERM/SIGINT write %s at the end of the step", self.ckpt_path)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if getattr(pl_module, "accumulating", False):  # mid-step (accumulate_grad_batches): gradients are partial
+            return
         code = _NONE if self.signum is None else _REQUEUE if self.signum in REQUEUE_SIGNALS else _STOP
         if trainer.world_size > 1:  # every rank must stop at the same step (save_checkpoint has a barrier)
             code = int(trainer.strategy.reduce(torch.tensor(code, device=pl_module.device), reduce_op="max"))

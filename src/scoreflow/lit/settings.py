@@ -112,6 +112,10 @@ class OptimConfig(Settings):
     # Adam(fused=True) and a NaN guard without a host sync per step (GPU speed; README "GPU speed"): a non-finite
     # step is skipped on the device (weights and Adam state unchanged) but still counts as a step
     fused: bool = False
+    # micro-batches per optimizer step: the step's gradient is that of datamodule.batch_size x this many images
+    # (per rank), for batches that do not fit in memory; steps, schedule, EMA and val/checkpoint/sample intervals
+    # stay in optimizer steps
+    accumulate_grad_batches: int = 1
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,12 @@ def fit(cfg: DictConfig, module: pl.LightningModule, source: Any, out: Path, t0:
         lg.log_hyperparams(module.config_dict)
     callbacks = instantiate_all(cfg.get("callbacks")) + [FinalCheckpoint(out / "checkpoints"),
                                                          PreemptionCheckpoint(last_checkpoint(out))]
-    trainer = make_trainer(run_cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    overrides = {}
+    n = getattr(getattr(module, "optim_cfg", None), "accumulate_grad_batches", 1)
+    interval = run_cfg.trainer.get("val_check_interval")
+    if n > 1 and isinstance(interval, int):  # Lightning counts batches; val_every counts optimizer steps
+        overrides["val_check_interval"] = interval * n
+    trainer = make_trainer(run_cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     except Preempted as stop:  # checkpoint written, loggers closed: requeue (SLURM) or exit 128 + signal

@@ -142,6 +142,7 @@ def common_training(cfg: DictConfig) -> None:
     number(cfg, "module.optim.eps", low=0)
     number(cfg, "module.optim.weight_decay", low=0, low_open=False)
     integer(cfg, "module.optim.warmup_steps", low=0)
+    integer(cfg, "module.optim.accumulate_grad_batches", low=1)
     number(cfg, "module.optim.grad_clip", low=0, low_open=False, allow_none=True)
     if has(cfg, "module.optim.betas"):
         b = get(cfg, "module.optim.betas")
