@@ -19,6 +19,7 @@ from scoreflow.lit.optim import adam_with_warmup
 from scoreflow.nets import ScoreModel
 from scoreflow.sde import VPSDE
 from scoreflow.weighting import ImportanceSampledLikelihood
+from tests.integration.resume_check import resumed_and_uninterrupted
 
 
 class _Net(nn.Module):
@@ -154,22 +155,10 @@ def test_fused_refused_with_another_optimizer_factory():
 
 def test_fused_resume_is_exact(make_cfg, tmp_path):
     """Through the real configs: interrupted at step 4 and resumed to 8 = uninterrupted (weights, EMA, Adam)."""
-    from scoreflow.tasks.train import train
-
     base = ["debug=fast", "trainer.accelerator=cpu", "test=false", "callbacks=minimal", "checkpoint_every=4",
             "val_every=100", "model.net.dropout=0.1", "module.optim.fused=true"]
-    train(make_cfg([*base, "trainer.max_steps=8"], sub="full"))
-    train(make_cfg([*base, "trainer.max_steps=4"], sub="half"))
-    ckpt4 = tmp_path / "half" / "checkpoints" / "last.ckpt"
-    train(make_cfg([*base, "trainer.max_steps=8", f"ckpt_path={ckpt4}"], sub="resumed"))
-    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 8
+    a, b = resumed_and_uninterrupted(make_cfg, tmp_path, base)
     assert a["optimizer_states"][0]["param_groups"][0]["fused"] is True
-    for k in a["state_dict"]:
-        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0, msg=k)
-    for k in a["ema"]["shadow"]:
-        torch.testing.assert_close(a["ema"]["shadow"][k], b["ema"]["shadow"][k], rtol=0, atol=0, msg=k)
     sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
     for i in sa:
         torch.testing.assert_close(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"], rtol=0, atol=0)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from scoreflow.tasks.train import train
+from tests.integration.resume_check import resumed_and_uninterrupted
 
 FAST = ["debug=fast", "trainer.accelerator=cpu"]
 
@@ -54,17 +55,4 @@ def test_every_sde_weighting_combination_trains(make_cfg, sde, weighting):
 def test_resume_is_exact(make_cfg, tmp_path):
     """A run interrupted at step 4 and resumed to step 8 ends with the same weights as an uninterrupted one."""
     base = [*FAST, "test=false", "callbacks=minimal", "checkpoint_every=4", "val_every=100", "model.net.dropout=0.1"]
-    full = make_cfg([*base, "trainer.max_steps=8"], sub="full")
-    train(full)
-    half = make_cfg([*base, "trainer.max_steps=4"], sub="half")
-    train(half)
-    ckpt4 = tmp_path / "half" / "checkpoints" / "last.ckpt"
-    resumed = make_cfg([*base, "trainer.max_steps=8", f"ckpt_path={ckpt4}"], sub="resumed")
-    train(resumed)
-    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 8
-    for k in a["state_dict"]:
-        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0, msg=k)
-    for k in a["ema"]["shadow"]:
-        torch.testing.assert_close(a["ema"]["shadow"][k], b["ema"]["shadow"][k], rtol=0, atol=0, msg=k)
+    resumed_and_uninterrupted(make_cfg, tmp_path, base)

@@ -23,6 +23,7 @@ from scoreflow.tasks.train_classifier import (
     load_classifier,
     train_classifier,
 )
+from tests.integration.resume_check import resumed_and_uninterrupted
 
 CFG = "train_classifier"
 DEBUG = [
@@ -100,17 +101,7 @@ def test_other_sdes_train(make_cfg, sde):
 def test_resume_is_exact(make_cfg, tmp_path):
     """Interrupted at step 4 and resumed to 8 equals an uninterrupted run (data order, noise, dropout, EMA)."""
     base = [*DEBUG, "test=false", "checkpoint_every=4", "val_every=100", "classifier.net.dropout=0.1"]
-    train_classifier(make_cfg([*base, "trainer.max_steps=8"], sub="full", config_name=CFG))
-    train_classifier(make_cfg([*base, "trainer.max_steps=4"], sub="half", config_name=CFG))
-    ckpt4 = tmp_path / "half" / "checkpoints" / "last.ckpt"
-    train_classifier(make_cfg([*base, "trainer.max_steps=8", f"ckpt_path={ckpt4}"], sub="resumed", config_name=CFG))
-    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 8
-    for k in a["state_dict"]:
-        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0, msg=k)
-    for k in a["ema"]["shadow"]:
-        torch.testing.assert_close(a["ema"]["shadow"][k], b["ema"]["shadow"][k], rtol=0, atol=0, msg=k)
+    resumed_and_uninterrupted(make_cfg, tmp_path, base, task=train_classifier, config_name=CFG)
 
 
 def test_data_space_equals_score_module(make_cfg):
