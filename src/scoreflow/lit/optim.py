@@ -4,7 +4,7 @@ the run with a message naming the step.
 
 Two guards, the same maths when every step is finite:
 
-* default: the loss and the gradient norm are checked on the host (two device syncs per step); a skipped step
+* default: the loss and the gradient norm are checked on the host (one device sync per step); a skipped step
   does not count (``global_step``, the learning-rate schedule and the EMA do not advance);
 * ``module.optim.fused=true``: ``Adam(fused=True)``, and the check stays on the device: the fused kernel gets the
   step's non-finite flag as ``found_inf`` (the mechanism of ``torch.amp.GradScaler``) and leaves the weights, the
