@@ -18,27 +18,17 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
+from scoreflow.lit.throughput import peak_flops  # the dense peaks train.py reports MFU against
+
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 MODELS = ["mlp", "unet_small", "ddpmpp", "ddpmpp_deep", "ncsnpp", "ncsnpp_deep"]
 SHAPES = {"mlp": (2,), "unet_small": (1, 8, 8)}  # others: CIFAR-10 (3, 32, 32)
 CPU_BATCH = {"mlp": 512, "unet_small": 128}  # others: 2 on CPU
-# Dense peak FLOP/s (NVIDIA datasheets, SXM, without sparsity): (bf16, tf32).
-PEAKS = {"H100": (989e12, 495e12), "H200": (989e12, 495e12), "A100": (312e12, 156e12)}
 
 
 def build(name: str, shape: tuple[int, ...]) -> torch.nn.Module:
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
     return hydra.utils.instantiate(cfg.net, shape=shape)
-
-
-def peak_flops(device: torch.device, amp: str) -> float | None:
-    if device.type != "cuda":
-        return None
-    gpu = torch.cuda.get_device_name(device)
-    for key, (bf16, tf32) in PEAKS.items():
-        if key in gpu:
-            return bf16 if amp == "bf16" else tf32
-    return None
 
 
 def bench(name: str, batch: int, device: torch.device, args: argparse.Namespace) -> dict[str, float]:
@@ -81,7 +71,7 @@ def bench(name: str, batch: int, device: torch.device, args: argparse.Namespace)
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
     achieved = flops / dt
-    peak = peak_flops(device, args.amp)
+    peak = peak_flops(device, torch.bfloat16 if args.amp == "bf16" else torch.float32)  # fp32: TF32 if enabled
     n_params = sum(p.numel() for p in net.parameters())
     print(
         f"{name:12s} {str(list(shape)):12s} batch {batch:4d}  params {n_params / 1e6:7.2f} M  "

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from scoreflow.dequantization import UniformDequantizer
 from scoreflow.lit.ema import EMA
 from scoreflow.lit.module import ScoreLitModule
-from scoreflow.lit.preemption import PreemptionCheckpoint
+from scoreflow.lit.preemption import Preempted, PreemptionCheckpoint
 from scoreflow.nets import ScoreModel
 from scoreflow.sde import VPSDE
 from scoreflow.weighting import ImportanceSampledLikelihood
@@ -103,14 +103,25 @@ def test_ddp_micro_batches_equal_the_whole_batch(tmp_path):
 
 
 def test_preemption_waits_for_the_end_of_the_optimizer_step(tmp_path):
-    cb = PreemptionCheckpoint(tmp_path / "last.ckpt")
-    cb.signum = 10
+    saved = []
 
-    class Mid:
+    class Trainer:  # what the callback touches
+        world_size, global_step, is_global_zero = 1, 3, True
+
+        def save_checkpoint(self, path):
+            saved.append(path)
+
+    class Module:
         accumulating = True
 
-    cb.on_train_batch_end(None, Mid())  # returns before touching the trainer (None) or writing anything
-    assert not (tmp_path / "last.ckpt").exists()
+    cb = PreemptionCheckpoint(tmp_path / "last.ckpt")
+    cb.signum = 10  # SIGUSR1 received
+    cb.on_train_batch_end(Trainer(), Module())  # mid-step: nothing written, the run goes on
+    assert saved == []
+    Module.accumulating = False  # the step's last micro-batch: the checkpoint is written and the run stops
+    with pytest.raises(Preempted):
+        cb.on_train_batch_end(Trainer(), Module())
+    assert saved == [tmp_path / "last.ckpt"]
 
 
 def test_real_configs_resume_exactly_and_validate_per_optimizer_step(make_cfg, tmp_path):

@@ -149,7 +149,7 @@ class GuardedOptimization(pl.LightningModule):
         gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else math.inf)
         bad = self._agree((~(loss_ok & torch.isfinite(gnorm))).to(torch.float32))
         if self.optim_cfg.fused:
-            return self._step_on_device(bad, gnorm, batch_index)
+            return self._step_on_device(opt, sched, bad, gnorm, batch_index)
         if bad.item():
             opt.zero_grad(set_to_none=True)
             if not loss_ok:
@@ -174,8 +174,7 @@ class GuardedOptimization(pl.LightningModule):
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag
 
-    def _step_on_device(self, bad: Tensor, gnorm: Tensor, batch_index: int) -> Tensor:
-        opt, sched = self.optimizers(), self.lr_schedulers()
+    def _step_on_device(self, opt, sched, bad: Tensor, gnorm: Tensor, batch_index: int) -> Tensor:
         inner = opt.optimizer
         inner.found_inf = bad  # fused Adam: no update of weights, moments or step where 1
         opt.step()
