@@ -62,6 +62,7 @@ USAGE_CASES = [
     (["eps=1.5"], ["eps", "1.5"]),
     (["trainer.devices=0"], ["trainer.devices"]),
     (["trainer.precision=16-mixed"], ["trainer.precision", "16-mixed", "bf16-mixed", "32-true"]),
+    (["module.loss=ism", "module.compile=true"], ["module.loss=ism", "module.compile", "double backward"]),
     (["datamodule.eval_batch_size=1.5"], ["datamodule.eval_batch_size", "1.5"]),
     (["data=cifar10", "data.root=/nonexistent/cifar"], ["data.root", "/nonexistent/cifar", "cifar-10-batches-py",
                                                         "https://"]),

@@ -42,12 +42,13 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def run_and_signal(run_dir: Path, sig: int, extra: list[str] = (), env: dict | None = None,
-                   after_s: float = 0.3) -> subprocess.CompletedProcess:
+                   after_s: float = 0.3, group: bool = False) -> subprocess.CompletedProcess:
     """Start ``train.py``, wait until its training loop has installed the handlers (the log line), let it take a
-    few steps, send ``sig`` to it, and wait for it to exit."""
+    few steps, send ``sig`` to it, and wait for it to exit. ``group``: send it to the whole process group, its
+    DataLoader workers too, as SLURM (every process of the job step), ``timeout`` and a terminal's Ctrl-C do."""
     cmd = [sys.executable, "train.py", *BASE, *extra, f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, start_new_session=group)
     log_file, deadline = run_dir / "train.log", time.time() + 300
     while not (log_file.is_file() and READY in log_file.read_text()):
         if proc.poll() is not None or time.time() > deadline:
@@ -55,7 +56,10 @@ def run_and_signal(run_dir: Path, sig: int, extra: list[str] = (), env: dict | N
             pytest.fail(f"train.py ended (rc={proc.returncode}) before its training loop started:\n{err[-3000:]}")
         time.sleep(0.05)
     time.sleep(after_s)
-    proc.send_signal(sig)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
@@ -131,6 +135,32 @@ def test_each_signal_checkpoints_and_only_usr1_under_slurm_requeues(tmp_path, si
         assert "SLURM job 4242_1 requeued" in line
     else:
         assert not record.exists() and "run the same command again" in line
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=["sigterm", "ctrl-c", "usr1"])
+def test_a_signal_to_the_process_group_with_dataloader_workers_checkpoints_and_resumes_exactly(make_cfg, tmp_path,
+                                                                                                sig):
+    """SLURM signals every process of the job step, and Ctrl-C in a terminal reaches the whole foreground group:
+    the DataLoader workers get the signal too. Torch's workers die on SIGTERM and exit on SIGINT, and the main
+    process then fails at its next batch, before the step's checkpoint (seen on a GPU with ``timeout``). The
+    workers ignore these signals; the main process checkpoints, stops and shuts them down."""
+    run = tmp_path / "run"
+    workers = ["datamodule.num_workers=2"]
+    stopped = run_and_signal(run, sig, workers, group=True, after_s=1.0)
+    assert stopped.returncode == 128 + sig, stopped.stderr[-3000:]
+    line = stop_line(stopped.stderr)
+    assert "DataLoader worker" not in stopped.stderr, stopped.stderr[-3000:]
+    assert stopped.stderr.count(f"scoreflow: {signal.Signals(sig).name}: checkpoint at the end") == 1  # not a worker
+    ckpt = run / "checkpoints" / "last.ckpt"
+    step = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+    assert 0 < step < STEPS and f"at step {step}: checkpoint written to {ckpt}" in line, line
+    if sig != signal.SIGTERM:
+        return  # the resume is the same for every signal
+    resumed = subprocess.run([sys.executable, "train.py", *BASE, *workers, f"hydra.run.dir={run}"], cwd=ROOT,
+                             env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    train(make_cfg([*BASE, *workers], sub="uninterrupted"))
+    assert_same_weights(tmp_path / "uninterrupted" / "checkpoints" / "last.ckpt", ckpt)
 
 
 def test_second_ctrl_c_stops_without_a_checkpoint():

@@ -69,7 +69,7 @@ def test_a_compiled_network_is_counted_eagerly():
     from torch._dynamo.utils import counters
 
     net = TinyScore()
-    net.compile()  # in place, as ScoreLitModule(compile=True) does
+    net.compile()  # in place (a library user may compile the network itself; ScoreLitModule compiles only its loss)
     counters.clear()
     assert training_flops_per_image(net, (4,), torch.device("cpu")) == 320
     assert not counters["frames"]  # nothing compiled for the batch of one (no recompilation with dynamic shapes)

@@ -8,11 +8,26 @@ padding: every image is evaluated exactly once (Lightning's DistributedSampler w
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+
+# what pre-emption acts on (lit/preemption.py); SIGINT: a terminal's Ctrl-C reaches the whole foreground group
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the workers ignore the stop and pre-emption signals, which the main process
+    handles (checkpoint at the end of the step, then stop; it shuts the workers down). SLURM, ``timeout`` and
+    Ctrl-C signal the whole process group: torch's workers would die on SIGTERM (its handler) and leave on SIGINT,
+    and the main process would then fail at its next batch with "DataLoader worker ... is killed by signal",
+    before the step's checkpoint. A worker whose main process is killed still exits (torch's watchdog)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 class ResumableSampler(Sampler[int]):
@@ -92,6 +107,7 @@ class ScoreDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             drop_last=False,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
             persistent_workers=self.num_workers > 0,
         )
 
@@ -109,6 +125,7 @@ class ScoreDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             drop_last=True,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
         )
 
     def _eval_split(self, name: str, subset: int | None) -> DataLoader:

@@ -64,9 +64,12 @@ class ScoreLitModule(GuardedOptimization):
         max_bad_steps: consecutive non-finite steps tolerated before the run stops.
         seed: base seed of the per-step generators.
         channels_last: run the network in channels_last memory format (faster convolutions on GPUs).
-        compile: wrap the network in ``torch.compile`` (the NCSN++ family traces without graph breaks): ``True``
-            or a ``torch.compile`` mode (``reduce-overhead``: CUDA graphs; ``max-autotune``;
-            ``max-autotune-no-cudagraphs``).
+        compile: ``torch.compile`` the training loss's calls of the score model (the NCSN++ family traces without
+            graph breaks), at the training batch's static shape: ``True`` or a ``torch.compile`` mode
+            (``reduce-overhead``: CUDA graphs; ``max-autotune``; ``max-autotune-no-cudagraphs``). Everything else
+            that calls the network (the shape check, FLOP counting, likelihood evaluation in float32/float64 at
+            other batch sizes, sampling, the EMA copy) runs it eagerly, so nothing is compiled twice and no
+            automatic dynamic-shape recompilation slows the training graph.
     """
 
     def __init__(
@@ -93,6 +96,9 @@ class ScoreLitModule(GuardedOptimization):
         super().__init__()
         if loss not in ("dsm", "ism"):
             raise ValueError(f"loss must be 'dsm' or 'ism', got {loss!r}")
+        if loss == "ism" and compile:
+            raise ValueError("loss='ism' cannot be compiled: torch.compile does not support the double backward of "
+                             "its Hutchinson divergence; use compile=False")
         if (num_levels is None) != (dequantizer is None):
             raise ValueError(
                 f"num_levels={num_levels} and dequantizer={type(dequantizer).__name__} do not fit: discrete data "
@@ -117,8 +123,12 @@ class ScoreLitModule(GuardedOptimization):
         if isinstance(compile, str) and compile not in COMPILE_MODES:
             raise ValueError(f"module.compile={compile!r}: use true/false or a torch.compile mode "
                              f"{list(COMPILE_MODES)}")
-        if compile:  # in place: state-dict keys stay those of the plain network
-            self.score_model.net.compile(mode=None if compile is True else compile)
+        self.compile_mode = compile
+        # a compiled function (not a registered module): state-dict keys stay those of the plain network
+        self._compiled_score_fn = (
+            torch.compile(self.score_model.forward, mode=None if compile is True else compile, dynamic=False)
+            if compile else None
+        )
         self.max_bad_steps = max_bad_steps
         self.seed = seed
         self.batches_seen = 0  # training batches drawn so far (skipped ones included); checkpointed
@@ -157,15 +167,21 @@ class ScoreLitModule(GuardedOptimization):
             y = y.contiguous(memory_format=torch.channels_last)
         return y, log_q
 
+    @property
+    def train_score_fn(self):
+        """What the training loss calls: the score model, compiled where ``compile`` asks for it."""
+        return self._compiled_score_fn or self.score_model
+
     def score_loss(self, y: Tensor, g: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         """The weighted score-matching loss of ``y`` (times, weights and noise drawn from ``g``) and extra logs."""
         t, w = self.time_sampler.sample(y.shape[0], generator=g, device=y.device, dtype=y.dtype)
         z = torch.randn(y.shape, generator=g, device=y.device, dtype=y.dtype)
         if self.loss_name == "dsm":
-            per = dsm_loss(self.score_model, self.sde, y, t, noise=z, form="eps", reduce=self.loss_reduce)
+            per = dsm_loss(self.train_score_fn, self.sde, y, t, noise=z, form="eps", reduce=self.loss_reduce)
         else:
             v = torch.randint(0, 2, y.shape, generator=g, device=y.device).to(y.dtype) * 2 - 1
-            per = ism_loss(self.score_model, self.sde, y, t, noise=z, probe=v, form="eps", reduce=self.loss_reduce)
+            per = ism_loss(self.train_score_fn, self.sde, y, t, noise=z, probe=v, form="eps",
+                           reduce=self.loss_reduce)
         loss = (w * per).mean()
         return loss, {"train/loss_var": per.detach().var() if per.numel() > 1 else per.new_zeros(())}
 

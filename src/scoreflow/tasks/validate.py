@@ -182,6 +182,10 @@ def train(cfg: DictConfig) -> None:
     for k in ("rtol", "atol"):
         number(cfg, ev + k, low=0)
     choice(cfg, "module.loss", ("dsm", "ism"))
+    if get(cfg, "module.loss", "dsm") == "ism" and get(cfg, "module.compile", False):
+        raise ConfigError("module.loss=ism cannot be combined with module.compile: the Hutchinson divergence's "
+                          "double backward is not supported by torch.compile", key="module.compile",
+                          value=get(cfg, "module.compile"), fix="module.compile=false, or module.loss=dsm")
     integer(cfg, "module.max_bad_steps", low=1)
     number(cfg, "callbacks.ema.decay", low=0, high=1, low_open=False)
     integer(cfg, "callbacks.samples.num_samples", low=1)

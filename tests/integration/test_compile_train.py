@@ -1,0 +1,18 @@
+"""``module.compile=true`` through the real pipeline (shape check, FLOP count, training, validation with the ODE
+likelihood and the bound, EMA, sample grid, checkpoint, test): the network is compiled once, for the training
+batch, at its static shape; nothing else compiles (conftest's ``graphs``: a counting backend, no Inductor)."""
+
+from __future__ import annotations
+
+from scoreflow.tasks.train import train
+
+FAST = ["debug=fast", "trainer.accelerator=cpu", "module.compile=true", "trainer.max_steps=6", "val_every=3",
+        "sample_every=6", "checkpoint_every=3", "module.evaluation.nll_every=3", "datamodule.batch_size=8"]
+
+
+def test_train_compiles_the_training_loss_once(make_cfg, graphs):
+    metrics = train(make_cfg(FAST))
+    assert metrics["train/steps"] == 6
+    assert graphs and all(g["mode"] is None and g["dynamic"] is False for g in graphs)
+    (compiled,) = [c for g in graphs for c in g["graphs"]]  # one compilation in all (the test phase's module: none)
+    assert (8, 1, 8, 8) in compiled, compiled
