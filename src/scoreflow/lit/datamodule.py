@@ -15,7 +15,6 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-
 # what pre-emption acts on (lit/preemption.py); SIGINT: a terminal's Ctrl-C reaches the whole foreground group
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
