@@ -10,8 +10,10 @@ FAST = ["debug=fast", "trainer.accelerator=cpu", "module.compile=true", "trainer
         "sample_every=6", "checkpoint_every=3", "module.evaluation.nll_every=3", "datamodule.batch_size=8"]
 
 
-def test_train_compiles_the_training_loss_once(make_cfg, graphs):
-    metrics = train(make_cfg(FAST))
+def test_train_compiles_the_training_loss_once(make_cfg, graphs, caplog):
+    with caplog.at_level("INFO", logger="scoreflow.lit.module"):
+        metrics = train(make_cfg(FAST))
+    assert "module.compile=default: the first training step compiles the network" in caplog.text
     assert metrics["train/steps"] == 6
     assert graphs and all(g["mode"] is None and g["dynamic"] is False for g in graphs)
     (compiled,) = [c for g in graphs for c in g["graphs"]]  # one compilation in all (the test phase's module: none)

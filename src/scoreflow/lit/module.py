@@ -9,6 +9,7 @@ ranks draw different noise.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from scoreflow.losses import dsm_loss, ism_loss
 from scoreflow.nets import ScoreModel
 from scoreflow.utils import ieee_float32
 from scoreflow.weighting import TimeSampler
+
+log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -187,6 +190,12 @@ class ScoreLitModule(GuardedOptimization):
 
     def training_loss(self, k: Tensor, g: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         return self.score_loss(self.prepare(k, g)[0], g)
+
+    def on_train_start(self) -> None:
+        if self._compiled_score_fn is not None and self.trainer.is_global_zero:
+            mode = "default" if self.compile_mode is True else self.compile_mode
+            log.info("module.compile=%s: the first training step compiles the network (minutes for the paper's "
+                     "networks on a GPU); the steps after it run the compiled graph", mode)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         index = self.batches_seen
