@@ -59,8 +59,21 @@ write_cifar(Path(sys.argv[1]), 10000)" "$OUT/fakecifar"
     common="experiment=cifar10_table2 data.root=$OUT/fakecifar val_every=100000 sample_every=100000
         checkpoint_every=100000 test=false module.evaluation.nll_every=0 trainer.num_sanity_val_steps=0
         extras.print_config=false ${TRAIN_EXTRA:-}"
-    speed() {  # speed RUN_DIR: the run's train/* metrics
-        $PY -c "import json,sys; m=json.load(open(sys.argv[1]+'/metrics.json')); print('SPEED', sys.argv[1], {k: m[k] for k in m if k.startswith('train/')})" "$1" || true
+    speed() {  # speed RUN_DIR: the run's train/* summary; a run cut off by its time box: its last logged window
+        $PY - "$1" <<'PYEOF' || true
+import csv, json, sys
+from pathlib import Path
+run = Path(sys.argv[1])
+if (run / "metrics.json").is_file():
+    m = json.loads((run / "metrics.json").read_text())
+    print("SPEED", run, {k: m[k] for k in m if k.startswith("train/")})
+elif (run / "csv" / "metrics.csv").is_file():
+    rows = [r for r in csv.DictReader(open(run / "csv" / "metrics.csv")) if r.get("train/img_per_s")]
+    print("SPEED (cut off; windows: step, img/s, mfu)", run,
+          [(r["step"], r["train/img_per_s"], r.get("train/mfu")) for r in rows[-4:]])
+else:
+    print("SPEED", run, "no metrics: the run logged no window")
+PYEOF
     }
     step train_bf16_compile_fused 210 $PY train.py $common trainer.max_steps=300 trainer.precision=bf16-mixed \
         module.compile=true module.optim.fused=true hydra.run.dir="$OUT/train_bf16_compile_fused"
