@@ -13,6 +13,9 @@ signal that reached one rank only still stops all of them at the same step. Then
 ``SystemExit`` with code 128 + signal number, as a shell reports a process killed by that signal) leaves
 ``Trainer.fit``; the caller requeues and prints :meth:`Preempted.message` (see ``tasks/train.py:fit``).
 
+SLURM, ``timeout`` and a terminal's Ctrl-C signal the whole process group: the DataLoader workers ignore these
+signals (``scoreflow.lit.datamodule.ignore_stop_signals``), so that only the main process acts on them.
+
 The handlers replace Lightning's own SIGTERM (and SLURM SIGUSR1) handlers for the duration of the training loop
 (installed in ``on_train_start``, after Lightning registers its own; restored in ``on_train_end`` /
 ``on_exception``), so one handler acts on each signal.
