@@ -4,15 +4,25 @@ batch, at its static shape; nothing else compiles (conftest's ``graphs``: a coun
 
 from __future__ import annotations
 
+import pytest
+
 from scoreflow.tasks.train import train
 
 FAST = ["debug=fast", "trainer.accelerator=cpu", "module.compile=true", "trainer.max_steps=6", "val_every=3",
         "sample_every=6", "checkpoint_every=3", "module.evaluation.nll_every=3", "datamodule.batch_size=8"]
 
 
-def test_train_compiles_the_training_loss_once(make_cfg, graphs, caplog):
+SMALL = ["model.net.nf=16", "model.net.num_res_blocks=1"]  # the paper's networks, narrow (8x8 digits)
+
+
+@pytest.mark.parametrize("overrides", [["sde=vp"], ["sde=subvp"], ["sde=ve"], ["model=ddpmpp", *SMALL],
+                                       ["sde=ve", "model=ncsnpp", *SMALL]], ids=["vp", "subvp", "ve", "ddpmpp",
+                                                                                 "ncsnpp-ve"])
+def test_train_compiles_the_training_loss_once(make_cfg, graphs, caplog, overrides):
+    """One graph also means no graph break, in the score model's wrapper (time label, output scaling) for each SDE
+    and in the paper's networks."""
     with caplog.at_level("INFO", logger="scoreflow.lit.module"):
-        metrics = train(make_cfg(FAST))
+        metrics = train(make_cfg([*FAST, *overrides]))
     assert "module.compile=default: the first training step compiles the network" in caplog.text
     assert metrics["train/steps"] == 6
     assert graphs and all(g["mode"] is None and g["dynamic"] is False for g in graphs)
