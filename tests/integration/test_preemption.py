@@ -146,7 +146,7 @@ def test_a_signal_to_the_process_group_with_dataloader_workers_checkpoints_and_r
     workers ignore these signals; the main process checkpoints, stops and shuts them down."""
     run = tmp_path / "run"
     workers = ["datamodule.num_workers=2"]
-    stopped = run_and_signal(run, sig, workers, group=True, after_s=1.0)
+    stopped = run_and_signal(run, sig, workers, group=True, after_s=0.5)  # step > 0: batches came from workers
     assert stopped.returncode == 128 + sig, stopped.stderr[-3000:]
     line = stop_line(stopped.stderr)
     assert "DataLoader worker" not in stopped.stderr, stopped.stderr[-3000:]
