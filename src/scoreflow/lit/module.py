@@ -127,11 +127,7 @@ class ScoreLitModule(GuardedOptimization):
             raise ValueError(f"module.compile={compile!r}: use true/false or a torch.compile mode "
                              f"{list(COMPILE_MODES)}")
         self.compile_mode = compile
-        # a compiled function (not a registered module): state-dict keys stay those of the plain network
-        self._compiled_score_fn = (
-            torch.compile(self.score_model.forward, mode=None if compile is True else compile, dynamic=False)
-            if compile else None
-        )
+        self._compiled_score_fn = None  # made at the first training call (train_score_fn)
         self.max_bad_steps = max_bad_steps
         self.seed = seed
         self.batches_seen = 0  # training batches drawn so far (skipped ones included); checkpointed
@@ -172,8 +168,19 @@ class ScoreLitModule(GuardedOptimization):
 
     @property
     def train_score_fn(self):
-        """What the training loss calls: the score model, compiled where ``compile`` asks for it."""
-        return self._compiled_score_fn or self.score_model
+        """What the training loss calls: the score model, compiled where ``compile`` asks for it (a compiled
+        function, not a registered module: state-dict keys stay those of the plain network)."""
+        if not self.compile_mode:
+            return self.score_model
+        if self._compiled_score_fn is None:
+            mode = None if self.compile_mode is True else self.compile_mode
+            self._compiled_score_fn = torch.compile(self.score_model.forward, mode=mode, dynamic=False)
+        return self._compiled_score_fn
+
+    def __getstate__(self) -> dict[str, Any]:
+        # pickling (ddp_spawn) and deepcopy: the compiled function is bound to this module's score model and
+        # cannot be pickled; a copy compiles its own at its first training call
+        return {**super().__getstate__(), "_compiled_score_fn": None}
 
     def score_loss(self, y: Tensor, g: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         """The weighted score-matching loss of ``y`` (times, weights and noise drawn from ``g``) and extra logs."""
@@ -192,7 +199,7 @@ class ScoreLitModule(GuardedOptimization):
         return self.score_loss(self.prepare(k, g)[0], g)
 
     def on_train_start(self) -> None:
-        if self._compiled_score_fn is not None and self.trainer.is_global_zero:
+        if self.compile_mode and self.trainer.is_global_zero:
             mode = "default" if self.compile_mode is True else self.compile_mode
             log.info("module.compile=%s: the first training step compiles the network (minutes for the paper's "
                      "networks on a GPU); the steps after it run the compiled graph", mode)
