@@ -5,12 +5,11 @@
 #
 # The machine's own python3 (with torch) is used; hydra-core/omegaconf/antlr4, which such an image may lack, can be
 # put (pure Python) in ./.gpu_site, which is added to PYTHONPATH; a default-run checkpoint in .gpu_site/ckpt/last.ckpt.
-# Issue 10 (ODE likelihood speed) and issue 12 (the training step's MFU levers). On 2026-11-27 every step of the
-# previous version ran past its time box (1e-7 tight solves; torch.compile > 140 s): tight solves are 1e-6 now,
-# and the compile steps get 240 s each. Budget: <= 510 s of steps (run with timeout_s=590); CUDA graphs in a
-# second call with ALSO_CUDAGRAPHS=1; the bf16-vs-fp32 training check alone with BF16_CHECK=1. The first call of a
-# session that can afford one call only: TRAIN_PY=1 (issue 12's open point: the real train.py's images/s and MFU,
-# and the bare step's).
+# Issue 10 (ODE likelihood speed) and issue 12 (the training step's MFU levers). Without a mode: the likelihood
+# benchmarks and the bare training step (<= 510 s of steps; CUDA graphs in a second call with ALSO_CUDAGRAPHS=1).
+# Issue 12's open points: TRAIN_PY=1 then TRAIN_PY=2, two calls back to back (timeout_s=590 each, about 13 min
+# of device time with the machine's start); BF16_CHECK=1 runs the bf16 check alone. Every step is time-boxed with
+# `timeout -k 20`: a signal only asks train.py to stop at the end of its step.
 set -u
 OUT=${OUT:-gpu_session_out}
 mkdir -p "$OUT"
@@ -26,16 +25,15 @@ step() {  # step NAME SECONDS CMD...: run, time-boxed, log to $OUT/NAME.log, nev
     grep -v -i warn "$OUT/$name.log" | tail -n 14
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-if [ "${BF16_CHECK:-0}" = 1 ]; then  # a call of its own (issue 12): the default run in fp32 and in bf16-mixed on the
-    # GPU, seeds 42 and 1 (the seed change is the noise floor), then the test bits/dim paired per image (README "Does
-    # bf16 training change the bits/dim?"). The default run's small network leaves the GPU mostly idle (host-bound, about
-    # 20 steps/s on the 2026-11-26 H200), so the four runs share it concurrently, each within BF16_BOX seconds.
+bf16_check() {  # issue 12: the default run in fp32 and in bf16-mixed on the GPU, seeds 42 and 1 (the seed change is
+    # the noise floor), then the test bits/dim paired per image (README "Does bf16 training change the bits/dim?"). The
+    # default run's small network leaves the GPU mostly idle (host-bound, about 20 steps/s on the 2026-11-26 H200), so
+    # the four runs share it concurrently, each within BF16_BOX seconds.
     for seed in 42 1; do
         for prec in 32-true bf16-mixed; do
-            (timeout -k 20 "${BF16_BOX:-280}" $PY train.py trainer=gpu trainer.precision=$prec seed=$seed \
+            (timeout -k 20 "${BF16_BOX:-270}" $PY train.py trainer=gpu trainer.precision=$prec seed=$seed \
                 hydra.run.dir="$OUT/s${seed}_$prec" extras.print_config=false ${BF16_EXTRA:-} >"$OUT/s${seed}_$prec.log" 2>&1
-             echo "=== s${seed}_$prec rc=$? in ${SECONDS}s") &
+             echo "=== s${seed}_$prec rc=$? at ${SECONDS}s") &
         done
     done
     wait
@@ -43,24 +41,9 @@ if [ "${BF16_CHECK:-0}" = 1 ]; then  # a call of its own (issue 12): the default
     $PY bench/compare_runs.py "$OUT/s42_32-true" "$OUT/s42_bf16-mixed" "$OUT/s1_32-true" "$OUT/s1_bf16-mixed" \
         | tee "$OUT/bf16_check.txt"
     $PY bench/compare_runs.py "$OUT/s1_32-true" "$OUT/s1_bf16-mixed"
-    exit 0
-fi
-if [ "${TRAIN_PY:-0}" = 1 ]; then  # a call of its own (issue 12), in order of importance, <= 560 s (timeout_s=590;
-    # time boxes 210/140/150 s + 20 s each to die; on 2026-11-28 the first box ran out compiling twice, fixed since):
-    # 1-3. what users get: the real train.py on CIFAR-10-shaped data (random pixels in the official layout), DDPM++ at
-    #      batch 128: bf16 + compile + fused Adam/guard, then the same with the host guard and foreach Adam (the fused
-    #      lever alone; Inductor's cache makes its compilation shorter), then the bare step (bench/train_step.py) in
-    #      configuration 1; images/s, TFLOP/s and MFU after 20 warm-up steps from each run's metrics.json.
-    #      ALSO_CUDAGRAPHS=1, a second call: TF32 eager train.py and CUDA graphs (module.compile=reduce-overhead).
-    #      The bf16-vs-fp32 check (BF16_CHECK=1) needs a call of its own: a shortened run would compare training
-    #      trajectories that have not settled (on CPU, 40 steps: bound +0.021 +- 0.004 between fp32 and bf16, paired).
-    $PY -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from table2_throughput import write_cifar
-write_cifar(Path(sys.argv[1]), 10000)" "$OUT/fakecifar"
-    common="experiment=cifar10_table2 data.root=$OUT/fakecifar val_every=100000 sample_every=100000
-        checkpoint_every=100000 test=false module.evaluation.nll_every=0 trainer.num_sanity_val_steps=0
-        extras.print_config=false ${TRAIN_EXTRA:-}"
-    speed() {  # speed RUN_DIR: the run's train/* summary; a run cut off by its time box: its last logged window
-        $PY - "$1" <<'PYEOF' || true
+}
+speed() {  # speed RUN_DIR: the run's train/* summary; a run cut off by its time box: its last logged windows
+    $PY - "$1" <<'PYEOF' || true
 import csv, json, sys
 from pathlib import Path
 run = Path(sys.argv[1])
@@ -74,22 +57,39 @@ elif (run / "csv" / "metrics.csv").is_file():
 else:
     print("SPEED", run, "no metrics: the run logged no window")
 PYEOF
-    }
-    step train_bf16_compile_fused 210 $PY train.py $common trainer.max_steps=300 trainer.precision=bf16-mixed \
-        module.compile=true module.optim.fused=true hydra.run.dir="$OUT/train_bf16_compile_fused"
-    speed "$OUT/train_bf16_compile_fused"
-    if [ "${ALSO_CUDAGRAPHS:-0}" = 1 ]; then
-        step train_tf32_eager 90 $PY train.py $common trainer.max_steps=250 hydra.run.dir="$OUT/train_tf32_eager"
-        speed "$OUT/train_tf32_eager"
-        step train_bf16_cudagraphs_fused 240 $PY train.py $common trainer.max_steps=400 trainer.precision=bf16-mixed \
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+if [ "${BF16_CHECK:-0}" = 1 ]; then  # the bf16 check alone
+    bf16_check
+    exit 0
+fi
+if [ "${TRAIN_PY:-0}" != 0 ]; then  # issue 12, two calls of <= 590 s each, back to back on the warm machine:
+    # TRAIN_PY=1: (a) what users get: the real train.py on CIFAR-10-shaped data (random pixels in the official
+    #   layout), DDPM++ at batch 128, bf16 + compile + fused Adam/guard: images/s, TFLOP/s and MFU after 20 warm-up
+    #   steps (210 s box: one compilation of DDPM++ took > 140 s on the 2026-11-27 H200); (b) the bf16 check (270 s).
+    # TRAIN_PY=2: the bare step (bench/train_step.py) in configuration (a); train.py with CUDA graphs
+    #   (module.compile=reduce-overhead); and bf16 + compile with the host guard and foreach Adam (the fused lever
+    #   alone under compile; in TF32 eager it was +8.3 % on 2026-11-28).
+    $PY -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from table2_throughput import write_cifar
+write_cifar(Path(sys.argv[1]), 10000)" "$OUT/fakecifar"
+    common="experiment=cifar10_table2 data.root=$OUT/fakecifar val_every=100000 sample_every=100000
+        checkpoint_every=100000 test=false module.evaluation.nll_every=0 trainer.num_sanity_val_steps=0
+        extras.print_config=false ${TRAIN_EXTRA:-}"
+    if [ "$TRAIN_PY" = 1 ]; then
+        step train_bf16_compile_fused 210 $PY train.py $common trainer.max_steps=300 trainer.precision=bf16-mixed \
+            module.compile=true module.optim.fused=true hydra.run.dir="$OUT/train_bf16_compile_fused"
+        speed "$OUT/train_bf16_compile_fused"
+        bf16_check
+    else
+        step train_step_bf16_compile_fused 150 $PY bench/train_step.py --models ddpmpp --batch 128 --steps 20 \
+            --warmup 3 --amp bf16 --compile --fused-adam --ema ${TRAIN_STEP_EXTRA:-}
+        step train_bf16_cudagraphs_fused 200 $PY train.py $common trainer.max_steps=400 trainer.precision=bf16-mixed \
             module.compile=reduce-overhead module.optim.fused=true hydra.run.dir="$OUT/train_bf16_cudagraphs_fused"
         speed "$OUT/train_bf16_cudagraphs_fused"
-    else
         step train_bf16_compile 140 $PY train.py $common trainer.max_steps=300 trainer.precision=bf16-mixed \
             module.compile=true hydra.run.dir="$OUT/train_bf16_compile"
         speed "$OUT/train_bf16_compile"
-        step train_step_bf16_compile_fused 150 $PY bench/train_step.py --models ddpmpp --batch 128 --steps 20 \
-            --warmup 3 --amp bf16 --compile --fused-adam --ema ${TRAIN_STEP_EXTRA:-}
     fi
     exit 0
 fi
