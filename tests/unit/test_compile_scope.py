@@ -89,7 +89,8 @@ def test_compiled_loss_equals_eager_and_the_state_dict_is_the_plain_networks(gra
 def test_compile_modes(graphs):
     for mode in (True, *COMPILE_MODES):
         assert callable(_module(mode).train_score_fn)
-    assert _module(False).train_score_fn is not None
+    plain = _module(False)
+    assert plain.train_score_fn is plain.score_model
     assert [s["mode"] for s in graphs] == [None, *COMPILE_MODES]
     with pytest.raises(ValueError, match=r"module.compile='fast'.*reduce-overhead"):
         _module("fast")

@@ -15,17 +15,16 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-# what pre-emption acts on (lit/preemption.py); SIGINT: a terminal's Ctrl-C reaches the whole foreground group
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+from scoreflow.lit.preemption import REQUEUE_SIGNALS, STOP_SIGNALS
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: the workers ignore the stop and pre-emption signals, which the main process
-    handles (checkpoint at the end of the step, then stop; it shuts the workers down). SLURM, ``timeout`` and
-    Ctrl-C signal the whole process group: torch's workers would die on SIGTERM (its handler) and leave on SIGINT,
-    and the main process would then fail at its next batch with "DataLoader worker ... is killed by signal",
-    before the step's checkpoint. A worker whose main process is killed still exits (torch's watchdog)."""
-    for s in STOP_SIGNALS:
+    """DataLoader ``worker_init_fn``: the workers ignore the signals that pre-emption acts on, which the main
+    process handles (checkpoint at the end of the step, then stop; it shuts the workers down). SLURM, ``timeout``
+    and Ctrl-C signal the whole process group: torch's workers would die on SIGTERM (its handler) and SIGUSR1, and
+    the main process would then fail at its next batch with "DataLoader worker ... is killed by signal", before the
+    step's checkpoint. A worker whose main process is killed still exits (torch's watchdog)."""
+    for s in (*REQUEUE_SIGNALS, *STOP_SIGNALS):
         signal.signal(s, signal.SIG_IGN)
 
 
@@ -98,16 +97,18 @@ class ScoreDataModule(pl.LightningDataModule):
         t = self.trainer
         return (t.global_rank, t.world_size) if t is not None else (0, 1)
 
-    def _loader(self, ds: Dataset, sampler: Sampler, batch_size: int) -> DataLoader:
+    def _loader(self, ds: Dataset, sampler: Sampler, batch_size: int, *, train: bool = False) -> DataLoader:
+        """Training: full batches only (one shape for the compiled step); evaluation: every example, and workers
+        kept between the periodic evaluations."""
         return DataLoader(
             ds,
             batch_size=batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
-            drop_last=False,
+            drop_last=train,
             pin_memory=torch.cuda.is_available(),
-            worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
-            persistent_workers=self.num_workers > 0,
+            worker_init_fn=ignore_stop_signals,
+            persistent_workers=self.num_workers > 0 and not train,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -117,15 +118,7 @@ class ScoreDataModule(pl.LightningDataModule):
         if self.trainer is not None and hasattr(self.trainer.lightning_module, "batches_seen"):
             start = self.trainer.lightning_module.batches_seen * self.batch_size
         sampler = ResumableSampler(len(ds), self.seed, rank, world, start)
-        return DataLoader(
-            ds,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            drop_last=True,
-            pin_memory=torch.cuda.is_available(),
-            worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
-        )
+        return self._loader(ds, sampler, self.batch_size, train=True)
 
     def _eval_split(self, name: str, subset: int | None) -> DataLoader:
         ds = self.splits[name]
