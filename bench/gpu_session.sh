@@ -8,7 +8,8 @@
 # Issue 10 (ODE likelihood speed) and issue 12 (the training step's MFU levers). Without a mode: the likelihood
 # benchmarks and the bare training step (<= 510 s of steps; CUDA graphs in a second call with ALSO_CUDAGRAPHS=1).
 # Issue 12's open points: TRAIN_PY=1 then TRAIN_PY=2, two calls back to back (timeout_s=590 each, about 13 min
-# of device time with the machine's start); BF16_CHECK=1 runs the bf16 check alone. Every step is time-boxed with
+# of device time with the machine's start); BF16_CHECK=1 runs the bf16 check alone, GPU_TESTS=1 `pytest -m gpu
+# tests/gpu`. Every step is time-boxed with
 # `timeout -k 20`: a signal only asks train.py to stop at the end of its step.
 set -u
 OUT=${OUT:-gpu_session_out}
@@ -60,36 +61,44 @@ PYEOF
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+if [ "${GPU_TESTS:-0}" = 1 ]; then  # the GPU tests alone (pytest must be importable by $PY; .gpu_site may hold it)
+    step pytest_gpu 300 $PY -m pytest -q -p no:cacheprovider -m gpu tests/gpu
+    exit 0
+fi
 if [ "${BF16_CHECK:-0}" = 1 ]; then  # the bf16 check alone
     bf16_check
     exit 0
 fi
 if [ "${TRAIN_PY:-0}" != 0 ]; then  # issue 12, two calls of <= 590 s each, back to back on the warm machine:
     # TRAIN_PY=1: (a) what users get: the real train.py on CIFAR-10-shaped data (random pixels in the official
-    #   layout), DDPM++ at batch 128, bf16 + compile + fused Adam/guard: images/s, TFLOP/s and MFU after 20 warm-up
-    #   steps (210 s box: one compilation of DDPM++ took > 140 s on the 2026-11-27 H200); (b) the bf16 check (270 s).
+    #   layout), DDPM++ at batch 128, bf16 + compile + fused Adam/guard + the training split on the GPU: images/s,
+    #   TFLOP/s and MFU after 20 warm-up steps (210 s box: one compilation of DDPM++ took > 140 s on the 2026-11-27
+    #   H200); (b) the bf16 check (270 s).
     # TRAIN_PY=2: the bare step (bench/train_step.py) in configuration (a); train.py with CUDA graphs
-    #   (module.compile=reduce-overhead); and bf16 + compile with the host guard and foreach Adam (the fused lever
-    #   alone under compile; in TF32 eager it was +8.3 % on 2026-11-28).
+    #   (module.compile=reduce-overhead) on top of (a); (a) with the DataLoader (4 workers, pinned copies) instead
+    #   of datamodule.on_device (that lever alone); the host time per batch of both paths (bench/data_loading.py).
     $PY -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from table2_throughput import write_cifar
 write_cifar(Path(sys.argv[1]), 10000)" "$OUT/fakecifar"
     common="experiment=cifar10_table2 data.root=$OUT/fakecifar val_every=100000 sample_every=100000
         checkpoint_every=100000 test=false module.evaluation.nll_every=0 trainer.num_sanity_val_steps=0
         extras.print_config=false ${TRAIN_EXTRA:-}"
     if [ "$TRAIN_PY" = 1 ]; then
-        step train_bf16_compile_fused 210 $PY train.py $common trainer.max_steps=300 trainer.precision=bf16-mixed \
-            module.compile=true module.optim.fused=true hydra.run.dir="$OUT/train_bf16_compile_fused"
-        speed "$OUT/train_bf16_compile_fused"
+        step train_bf16_compile_fused_ondevice 210 $PY train.py $common trainer.max_steps=300 \
+            trainer.precision=bf16-mixed module.compile=true module.optim.fused=true datamodule.on_device=true \
+            hydra.run.dir="$OUT/train_bf16_compile_fused_ondevice"
+        speed "$OUT/train_bf16_compile_fused_ondevice"
         bf16_check
     else
         step train_step_bf16_compile_fused 150 $PY bench/train_step.py --models ddpmpp --batch 128 --steps 20 \
             --warmup 3 --amp bf16 --compile --fused-adam --ema ${TRAIN_STEP_EXTRA:-}
-        step train_bf16_cudagraphs_fused 200 $PY train.py $common trainer.max_steps=400 trainer.precision=bf16-mixed \
-            module.compile=reduce-overhead module.optim.fused=true hydra.run.dir="$OUT/train_bf16_cudagraphs_fused"
-        speed "$OUT/train_bf16_cudagraphs_fused"
-        step train_bf16_compile 140 $PY train.py $common trainer.max_steps=300 trainer.precision=bf16-mixed \
-            module.compile=true hydra.run.dir="$OUT/train_bf16_compile"
-        speed "$OUT/train_bf16_compile"
+        step train_bf16_cudagraphs_fused_ondevice 200 $PY train.py $common trainer.max_steps=400 \
+            trainer.precision=bf16-mixed module.compile=reduce-overhead module.optim.fused=true \
+            datamodule.on_device=true hydra.run.dir="$OUT/train_bf16_cudagraphs_fused_ondevice"
+        speed "$OUT/train_bf16_cudagraphs_fused_ondevice"
+        step train_bf16_compile_fused 140 $PY train.py $common trainer.max_steps=300 trainer.precision=bf16-mixed \
+            module.compile=true module.optim.fused=true hydra.run.dir="$OUT/train_bf16_compile_fused"
+        speed "$OUT/train_bf16_compile_fused"
+        step data_loading 40 $PY bench/data_loading.py --batches 200
     fi
     exit 0
 fi
