@@ -18,7 +18,7 @@ from torch import Tensor
 
 from scoreflow.data.base import random_hflip
 from scoreflow.dequantization import Dequantizer, to_model_space
-from scoreflow.lit.module import step_seed
+from scoreflow.lit.module import seed_global_rngs, step_seed
 from scoreflow.lit.optim import GuardedOptimization, OptimizerFactory
 from scoreflow.lit.settings import OptimConfig
 from scoreflow.nets.classifier import NoiseConditionalClassifier
@@ -112,14 +112,14 @@ class ClassifierLitModule(GuardedOptimization):
         k, y = batch
         index = self.batches_seen
         self.batches_seen += 1
-        torch.manual_seed(step_seed(self.seed, self.global_rank, index, 1))  # dropout
+        seed_global_rngs(step_seed(self.seed, self.global_rank, index, 1), self.device)  # dropout
         g = self._generator(index, 0)
         if self.hflip:
             k = random_hflip(k, g)
         ce, correct = self.cross_entropy(k, y, None, g)
         loss = ce.mean()  # Monte-Carlo mixture of cross-entropies over t ~ U[eps, T] (App. I.1)
         if self.guarded_step(loss, index) is not None:
-            self.log("train/acc", correct.mean())
+            self.log_step("train/acc", correct.mean())
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, split: str, salt: int) -> None:

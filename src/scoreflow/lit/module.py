@@ -45,6 +45,18 @@ def step_seed(seed: int, rank: int, index: int, salt: int = 0) -> int:
     return (seed * 1_000_003 + rank * 7_919 + index * 104_729 + salt * 15_485_863) % (2**63 - 1)
 
 
+def seed_global_rngs(seed: int, device: torch.device) -> None:
+    """Seed the global generators that a training step on ``device`` draws from (dropout) as
+    ``torch.manual_seed(seed)`` would: the CPU's and, on CUDA, every GPU's. ``torch.manual_seed`` itself also queues
+    a lazy seed for CUDA when CUDA is not initialised, and records the whole Python stack for it: on a CPU run
+    inside Lightning's loop that was the costliest host call of the step (README "GPU speed")."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
+    elif device.type != "cpu":
+        torch.manual_seed(seed)
+
+
 class ScoreLitModule(GuardedOptimization):
     """Training and evaluation of a score model.
 
@@ -207,10 +219,11 @@ class ScoreLitModule(GuardedOptimization):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         index = self.batches_seen
         self.batches_seen += 1
-        torch.manual_seed(step_seed(self.seed, self.global_rank, index, 1))  # dropout
+        seed_global_rngs(step_seed(self.seed, self.global_rank, index, 1), self.device)  # dropout
         loss, extra = self.training_loss(batch[0], self._generator(index, 0))
         if self.guarded_step(loss, index) is not None:
-            self.log_dict(extra)
+            for name, value in extra.items():
+                self.log_step(name, value)
 
     # ------------------------------------------------------------------ likelihood evaluation
     def _score_fn(self):
