@@ -95,3 +95,28 @@ def test_lr_schedule_warmup_then_cosine():
     assert abs(lr_factor(600, 100, decay_steps=1100) - 0.5) < 1e-12  # half-way: cos(pi/2)
     assert abs(lr_factor(1100, 100, decay_steps=1100, min_lr_ratio=0.1) - 0.1) < 1e-12
     assert lr_factor(5000, 100, decay_steps=1100) == 0.0  # held at the floor after decay_steps
+
+
+def test_builtin_adam_is_foreach_on_cpu_and_steps_like_the_per_tensor_loop():
+    """The built-in Adam asks for the foreach implementation (torch's default on GPUs only): on CPU its weights equal
+    the per-tensor loop's bit for bit, with the warm-up schedule."""
+    from scoreflow.lit.optim import adam_with_warmup
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(16, 8), (16,), (3, 3, 4, 4), (1,)]
+    out = {}
+    for foreach in (True, False):
+        params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)))
+                  for i, s in enumerate(shapes)]
+        cfg = adam_with_warmup(params, {"lr": 1e-2, "warmup_steps": 5})
+        opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+        assert opt.defaults["foreach"] is True
+        opt.param_groups[0]["foreach"] = foreach  # False: torch's CPU default, the per-tensor loop
+        g.manual_seed(1)
+        for _ in range(30):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+            sched.step()
+        out[foreach] = [p.detach() for p in params]
+    assert all(torch.equal(a, b) for a, b in zip(out[True], out[False]))
