@@ -4,6 +4,8 @@ the paper's networks (narrow). On a GPU a host read is a device sync per step, w
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -13,26 +15,33 @@ from scoreflow.tasks.train import train
 READS = ("__bool__", "item", "tolist", "__float__", "__int__", "__index__", "cpu", "numpy")
 
 
+@contextlib.contextmanager
+def no_host_reads():
+    """Inside: every way of reading a tensor on the host raises ``AssertionError("host read: ...")``."""
+    saved = {n: getattr(torch.Tensor, n) for n in READS}
+
+    def refuse(name):
+        def f(*args, **kwargs):
+            raise AssertionError(f"host read: Tensor.{name} in the training step")
+        return f
+
+    try:
+        for n in READS:
+            setattr(torch.Tensor, n, refuse(n))
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+
+
 class NoHostReadModule(ScoreLitModule):
     """A training step (after the first, which may set things up) in which every host read of a tensor raises."""
 
     def training_step(self, batch, batch_idx):
         if self.batches_seen == 0:
             return super().training_step(batch, batch_idx)
-        saved = {n: getattr(torch.Tensor, n) for n in READS}
-
-        def refuse(name):
-            def f(*args, **kwargs):
-                raise AssertionError(f"host read: Tensor.{name} in the training step")
-            return f
-
-        try:
-            for n in READS:
-                setattr(torch.Tensor, n, refuse(n))
+        with no_host_reads():
             return super().training_step(batch, batch_idx)
-        finally:
-            for n, f in saved.items():
-                setattr(torch.Tensor, n, f)
 
 
 BASE = ["debug=fast", "trainer.accelerator=cpu", "test=false", "callbacks=minimal", "trainer.max_steps=4",
