@@ -63,3 +63,14 @@ def test_on_device_refuses_what_it_cannot_gather(train_split, what):
     dm.setup()
     with pytest.raises(ValueError, match=f"got {what}\\. Set datamodule.on_device=false"):
         dm.train_dataloader()
+
+
+def test_a_run_resumes_exactly_when_on_device_is_switched_on(make_cfg, tmp_path):
+    """Interrupted with the DataLoader at step 6, resumed with on_device=true: the uninterrupted DataLoader run's
+    weights (so switching the lever on for a running experiment changes nothing computed)."""
+    train(make_cfg([*BASE, "trainer.max_steps=8"], sub="full"))
+    train(make_cfg([*BASE, "trainer.max_steps=6"], sub="half"))
+    ckpt = tmp_path / "half" / "checkpoints" / "last.ckpt"
+    train(make_cfg([*BASE, "trainer.max_steps=8", "datamodule.on_device=true", f"ckpt_path={ckpt}"], sub="resumed"))
+    assert_same_weights(tmp_path / "full" / "checkpoints" / "last.ckpt",
+                        tmp_path / "resumed" / "checkpoints" / "last.ckpt", 8)
