@@ -23,6 +23,7 @@ from scoreflow.lit.module import ScoreLitModule
 from scoreflow.lit.preemption import Preempted, PreemptionCheckpoint
 from scoreflow.nets import ScoreModel
 from scoreflow.sde import VPSDE
+from scoreflow.tasks.train import train
 from scoreflow.weighting import ImportanceSampledLikelihood
 from tests.integration.resume_check import resumed_and_uninterrupted
 from tests.integration.test_fused_guard import _Net
@@ -132,6 +133,24 @@ def test_real_configs_resume_exactly_and_validate_per_optimizer_step(make_cfg, t
     assert a["scoreflow"]["batches_seen"] == 16  # micro-batches
     rows = list(csv.DictReader(open(tmp_path / "full" / "csv" / "metrics.csv")))
     val_steps = sorted({int(r["step"]) for r in rows if r.get("val/bpd_bound")})
-    # after optimizer steps 4 and 8 = micro-batches 8 and 16: under manual optimization Lightning's logger step
-    # counts batches (from 0), so the loggers' x axis is in micro-batches (README)
-    assert val_steps == [7, 15]
+    # after optimizer steps 4 and 8 (micro-batches 8 and 16): the loggers' x axis is the optimizer step, 0-based as
+    # without accumulation (Lightning's own axis counts micro-batches under manual optimization: it said 7 and 15)
+    assert val_steps == [3, 7]
+    train_steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    assert train_steps == sorted(train_steps) and set(train_steps) <= set(range(8)), train_steps
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_loggers_axis_is_the_optimizer_step(make_cfg, tmp_path, accumulate):
+    """Validation after optimizer steps 4 and 8 at 3 and 7, the speed windows (every 2 optimizer steps) at 1, 3, 5, 7,
+    with or without accumulation (without: Lightning's own axis, unchanged)."""
+    train(make_cfg(["debug=fast", "trainer.accelerator=cpu", "test=false", "val_every=4", "sample_every=100",
+                    "checkpoint_every=100", "trainer.max_steps=8", "module.evaluation.nll_every=0",
+                    "trainer.log_every_n_steps=2", f"datamodule.batch_size={32 // accumulate}",
+                    f"module.optim.accumulate_grad_batches={accumulate}"]))
+    rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")))
+    assert sorted({int(r["step"]) for r in rows if r.get("val/bpd_bound")}) == [3, 7]
+    assert [int(r["step"]) for r in rows if r.get("train/img_per_s")] == [1, 3, 5, 7]
+    train_steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    assert train_steps == sorted(train_steps) and set(train_steps) <= set(range(8)), train_steps
+    assert ("epoch" in rows[0]) == (accumulate == 1)  # Lightning adds it only when no `step` is logged

@@ -153,6 +153,7 @@ class ClassifierLitModule(GuardedOptimization):
     def on_validation_epoch_end(self) -> None:
         if self._sums:
             self._log_means()
+            self.log_optimizer_step_axis()
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "test", salt=3)

@@ -297,6 +297,7 @@ class ScoreLitModule(GuardedOptimization):
             self._last_ode_step = self.global_step
             m, se = self.val_ode.compute()
             self.log_dict({"val/bpd_ode": m.float(), "val/bpd_ode_se": se.float()}, sync_dist=False)
+        self.log_optimizer_step_axis()
         self.val_bound.reset()
         self.val_ode.reset()
 

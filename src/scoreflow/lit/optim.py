@@ -118,6 +118,20 @@ class GuardedOptimization(pl.LightningModule):
         if self._step_logs and self._step_logs_written_now():
             for name, (value, kwargs) in self._step_logs.items():
                 self.log(name, value, on_step=True, on_epoch=False, **kwargs)
+            self.log_optimizer_step_axis(on_step=True, on_epoch=False)
+
+    def log_optimizer_step_axis(self, **kwargs: Any) -> None:
+        """Under gradient accumulation, make the loggers' x axis the optimizer step (0-based: step ``k``'s values at
+        ``k``, as without accumulation) instead of Lightning's count of batches, which under manual optimization
+        counts micro-batches: a metric named ``step`` is Lightning's documented override of the logged step. Called
+        where the step's training values and the validation results are logged; without accumulation nothing is
+        logged and the axis is Lightning's own (the same numbers)."""
+        n = self.optim_cfg.accumulate_grad_batches
+        if n == 1 or self._trainer is None or self.trainer.state.fn != "fit":
+            return
+        # inside an optimizer step (micro-batches left): that step, global_step; its last micro-batch stepped
+        index = self.global_step if self._micro else max(self.global_step - 1, 0)
+        self.log("step", float(index), **kwargs)
 
     @property
     def accumulating(self) -> bool:
