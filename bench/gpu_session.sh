@@ -7,18 +7,35 @@
 # put (pure Python) in ./.gpu_site, which is added to PYTHONPATH; a default-run checkpoint in .gpu_site/ckpt/last.ckpt.
 # Issue 10 (ODE likelihood speed) and issue 12 (the training step's MFU levers). Without a mode: the likelihood
 # benchmarks and the bare training step (<= 510 s of steps; CUDA graphs in a second call with ALSO_CUDAGRAPHS=1).
-# Issue 12's open points: TRAIN_PY=1 then TRAIN_PY=2, two calls back to back (timeout_s=590 each, about 13 min
-# of device time with the machine's start); BF16_CHECK=1 runs the bf16 check alone, GPU_TESTS=1 `pytest -m gpu
-# tests/gpu`. Every step is time-boxed with
+# Issue 12's open points: TRAIN_PY=1 then TRAIN_PY=2, two calls back to back on the warm machine. With 900 s of
+# device time: the start (~40 s), call 1 (~510 s: its boxes, timeout_s=590), then call 2 with DEADLINE set to what
+# is left minus ~30 s (e.g. DEADLINE=300, timeout_s=330): its steps run in order of importance and shrink to fit.
+# BF16_CHECK=1 runs the bf16 check alone, GPU_TESTS=1 `pytest -m gpu tests/gpu`. Every step is time-boxed with
 # `timeout -k 20`: a signal only asks train.py to stop at the end of its step.
 set -u
 OUT=${OUT:-gpu_session_out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src:$PWD/.gpu_site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PY:-python3}
+DEADLINE=${DEADLINE:-0}  # seconds after the start by which every step has ended (0: none); set it to what the
+# session's device time leaves, so that each box shrinks to fit and a step left with under 45 s is skipped
+box() {  # box SECONDS: SECONDS, or less to end 25 s before DEADLINE (timeout's -k 20, then the exit); 0: no time
+    local secs=$1 left
+    if [ "$DEADLINE" -gt 0 ]; then
+        left=$((DEADLINE - SECONDS - 25))
+        if [ "$left" -lt "$secs" ]; then secs=$left; fi
+        if [ "$secs" -lt 45 ]; then secs=0; fi
+    fi
+    echo "$secs"
+}
 step() {  # step NAME SECONDS CMD...: run, time-boxed, log to $OUT/NAME.log, never abort the script
-    local name=$1 secs=$2
+    local name=$1 secs
+    secs=$(box "$2")
     shift 2
+    if [ "$secs" -le 0 ]; then
+        echo "=== $name skipped: DEADLINE=${DEADLINE}s leaves too little at ${SECONDS}s"
+        return
+    fi
     echo "=== $name (limit ${secs}s): $*"
     local t0=$SECONDS
     timeout -k 20 "$secs" "$@" >"$OUT/$name.log" 2>&1  # -k: a signal only asks train.py to stop at the step end
@@ -30,9 +47,15 @@ bf16_check() {  # issue 12: the default run in fp32 and in bf16-mixed on the GPU
     # the noise floor), then the test bits/dim paired per image (README "Does bf16 training change the bits/dim?"). The
     # default run's small network leaves the GPU mostly idle (host-bound, about 20 steps/s on the 2026-11-26 H200), so
     # the four runs share it concurrently, each within BF16_BOX seconds.
+    local b
+    b=$(box "${BF16_BOX:-270}")
+    if [ "$b" -le 0 ]; then
+        echo "=== bf16 check skipped: DEADLINE=${DEADLINE}s leaves too little at ${SECONDS}s"
+        return
+    fi
     for seed in 42 1; do
         for prec in 32-true bf16-mixed; do
-            (timeout -k 20 "${BF16_BOX:-270}" $PY train.py trainer=gpu trainer.precision=$prec seed=$seed \
+            (timeout -k 20 "$b" $PY train.py trainer=gpu trainer.precision=$prec seed=$seed \
                 hydra.run.dir="$OUT/s${seed}_$prec" extras.print_config=false ${BF16_EXTRA:-} >"$OUT/s${seed}_$prec.log" 2>&1
              echo "=== s${seed}_$prec rc=$? at ${SECONDS}s") &
         done
