@@ -34,3 +34,14 @@ def graphs(monkeypatch):
     torch._dynamo.reset()
     yield seen
     torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
+def _inductor_cache_dir_restored():
+    """A run with ``module.compile`` points ``TORCHINDUCTOR_CACHE_DIR`` at its ``compile_cache_dir``: put it back."""
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    yield
+    if before is None:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = before

@@ -26,6 +26,8 @@ def compose_cfg(overrides: list[str], run_dir: Path, config_name: str = "train")
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
+        if "compile_cache_dir" in cfg and not any(o.startswith("compile_cache_dir=") for o in overrides):
+            cfg.compile_cache_dir = str(run_dir.parent / "compile_cache")  # not under the repository's outputs/
     return cfg
 
 

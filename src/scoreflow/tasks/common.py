@@ -29,6 +29,27 @@ from scoreflow.tasks.resume import last_checkpoint, rerun_hint, resume_path, wit
 
 
 # ----------------------------------------------------------------------------- a training run
+def use_compile_cache(cfg: DictConfig) -> Path | None:
+    """With ``module.compile``: keep Inductor's compiled graphs and kernels (``TORCHINDUCTOR_CACHE_DIR``; Triton's
+    cache follows it) in ``cfg.compile_cache_dir``, by default under the outputs folder, where a requeued job on
+    another node and the other runs of a sweep find them, instead of torch's per-machine ``/tmp`` default. A
+    ``TORCHINDUCTOR_CACHE_DIR`` the user exported is kept. Returns the cache folder in use, ``None`` without
+    compilation or with ``compile_cache_dir: null``."""
+    if not cfg.get("module", {}).get("compile") or not cfg.get("compile_cache_dir"):
+        return None
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # importing Lightning already set it to the default
+    if current is not None and os.path.abspath(current) != os.path.abspath(default_cache_dir()):
+        return Path(current)
+    path = Path(str(cfg.compile_cache_dir)).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return path
+
+
 def start_run(cfg: DictConfig) -> Path:
     """Seed every generator with ``cfg.seed`` and return the run folder (created; ``outputs/train`` outside
     ``@hydra.main`` without ``cfg.run_dir``)."""

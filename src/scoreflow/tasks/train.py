@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from lightning.pytorch.loggers import CSVLogger
@@ -15,10 +16,13 @@ from scoreflow.tasks.common import (
     start_run,
     test_checkpoint,
     train_speed,
+    use_compile_cache,
     write_metrics,
 )
 from scoreflow.tasks.console import echo
 from scoreflow.tasks.plots import bpd_plot
+
+log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -29,6 +33,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = build_module(cfg)
     check_shapes(module, tuple(cfg.data.shape))
     module.output_dir = str(out)
+    if (cache := use_compile_cache(cfg)) is not None:
+        log.info("module.compile: Inductor's cache is %s (compile_cache_dir; a later run of this network, a requeued "
+                 "job on another node, loads what it holds instead of compiling again)", cache)
 
     metrics, loggers = fit(cfg, module, source, out, t0)
     steps = metrics["train/steps"]
