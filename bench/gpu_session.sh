@@ -99,7 +99,8 @@ if [ "${TRAIN_PY:-0}" != 0 ]; then  # issue 12, two calls of <= 590 s each, back
     #   H200); (b) the bf16 check (270 s).
     # TRAIN_PY=2: the bare step (bench/train_step.py) in configuration (a); train.py with CUDA graphs
     #   (module.compile=reduce-overhead) on top of (a); (a) with the DataLoader (4 workers, pinned copies) instead
-    #   of datamodule.on_device (that lever alone); the host time per batch of both paths (bench/data_loading.py).
+    #   of datamodule.on_device (that lever alone); the host time per batch of both paths (bench/data_loading.py);
+    #   the bare step at batch 256 (the larger-batch lever), if DEADLINE leaves time for it.
     $PY -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from table2_throughput import write_cifar
 write_cifar(Path(sys.argv[1]), 10000)" "$OUT/fakecifar"
     common="experiment=cifar10_table2 data.root=$OUT/fakecifar val_every=100000 sample_every=100000
@@ -122,6 +123,8 @@ write_cifar(Path(sys.argv[1]), 10000)" "$OUT/fakecifar"
             module.compile=true module.optim.fused=true hydra.run.dir="$OUT/train_bf16_compile_fused"
         speed "$OUT/train_bf16_compile_fused"
         step data_loading 40 $PY bench/data_loading.py --batches 200
+        step train_step_bf16_compile_fused_b256 150 $PY bench/train_step.py --models ddpmpp --batch 256 --steps 20 \
+            --warmup 3 --amp bf16 --compile --fused-adam --ema ${TRAIN_STEP_EXTRA:-}  # the larger-batch lever
     fi
     exit 0
 fi
