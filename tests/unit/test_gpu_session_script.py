@@ -1,0 +1,66 @@
+"""``bench/gpu_session.sh``, the script a rare lent GPU runs, checked without a GPU: its syntax, the commands each
+mode runs and in which order (with a stub in place of python that records its arguments), and ``DEADLINE``
+shrinking or skipping the time boxes. A broken script would waste a whole lent GPU session."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "bench" / "gpu_session.sh"
+
+
+def _run(tmp_path: Path, **env: str) -> tuple[str, list[str]]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    calls = tmp_path / "calls.txt"
+    stub = tmp_path / "py"
+    stub.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    full = {**os.environ, "PY": str(stub), "OUT": str(tmp_path / "out"), **env}
+    r = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=full, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout, calls.read_text().splitlines() if calls.is_file() else []
+
+
+def test_syntax():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+
+
+def test_train_py_1_measures_all_levers_then_the_bf16_check(tmp_path):
+    out, calls = _run(tmp_path, TRAIN_PY="1")
+    train = [c for c in calls if c.startswith("train.py")]
+    first = train[0]
+    for flag in ("experiment=cifar10_table2", "trainer.precision=bf16-mixed", "module.compile=true",
+                 "module.optim.fused=true", "datamodule.on_device=true"):
+        assert flag in first, (flag, first)
+    bf16 = train[1:]
+    assert len(bf16) == 4 and {("seed=42" in c, "bf16-mixed" in c) for c in bf16} == {
+        (True, True), (True, False), (False, True), (False, False)}
+    assert any(c.startswith("bench/compare_runs.py") for c in calls)
+
+
+def test_train_py_2_runs_its_steps_in_order_of_importance(tmp_path):
+    out, calls = _run(tmp_path, TRAIN_PY="2")
+    steps = [ln.split()[1] for ln in out.splitlines() if ln.startswith("=== ") and "(limit" in ln]
+    assert steps == ["train_step_bf16_compile_fused", "train_bf16_cudagraphs_fused_ondevice",
+                     "train_bf16_compile_fused", "data_loading", "train_step_bf16_compile_fused_b256"]
+    cudagraphs = next(c for c in calls if "module.compile=reduce-overhead" in c)
+    assert "datamodule.on_device=true" in cudagraphs
+    alone = next(c for c in calls if c.endswith("/train_bf16_compile_fused"))  # its hydra.run.dir comes last
+    assert "datamodule.on_device" not in alone
+
+
+def test_deadline_shrinks_then_skips(tmp_path):
+    out, _ = _run(tmp_path / "a", TRAIN_PY="2", DEADLINE="100")
+    first = next(ln for ln in out.splitlines() if ln.startswith("=== train_step_bf16_compile_fused (limit"))
+    assert int(first.split("(limit ")[1].split("s)")[0]) <= 75  # 100 - 25 s of slack
+    out, calls = _run(tmp_path / "b", BF16_CHECK="1", DEADLINE="60")
+    assert "bf16 check skipped" in out and not [c for c in calls if c.startswith("train.py")]
+
+
+def test_gpu_tests_mode_runs_pytest_on_tests_gpu(tmp_path):
+    out, calls = _run(tmp_path, GPU_TESTS="1")
+    assert calls == ["-m pytest -q -p no:cacheprovider -m gpu tests/gpu"]
