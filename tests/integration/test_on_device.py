@@ -39,7 +39,7 @@ def test_device_batches_equal_the_dataloader_batches(rank, world, start):
     ds = ArrayDataset(x, y, torch.randperm(n, generator=torch.Generator().manual_seed(0)))
     loader = torch.utils.data.DataLoader(ds, batch_size=16, sampler=ResumableSampler(n, 3, rank, world, start),
                                          drop_last=True)
-    device = DeviceBatches(x[ds.index], y[ds.index] , ResumableSampler(n, 3, rank, world, start), 16)
+    device = DeviceBatches(x[ds.index], y[ds.index], ResumableSampler(n, 3, rank, world, start), 16)
     for i, (a, b) in enumerate(zip(loader, device)):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), i
         if i == 40:  # several epochs of this rank (<= 103 // world examples each)

@@ -59,7 +59,7 @@ def adam_with_warmup(params: list[torch.nn.Parameter], o: OptimConfig | dict[str
     o = OptimConfig.from_mapping(o)
     if factory is None:
         # foreach: torch's default on GPUs, but not on CPUs, where the per-tensor loop cost 2.8 ms a step for the
-        # default run's unet_small against 2.0 (the same weights, bit for bit: tests/unit/test_settings.py)
+        # default run's unet_small against 2.0 (the same weights, bit for bit: tests/unit/test_units.py)
         opt = torch.optim.Adam(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
                                foreach=None if o.fused else True, fused=True if o.fused else None)
     else:
@@ -120,18 +120,20 @@ class GuardedOptimization(pl.LightningModule):
                 self.log(name, value, on_step=True, on_epoch=False, **kwargs)
             self.log_optimizer_step_axis(on_step=True, on_epoch=False)
 
-    def log_optimizer_step_axis(self, **kwargs: Any) -> None:
-        """Under gradient accumulation, make the loggers' x axis the optimizer step (0-based: step ``k``'s values at
-        ``k``, as without accumulation) instead of Lightning's count of batches, which under manual optimization
-        counts micro-batches: a metric named ``step`` is Lightning's documented override of the logged step. Called
-        where the step's training values and the validation results are logged; without accumulation nothing is
-        logged and the axis is Lightning's own (the same numbers)."""
-        n = self.optim_cfg.accumulate_grad_batches
-        if n == 1 or self._trainer is None or self.trainer.state.fn != "fit":
-            return
+    def optimizer_step_axis(self) -> int | None:
+        """Under gradient accumulation while fitting, the loggers' x axis: the optimizer step this batch belongs to
+        (0-based: step ``k``'s values at ``k``, as without accumulation), instead of Lightning's count of batches,
+        which under manual optimization counts micro-batches. ``None`` otherwise: Lightning's own axis."""
+        if self.optim_cfg.accumulate_grad_batches == 1 or self._trainer is None or self.trainer.state.fn != "fit":
+            return None
         # inside an optimizer step (micro-batches left): that step, global_step; its last micro-batch stepped
-        index = self.global_step if self._micro else max(self.global_step - 1, 0)
-        self.log("step", float(index), **kwargs)
+        return self.global_step if self._micro else max(self.global_step - 1, 0)
+
+    def log_optimizer_step_axis(self, **kwargs: Any) -> None:
+        """Log :meth:`optimizer_step_axis` as ``step``, Lightning's documented override of the logged step; called
+        where the step's training values and the validation results are logged (nothing without accumulation)."""
+        if (index := self.optimizer_step_axis()) is not None:
+            self.log("step", float(index), **kwargs)
 
     @property
     def accumulating(self) -> bool:
@@ -187,8 +189,8 @@ class GuardedOptimization(pl.LightningModule):
             return None
         loss_ok = self._loss_ok
         clip = self.optim_cfg.grad_clip
-        params = getattr(self, "_trainable", None)  # set with the optimizer (walking the modules costs ~1 ms a step)
-        if params is None:
+        params = self._trainable  # set with the optimizer: walking the modules every step cost up to ~0.4 ms
+        if params is None:  # a step without configure_optimizers (an optimizer set up by hand)
             params = [p for p in self.parameters() if p.requires_grad]
         gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else math.inf)
         bad = self._agree((~(loss_ok & torch.isfinite(gnorm))).to(torch.float32))

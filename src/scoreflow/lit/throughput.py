@@ -219,11 +219,12 @@ class Throughput(Callback):
         if window_end:
             previous, self._last_window = self._last_window or self._start, self._mark()
             self._first_window = self._first_window or self._last_window
-            # logged at the step Lightning gives this batch's own `self.log` values (one below global_step); under
-            # gradient accumulation the module logs the optimizer step as the x axis (log_optimizer_step_axis)
-            log_step = trainer.fit_loop.epoch_loop._batches_that_stepped
-            if getattr(getattr(pl_module, "optim_cfg", None), "accumulate_grad_batches", 1) > 1:
-                log_step = step - 1
+            # logged at the step Lightning gives this batch's own `self.log` values (one below global_step), or at
+            # the module's own x axis (the optimizer step, under gradient accumulation)
+            axis = getattr(pl_module, "optimizer_step_axis", None)
+            log_step = axis() if axis is not None else None
+            if log_step is None:
+                log_step = trainer.fit_loop.epoch_loop._batches_that_stepped
             self._log(trainer, self._rates(previous, self._last_window), log_step)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,6 @@ def use_compile_cache(cfg: DictConfig) -> Path | None:
     compilation or with ``compile_cache_dir: null``."""
     if not cfg.get("module", {}).get("compile") or not cfg.get("compile_cache_dir"):
         return None
-    import os
-
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # importing Lightning already set it to the default
