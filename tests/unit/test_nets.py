@@ -191,3 +191,24 @@ def test_summary_cli_composes_model_and_data(capsys):
     out = capsys.readouterr().out
     assert "params: 715201" in out and "shape: [1, 8, 8]" in out
     assert 0 < result["gflops"] < 0.1
+
+
+@pytest.mark.parametrize("args, code, expected", [
+    (["--help"], 0, "model=NAME"),
+    (["ddpmpp"], 1, "not key=value: ['ddpmpp']"),
+    (["model=unet_small", "foo=1"], 1, "unknown keys: ['foo']"),
+    (["model=ddpmp"], 1, "model=ddpmp is not in"),
+    (["model=unet_small", "data=cifar"], 1, "data=cifar is not in"),
+])
+def test_summary_cli_usage_is_one_screen(args, code, expected):
+    """What the terminal shows: the usage line and the reason (the options for a misspelt name), no traceback."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "scoreflow.nets.summary", *args], capture_output=True, text=True,
+                       timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode == code and "usage: python -m scoreflow.nets.summary" in out and expected in out, out
+    assert "Traceback" not in out
+    if "is not in" in expected:
+        assert "ddpmpp, ddpmpp_deep" in out or "cifar10, digits" in out

@@ -21,11 +21,16 @@ if TYPE_CHECKING:  # Hydra is imported inside the functions that compose configs
 DEFAULT_CONF = Path(__file__).resolve().parents[3] / "conf"
 
 
+def config_dir(conf_dir: str | Path | None = None) -> Path:
+    """``conf_dir``, else the repository's ``conf/`` (an editable install), else ``./conf``."""
+    return Path(conf_dir) if conf_dir else DEFAULT_CONF if DEFAULT_CONF.is_dir() else Path.cwd() / "conf"
+
+
 def compose_model_config(model: str, data: str | None = None, conf_dir: str | Path | None = None) -> DictConfig:
     """Compose ``{model: conf/model/<model>.yaml, data: conf/data/<data>.yaml}`` with Hydra's compose API."""
     from hydra import compose, initialize_config_dir
 
-    conf = Path(conf_dir) if conf_dir else DEFAULT_CONF if DEFAULT_CONF.is_dir() else Path.cwd() / "conf"
+    conf = config_dir(conf_dir)
     overrides = [f"+model={model}"] + ([f"+data={data}"] if data else [])
     with initialize_config_dir(config_dir=str(conf.resolve()), version_base=None):
         return compose(overrides=overrides)
@@ -53,11 +58,26 @@ def forward_flops(net: nn.Module, shape: tuple[int, ...], batch: int = 1, backwa
     return counter.get_total_flops()
 
 
+USAGE = ("usage: python -m scoreflow.nets.summary model=NAME [data=NAME | shape=C,H,W] [batch=N] [conf_dir=DIR]\n"
+         "  e.g. model=ddpmpp data=cifar10: parameters and forward GFLOPs per image (conf/model, conf/data names)")
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv))
-    unknown = set(args) - {"model", "data", "shape", "batch", "conf_dir"}
-    if unknown or "model" not in args:
-        raise SystemExit(f"usage: model=NAME [data=NAME | shape=C,H,W] [batch=N] [conf_dir=DIR]; got {sorted(unknown)}")
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        raise SystemExit(0)
+    bad = [a for a in argv if "=" not in a]
+    args = dict(a.split("=", 1) for a in argv if "=" in a)
+    unknown = sorted(set(args) - {"model", "data", "shape", "batch", "conf_dir"})
+    if bad or unknown or "model" not in args:
+        what = f"not key=value: {bad}" if bad else f"unknown keys: {unknown}" if unknown else "model= is required"
+        raise SystemExit(f"{USAGE}\n{what}")
+    conf = config_dir(args.get("conf_dir"))
+    for group in ("model", "data"):
+        options = sorted(p.stem for p in (conf / group).glob("*.yaml"))
+        if group in args and args[group] not in options:
+            raise SystemExit(f"{USAGE}\n{group}={args[group]} is not in {conf / group}: {', '.join(options)}")
     cfg = compose_model_config(args["model"], args.get("data"), args.get("conf_dir"))
     if "shape" in args:
         shape = tuple(int(s) for s in args["shape"].split(","))
