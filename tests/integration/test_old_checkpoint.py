@@ -45,3 +45,33 @@ def test_old_checkpoint_resumes_training(make_cfg, tmp_path):
                    sub="resumed"))
     state = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 5  # continued from step 3, not restarted
+
+
+# A later release's checkpoint, with the state added since the first one: the fused optimizer (guard on the
+# device), a jointly trained variational dequantizer and the callbacks' states (tests/data/README.md).
+VARDEQ = Path(__file__).resolve().parents[1] / "data" / "release-e1ce873_digits_vardeq_fused_tiny.ckpt"
+VARDEQ_RUN = ["debug=fast", "model.net.ch=8", "module.optim.fused=true", "dequantization=variational",
+              "dequantization.num_couplings=1", "dequantization.width=8", "dequantization.num_components=2",
+              "dequantization.context_width=4"]
+
+
+def test_vardeq_checkpoint_evaluates_with_its_flow(make_cfg):
+    m = evaluate(make_cfg([f"ckpt_path={VARDEQ}", "num_images=4", "progress=false", "device=cpu",
+                           "solver_check_images=0"], sub="eval", config_name="evaluate"))
+    assert math.isfinite(m["test/bpd_ode"]) and math.isfinite(m["test/bpd_bound"])
+    assert "VariationalDequantizer" in str(m["protocol"])
+
+
+def test_vardeq_checkpoint_resumes_training_with_its_optimizer_state(make_cfg, tmp_path):
+    ckpt = tmp_path / "old.ckpt"
+    shutil.copy(VARDEQ, ckpt)
+    before = torch.load(VARDEQ, map_location="cpu", weights_only=True)
+    train(make_cfg([*VARDEQ_RUN, "trainer.accelerator=cpu", f"ckpt_path={ckpt}", "trainer.max_steps=5", "test=false",
+                    "logger=none", "val_every=100"], sub="resumed"))
+    after = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert after["global_step"] == 5  # continued from step 3, not restarted
+    steps = [s["step"] for s in after["optimizer_states"][0]["state"].values()]
+    assert steps and all(float(s) == 5.0 for s in steps)  # Adam's moments carried on: 3 stored + 2 new steps
+    flow = [k for k in before["state_dict"] if k.startswith("dequantizer.")]
+    assert flow and all(k in after["state_dict"] for k in flow)
+    assert any(not torch.equal(before["state_dict"][k], after["state_dict"][k]) for k in flow)  # the flow trained
