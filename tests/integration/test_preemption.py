@@ -163,18 +163,39 @@ def test_a_signal_to_the_process_group_with_dataloader_workers_checkpoints_and_r
     assert_same_weights(tmp_path / "uninterrupted" / "checkpoints" / "last.ckpt", ckpt)
 
 
-def test_second_ctrl_c_stops_without_a_checkpoint():
-    cb = preemption.PreemptionCheckpoint("unused.ckpt")
-    previous = signal.getsignal(signal.SIGINT)
-    cb._install()
-    try:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert cb.signum == signal.SIGINT  # first Ctrl-C: checkpoint requested
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-        assert signal.getsignal(signal.SIGINT) is previous  # handlers restored
-    finally:
-        cb._restore()
+SECOND_CTRL_C = """
+import os, signal, sys, time
+from pathlib import Path
+from scoreflow.lit.preemption import PreemptionCheckpoint
+
+ckpt = Path(sys.argv[1])
+cb = PreemptionCheckpoint(ckpt)
+cb._install()
+os.kill(os.getpid(), signal.SIGINT)
+assert cb.signum == signal.SIGINT  # first Ctrl-C: a checkpoint is requested, nothing stops yet
+print("first handled", flush=True)
+if sys.argv[2] == "after_checkpoint":
+    ckpt.write_bytes(b"ckpt")
+    cb._restore()  # the checkpoint is written and the run is stopping (Lightning's teardown, the exit message)
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(5)
+print("still running", flush=True)
+"""
+
+
+@pytest.mark.parametrize("when", ["mid_step", "after_checkpoint"])
+def test_second_ctrl_c_quits_at_once_with_one_line(tmp_path, when):
+    """A second Ctrl-C exits with 130 at once and one line (no traceback: a KeyboardInterrupt could land inside
+    the checkpoint write), also while the stopping run is already past its checkpoint."""
+    ckpt = tmp_path / "last.ckpt"
+    done = subprocess.run([sys.executable, "-c", SECOND_CTRL_C, str(ckpt), when], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stderr[-3000:]
+    assert "first handled" in done.stdout and "still running" not in done.stdout
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr
+    lines = [ln for ln in done.stderr.splitlines() if "SIGINT again" in ln]
+    assert len(lines) == 1 and lines[0].startswith("scoreflow: SIGINT again: stopped at once"), done.stderr
+    assert (f"{ckpt} is the last checkpoint written" in lines[0]) == (when == "after_checkpoint")
 
 
 def test_atomic_write_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -101,14 +101,23 @@ def finish(stop: Preempted, resume_hint: str = "") -> None:
         job = slurm_job_id() if stop.requeue else None
         requeued = job if job and requeue_slurm_job(job) else None
         line = stop.message(requeued, resume_hint)
-        log.warning(line)
+        _to_log_files(logging.WARNING, line)  # the terminal gets the line once, below; the run's log file too
         print(f"scoreflow: {line}", file=sys.stderr, flush=True)
     raise stop
 
 
+def _to_log_files(level: int, text: str) -> None:
+    """``text`` as a record of this module's logger to the root logger's file handlers only (Hydra's
+    ``<task>.log``), not to its console handler."""
+    record = log.makeRecord(log.name, level, __file__, 0, text, None, None)
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
+
+
 class PreemptionCheckpoint(Callback):
     """Turns SIGUSR1/SIGUSR2/SIGTERM/SIGINT during the training loop into a checkpoint at ``ckpt_path`` at the
-    end of the current step, then raises :class:`Preempted`. A second Ctrl-C stops at once, without one."""
+    end of the current step, then raises :class:`Preempted`. A second Ctrl-C exits at once (130), without one."""
 
     def __init__(self, ckpt_path: str | Path):
         self.ckpt_path = Path(ckpt_path)
@@ -117,14 +126,30 @@ class PreemptionCheckpoint(Callback):
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            self._restore()
-            signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt (Lightning's graceful path)
+            self.quit_now()
         if self.signum is None:
             self.signum = signum
             hint = " (Ctrl-C again stops without one)" if signum == signal.SIGINT else ""
             # os.write, not print: the handler may interrupt a buffered write to stderr (the progress bar)
             note = f"\nscoreflow: {signal.Signals(signum).name}: checkpoint at the end of this step{hint}\n"
             os.write(2, note.encode())
+
+    def quit_now(self) -> None:
+        """The second Ctrl-C: exit 130 at once, without a checkpoint and without unwinding. A KeyboardInterrupt
+        could land inside a checkpoint write (``torch.save`` then fails with a chained traceback) and would take
+        Lightning's shutdown path (exit 1). The checkpoint file in place is intact: writes go to a temporary
+        file that is renamed when complete, and the next run deletes an unfinished one."""
+        last = self.ckpt_path if self.ckpt_path.is_file() else None
+        kept = f"; {last} is the last checkpoint written" if last else ""
+        line = f"SIGINT again: stopped at once, without a checkpoint{kept} (exit code 130)"
+        _to_log_files(logging.WARNING, line)
+        os.write(2, f"\nscoreflow: {line}\n".encode())
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001, S110 - the signal may have interrupted a write to this stream
+                pass
+        os._exit(130)
 
     def _install(self) -> None:
         if self._previous or threading.current_thread() is not threading.main_thread():
@@ -134,6 +159,8 @@ class PreemptionCheckpoint(Callback):
 
     def _restore(self) -> None:
         for s, h in self._previous.items():
+            if s == signal.SIGINT and self.signum == signal.SIGINT:
+                continue  # stopping on Ctrl-C: until the process exits, a second one still quits at once
             signal.signal(s, h if h is not None else signal.SIG_DFL)
         self._previous = {}
 
