@@ -30,6 +30,13 @@ def test_logger_groups_keep_the_csv_log(tmp_path):
     assert list(many.logger.wandb.tags) == ["a", "b"]  # the run's tags reach W&B
 
 
+def test_a_single_run_has_no_wandb_group(tmp_path):
+    """The group is the sweep folder in a multirun (test_slurm_launcher's sweep); a single run's
+    ``hydra.sweep.dir`` names a folder that does not exist, so it gets none; an explicit ``sweep_group`` stays."""
+    assert compose_cfg(["logger=wandb"], tmp_path / "a").logger.wandb.group is None
+    assert compose_cfg(["logger=wandb", "sweep_group=ablation"], tmp_path / "b").logger.wandb.group == "ablation"
+
+
 def test_template_keys(tmp_path):
     cfg = compose_cfg([], tmp_path)
     assert cfg.optimized_metric == "test/bpd_ode" and list(cfg.tags) == ["dev"]

@@ -134,6 +134,8 @@ def concrete(entry: str, overrides: list[str], tmp: Path) -> list[str]:
                 kind = "score"
             # train.py resumes its own run: the checkpoint of the same identity (sde, model, data, dequantization)
             ident = [r for r in rest if not r.startswith("hydra.")] if entry == "train.py" else []
+            if "mode=colorize" in overrides:
+                ident = ["data=photos"]  # the README: colorization takes RGB data (e.g. data=photos)
             o = f"{key}={fake_checkpoint(tmp / f'{name}.ckpt', kind, ident, tmp / f'{name}_cfg')}"
         out.append(o)
     return out

@@ -180,7 +180,7 @@ def test_class_guidance_with_an_analytic_classifier(digits_ckpt, make_cfg, tmp_p
 def test_class_guidance_with_a_trained_classifier(digits_ckpt, make_cfg, tmp_path):
     from scoreflow.tasks.train_classifier import train_classifier
 
-    train_classifier(make_cfg(["trainer.accelerator=cpu", "trainer.max_steps=2", "val_every=2", "test=false",
+    train_classifier(make_cfg(["sde=vp", "trainer.accelerator=cpu", "trainer.max_steps=2", "val_every=2", "test=false",
                                "datamodule.batch_size=16", "+trainer.enable_progress_bar=false"],
                               sub="clf", config_name="train_classifier"))
     clf = tmp_path / "clf" / "checkpoints" / "last.ckpt"

@@ -50,7 +50,7 @@ def test_debug_run_writes_checkpoint_that_reproduces_validation(make_cfg, tmp_pa
     ckpt = torch.load(ckpt_path, weights_only=True)
     state = ckpt["scoreflow"]
     assert state["kind"] == "classifier" and state["batches_seen"] == 6 and "ema" in ckpt
-    assert state["config"]["sde"]["_target_"] == "scoreflow.sde.VPSDE" and state["config"]["num_classes"] == 10
+    assert state["config"]["sde"]["_target_"] == "scoreflow.sde.SubVPSDE" and state["config"]["num_classes"] == 10
     assert state["config"]["module"]["scale"] == 2.0 and state["config"]["module"]["shift"] == -1.0
 
     # the checkpoint alone (config + EMA weights) reproduces the last validation, computed in-process with EMA

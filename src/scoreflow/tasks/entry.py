@@ -44,6 +44,25 @@ def register_lazy_resolvers() -> None:
         OmegaConf.register_new_resolver("scoreflow_run_subdir", run_subdir)
 
 
+def wandb_group(group: Any) -> Any:
+    """``${scoreflow_wandb_group:${sweep_group}}`` (conf/logger/wandb.yaml): the sweep folder in a multirun, none in a
+    single run (where ``hydra.sweep.dir`` names a folder that does not exist); an explicit ``sweep_group=`` stays."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):  # composed outside a Hydra job
+        return group
+    if hc.mode == RunMode.MULTIRUN:
+        return group
+    return None if str(group) == str(hc.sweep.dir) else group
+
+
+if not OmegaConf.has_resolver("scoreflow_wandb_group"):  # every training entry point imports this module
+    OmegaConf.register_new_resolver("scoreflow_wandb_group", wandb_group)
+
+
 def _report_and_exit(exc: BaseException, command: str, run_dir: str | None = None) -> None:
     text = format_error(exc, command, run_dir)
     sys.stdout.flush()
@@ -54,6 +73,31 @@ def _report_and_exit(exc: BaseException, command: str, run_dir: str | None = Non
         to_log_file(text)
     code, _ = classify(exc) or (1, None)
     sys.exit(code)
+
+
+def interrupted_text(command: str, run_dir: str | None) -> str:
+    text = f"[scoreflow] {command}: interrupted"
+    if command == "evaluate.py" and run_dir:
+        text += f"; the finished batches are kept in {run_dir}; rerun the same command to continue"
+    return text
+
+
+def _interrupted(command: str, run_dir: str | None) -> None:
+    """One line on stderr (and in the run's log) and exit 130, the shell's code for SIGINT."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while exiting adds no traceback
+    text = interrupted_text(command, run_dir)
+    try:
+        sys.stdout.flush()
+    except Exception:  # noqa: BLE001 - a broken pipe: the line still goes to stderr
+        pass
+    print("\n" + text, file=sys.stderr, flush=True)
+    if run_dir:
+        from scoreflow.tasks.console import to_log_file
+
+        to_log_file(text)
+    sys.exit(130)
 
 
 def preflight(config_name: str, validator: Callable[[DictConfig], None] | None = None,
@@ -150,6 +194,12 @@ def run(cfg: DictConfig, command: str, task: Callable[[DictConfig], Any],
         if extras.get("print_config", False):
             print_config(cfg, out)
         return task(cfg)
+    except KeyboardInterrupt:
+        # Ctrl-C outside train.py's own handling (scoreflow.lit.preemption turns a first Ctrl-C during training into
+        # a checkpoint and a Preempted exit, a SystemExit that passes through here untouched)
+        if full_error():
+            raise
+        _interrupted(command, out)
     except Exception as e:
         if classify(e) is None or full_error():
             raise

@@ -59,10 +59,27 @@ FOREIGN = {
 }
 
 
+WANDB_FIX = "run `wandb login` once (or set WANDB_API_KEY), or log offline: WANDB_MODE=offline python ..."
+
+
+def _is_wandb_usage(exc: BaseException) -> bool:
+    """wandb's own ``UsageError`` (e.g. "No API key configured"), raised when the logger starts."""
+    return any(cls.__name__ == "UsageError" and cls.__module__.startswith("wandb") for cls in type(exc).__mro__)
+
+
+def foreign_fix(exc: BaseException) -> str | None:
+    """The fix of a classified error type defined elsewhere (it has no ``fix`` attribute of ours)."""
+    if _is_wandb_usage(exc):
+        return WANDB_FIX if "api key" in str(exc).lower() else "see W&B's message above, or use logger=csv"
+    return None
+
+
 def classify(exc: BaseException) -> tuple[int, str | None] | None:
     """``(exit code, config key)`` of an anticipated error, or ``None`` for an unexpected one."""
     if isinstance(exc, ScoreflowError):
         return exc.exit_code, exc.key
+    if _is_wandb_usage(exc):
+        return USAGE, "logger"
     for cls in type(exc).__mro__:
         if cls.__name__ in FOREIGN:
             return FOREIGN[cls.__name__]
@@ -70,7 +87,8 @@ def classify(exc: BaseException) -> tuple[int, str | None] | None:
 
 
 def full_error() -> bool:
-    return os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0")
+    """``HYDRA_FULL_ERROR=1`` (or ``SCOREFLOW_FULL_ERROR=1``): show tracebacks instead of one screen."""
+    return any(os.environ.get(k, "") not in ("", "0") for k in ("HYDRA_FULL_ERROR", "SCOREFLOW_FULL_ERROR"))
 
 
 def format_error(exc: BaseException, command: str, run_dir: str | None = None) -> str:
@@ -82,7 +100,7 @@ def format_error(exc: BaseException, command: str, run_dir: str | None = None) -
     if key is not None:
         value = getattr(exc, "value", None)
         lines.append(f"  config key: {key}" + (f" = {value!r}" if value is not None else ""))
-    fix = getattr(exc, "fix", None)
+    fix = getattr(exc, "fix", None) if isinstance(exc, ScoreflowError) else foreign_fix(exc)
     if fix:
         lines.append(f"  fix: {fix}")
     if run_dir:

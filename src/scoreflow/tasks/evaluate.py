@@ -166,6 +166,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     )
     fp = fingerprint(lm, split, s.seed, s.ode_truncation_correction)
     protocol = {**fp, "repeats": s.repeats, "num_images": n, "batch_size": s.batch_size}
+    if "plan" in fp["bound"]:  # the plan is fitted on the first min(bound_plan_images, n) images evaluated
+        used = min(int(e.bound_plan_images), n, len(dataset))
+        protocol["bound"] = {**fp["bound"], "plan": f"fit on {used} images"}
     if s.ode:
         c = check_solver(e)
         protocol["solver_check"] = {"num_images": s.solver_check_images, "method": c["method"], "rtol": c["rtol"],

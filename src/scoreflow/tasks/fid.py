@@ -54,10 +54,24 @@ def draw_samples(module: ScoreLitModule, seeds: list[int], sampler_cfg, batch_si
     kind, kw = sampler_kwargs(sampler_cfg)
     score_fn = score_fn or module._score_fn()
     shape = tuple(module.data_shape)
-    for a in tqdm(range(0, len(seeds), batch_size), disable=not progress, desc=desc, unit="batch", dynamic_ncols=True):
+    starts = range(0, len(seeds), batch_size)
+    steps = bool(progress) and on_terminal()  # the sampler's per-step bar, as the other bars: on a terminal only
+    bar = progress and len(starts) > 1  # one batch: its per-step bar says it all
+    for a in tqdm(starts, disable=not bar, desc=desc, unit="batch", dynamic_ncols=True):
         sb = seeds[a : a + batch_size]
-        res = sample(score_fn, module.sde, (len(sb), *shape), kind=kind, seeds=sb, device=module.device, **kw)
+        res = sample(score_fn, module.sde, (len(sb), *shape), kind=kind, seeds=sb, device=module.device,
+                     progress=steps, **kw)
         yield sb, to_data_space(module, res.samples).cpu(), res.nfe
+
+
+def on_terminal() -> bool:
+    """Progress bars redraw in place on a terminal only (in a log file every redraw would be a line)."""
+    import sys
+
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def fid_fingerprint(info: dict[str, Any], fid_cfg: DictConfig, sampler_cfg) -> dict[str, Any]:
@@ -95,7 +109,7 @@ def fid_samples(lm: LoadedModel, fid_cfg: DictConfig, sampler_cfg, out: Path, pr
     return images, float(np.mean(nfes)) if nfes else float("nan")
 
 
-def reference_stats(lm: LoadedModel, fid_cfg: DictConfig, extractor):
+def reference_stats(lm: LoadedModel, fid_cfg: DictConfig, extractor, progress: bool = False):
     """Inception statistics of the training split, from ``fid.ref_stats`` or the cache (computed on a miss)."""
     from scoreflow.metrics import FeatureStats, load_or_compute_ref_stats, ref_stats_path
 
@@ -110,9 +124,11 @@ def reference_stats(lm: LoadedModel, fid_cfg: DictConfig, extractor):
     path = ref_stats_path(Path(str(fid_cfg.cache_dir)).expanduser(), name, "train")
 
     def images():
-        for a in range(0, n, 256):
-            k = torch.stack([torch.as_tensor(train[i][0]) for i in range(a, min(a + 256, n))])
-            yield levels_to_uint8(k, K)
+        with tqdm(total=n, disable=not progress, desc="FID reference", unit="img", dynamic_ncols=True) as bar:
+            for a in range(0, n, 256):
+                k = torch.stack([torch.as_tensor(train[i][0]) for i in range(a, min(a + 256, n))])
+                yield levels_to_uint8(k, K)
+                bar.update(len(k))  # after the consumer's features of this block
 
     log.info("FID reference statistics: %s", path)
     return load_or_compute_ref_stats(path, images, extractor, batch_size=int(fid_cfg.feature_batch_size))
@@ -127,6 +143,6 @@ def run_fid(lm: LoadedModel, fid_cfg: DictConfig, sampler_cfg, out: Path, progre
                           f"{list(module.data_shape)}: set fid.num_samples=0")
     images, nfe = fid_samples(lm, fid_cfg, sampler_cfg, out, progress)
     extractor = make_extractor(fid_cfg.get("inception_weights"), module.device)
-    ref = reference_stats(lm, fid_cfg, extractor)
+    ref = reference_stats(lm, fid_cfg, extractor, progress)
     fid = fid_from_samples(images, ref, extractor, batch_size=int(fid_cfg.feature_batch_size))
     return {"fid": fid, "fid_nfe": nfe, "fid_num_samples": float(len(images)), "fid_ref_num_images": float(ref.n)}

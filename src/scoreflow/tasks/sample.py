@@ -110,7 +110,9 @@ def data_images(lm: LoadedModel, cfg: DictConfig) -> tuple[Tensor, Tensor]:
         raise ConfigError(f"the {cfg.split} split has no images")
     bad = [i for i in indices if not 0 <= i < len(ds)]
     if bad:
-        raise ConfigError(f"image_indices {bad} out of range: the {cfg.split} split has {len(ds)} images")
+        shown = bad[:5] + (["..."] if len(bad) > 5 else [])
+        raise ConfigError(f"image_indices {shown} out of range: the {cfg.split} split has {len(ds)} images",
+                          key="image_indices", fix=f"indices from 0 to {len(ds) - 1}")
     k = torch.stack([torch.as_tensor(ds[i][0]) for i in indices])
     x = (k.float() + 0.5) / module.num_levels if module.num_levels is not None else k.float()
     return x, (module.scale * x + module.shift).to(module.device)
@@ -179,7 +181,10 @@ def run_latent(lm: LoadedModel, cfg: DictConfig, out: Path) -> Result:
                                      title="data / reconstruction")}
     arrays: dict[str, Any] = {"x": x, "x_rec": x_rec, "z": rt.z.float().cpu(), "max_abs_error": err.float()}
     if len(x) >= 2:
-        a, b = (int(i) % len(x) for i in lat.pair)
+        a, b = (int(i) for i in lat.pair)
+        if not (0 <= a < len(x) and 0 <= b < len(x)):  # validate.sample refuses these before the run starts
+            raise ConfigError(f"latent.pair={[a, b]} must index the {len(x)} encoded images (0 .. {len(x) - 1})",
+                              key="latent.pair", value=[a, b], fix=f"'latent.pair=[0,{len(x) - 1}]'")
         zs = interpolate(rt.z[a], rt.z[b], int(lat.interp_steps))
         xi = to_data_space(module, decode(score_fn, module.sde, zs, **kw)).cpu()
         paths["interpolation"] = save_batch(module, xi, out / "interpolation.png", nrow=len(xi), title="interpolation")
@@ -297,7 +302,8 @@ def run_conditional(lm: LoadedModel, cfg: DictConfig, out: Path) -> Result:
     for a in range(0, len(seeds), bs):
         y = torch.tensor(labels[a : a + bs], device=module.device)
         score_fn = classifier_guided_score(module._score_fn(), clf, y, float(cfg.guidance_scale))
-        for _, x, nfe in draw_samples(module, seeds[a : a + bs], cfg.sampler, bs, score_fn=score_fn):
+        for _, x, nfe in draw_samples(module, seeds[a : a + bs], cfg.sampler, bs, score_fn=score_fn,
+                                      progress=bool(cfg.get("progress", False))):
             xs.append(x)
             nfes.append(nfe)
     x = torch.cat(xs)
@@ -326,7 +332,23 @@ def sampler_text(cfg: DictConfig) -> str:
 
     if cfg.mode == "latent":  # the probability-flow ODE both ways, set by cfg.latent
         return f"{ode_text(to_container(cfg.latent))}, encode + decode"
-    return describe_sampler(*sampler_kwargs(cfg.sampler))
+    kind, options = sampler_kwargs(cfg.sampler)
+    if kind == "pc":
+        return pc_text(options)
+    return describe_sampler(kind, options)
+
+
+def pc_text(o: dict[str, Any]) -> str:
+    """A PC sampler in one line: λ of the lambda family, and corrector settings only where a corrector runs."""
+    pred = o.get("predictor") or "none"
+    if o.get("lam") is not None:
+        pred += f" (λ={float(o['lam']):g})"
+    corr = o.get("corrector") or "none"
+    if corr != "none" and int(o.get("n_steps") or 0) > 0:
+        corr += f" (snr={o.get('snr')}, n_steps={o.get('n_steps')})"
+    elif corr != "none":
+        corr += " (n_steps=0: off)"
+    return f"PC {pred} + {corr}, steps={o.get('steps') or 'N'}, denoise={o.get('denoise')}"
 
 
 def sample(cfg: DictConfig) -> dict[str, Any]:

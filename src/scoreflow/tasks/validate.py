@@ -72,7 +72,7 @@ def choice(cfg: DictConfig, key: str, options: Iterable[str]) -> None:
                           fix=f"set {key}={options[0]}")
 
 
-def devices(cfg: DictConfig, key: str = "trainer.devices") -> None:
+def devices(cfg: DictConfig, key: str = "trainer.devices", accelerator_key: str = "trainer.accelerator") -> None:
     """Lightning's ``devices``: a positive int, -1, ``auto``, a list of ids or a string of them."""
     if not has(cfg, key):
         return
@@ -88,13 +88,18 @@ def devices(cfg: DictConfig, key: str = "trainer.devices") -> None:
     if not ok:
         raise ConfigError(f"{key} must be a number of devices >= 1, -1 (all), auto or a list of ids; got {v!r}",
                           key=key, value=v, fix=f"set {key}=1")
-    acc = get(cfg, "trainer.accelerator")
-    if acc in ("gpu", "cuda"):
-        import torch
+    acc = get(cfg, accelerator_key)
+    if acc in ("gpu", "cuda") and not cuda_available():
+        fix = "use trainer=cpu (or trainer.accelerator=auto)" if accelerator_key == "trainer.accelerator" else \
+            f"{accelerator_key}=cpu (or {accelerator_key}=auto)"
+        raise ConfigError(f"{accelerator_key}={acc} but no CUDA device is available", key=accelerator_key,
+                          value=acc, fix=fix)
 
-        if not torch.cuda.is_available():
-            raise ConfigError("trainer.accelerator=gpu but no CUDA device is available", key="trainer.accelerator",
-                              value=acc, fix="use trainer=cpu (or trainer.accelerator=auto)")
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def precision(cfg: DictConfig, key: str = "trainer.precision") -> None:
@@ -150,7 +155,9 @@ def common_training(cfg: DictConfig) -> None:
         if not ok:
             raise ConfigError(f"module.optim.betas must be two numbers in [0, 1), got {b!r}", key="module.optim.betas",
                               value=b, fix="module.optim.betas=[0.9,0.999]")
-    integer(cfg, "trainer.max_steps", low=1, also=(-1,), fix="set trainer.max_steps=<number of steps> (-1: no limit)")
+    integer(cfg, "trainer.max_steps", low=1, also=(-1,),
+            fix="set trainer.max_steps=<number of steps> (-1 stops at trainer.max_epochs, which Lightning caps at "
+                "1000 when unset: add trainer.max_epochs=-1 for no limit)")
     integer(cfg, "trainer.max_epochs", low=1, also=(-1,), allow_none=True)
     integer(cfg, "trainer.log_every_n_steps", low=1)
     integer(cfg, "trainer.num_nodes", low=1)
@@ -165,6 +172,52 @@ def common_training(cfg: DictConfig) -> None:
             raise ConfigError(f"data.shape must be a list of positive integers, got {s!r}", key="data.shape", value=s,
                               fix="e.g. data.shape=[3,32,32]")
     data_root(cfg)
+    wandb_login(cfg)
+
+
+WANDB_HOST = "api.wandb.ai"
+WANDB_FIX = "run `wandb login` once (or set WANDB_API_KEY), or log offline: WANDB_MODE=offline python ..."
+
+
+def wandb_login(cfg: DictConfig, key: str = "logger") -> None:
+    """A configured ``WandbLogger`` needs credentials, unless it logs offline: refuse before anything is written
+    (wandb itself would fail only after the run folder exists). Reads the environment and ``~/.netrc`` only."""
+    import os
+
+    loggers = get(cfg, key)
+    if not isinstance(loggers, DictConfig):
+        return
+    wandb = [(name, lg) for name, lg in loggers.items()
+             if isinstance(lg, DictConfig) and "WandbLogger" in str(lg.get("_target_", ""))]
+    if not wandb or all(bool(lg.get("offline", False)) for _, lg in wandb):
+        return
+    if os.environ.get("WANDB_MODE", "").strip().lower() in ("offline", "disabled", "dryrun"):
+        return
+    if os.environ.get("WANDB_API_KEY", "").strip():
+        return
+    from urllib.parse import urlparse
+
+    base = os.environ.get("WANDB_BASE_URL", "").strip()
+    host = (urlparse(base).hostname if "://" in base else base.split("/")[0]) if base else WANDB_HOST
+    if _netrc_has(host or WANDB_HOST):
+        return
+    raise ConfigError(f"{key}.{wandb[0][0]} logs to W&B ({host}), but no W&B API key is configured: no "
+                      f"WANDB_API_KEY, no ~/.netrc entry for {host}, and WANDB_MODE is not offline",
+                      key=f"{key}.{wandb[0][0]}", fix=WANDB_FIX)
+
+
+def _netrc_has(host: str) -> bool:
+    import netrc
+    import os
+
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc").expanduser()
+    if not path.is_file():
+        return False
+    try:
+        auth = netrc.netrc(str(path)).authenticators(host)
+    except (netrc.NetrcParseError, OSError):
+        return True  # unreadable here: let wandb decide (its own error is classified as a usage error too)
+    return bool(auth and auth[2])
 
 
 def train(cfg: DictConfig) -> None:
@@ -204,7 +257,8 @@ def read_checkpoint(path_value: Any, key: str = "ckpt_path") -> dict[str, Any]:
                               fix=f"{key}=outputs/train/<run>/checkpoints/last.ckpt")
     path = Path(str(path_value)).expanduser()
     if path.is_dir():
-        hint = sorted(path.glob("**/*.ckpt"))[:1]
+        found = sorted(path.glob("**/*.ckpt"), key=lambda p: (len(p.parts), str(p)))
+        hint = [p for p in found if p.name == "last.ckpt"][:1] or sorted(found)[:1]
         raise CheckpointError(f"{path} is a folder, not a checkpoint file", key=key, value=str(path_value),
                               fix=f"{key}={hint[0]}" if hint else f"{key}=<run>/checkpoints/last.ckpt")
     if not path.is_file():
@@ -314,6 +368,18 @@ def evaluate(cfg: DictConfig) -> None:
     integer(cfg, "fid.num_samples", low=0)
     integer(cfg, "fid.batch_size", low=1)
     _device(cfg)
+    choice(cfg, "accelerator", ("auto", "cpu", "gpu", "cuda"))
+    devices(cfg, "devices", accelerator_key="accelerator")
+    integer(cfg, "num_nodes", low=1)
+    device = str(get(cfg, "device") or "auto")
+    several = get(cfg, "devices") not in (1, "1", None) or get(cfg, "num_nodes") not in (1, None) or \
+        str(get(cfg, "accelerator") or "auto") != "auto"
+    if device != "auto" and several:
+        raise ConfigError(f"device={device} names one device, but accelerator/devices/num_nodes ask for processes",
+                          key="device", value=device,
+                          fix="leave device=auto and use accelerator=... devices=N num_nodes=M, or drop those three")
+    if (get(cfg, "fid.num_samples") or 0) > 0:
+        sampler(cfg)
     if get(cfg, "data_root"):
         data_root_exists(cfg)
 
@@ -335,16 +401,162 @@ def sample(cfg: DictConfig) -> None:
     integer(cfg, "sampler.steps", low=1, allow_none=True)
     choice(cfg, "split", ("test", "val", "train"))
     _device(cfg)
+    if mode != "latent":
+        sampler(cfg)
+    stored = _stored_config(ckpt, cfg)
+    shape = (stored.get("data") or {}).get("shape")
+    if mode in ("latent", "inpaint", "colorize"):
+        _image_selection(cfg)
+    if mode == "latent":
+        _latent_pair(cfg)
+    if mode in ("inpaint", "colorize") and isinstance(shape, list) and len(shape) != 3:
+        raise ConfigError(f"mode={mode} needs image data [C, H, W]; this checkpoint's data have shape {shape}",
+                          key="mode", value=mode, fix="mode=sample or mode=latent")
+    if mode == "inpaint":
+        _mask(cfg)
+    if mode == "colorize" and isinstance(shape, list) and len(shape) == 3 and shape[0] != 3:
+        raise ConfigError(f"mode=colorize needs RGB data (3 channels); this checkpoint's data have shape {shape}: "
+                          "colorization imputes the two colour channels orthogonal to the grey level",
+                          key="mode", value=mode, fix="use a checkpoint trained on RGB data (e.g. data=cifar10)")
     if mode == "conditional":
         if not get(cfg, "classifier_ckpt"):
             raise ConfigError("mode=conditional needs a classifier", key="classifier_ckpt",
                               fix="classifier_ckpt=outputs/train_classifier/<run>/checkpoints/last.ckpt")
-        kind = checkpoint_kind(read_checkpoint(get(cfg, "classifier_ckpt"), "classifier_ckpt"))
+        clf = read_checkpoint(get(cfg, "classifier_ckpt"), "classifier_ckpt")
+        kind = checkpoint_kind(clf)
         if kind != "classifier":
             raise CheckpointError(f"classifier_ckpt is a {kind} checkpoint, not a classifier", key="classifier_ckpt",
                                   value=get(cfg, "classifier_ckpt"), fix="train one with train_classifier.py")
+        _classifier_fits(cfg, stored, (clf["scoreflow"].get("config") or {}))
     if get(cfg, "data_root"):
         data_root_exists(cfg)
+
+
+def _stored_config(ckpt: dict[str, Any], cfg: DictConfig) -> dict[str, Any]:
+    """The score model's config: stored in a scoreflow checkpoint; from the command line for a score_sde .pth."""
+    if checkpoint_kind(ckpt) == "score":
+        return ckpt["scoreflow"].get("config") or {}
+    out = {}
+    for k in ("sde", "data", "module"):
+        v = get(cfg, k)
+        if isinstance(v, DictConfig):
+            out[k] = OmegaConf.to_container(v, resolve=True)
+    return out
+
+
+def sampler(cfg: DictConfig, key: str = "sampler") -> None:
+    """The sampler config names a registered family; a PC sampler's predictor and corrector are known names
+    (:data:`scoreflow.sampling.PREDICTORS` / ``CORRECTORS``) and ``lam`` fits its predictor."""
+    import difflib
+
+    s = get(cfg, key)
+    if not isinstance(s, DictConfig):
+        return
+    from scoreflow.sampling import CORRECTORS, PREDICTORS, sampler_options
+    from scoreflow.sampling.predictors import PARAMETRIZED
+
+    try:
+        kind, options = sampler_options(OmegaConf.to_container(s, resolve=True))
+    except ValueError as e:
+        raise ConfigError(str(e), key=key, fix=f"choose {key}=<a file of conf/sampler>") from None
+    if kind != "pc":
+        return
+    for part, known in (("predictor", PREDICTORS), ("corrector", CORRECTORS)):
+        name = options.get(part)
+        name = "none" if name is None else name
+        if name not in known:
+            close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
+            fix = f"did you mean {key}.{part}={close[0]}?" if close else f"set {key}.{part}=<one of the names above>"
+            raise ConfigError(f"unknown {part} {name!r}; choose from {', '.join(sorted(known))}", key=f"{key}.{part}",
+                              value=name, fix=fix)
+    lam = options.get("lam")
+    if lam is not None:
+        pred = "none" if options.get("predictor") is None else options["predictor"]
+        if "lam" not in PARAMETRIZED.get(pred, ()):
+            users = [p for p, args in PARAMETRIZED.items() if "lam" in args]
+            raise ConfigError(f"{key}.lam is only used by {key}.predictor={' or '.join(users)}, not {pred!r}",
+                              key=f"{key}.lam", value=lam, fix=f"{key}.predictor={users[0]}, or {key}.lam=null")
+        number(cfg, f"{key}.lam", high=1, high_open=False,
+               fix=f"{key}.lam <= 1 (Huang et al. 2021, Eq. 27): 0 the reverse SDE, 1 the probability-flow ODE")
+    number(cfg, f"{key}.snr", low=0, low_open=False)
+    integer(cfg, f"{key}.n_steps", low=0)
+
+
+def _image_selection(cfg: DictConfig) -> None:
+    idx = get(cfg, "image_indices")
+    if idx is None:
+        return
+    ok = OmegaConf.is_list(idx) and len(idx) > 0 and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                         for i in idx)
+    if not ok:
+        raise ConfigError(f"image_indices must be a non-empty list of indices >= 0, got {idx!r}", key="image_indices",
+                          value=idx, fix="'image_indices=[0,40,80]' (quoted), or image_indices=null")
+
+
+def _latent_pair(cfg: DictConfig) -> None:
+    """``latent.pair`` indexes the encoded images: both must be below their number (image 0 with itself otherwise)."""
+    pair = get(cfg, "latent.pair")
+    idx = get(cfg, "image_indices")
+    n = len(idx) if idx is not None else get(cfg, "num_images")
+    if not isinstance(n, int) or n < 2:  # one image: no interpolation is drawn
+        return
+    ok = OmegaConf.is_list(pair) and len(pair) == 2 and all(isinstance(i, int) and not isinstance(i, bool)
+                                                            for i in pair)
+    if not ok or not all(0 <= i < n for i in pair):
+        what = "image_indices" if idx is not None else f"num_images={n}"
+        raise ConfigError(f"latent.pair must be two indices into the {n} encoded images ({what}): 0 .. {n - 1}; "
+                          f"got {pair!r}", key="latent.pair", value=pair,
+                          fix=f"'latent.pair=[0,{n - 1}]' (quoted), or encode more images (num_images)")
+
+
+def _mask(cfg: DictConfig) -> None:
+    spec = str(get(cfg, "mask"))
+    if spec in ("center", "half", "random"):
+        return
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".png" and path.is_file():
+        return
+    import difflib
+
+    close = difflib.get_close_matches(spec, ["center", "half", "random"], n=1, cutoff=0.6)
+    what = "does not exist" if path.suffix.lower() == ".png" else "is none of these"
+    raise ConfigError(f"mask must be center, half, random or the path of a .png (white = known); {spec!r} {what}",
+                      key="mask", value=spec,
+                      fix=f"did you mean mask={close[0]}?" if close else "mask=center, or mask=<an existing .png>")
+
+
+def _sde_option(sde: dict[str, Any]) -> str:
+    """The ``conf/sde`` option whose file equals ``sde`` (else the class name)."""
+    import yaml
+
+    for f in sorted((Path(__file__).resolve().parents[3] / "conf" / "sde").glob("*.yaml")):
+        try:
+            if yaml.safe_load(f.read_text()) == sde:
+                return f.stem
+        except Exception:  # noqa: BLE001 - an unreadable option file is no match
+            continue
+    return str(sde.get("_target_", "?")).rsplit(".", 1)[-1]
+
+
+def _classifier_fits(cfg: DictConfig, score: dict[str, Any], clf: dict[str, Any]) -> None:
+    """The classifier must have been trained on the score model's SDE and data scaling (its gradients are those
+    of ``p_t(y | x_t)`` for that SDE only)."""
+    a, b = score.get("sde"), clf.get("sde")
+    if isinstance(a, dict) and isinstance(b, dict) and a != b:
+        diff = config_differences({"sde": b}, {"sde": a}, groups=("sde",))
+        shown = diff[:3] + ([f"... and {len(diff) - 3} more"] if len(diff) > 3 else [])
+        raise CheckpointError("the classifier was trained with another SDE than the score model (classifier -> score "
+                              "model):\n  " + "\n  ".join(shown), key="classifier_ckpt",
+                              value=get(cfg, "classifier_ckpt"),
+                              fix=f"retrain the classifier with sde={_sde_option(a)} (python train_classifier.py "
+                                  f"sde={_sde_option(a)} ...), or give a classifier of that SDE")
+    for name, default in (("scale", 2.0), ("shift", -1.0)):
+        have = (clf.get("module") or {}).get(name, default)
+        want = (score.get("module") or {}).get(name, default)
+        if have is not None and want is not None and float(have) != float(want):
+            raise CheckpointError(f"the classifier saw data with module.{name}={have}, the score model uses {want}",
+                                  key="classifier_ckpt", value=get(cfg, "classifier_ckpt"),
+                                  fix=f"retrain the classifier with module.{name}={want}")
 
 
 def data_root_exists(cfg: DictConfig) -> None:
@@ -359,6 +571,9 @@ def _device(cfg: DictConfig) -> None:
     if not (d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {d!r}", key="device", value=d,
                           fix="device=auto")
+    if d.startswith("cuda") and not cuda_available():
+        raise ConfigError(f"device={d} but no CUDA device is available", key="device", value=d,
+                          fix="use device=cpu (or device=auto)")
 
 
 def train_dequant(cfg: DictConfig) -> None:
@@ -372,3 +587,18 @@ def train_dequant(cfg: DictConfig) -> None:
 
 def train_classifier(cfg: DictConfig) -> None:
     common_training(cfg)
+    shape = get(cfg, "data.shape")
+    if OmegaConf.is_list(shape) and len(shape) != 3:
+        clf = str(get(cfg, "classifier.net._target_") or get(cfg, "classifier._target_") or "the classifier")
+        raise ConfigError(f"the classifier ({clf.rsplit('.', 1)[-1]}) needs image data [C, H, W]; data "
+                          f"{get(cfg, 'data._target_', '?').rsplit('.', 1)[-1]} has shape {list(shape)}",
+                          key="data", value=get(cfg, "data._target_"),
+                          fix="an image data set (data=digits, mnist, cifar10, ...)")
+    path = get(cfg, "ckpt_path")
+    if path:
+        kind = checkpoint_kind(read_checkpoint(path))
+        if kind != "classifier":
+            raise CheckpointError(f"ckpt_path is a {kind} checkpoint; train_classifier.py resumes only its own "
+                                  "(classifier) checkpoints", key="ckpt_path", value=path,
+                                  fix="give <run>/checkpoints/last.ckpt of a train_classifier.py run, or drop "
+                                      "ckpt_path")
