@@ -146,8 +146,8 @@ def explain_composition(exc: Exception, config_name: str, overrides: list[str]) 
         key = key.group(1) if key else (m.group(1) if m else None)
         bad = [o for o in overrides if key and o.lstrip("+~").split("=", 1)[0] == key]
         value = bad[0].split("=", 1)[1] if bad and "=" in bad[0] else None
-        return ConfigError(f"{key}: {typed.group(1)}", key=key, value=value,
-                           fix="see the field's type in scoreflow/lit/settings.py or python train.py --cfg job")
+        fix = f"see the field's type in scoreflow/lit/settings.py or python {config_name}.py --cfg job"
+        return ConfigError(f"{key}: {typed.group(1)}", key=key, value=value, fix=fix)
     if m and ("not in struct" in text or re.search(r"Key '[^']+' not in '", text)):
         key = m.group(1).lstrip("+~")
         bad = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] == key]
@@ -159,7 +159,8 @@ def explain_composition(exc: Exception, config_name: str, overrides: list[str]) 
         if not close:  # the right name in another group: trainer.accumulate_grad_batches -> module.optim.<same>
             close = [k for k in known if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]][:3]
         value = bad[0].split("=", 1)[1] if bad and "=" in bad[0] else None
-        fix = f"did you mean {' or '.join(close)}?" if close else "see the known keys: python train.py --cfg job"
+        known_keys = f"see the known keys: python {config_name}.py --cfg job"
+        fix = f"did you mean {' or '.join(close)}?" if close else known_keys
         return ConfigError(f"unknown config key {key!r}", key=key, value=value, fix=fix)
     m = re.search(r"Could not find '([^'/]+)/", text) or re.search(r"In '[^']*': Could not find '([^'/]+)/", text)
     key = m.group(1) if m else None
