@@ -5,10 +5,14 @@ checkpoint, metrics.json and result tables. Every task module (``train``, ``trai
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
 import math
 import os
+import pickle
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +20,9 @@ import hydra
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ProgressBar
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from scoreflow.lit import preemption
@@ -28,6 +34,7 @@ from scoreflow.tasks.build import build_data, build_datamodule
 from scoreflow.tasks.checkpoint import module_from_checkpoint, task_dir
 from scoreflow.tasks.resume import last_checkpoint, rerun_hint, resume_path, with_wandb_resume
 
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- a training run
 def use_compile_cache(cfg: DictConfig) -> Path | None:
@@ -77,7 +84,8 @@ def fit(cfg: DictConfig, module: pl.LightningModule, source: Any, out: Path, t0:
         run_cfg: DictConfig | None = None) -> tuple[dict[str, float], list[Any]]:
     """Fit ``module`` on the datamodule of ``source``: loggers (given the module's stored config), the configured
     callbacks plus :class:`FinalCheckpoint`, then ``Trainer.fit`` resuming from ``cfg.ckpt_path`` or, with
-    ``auto_resume``, the run folder's ``last.ckpt``. A pre-emption signal ends it with a checkpoint and
+    ``auto_resume``, the run folder's ``last.ckpt`` (the CSV log continues the checkpoint's run's:
+    :func:`continue_csv_logs`). A pre-emption signal ends it with a checkpoint and
     :class:`Preempted` (``lit/preemption.py``). ``run_cfg``: the model's config where it is not ``cfg`` (its
     ``datamodule`` and ``trainer`` are used).
 
@@ -87,7 +95,13 @@ def fit(cfg: DictConfig, module: pl.LightningModule, source: Any, out: Path, t0:
     run_cfg = cfg if run_cfg is None else run_cfg
     dm = build_datamodule(run_cfg, source)
     ckpt_path = resume_path(cfg, out)
+    start = checkpoint_step(ckpt_path) if ckpt_path else None
+    max_steps = run_cfg.trainer.get("max_steps")
+    if start is not None and max_steps is not None and 0 <= int(max_steps) <= start:
+        log.warning("resume: %s is already at step %d, trainer.max_steps=%d: no training step to take (raise "
+                    "trainer.max_steps to train further)", ckpt_path, start, int(max_steps))
     loggers = instantiate_all(with_wandb_resume(cfg.get("logger"), out))
+    continue_csv_logs(loggers, out, ckpt_path, start)
     for lg in loggers:
         lg.log_hyperparams(module.config_dict)
     callbacks = instantiate_all(cfg.get("callbacks")) + [FinalCheckpoint(out / "checkpoints"),
@@ -105,12 +119,99 @@ def fit(cfg: DictConfig, module: pl.LightningModule, source: Any, out: Path, t0:
     train_time = time.time() - t0
     # under ddp_spawn the main process's trainer never stepped: read the step from the final checkpoint
     last = out / "checkpoints" / "last.ckpt"
-    steps = trainer.global_step or torch.load(last, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+    steps = trainer.global_step or checkpoint_step(last if last.is_file() or not ckpt_path else ckpt_path) or 0
     metrics = {"train/steps": float(steps), "train/wall_time_s": train_time}
     # Throughput puts its summary in callback_metrics: the one place a ddp_spawn run sends back to this process
     metrics.update({k: v for k, v in scalar_metrics(trainer.callback_metrics).items()
                     if k.startswith("val/") or k in THROUGHPUT_KEYS})
     return metrics, loggers
+
+
+def resume_checkpoint(cfg: DictConfig, out: Path) -> Path | None:
+    """The checkpoint :func:`fit` resumes from (``cfg.ckpt_path``, else with ``auto_resume`` the run folder's
+    ``last.ckpt`` if it exists), found without :func:`~scoreflow.tasks.resume.resume_path`'s checks and log line:
+    call it before ``fit``, which writes ``last.ckpt``."""
+    if cfg.get("ckpt_path"):
+        return Path(str(cfg.ckpt_path))
+    last = last_checkpoint(out)
+    return last if cfg.get("auto_resume", True) and last.is_file() else None
+
+
+def checkpoint_step(path: str | Path | None) -> int | None:
+    """The ``global_step`` (optimizer steps taken) stored in a Lightning checkpoint; ``None`` if unreadable."""
+    if not path:
+        return None
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+    except (OSError, RuntimeError, pickle.UnpicklingError):
+        return None
+    return None if step is None else int(step)
+
+
+def checkpoint_run_dir(path: str | Path) -> Path | None:
+    """The run folder a checkpoint belongs to (``<run>/checkpoints/<name>.ckpt``); ``None`` for one elsewhere."""
+    path = Path(path).resolve()
+    return path.parent.parent if path.parent.name == "checkpoints" else None
+
+
+def read_rows_before(path: Path, step: int) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and the rows of a Lightning CSV log logged at a step before ``step`` (steps are 0-based: a
+    checkpoint at ``global_step`` ``step`` holds the state after the rows of steps ``0 .. step - 1``)."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        rows = []
+        for row in reader:
+            try:
+                if int(float(row.get("step") or "nan")) < step:
+                    rows.append(row)
+            except ValueError:  # no step: a row no resumed run can place
+                continue
+    return header, rows
+
+
+@rank_zero_only
+def continue_csv_logs(loggers: list[Any], out: Path, ckpt_path: str | Path | None, step: int | None) -> None:
+    """A resumed run continues the CSV log of its checkpoint's run instead of starting a new one.
+
+    Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts (``version: ""`` reuses the folder),
+    so a run resumed in its own folder lost the rows before the checkpoint. Here, before the writer starts, the
+    rows of the checkpoint's run folder (this run's own for a resume in place; another run's for ``ckpt_path=``
+    of a checkpoint elsewhere, if it has a CSV log) logged before the checkpoint's step are read; rows of later
+    steps, logged by an interrupted run after its last checkpoint, are left out: the resumed run logs those steps
+    again. They are written back as ``metrics.csv`` once the writer has started, and the writer is given their
+    header, so that when a later row brings new columns its rewrite of the file (the union of the columns) keeps
+    the old rows. Every other case is Lightning's: a fresh log."""
+    if not ckpt_path or step is None or (src_run := checkpoint_run_dir(ckpt_path)) is None:
+        return
+    out = Path(out).resolve()
+    for lg in loggers:
+        if not isinstance(lg, CSVLogger):
+            continue
+        own = Path(lg.log_dir).resolve() / "metrics.csv"
+        if src_run == out:
+            src = own
+        else:
+            try:
+                src = src_run / own.relative_to(out)
+            except ValueError:  # a log outside the run folder: no source run's log to match it with
+                continue
+        if not src.is_file():
+            continue
+        header, rows = read_rows_before(src, step)
+        if not header:
+            continue
+        own.parent.mkdir(parents=True, exist_ok=True)
+        tmp = own.with_name(f".{own.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows)
+        with warnings.catch_warnings():  # "Previous log files in this directory will be deleted": not these rows
+            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+            experiment = lg.experiment  # Lightning's writer starts: it deletes an existing metrics.csv
+        os.replace(tmp, own)
+        experiment.metrics_keys = list(header)
 
 
 def test_checkpoint(cfg: DictConfig, ckpt_path: Path, out: Path, *, kind: str = "score", use_ema: bool = True,

@@ -6,7 +6,8 @@
 * Known noise is dropped: Lightning's litlogger advert, the TPU line, repeated lines of the test-phase
   Trainer (a second "GPU available"), the ``_pytree`` deprecation and the ModelCheckpoint warning about
   manual optimization (scoreflow saves after the optimizer step on purpose: the checkpoint is the state a
-  resume continues from).
+  resume continues from), and ModelCheckpoint's note, on ``ckpt_path=`` of another run's checkpoint, that its
+  best-k bookkeeping is not reloaded (scoreflow's checkpoints are ``last.ckpt``, written whatever the score).
 * :func:`echo` prints a block (results table, errors) and writes it to the run's log file too.
 """
 
@@ -34,6 +35,8 @@ NOISY_WARNINGS = (
     r"The number of training batches .* is smaller than the logging interval.*",
     r".*Checkpoint directory .* exists and is not empty.*",
     r"Converting a tensor with requires_grad=True to a scalar.*",  # float(loss) in the non-finite-loss message
+    # ckpt_path= of another run's checkpoint: ModelCheckpoint's best-k bookkeeping (scoreflow keeps last.ckpt only)
+    r"The dirpath has changed from .* therefore `best_model_score`, .* won't be reloaded.*",
 )
 
 

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 
 from scoreflow.tasks.build import build_data, build_module, check_shapes
 from scoreflow.tasks.common import (
+    checkpoint_run_dir,
+    checkpoint_step,
     fit,
     protocol_string,
     results_table,
+    resume_checkpoint,
     start_run,
     test_checkpoint,
     train_speed,
@@ -37,10 +42,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("module.compile: Inductor's cache is %s (compile_cache_dir; a later run of this network, a requeued "
                  "job on another node, loads what it holds instead of compiling again)", cache)
 
+    resumed = resume_checkpoint(cfg, out)  # before fit, which writes last.ckpt
+    earlier = earlier_metrics(resumed)
     metrics, loggers = fit(cfg, module, source, out, t0)
     steps = metrics["train/steps"]
+    if earlier:  # a resumed run: the earlier segment's keys this one did not produce (its own win)
+        if steps == earlier.get("train/steps"):  # no step taken: the training numbers stay those of the training
+            metrics = {**earlier, **metrics, **{k: v for k, v in earlier.items() if k.startswith("train/")}}
+        else:  # trained on: test values of an earlier state would be stale
+            metrics = {**{k: v for k, v in earlier.items() if not k.startswith("test/")}, **metrics}
     if cfg.get("test", True):
-        test_metrics = test_checkpoint(cfg, out / "checkpoints" / "last.ckpt", out)
+        # a checkpoint already at max_steps, resumed into another folder: fit took no step and wrote no last.ckpt
+        final = out / "checkpoints" / "last.ckpt"
+        if resumed is not None and not (final.is_file() and checkpoint_step(final) == int(steps)):
+            final = resumed
+        test_metrics = test_checkpoint(cfg, final, out)
         metrics.update(test_metrics)
         log_final(loggers, test_metrics, step=int(steps))
     metrics["wall_time_s"] = time.time() - t0
@@ -55,6 +71,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
     extra.update({"protocol": protocol_string(cfg), "plot": bpd_plot(out, metrics, loggers)})
     echo(results_table(shown, title=f"{title}, EMA weights ({out})", extra=extra))
     return metrics
+
+
+def earlier_metrics(ckpt: Path | None) -> dict[str, float]:
+    """The numbers of ``metrics.json`` in the run folder of the checkpoint a run resumes from (its own folder, or
+    the one ``ckpt_path=`` points into), when it describes that checkpoint or an earlier state of its run
+    (``train/steps`` not past the checkpoint's step); else ``{}``."""
+    if ckpt is None or (run := checkpoint_run_dir(ckpt)) is None or not (run / "metrics.json").is_file():
+        return {}
+    try:
+        stored = json.loads((run / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    step, done = checkpoint_step(ckpt), stored.get("train/steps") if isinstance(stored, dict) else None
+    if step is None or not isinstance(done, (int, float)) or done > step:
+        return {}
+    return {k: float(v) for k, v in stored.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "wall_time_s"}
 
 
 def log_final(loggers: list, metrics: dict[str, float], step: int) -> None:
