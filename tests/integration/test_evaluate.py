@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from scoreflow.tasks.build import ConfigError, build_module
 from scoreflow.tasks.checkpoint import CheckpointFormatError, ckpt_tag, run_subdir
@@ -294,3 +295,46 @@ def test_bound_standard_error_split_and_fitted_plan(digits_ckpt, make_cfg, tmp_p
                   sub="noplan")
     assert "plan" not in m0["protocol"]["bound"]
     assert m["test/bpd_bound_se_mc"] < m0["test/bpd_bound_se_mc"]
+
+
+def test_a_checkpoint_retrained_at_the_same_path_and_step_is_refused(digits_ckpt, make_cfg, tmp_path):
+    """The same path and step but other weights (a run retrained in its folder): the stored values are not
+    reused (they were, silently, when the checkpoint was identified by path and step only); FID samples too."""
+    import shutil
+
+    from scoreflow.tasks.fid import fid_fingerprint
+
+    ckpt = tmp_path / "ckpts" / "last.ckpt"
+    ckpt.parent.mkdir()
+    shutil.copy(digits_ckpt, ckpt)
+    run_eval(make_cfg, ckpt, [*RK4, "num_images=2"], sub="same")
+    run_eval(make_cfg, ckpt, [*RK4, "num_images=2"], sub="same")  # the same weights: reused
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    for shadow in state["ema"]["shadow"].values():
+        shadow.add_(1e-3)  # "retrained": same path, same global_step, other EMA weights
+    torch.save(state, ckpt)
+    with pytest.raises(ProtocolMismatchError, match="weights_digest"):
+        run_eval(make_cfg, ckpt, [*RK4, "num_images=2"], sub="same")
+    a = {"path": "p", "step": 4, "weights": "EMA", "weights_digest": "a"}
+    fid_cfg = OmegaConf.create({"seed": 0})
+    assert fid_fingerprint(a, fid_cfg, {}) != fid_fingerprint({**a, "weights_digest": "b"}, fid_cfg, {})
+
+
+def test_an_earlier_release_folder_without_a_digest_still_resumes(digits_ckpt, make_cfg, tmp_path):
+    run_eval(make_cfg, digits_ckpt, [*RK4, "num_images=2"], sub="legacy")
+    part = tmp_path / "legacy" / "partial.jsonl"
+    lines = part.read_text().splitlines()
+    header = json.loads(lines[0])
+    del header["protocol"]["weights_digest"]  # as written before the digest existed
+    part.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    m = run_eval(make_cfg, digits_ckpt, [*RK4, "num_images=2"], sub="legacy")  # no ProtocolMismatchError
+    assert m["protocol"]["weights_digest"] and json.loads(part.read_text().splitlines()[0])["protocol"] == header[
+        "protocol"]  # the stored values were reused, not recomputed under a new header
+
+
+def test_more_images_than_the_plan_was_fit_on_is_refused_not_mixed(digits_ckpt, make_cfg, tmp_path):
+    """The bound's time plan is fit on the first min(bound_plan_images, n) images: raising n past a small
+    first run would fit another plan, so the folder's values are not mixed with the new ones."""
+    run_eval(make_cfg, digits_ckpt, [*RK4, "num_images=2"], sub="plan")
+    with pytest.raises(ProtocolMismatchError, match="plan"):
+        run_eval(make_cfg, digits_ckpt, [*RK4, "num_images=3"], sub="plan")

@@ -252,11 +252,25 @@ def load_model(cfg: DictConfig, *, device: torch.device | None = None) -> Loaded
         step = load_score_sde_checkpoint(ckpt, module.score_model, use_ema=use_ema).step
         del ckpt
     module.eval()
+    digest = weights_digest(module)  # before the move: the same bytes whatever the device
     if device is not None:
         module.to(device)
     source = build_data(mcfg)
-    info = {"path": str(path.absolute()), "format": detected, "step": step, "weights": "EMA" if use_ema else "raw"}
+    info = {"path": str(path.absolute()), "format": detected, "step": step, "weights": "EMA" if use_ema else "raw",
+            "weights_digest": digest}
     return LoadedModel(module, mcfg, source, info)
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A BLAKE2b digest of every tensor of ``module``'s state (names, dtypes, shapes, bytes) in key order: which
+    weights a result belongs to, so that a checkpoint retrained at the same path, or at the same step, is not
+    taken for the one an evaluation folder was made with (about 0.3 s for DDPM++'s 62 M parameters on a CPU)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def to_data_space(module: ScoreLitModule, y: Tensor) -> Tensor:

@@ -93,7 +93,8 @@ def fingerprint(lm: LoadedModel, split: str, seed: int, ode_tc: bool) -> dict[st
     if e.method in FIXED_GRID_METHODS:  # only then (rtol/atol unused): folders of earlier releases still resume
         ode |= {"steps": e.steps, "grid_rho": e.grid_rho or default_grid_rho(m.sde, e.method)}
     return {
-        "checkpoint": lm.info["path"], "step": lm.info["step"], "weights": lm.info["weights"], "data": data,
+        "checkpoint": lm.info["path"], "step": lm.info["step"], "weights": lm.info["weights"],
+        "weights_digest": lm.info.get("weights_digest"), "data": data,
         "split": split,
         "seed": seed, "eps": m.eps, "dequantization": type(m.dequantizer).__name__ if m.dequantizer else "none",
         "ode": ode,
@@ -165,10 +166,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         progress=bool(cfg.progress), solver_check_images=min(int(cfg.solver_check_images or 0), n),
     )
     fp = fingerprint(lm, split, s.seed, s.ode_truncation_correction)
+    if "plan" in fp["bound"]:  # the plan is fitted on the first min(bound_plan_images, n) images evaluated: a run
+        used = min(int(e.bound_plan_images), n, len(dataset))  # with more images may fit another plan, not mixed
+        fp["bound"] = {**fp["bound"], "plan": f"fit on {used} images"}
     protocol = {**fp, "repeats": s.repeats, "num_images": n, "batch_size": s.batch_size}
-    if "plan" in fp["bound"]:  # the plan is fitted on the first min(bound_plan_images, n) images evaluated
-        used = min(int(e.bound_plan_images), n, len(dataset))
-        protocol["bound"] = {**fp["bound"], "plan": f"fit on {used} images"}
     if s.ode:
         c = check_solver(e)
         protocol["solver_check"] = {"num_images": s.solver_check_images, "method": c["method"], "rtol": c["rtol"],

@@ -76,7 +76,8 @@ def on_terminal() -> bool:
 
 def fid_fingerprint(info: dict[str, Any], fid_cfg: DictConfig, sampler_cfg) -> dict[str, Any]:
     return {"checkpoint": info["path"], "step": info["step"], "weights": info["weights"],
-            "sampler": to_container(sampler_cfg), "seed": int(fid_cfg.seed)}
+            "weights_digest": info.get("weights_digest"), "sampler": to_container(sampler_cfg),
+            "seed": int(fid_cfg.seed)}
 
 
 def fid_samples(lm: LoadedModel, fid_cfg: DictConfig, sampler_cfg, out: Path, progress: bool) -> tuple[Tensor, float]:
@@ -86,7 +87,11 @@ def fid_samples(lm: LoadedModel, fid_cfg: DictConfig, sampler_cfg, out: Path, pr
     folder.mkdir(parents=True, exist_ok=True)
     fp = fid_fingerprint(lm.info, fid_cfg, sampler_cfg)
     proto = folder / "protocol.json"
-    if proto.exists() and json.loads(proto.read_text()) != json.loads(json.dumps(fp)):
+    stored = json.loads(proto.read_text()) if proto.exists() else None
+    now = json.loads(json.dumps(fp))
+    if isinstance(stored, dict) and "weights_digest" not in stored:  # an earlier release's samples: trusted as then
+        now.pop("weights_digest", None)
+    if stored is not None and stored != now:
         raise ProtocolMismatchError(f"{folder} holds samples of another sampler/checkpoint; remove it or change dirs")
     proto.write_text(json.dumps(fp, indent=1))
     have: dict[int, Tensor] = {}

@@ -88,6 +88,8 @@ class PartialResults:
             return
         stored = json.loads(lines[0]).get("protocol")
         now = json.loads(json.dumps(self.fingerprint))
+        if isinstance(stored, dict) and "weights_digest" not in stored:  # an earlier release's folder: trusted
+            now.pop("weights_digest", None)  # as then (path, step, EMA or raw)
         if stored != now:
             diff = {k: (stored.get(k) if stored else None, v) for k, v in now.items()
                     if not stored or stored.get(k) != v}
