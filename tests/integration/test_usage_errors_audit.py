@@ -58,6 +58,15 @@ CASES = [
     ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=latent", "num_images=4", "latent.pair=[0,20]"],
      ["latent.pair", "[0, 20]", "0 .. 3"]),
     ("evaluate.py", ["ckpt_path={d}/run"], ["ckpt_path", "fix: ckpt_path=", "checkpoints/last.ckpt"]),
+    # likelihood settings that are names: refused before anything runs (they failed at the first validation)
+    ("train.py", ["module.evaluation.method=rk5"], ["module.evaluation.method", "rk5", "did you mean", "=rk4"]),
+    ("train.py", ["module.evaluation.ode_dtype=float16"], ["module.evaluation.ode_dtype", "float32, float64"]),
+    ("evaluate.py", ["ckpt_path={d}/score.ckpt", "evaluation.divergence=hutch"],
+     ["evaluation.divergence", "exact, gaussian, rademacher"]),
+    ("evaluate.py", ["ckpt_path={d}/score.ckpt", "evaluation.bound_estimator=closedform"],
+     ["evaluation.bound_estimator", "=closed_form"]),
+    ("evaluate.py", ["ckpt_path={d}/score.ckpt", "evaluation.bound_plan=fitt"], ["evaluation.bound_plan", "=fit"]),
+    ("sample.py", ["ckpt_path={d}/score.ckpt", "sampler=ode", "sampler.method=rk45"], ["sampler.method", "=rk4"]),
 ]
 
 

@@ -79,6 +79,7 @@ from scoreflow.utils import ScoreFn, append_dims, flat_dim, sum_except_batch
 from scoreflow.weighting import ImportanceSampledLikelihood, TimeSampler, UniformTime
 
 Estimator = Literal["closed_form", "paired", "monte_carlo"]
+BOUND_ESTIMATORS: tuple[str, ...] = ("closed_form", "paired", "monte_carlo")
 
 
 @dataclass
@@ -288,7 +289,7 @@ def likelihood_bound(
         chunk_size: rows per score call (``B * num_t`` rows in all); bounds the memory.
         dtype: compute precision (defaults to ``x.dtype``).
     """
-    if estimator not in ("closed_form", "paired", "monte_carlo"):
+    if estimator not in BOUND_ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}")
     if plan is not None and (estimator != "closed_form" or not importance_sampling):
         raise ValueError(

@@ -70,6 +70,14 @@ from scoreflow.utils import ScoreFn, append_dims, as_time, flat_dim
 
 EXP_PC_METHODS: tuple[str, ...] = ("exp_pc2", "exp_pc3", "exp_pc4")
 FIXED_GRID_METHODS: tuple[str, ...] = ("rk4", "rk4_shared", "heun3", "midpoint", "euler", "heun2", *EXP_PC_METHODS)
+ODE_DTYPES: tuple[str, ...] = ("float32", "float64")  # the solve's precision (float16 underflows dt)
+
+
+def ode_methods() -> tuple[str, ...]:
+    """Every ``method`` :func:`ode_log_likelihood` accepts: its fixed grids and torchdiffeq's solvers."""
+    from torchdiffeq._impl.odeint import SOLVERS  # torchdiffeq's registry: the names odeint accepts
+
+    return tuple(sorted({*FIXED_GRID_METHODS, *(m for m in SOLVERS if m != "scipy_solver")}))
 
 
 def power_grid(eps: float, T: float, steps: int, rho: float = 3.0, *, dtype=torch.float64, device=None) -> Tensor:

@@ -244,6 +244,43 @@ def train(cfg: DictConfig) -> None:
     integer(cfg, "callbacks.samples.num_samples", low=1)
     if get(cfg, "ckpt_path"):
         resume(cfg)
+    evaluation_names(cfg, "module.evaluation.")  # last: it imports torch, which the checks above do not need
+
+
+def named(cfg: DictConfig, key: str, options: Iterable[str]) -> None:
+    """``key`` must be one of ``options`` (null passes: it keeps a stored or default value); "did you mean"."""
+    import difflib
+
+    if not has(cfg, key) or get(cfg, key) is None:
+        return
+    v, options = get(cfg, key), sorted(set(options))
+    if v not in options:
+        close = difflib.get_close_matches(str(v), options, n=1, cutoff=0.6)
+        raise ConfigError(f"{key} must be one of {', '.join(options)}; got {v!r}", key=key, value=v,
+                          fix=f"did you mean {key}={close[0]}?" if close else f"set {key}=<one of the names above>")
+
+
+def evaluation_names(cfg: DictConfig, prefix: str) -> None:
+    """The likelihood settings that are names (ODE solver, divergence estimator, ODE dtype, bound estimator and
+    plan), from the modules that define them: a misspelt one would otherwise fail at the first validation."""
+    from scoreflow.likelihood.bound import BOUND_ESTIMATORS
+    from scoreflow.likelihood.divergence import DIVERGENCES
+    from scoreflow.likelihood.ode import ODE_DTYPES, ode_methods
+
+    named(cfg, prefix + "method", ode_methods())
+    named(cfg, prefix + "divergence", DIVERGENCES)
+    named(cfg, prefix + "ode_dtype", ODE_DTYPES)
+    named(cfg, prefix + "bound_estimator", BOUND_ESTIMATORS)
+    named(cfg, prefix + "bound_plan", ("none", "fit"))
+
+
+def sampler_method(cfg: DictConfig, key: str = "sampler") -> None:
+    """An ODE sampler's ``method`` is one of :mod:`scoreflow.sampling.ode`'s."""
+    s = get(cfg, key)
+    if isinstance(s, DictConfig) and "ode" in str(s.get("_target_", "") or s.get("kind", "") or ""):
+        from scoreflow.sampling.ode import ADAPTIVE, FIXED_STEP
+
+        named(cfg, f"{key}.method", (*ADAPTIVE, *FIXED_STEP))
 
 
 IDENTITY_GROUPS = ("sde", "model", "data", "dequantization")
@@ -380,6 +417,8 @@ def evaluate(cfg: DictConfig) -> None:
                           fix="leave device=auto and use accelerator=... devices=N num_nodes=M, or drop those three")
     if (get(cfg, "fid.num_samples") or 0) > 0:
         sampler(cfg)
+        sampler_method(cfg)
+    evaluation_names(cfg, "evaluation.")
     if get(cfg, "data_root"):
         data_root_exists(cfg)
 
@@ -403,6 +442,7 @@ def sample(cfg: DictConfig) -> None:
     _device(cfg)
     if mode != "latent":
         sampler(cfg)
+        sampler_method(cfg)
     stored = _stored_config(ckpt, cfg)
     shape = (stored.get("data") or {}).get("shape")
     if mode in ("latent", "inpaint", "colorize"):
