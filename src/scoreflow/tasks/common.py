@@ -281,10 +281,16 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def is_global_zero() -> bool:
+    """Whether this process is global rank 0 (Lightning sets the rank when a DDP run starts; 0 outside DDP). Under
+    ``strategy=ddp`` every rank runs the task after ``fit``: only rank 0 writes the run's files and prints."""
+    return int(getattr(rank_zero_only, "rank", 0) or 0) == 0
+
+
 def write_metrics(path: str | Path, metrics: dict[str, Any]) -> Path:
-    """Write ``metrics.json`` atomically."""
+    """Write ``metrics.json`` atomically (a temporary file of this process, renamed)."""
     path = Path(path)
-    tmp = path.with_suffix(".json.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
     tmp.replace(path)
     return path

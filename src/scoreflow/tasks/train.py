@@ -15,6 +15,7 @@ from scoreflow.tasks.common import (
     checkpoint_run_dir,
     checkpoint_step,
     fit,
+    is_global_zero,
     protocol_string,
     results_table,
     resume_checkpoint,
@@ -60,6 +61,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics.update(test_metrics)
         log_final(loggers, test_metrics, step=int(steps))
     metrics["wall_time_s"] = time.time() - t0
+    if not is_global_zero():  # strategy=ddp: every rank ran the test; rank 0 writes and reports
+        return metrics
     write_metrics(out / "metrics.json", {**metrics, "protocol": protocol_string(cfg)})
     tested = bool(cfg.get("test", True))
     # test=false: the last validation (bound on val_subset images, ODE on nll_subset) under its own title

@@ -20,7 +20,7 @@ from scoreflow.tasks.checkpoint import (  # noqa: F401 (re-exported: this module
     classifier_module_from_checkpoint,
     load_classifier,
 )
-from scoreflow.tasks.common import fit, start_run, test_checkpoint, write_metrics
+from scoreflow.tasks.common import fit, is_global_zero, start_run, test_checkpoint, write_metrics
 
 
 def train_classifier(cfg: DictConfig) -> dict[str, float]:
@@ -36,6 +36,8 @@ def train_classifier(cfg: DictConfig) -> dict[str, float]:
         metrics.update(test_checkpoint(cfg, out / "checkpoints" / "last.ckpt", out, kind="classifier",
                                        use_ema=bool(cfg.get("use_ema", True)), source=source, logger=loggers or False))
     metrics["wall_time_s"] = time.time() - t0
+    if not is_global_zero():  # strategy=ddp: rank 0 writes and reports
+        return metrics
     write_metrics(out / "metrics.json", metrics)
     print(accuracy_table(metrics, module, title=f"noise-conditional classifier ({out})"))
     return metrics

@@ -16,7 +16,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from scoreflow.lit.dequant_module import DequantLitModule
 from scoreflow.tasks.build import ConfigError, build_data, build_module, to_container
 from scoreflow.tasks.checkpoint import module_from_checkpoint
-from scoreflow.tasks.common import fit, protocol_string, results_table, start_run, test_checkpoint, write_metrics
+from scoreflow.tasks.common import (
+    fit,
+    is_global_zero,
+    protocol_string,
+    results_table,
+    start_run,
+    test_checkpoint,
+    write_metrics,
+)
 
 _RUN_ONLY = ("score_ckpt", "ckpt_path")  # describe this invocation, not the model
 _REPLACED = ("dequantization", "trainer", "callbacks", "logger")  # this run's own, not merged with the score run's
@@ -53,6 +61,8 @@ def train_dequant(cfg: DictConfig) -> dict[str, Any]:
         metrics.update(test_checkpoint(run_cfg, out / "checkpoints" / "last.ckpt", out))
     metrics["wall_time_s"] = time.time() - t0
     metrics["dequantization"] = f"{type(module.dequantizer).__name__} (trained after the score model)"
+    if not is_global_zero():  # strategy=ddp: rank 0 writes and reports
+        return metrics
     write_metrics(out / "metrics.json", metrics)
     print(results_table(metrics, title=f"test split, frozen score model + EMA flow ({out})", extra={
         "dequantization": metrics["dequantization"], "score model": str(cfg.score_ckpt),
