@@ -228,3 +228,19 @@ def test_every_readme_tool_command_names_a_script_and_flags_it_has():
     helps = {s: p.communicate(timeout=300)[0] for s, p in procs.items()}
     bad = [f"README line {i}: {s} {f}" for i, s, flags in tools for f in flags if f not in helps[s]]
     assert not bad, "flags the scripts do not have:\n" + "\n".join(bad)
+
+
+def test_the_library_snippet_prints_the_numbers_its_comments_show():
+    """"The library in 20 lines": the block runs as shown and prints the values written in its comments."""
+    import subprocess
+    import sys
+
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```python\nimport torch\n")
+    code = text[start + len("```python\n"): text.index("```", start + 10)]
+    promised = [re.findall(r"\d+\.\d{4}", m) for m in re.findall(r"^print\(.*#\s*([\d. ]+)", code, flags=re.M)]
+    assert promised == [["0.3913", "0.2706", "0.3913"], ["0.2823"]], promised
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = [re.findall(r"tensor\((-?\d+\.\d+)", line) for line in done.stdout.splitlines()]
+    assert [[f"{float(v):.4f}" for v in line] for line in printed] == promised, done.stdout
