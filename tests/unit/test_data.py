@@ -267,3 +267,19 @@ def test_photos_missing_and_bad_config(tmp_path):
         SklearnPhotos(shape=[1, 16, 16])
     with pytest.raises(ValueError, match="bands"):
         SklearnPhotos(bands=[0.9, 0.2])
+
+
+def test_held_out_splits_larger_than_the_data_are_a_usage_error():
+    """150 images with the default 100 + 100 held out: a usage error naming data.val_size and the fix (it was a
+    bare ValueError from the split, shown as a traceback)."""
+    import torch
+
+    from scoreflow.data.base import DatasetSplitError, image_splits
+    from scoreflow.tasks.errors import classify, format_error
+
+    x, y = torch.zeros(150, 1, 4, 4, dtype=torch.uint8), torch.zeros(150, dtype=torch.long)
+    with pytest.raises(DatasetSplitError, match="150 examples.*val_size=100 \\+ test_size=100 leaves 0") as e:
+        image_splits(x, y, False, holdout=(100, 100), seed=0)
+    assert classify(e.value) == (2, "data.val_size")
+    assert "fix: hold out fewer examples: data.val_size=" in format_error(e.value, "train.py")
+    assert len(image_splits(x, y, False, holdout=(100, 49), seed=0)["train"]) == 1

@@ -157,6 +157,13 @@ def test_cifar10_errors(cifar_root, tmp_path):
     assert "data_batch_1" in str(e.value) and "cifar-10-python.tar.gz" in str(e.value)
     with pytest.raises(ValueError, match=r"\[3, 28, 28\].*\[3, 32, 32\]"):
         CIFAR10(str(root), shape=[3, 28, 28]).load()
+    partial = tmp_path / "partial" / "cifar-10-batches-py"  # an interrupted copy: the missing batches are named
+    partial.mkdir(parents=True)
+    (partial / "data_batch_1").write_bytes((root / "cifar-10-batches-py" / "data_batch_1").read_bytes())
+    with pytest.raises(DatasetNotFoundError, match="incomplete in .*missing data_batch_2, data_batch_3, "
+                                                   "data_batch_4, data_batch_5, test_batch") as e:
+        CIFAR10(str(tmp_path / "partial")).load()
+    assert "Expected layout" in str(e.value)
     with open(root / "cifar-10-batches-py" / "test_batch", "wb") as fh:
         pickle.dump({b"pixels": np.zeros((1, 3072), np.uint8)}, fh)
     with pytest.raises(DatasetFormatError, match="b'labels'"):
@@ -204,6 +211,19 @@ def test_imagenet_npz_layout(tmp_path, caplog):
     # CHW order: the first 1024 values of a row are the red plane
     row = np.load(tmp_path / "in32" / "train_data_batch_1.npz")["data"][0]
     assert np.array_equal(splits["train"].x[0, 0].numpy().reshape(-1), row[:1024])
+
+
+def test_imagenet_npz_with_missing_train_batches_warns(tmp_path, caplog):
+    """3 of the release's 10 batches train on 30 % of the data: said as a warning, not only in an INFO count."""
+    write_npz_layout(tmp_path / "in32", n_batches=3)
+    with caplog.at_level(logging.WARNING, logger="scoreflow.data.imagenet"):
+        DownsampledImageNet(str(tmp_path / "in32"), val_size=1).load()
+    assert "only 3 of the release's 10 train batches" in caplog.text
+    caplog.clear()
+    write_npz_layout(tmp_path / "full", n_batches=10)
+    with caplog.at_level(logging.WARNING, logger="scoreflow.data.imagenet"):
+        DownsampledImageNet(str(tmp_path / "full"), val_size=1).load()
+    assert "train batches" not in caplog.text
 
 
 def test_imagenet_npz_in_release_subfolders(tmp_path):

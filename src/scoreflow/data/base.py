@@ -39,6 +39,10 @@ class DatasetFormatError(ValueError):
     """A dataset's files exist but do not hold what their format promises (bad magic, keys, sizes)."""
 
 
+class DatasetSplitError(ValueError):
+    """The held-out splits (``val_size`` + ``test_size``) leave no training examples."""
+
+
 def not_found(name: str, looked: Sequence[Path | str], layout: str, source: str) -> DatasetNotFoundError:
     """Build the standard missing-dataset error."""
     where = ", ".join(str(p) for p in looked)
@@ -221,6 +225,10 @@ def image_splits(
     val_size, test_size = holdout
     if test is not None and test_size:
         raise ValueError("an official test split is given; test_size must be 0")
+    if val_size + test_size >= len(x):
+        raise DatasetSplitError(
+            f"the data hold {len(x)} examples: holding out val_size={val_size} + test_size={test_size} leaves "
+            f"{max(len(x) - val_size - test_size, 0)} to train on")
     val_idx, test_idx, train_idx = seeded_split(len(x), [val_size, test_size], seed, labels=y)
     out = {
         "train": ArrayDataset(x, y, train_idx, hflip=hflip),

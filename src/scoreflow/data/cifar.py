@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from scoreflow.data.base import (
     DatasetFormatError,
+    DatasetNotFoundError,
     DataSource,
     check_shape,
     image_splits,
@@ -86,7 +87,13 @@ class CIFAR10(DataSource):
             if all((d / f).is_file() for f in (*CIFAR10_TRAIN, CIFAR10_TEST)):
                 return d
         layout = f"<root>/{CIFAR10_DIR}/{{{', '.join(CIFAR10_TRAIN)}, {CIFAR10_TEST}}} (python pickle batches)"
-        raise not_found("CIFAR-10", dirs, layout, CIFAR10_URL)
+        err = not_found("CIFAR-10", dirs, layout, CIFAR10_URL)
+        partial = [d for d in dirs if any((d / f).is_file() for f in (*CIFAR10_TRAIN, CIFAR10_TEST))]
+        if partial:  # some batches are there: say which are not (an interrupted download or copy)
+            missing = [f for f in (*CIFAR10_TRAIN, CIFAR10_TEST) if not (partial[0] / f).is_file()]
+            err = DatasetNotFoundError(f"CIFAR-10 incomplete in {partial[0]}: missing {', '.join(missing)}.\n"
+                                       f"{err}")
+        raise err
 
     def _load(self) -> dict[str, Dataset]:
         d = self._batch_dir()

@@ -39,6 +39,7 @@ from scoreflow.data.base import (
 
 log = logging.getLogger(__name__)
 
+NPZ_TRAIN_BATCHES = 10  # train_data_batch_1..10 of the npz release (Chrabaszcz et al. 2017)
 RELEASE_OF_LAYOUT = {
     "png": "van den Oord et al. 2016 (the original release, the one the likelihood papers report on)",
     "npz": "Chrabaszcz et al. 2017 (the newer release; bits/dim not comparable with the likelihood papers')",
@@ -174,6 +175,10 @@ class DownsampledImageNet(DataSource):
                 self.root,
                 RELEASE_OF_LAYOUT["npz"],
             )
+            if len(train_files) < NPZ_TRAIN_BATCHES:
+                log.warning("%s: only %d of the release's %d train batches (train_data_batch_1..%d) are under %s: "
+                            "training on that fraction of the training set", self.name, len(train_files),
+                            NPZ_TRAIN_BATCHES, NPZ_TRAIN_BATCHES, train_files[0].parent)
             parts = [_read_batch(f, self.side) for f in train_files]
             x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
             tx, ty = _read_batch(val_file, self.side)

@@ -52,6 +52,7 @@ class TrainingFailure(ScoreflowError):
 FOREIGN = {
     "DatasetNotFoundError": (USAGE, "data.root"),
     "DatasetFormatError": (USAGE, "data.root"),
+    "DatasetSplitError": (USAGE, "data.val_size"),
     "CheckpointFormatError": (USAGE, "ckpt_path"),
     "ProtocolMismatchError": (USAGE, None),
     "MissingInceptionWeightsError": (USAGE, "fid.inception_weights"),
@@ -69,6 +70,8 @@ def _is_wandb_usage(exc: BaseException) -> bool:
 
 def foreign_fix(exc: BaseException) -> str | None:
     """The fix of a classified error type defined elsewhere (it has no ``fix`` attribute of ours)."""
+    if type(exc).__name__ == "DatasetSplitError":
+        return "hold out fewer examples: data.val_size=<N> data.test_size=<M> (their sum below the data's size)"
     if _is_wandb_usage(exc):
         return WANDB_FIX if "api key" in str(exc).lower() else "see W&B's message above, or use logger=csv"
     return None
