@@ -63,13 +63,24 @@ def number(cfg: DictConfig, key: str, *, low: float | None = None, high: float |
         raise ConfigError(f"{key} must be {want}, got {v!r}", key=key, value=v, fix=fix or f"set {key}=<{want}>")
 
 
-def choice(cfg: DictConfig, key: str, options: Iterable[str]) -> None:
+def did_you_mean(key: str, value: Any, options: Iterable[str]) -> str | None:
+    """``did you mean key=<the closest option>?`` for a misspelt name, or None when no option is close."""
+    import difflib
+
+    close = difflib.get_close_matches(str(value), list(options), n=1, cutoff=0.6)
+    return f"did you mean {key}={close[0]}?" if close else None
+
+
+def choice(cfg: DictConfig, key: str, options: Iterable[str], *, allow_none: bool = False) -> None:
+    """``key`` must be one of ``options`` (or null with ``allow_none``: it keeps a stored or default value)."""
     if not has(cfg, key):
         return
     v, options = get(cfg, key), list(options)
+    if v is None and allow_none:
+        return
     if v not in options:
         raise ConfigError(f"{key} must be one of {', '.join(options)}; got {v!r}", key=key, value=v,
-                          fix=f"set {key}={options[0]}")
+                          fix=did_you_mean(key, v, options) or f"set {key}={options[0]}")
 
 
 def devices(cfg: DictConfig, key: str = "trainer.devices", accelerator_key: str = "trainer.accelerator") -> None:
@@ -247,19 +258,6 @@ def train(cfg: DictConfig) -> None:
     evaluation_names(cfg, "module.evaluation.")  # last: it imports torch, which the checks above do not need
 
 
-def named(cfg: DictConfig, key: str, options: Iterable[str]) -> None:
-    """``key`` must be one of ``options`` (null passes: it keeps a stored or default value); "did you mean"."""
-    import difflib
-
-    if not has(cfg, key) or get(cfg, key) is None:
-        return
-    v, options = get(cfg, key), sorted(set(options))
-    if v not in options:
-        close = difflib.get_close_matches(str(v), options, n=1, cutoff=0.6)
-        raise ConfigError(f"{key} must be one of {', '.join(options)}; got {v!r}", key=key, value=v,
-                          fix=f"did you mean {key}={close[0]}?" if close else f"set {key}=<one of the names above>")
-
-
 def evaluation_names(cfg: DictConfig, prefix: str) -> None:
     """The likelihood settings that are names (ODE solver, divergence estimator, ODE dtype, bound estimator and
     plan), from the modules that define them: a misspelt one would otherwise fail at the first validation."""
@@ -267,11 +265,9 @@ def evaluation_names(cfg: DictConfig, prefix: str) -> None:
     from scoreflow.likelihood.divergence import DIVERGENCES
     from scoreflow.likelihood.ode import ODE_DTYPES, ode_methods
 
-    named(cfg, prefix + "method", ode_methods())
-    named(cfg, prefix + "divergence", DIVERGENCES)
-    named(cfg, prefix + "ode_dtype", ODE_DTYPES)
-    named(cfg, prefix + "bound_estimator", BOUND_ESTIMATORS)
-    named(cfg, prefix + "bound_plan", ("none", "fit"))
+    for key, names in (("method", ode_methods()), ("divergence", DIVERGENCES), ("ode_dtype", ODE_DTYPES),
+                       ("bound_estimator", BOUND_ESTIMATORS), ("bound_plan", ("none", "fit"))):
+        choice(cfg, prefix + key, sorted(names), allow_none=True)
 
 
 def sampler_method(cfg: DictConfig, key: str = "sampler") -> None:
@@ -280,7 +276,7 @@ def sampler_method(cfg: DictConfig, key: str = "sampler") -> None:
     if isinstance(s, DictConfig) and "ode" in str(s.get("_target_", "") or s.get("kind", "") or ""):
         from scoreflow.sampling.ode import ADAPTIVE, FIXED_STEP
 
-        named(cfg, f"{key}.method", (*ADAPTIVE, *FIXED_STEP))
+        choice(cfg, f"{key}.method", sorted((*ADAPTIVE, *FIXED_STEP)), allow_none=True)
 
 
 IDENTITY_GROUPS = ("sde", "model", "data", "dequantization")
@@ -487,8 +483,6 @@ def _stored_config(ckpt: dict[str, Any], cfg: DictConfig) -> dict[str, Any]:
 def sampler(cfg: DictConfig, key: str = "sampler") -> None:
     """The sampler config names a registered family; a PC sampler's predictor and corrector are known names
     (:data:`scoreflow.sampling.PREDICTORS` / ``CORRECTORS``) and ``lam`` fits its predictor."""
-    import difflib
-
     s = get(cfg, key)
     if not isinstance(s, DictConfig):
         return
@@ -505,8 +499,7 @@ def sampler(cfg: DictConfig, key: str = "sampler") -> None:
         name = options.get(part)
         name = "none" if name is None else name
         if name not in known:
-            close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
-            fix = f"did you mean {key}.{part}={close[0]}?" if close else f"set {key}.{part}=<one of the names above>"
+            fix = did_you_mean(f"{key}.{part}", name, known) or f"set {key}.{part}=<one of the names above>"
             raise ConfigError(f"unknown {part} {name!r}; choose from {', '.join(sorted(known))}", key=f"{key}.{part}",
                               value=name, fix=fix)
     lam = options.get("lam")
@@ -556,13 +549,10 @@ def _mask(cfg: DictConfig) -> None:
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".png" and path.is_file():
         return
-    import difflib
-
-    close = difflib.get_close_matches(spec, ["center", "half", "random"], n=1, cutoff=0.6)
     what = "does not exist" if path.suffix.lower() == ".png" else "is none of these"
+    fix = did_you_mean("mask", spec, ("center", "half", "random")) or "mask=center, or mask=<an existing .png>"
     raise ConfigError(f"mask must be center, half, random or the path of a .png (white = known); {spec!r} {what}",
-                      key="mask", value=spec,
-                      fix=f"did you mean mask={close[0]}?" if close else "mask=center, or mask=<an existing .png>")
+                      key="mask", value=spec, fix=fix)
 
 
 def _sde_option(sde: dict[str, Any]) -> str:
