@@ -127,16 +127,6 @@ def fit(cfg: DictConfig, module: pl.LightningModule, source: Any, out: Path, t0:
     return metrics, loggers
 
 
-def resume_checkpoint(cfg: DictConfig, out: Path) -> Path | None:
-    """The checkpoint :func:`fit` resumes from (``cfg.ckpt_path``, else with ``auto_resume`` the run folder's
-    ``last.ckpt`` if it exists), found without :func:`~scoreflow.tasks.resume.resume_path`'s checks and log line:
-    call it before ``fit``, which writes ``last.ckpt``."""
-    if cfg.get("ckpt_path"):
-        return Path(str(cfg.ckpt_path))
-    last = last_checkpoint(out)
-    return last if cfg.get("auto_resume", True) and last.is_file() else None
-
-
 def checkpoint_step(path: str | Path | None) -> int | None:
     """The ``global_step`` (optimizer steps taken) stored in a Lightning checkpoint; ``None`` if unreadable."""
     if not path:

@@ -32,17 +32,24 @@ def last_checkpoint(out: Path) -> Path:
     return Path(out) / "checkpoints" / "last.ckpt"
 
 
-def resume_path(cfg: DictConfig, out: Path) -> str | None:
-    """``cfg.ckpt_path`` when given; else, with ``cfg.auto_resume``, the run folder's ``last.ckpt`` if one exists
-    (refused by :func:`check_same_run` when it was trained with another sde, model, data or dequantization)."""
-    if cfg.ckpt_path:
-        return str(cfg.ckpt_path)
+def resume_candidate(cfg: DictConfig, out: Path) -> Path | None:
+    """The checkpoint a run in ``out`` resumes from: ``cfg.ckpt_path`` when given; else, with ``cfg.auto_resume``,
+    the run folder's ``last.ckpt`` if one exists. No check and no log line (:func:`resume_path` adds them)."""
+    if cfg.get("ckpt_path"):
+        return Path(str(cfg.ckpt_path))
     last = last_checkpoint(out)
-    if not cfg.auto_resume or not last.is_file():
-        return None
-    check_same_run(last, cfg)
-    log.info("auto_resume: resuming from %s", last)
-    return str(last)
+    return last if cfg.get("auto_resume", True) and last.is_file() else None
+
+
+def resume_path(cfg: DictConfig, out: Path) -> str | None:
+    """:func:`resume_candidate`, the folder's own ``last.ckpt`` refused by :func:`check_same_run` when it was
+    trained with another sde, model, data or dequantization, and the auto-resume logged."""
+    path = resume_candidate(cfg, out)
+    if path is None or cfg.get("ckpt_path"):
+        return None if path is None else str(path)
+    check_same_run(path, cfg)
+    log.info("auto_resume: resuming from %s", path)
+    return str(path)
 
 
 def check_same_run(ckpt_path: Path, cfg: DictConfig) -> None:

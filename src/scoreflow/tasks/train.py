@@ -18,7 +18,6 @@ from scoreflow.tasks.common import (
     is_global_zero,
     protocol_string,
     results_table,
-    resume_checkpoint,
     start_run,
     test_checkpoint,
     train_speed,
@@ -27,6 +26,7 @@ from scoreflow.tasks.common import (
 )
 from scoreflow.tasks.console import echo
 from scoreflow.tasks.plots import bpd_plot
+from scoreflow.tasks.resume import resume_candidate
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("module.compile: Inductor's cache is %s (compile_cache_dir; a later run of this network, a requeued "
                  "job on another node, loads what it holds instead of compiling again)", cache)
 
-    resumed = resume_checkpoint(cfg, out)  # before fit, which writes last.ckpt
+    resumed = resume_candidate(cfg, out)  # before fit, which writes last.ckpt
     earlier = earlier_metrics(resumed)
     metrics, loggers = fit(cfg, module, source, out, t0)
     steps = metrics["train/steps"]
