@@ -135,3 +135,32 @@ def test_a_finished_checkpoint_into_a_new_folder_goes_to_the_test_phase(uninterr
     assert metrics["train/steps"] == STEPS and "test/bpd_bound" in metrics and "test/bpd_ode" in metrics
     assert steps(new) == steps(uninterrupted)  # the source run's curve
     assert not (new / "checkpoints" / "last.ckpt").exists()
+
+
+def test_training_time_adds_up_over_segments(make_cfg, tmp_path):
+    """``train/wall_time_s`` of a resumed run is the time of every segment's training, not the last segment's
+    alone: each checkpoint holds the training time of its weights (``TrainingClock``) and the next segment adds
+    its own. A checkpoint written before the clock existed counts as unknown time (one segment)."""
+    import torch
+
+    from scoreflow.tasks.common import TRAINING_TIME_KEY, checkpoint_training_time
+
+    run = tmp_path / "run"
+    first = train(make_cfg([*BASE, "trainer.max_steps=10"]))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    first_s, segments = checkpoint_training_time(ckpt)
+    assert segments == 1 and first["train/segments"] == 1
+    assert 0 < first_s <= first["wall_time_s"]
+
+    second = train(make_cfg([*BASE, "trainer.max_steps=15"]))
+    assert second["train/segments"] == 2 == json.loads((run / "metrics.json").read_text())["train/segments"]
+    own = second["train/wall_time_s"] - first_s  # this segment's part: positive, within this command's time
+    assert 0 < own <= second["wall_time_s"]
+    assert checkpoint_training_time(ckpt) == pytest.approx((second["train/wall_time_s"], 2), rel=0.05)
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    del state[TRAINING_TIME_KEY]  # as written by a release before the clock
+    torch.save(state, ckpt)
+    assert checkpoint_training_time(ckpt) == (0.0, 0)
+    third = train(make_cfg([*BASE, "trainer.max_steps=20"]))
+    assert third["train/segments"] == 1 and third["train/wall_time_s"] <= third["wall_time_s"]

@@ -74,6 +74,46 @@ class FinalCheckpoint(Callback):
         trainer.save_checkpoint(self.path)
 
 
+TRAINING_TIME_KEY = "scoreflow_training_time"
+
+
+class TrainingClock(Callback):
+    """Puts the training time of the weights into every checkpoint (``checkpoint["scoreflow_training_time"]``:
+    ``seconds``, ``segments``): the time of the checkpoint a run resumed from (``earlier``, from
+    :func:`checkpoint_training_time`) plus this run's since ``t0``, so that a run stopped and resumed (pre-emption,
+    requeue, a rerun of the same command) reports the time of all its segments. The time between a segment's last
+    checkpoint and its stop is not counted: those steps are taken again by the next segment."""
+
+    def __init__(self, t0: float, earlier: tuple[float, int] = (0.0, 0)):
+        self.t0 = t0
+        self.earlier_s, self.earlier_segments = earlier
+
+    def seconds(self) -> float:
+        return self.earlier_s + time.time() - self.t0
+
+    @property
+    def segments(self) -> int:
+        return self.earlier_segments + 1
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        checkpoint[TRAINING_TIME_KEY] = {"seconds": self.seconds(), "segments": self.segments}
+
+
+def checkpoint_training_time(path: str | Path | None) -> tuple[float, int]:
+    """``(seconds, segments)`` of training stored in a checkpoint by :class:`TrainingClock`; ``(0.0, 0)`` for none,
+    an unreadable file or a checkpoint written before the clock existed (its time is unknown: not counted)."""
+    if not path:
+        return 0.0, 0
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(TRAINING_TIME_KEY)
+    except (OSError, RuntimeError, pickle.UnpicklingError):
+        return 0.0, 0
+    if not isinstance(stored, dict):
+        return 0.0, 0
+    return float(stored.get("seconds", 0.0)), int(stored.get("segments", 0))
+
+
 def instantiate_all(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
@@ -89,8 +129,10 @@ def fit(cfg: DictConfig, module: pl.LightningModule, source: Any, out: Path, t0:
     :class:`Preempted` (``lit/preemption.py``). ``run_cfg``: the model's config where it is not ``cfg`` (its
     ``datamodule`` and ``trainer`` are used).
 
-    Returns ``train/steps``, ``train/wall_time_s`` (since ``t0``), the last ``val/`` metrics and, with the
-    ``Throughput`` callback, its summary (``train/img_per_s``, ...), and the loggers.
+    Returns ``train/steps``, ``train/wall_time_s`` (since ``t0``, plus the time of the segments before the
+    checkpoint it resumed from: :class:`TrainingClock`), ``train/segments`` (1 for a run never resumed), the
+    last ``val/`` metrics and, with the ``Throughput`` callback, its summary (``train/img_per_s``, ...),
+    and the loggers.
     """
     run_cfg = cfg if run_cfg is None else run_cfg
     dm = build_datamodule(run_cfg, source)
@@ -104,7 +146,8 @@ def fit(cfg: DictConfig, module: pl.LightningModule, source: Any, out: Path, t0:
     continue_csv_logs(loggers, out, ckpt_path, start)
     for lg in loggers:
         lg.log_hyperparams(module.config_dict)
-    callbacks = instantiate_all(cfg.get("callbacks")) + [FinalCheckpoint(out / "checkpoints"),
+    clock = TrainingClock(t0, checkpoint_training_time(ckpt_path))
+    callbacks = instantiate_all(cfg.get("callbacks")) + [clock, FinalCheckpoint(out / "checkpoints"),
                                                          PreemptionCheckpoint(last_checkpoint(out))]
     overrides = {}
     n = getattr(getattr(module, "optim_cfg", None), "accumulate_grad_batches", 1)
@@ -116,11 +159,11 @@ def fit(cfg: DictConfig, module: pl.LightningModule, source: Any, out: Path, t0:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     except Preempted as stop:  # checkpoint written, loggers closed: requeue (SLURM) or exit 128 + signal
         preemption.finish(stop, rerun_hint(out))
-    train_time = time.time() - t0
+    train_time = clock.seconds()
     # under ddp_spawn the main process's trainer never stepped: read the step from the final checkpoint
     last = out / "checkpoints" / "last.ckpt"
     steps = trainer.global_step or checkpoint_step(last if last.is_file() or not ckpt_path else ckpt_path) or 0
-    metrics = {"train/steps": float(steps), "train/wall_time_s": train_time}
+    metrics = {"train/steps": float(steps), "train/wall_time_s": train_time, "train/segments": float(clock.segments)}
     # Throughput puts its summary in callback_metrics: the one place a ddp_spawn run sends back to this process
     metrics.update({k: v for k, v in scalar_metrics(trainer.callback_metrics).items()
                     if k.startswith("val/") or k in THROUGHPUT_KEYS})
