@@ -61,6 +61,21 @@ def test_console_of_a_short_debug_run_has_no_duplicated_line(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {"run"}
 
 
+def test_a_log_file_gets_progress_lines_instead_of_bars(tmp_path):
+    """Off a terminal (SLURM, ``> log``) the tqdm bars are off and a ``progress:`` line every ``log_every_s``
+    seconds says how far each stage is: training (step of max_steps, rate, time left, loss) and the test phase
+    (a start line, then batches), on the console and in the run's log."""
+    out, run = run_train(tmp_path, [*SHORT, "callbacks.progress.log_every_s=0.001", "trainer.log_every_n_steps=1"])
+    lines = re.findall(r"progress: train step (\d+)/4 \(\d+ %\), [\d.]+ steps/s, ~\S+ left(, train/loss [\d.]+)?",
+                       out)
+    steps = [int(step) for step, _ in lines]
+    assert steps == [1, 2, 3, 4], out[-3000:]
+    assert [bool(loss) for _, loss in lines] == [False, True, True, True]  # the last logged loss, once there is one
+    assert re.search(r"progress: test started, 1 batch\n", out) and "progress: test batch 1/1 (100 %)" in out
+    assert "it/s]" not in out and "━" not in out  # no bar redraws
+    assert "progress: train step" in (run / "train.log").read_text()
+
+
 @pytest.mark.slow
 def test_console_of_debug_fast_has_no_duplicated_line(tmp_path):
     out, run = run_train(tmp_path, [])

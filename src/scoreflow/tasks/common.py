@@ -254,7 +254,9 @@ def test_checkpoint(cfg: DictConfig, ckpt_path: Path, out: Path, *, kind: str = 
     module, _, _ = module_from_checkpoint(ckpt_path, use_ema=use_ema, kind=kind)
     module.output_dir = str(out)
     dm = build_datamodule(cfg, build_data(cfg) if source is None else source)
-    trainer = make_trainer(cfg.trainer, logger=logger, enable_checkpointing=False)
+    progress = (cfg.get("callbacks") or {}).get("progress")  # the run's progress settings (log_every_s, force)
+    callbacks = [hydra.utils.instantiate(progress)] if progress and progress.get("_target_") else []
+    trainer = make_trainer(cfg.trainer, callbacks=callbacks, logger=logger, enable_checkpointing=False)
     results = trainer.test(module, datamodule=dm, verbose=False)
     return scalar_metrics(results[0] if results else trainer.callback_metrics)
 
