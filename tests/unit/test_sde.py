@@ -29,6 +29,23 @@ def test_sigma_float32_accurate_at_small_t(sde):
         assert abs(got - ref) / ref < 1e-6, (t, got, ref)
 
 
+def _ref_alpha(sde: SDE, t: float) -> float:
+    """Mean coefficient alpha_t = exp(-B(t) / 2) (VP, subVP) or 1 (VE), in Python floats."""
+    if isinstance(sde, VESDE):
+        return 1.0
+    B = sde.beta_min * t + 0.5 * (sde.beta_max - sde.beta_min) * t * t
+    return math.exp(-0.5 * B)
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_alpha_float32_accurate_at_small_t(sde):
+    for t in [1e-5, 1e-3, 0.5, 1.0]:
+        tt = torch.tensor([t], dtype=torch.float32)
+        ref = _ref_alpha(sde, t)
+        for got in (float(sde.alpha(tt)), float(sde.marginal(tt)[0])):
+            assert abs(got - ref) / ref < 1e-6, (t, got, ref)
+
+
 def test_vp_sigma_at_1e5_value():
     # docs/reference.md §1: sigma_eps ~ 1.0005e-3 at eps=1e-5
     s = float(VPSDE().sigma(torch.tensor([1e-5])))
