@@ -57,6 +57,7 @@ def test_resume_in_place_continues_the_csv_log_and_keeps_tensorboard(uninterrupt
     assert steps(run) == steps(uninterrupted) == [4, 9, 9, 14, 19, 19]  # none lost, none twice
     assert {s: v for s, v in losses(run).items() if s < 15} == before == \
         {s: v for s, v in losses(uninterrupted).items() if s < 15}
+    assert losses(run) == losses(uninterrupted)  # the resumed rows too: each step's value under its own step
     assert set(events) < set((run / "tensorboard").glob("events.out.tfevents.*"))  # appended, not wiped
 
 
@@ -164,3 +165,36 @@ def test_training_time_adds_up_over_segments(make_cfg, tmp_path):
     assert checkpoint_training_time(ckpt) == (0.0, 0)
     third = train(make_cfg([*BASE, "trainer.max_steps=20"]))
     assert third["train/segments"] == 1 and third["train/wall_time_s"] <= third["wall_time_s"]
+
+
+def test_resume_applies_the_requested_optimizer_settings(make_cfg, tmp_path, caplog):
+    """Lightning's restore brings back the checkpoint's learning rate and Adam settings: a resumed run given
+    another ``module.optim.lr`` / ``betas`` trains with the requested ones (the schedule's step kept) and says so;
+    unchanged settings resume exactly and silently."""
+    import logging
+
+    import torch
+
+    cfg = [*BASE, "trainer.log_every_n_steps=1", "module.optim.warmup_steps=40"]
+    reference = tmp_path / "ref"
+    train(compose_cfg([*cfg, "module.optim.lr=2e-3", f"trainer.max_steps={STEPS}"], reference))
+    ref_lr = {int(float(r["step"])): float(r["train/lr"]) for r in rows(reference) if r.get("train/lr")}
+
+    run = tmp_path / "run"
+    train(make_cfg([*cfg, "module.optim.lr=2e-3", "trainer.max_steps=10"]))
+    with caplog.at_level(logging.WARNING):
+        train(make_cfg([*cfg, "module.optim.lr=1e-3", "module.optim.betas=[0.8,0.99]", f"trainer.max_steps={STEPS}"]))
+    lr = {int(float(r["step"])): float(r["train/lr"]) for r in rows(run) if r.get("train/lr")}
+    assert sorted(lr) == sorted(ref_lr) == list(range(STEPS))
+    for step, value in lr.items():  # the warm-up factor of each step, times the lr of the segment
+        assert value == pytest.approx(ref_lr[step] * (1.0 if step < 10 else 0.5), rel=1e-6), step
+    changed = [r.getMessage() for r in caplog.records if "module.optim differs" in r.getMessage()]
+    assert len(changed) == 1 and "lr 0.002 -> 0.001" in changed[0] and "betas (0.9, 0.999) -> (0.8, 0.99)" in \
+        changed[0] and "from step 10" in changed[0]
+    group = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["optimizer_states"][0]["param_groups"][0]
+    assert group["initial_lr"] == 1e-3 and tuple(group["betas"]) == (0.8, 0.99)
+
+    caplog.clear()  # the same settings again: no change reported
+    with caplog.at_level(logging.WARNING):
+        train(make_cfg([*cfg, "module.optim.lr=1e-3", "module.optim.betas=[0.8,0.99]", "trainer.max_steps=25"]))
+    assert not [r for r in caplog.records if "module.optim differs" in r.getMessage()]

@@ -211,6 +211,7 @@ class ScoreLitModule(GuardedOptimization):
         return self.score_loss(self.prepare(k, g)[0], g)
 
     def on_train_start(self) -> None:
+        super().on_train_start()  # the requested optimizer settings on a resumed run
         if self.compile_mode and self.trainer.is_global_zero:
             mode = "default" if self.compile_mode is True else self.compile_mode
             log.info("module.compile=%s: the first training step compiles the network (minutes for the paper's "

@@ -16,6 +16,7 @@ Two guards, the same maths when every step is finite:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from scoreflow.lit.settings import OptimConfig
 
+log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     pass
@@ -73,6 +75,41 @@ def adam_with_warmup(params: list[torch.nn.Parameter], o: OptimConfig | dict[str
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def apply_requested_settings(opt: torch.optim.Optimizer, sched: Any, o: OptimConfig, builtin_adam: bool) -> list[str]:
+    """After a checkpoint restored ``opt`` and ``sched``: the requested ``o.lr`` (and, for the built-in Adam, its
+    ``betas``, ``eps``, ``weight_decay``, ``fused``) in place of the stored ones, which Lightning's restore brings
+    back silently. The schedule's step is kept: the warm-up/decay factor of the current step applies to the new
+    learning rate. Returns ``'<key> <stored> -> <requested>'`` for each change (empty when nothing differs: an
+    exact resume is untouched)."""
+    changes: dict[str, str] = {}
+    for i, group in enumerate(opt.param_groups):
+        base = float(group.get("initial_lr", group["lr"]))
+        if not math.isclose(base, o.lr, rel_tol=1e-12, abs_tol=0.0):
+            changes["lr"] = f"lr {base:g} -> {o.lr:g}"
+            group["initial_lr"] = o.lr
+            factor = sched.lr_lambdas[i](sched.last_epoch) if sched is not None and hasattr(sched, "lr_lambdas") \
+                else 1.0
+            if sched is not None and hasattr(sched, "base_lrs"):
+                sched.base_lrs[i] = o.lr
+            group["lr"] = o.lr * factor
+        if not builtin_adam:
+            continue
+        requested = {"betas": tuple(float(b) for b in o.betas), "eps": float(o.eps),
+                     "weight_decay": float(o.weight_decay)}
+        for key, want in requested.items():
+            have = group.get(key)
+            have = tuple(float(b) for b in have) if key == "betas" else float(have)
+            if have != want:
+                changes[key] = f"{key} {have} -> {want}"
+                group[key] = want
+        if bool(group.get("fused")) != bool(o.fused):
+            changes["fused"] = f"fused {bool(group.get('fused'))} -> {bool(o.fused)}"
+            group["fused"], group["foreach"] = (True, None) if o.fused else (None, True)
+    if changes and sched is not None and hasattr(sched, "_last_lr"):
+        sched._last_lr = [float(g["lr"]) for g in opt.param_groups]
+    return list(changes.values())
+
+
 class GuardedOptimization(pl.LightningModule):
     """Manual optimization with the NaN guard, shared by the score, dequantization and classifier modules.
 
@@ -84,6 +121,19 @@ class GuardedOptimization(pl.LightningModule):
     optim_cfg: OptimConfig
     optimizer_factory: OptimizerFactory | None = None
     max_bad_steps: int = 20
+
+    def on_train_start(self) -> None:
+        """A resumed run trains with the requested optimizer settings, not the checkpoint's
+        (:func:`apply_requested_settings`); a change is logged once."""
+        trainer = self._trainer
+        if trainer is None or not trainer.optimizers:
+            return
+        configs = trainer.lr_scheduler_configs
+        changes = apply_requested_settings(trainer.optimizers[0], configs[0].scheduler if configs else None,
+                                           self.optim_cfg, self.optimizer_factory is None)
+        if changes and trainer.is_global_zero:
+            log.warning("resume: module.optim differs from the checkpoint's (stored -> requested): %s; the requested "
+                        "values apply from step %d", ", ".join(changes), trainer.global_step)
 
     def _init_guard(self) -> None:
         self.automatic_optimization = False

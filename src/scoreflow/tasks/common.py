@@ -100,6 +100,27 @@ class TrainingClock(Callback):
         checkpoint[TRAINING_TIME_KEY] = {"seconds": self.seconds(), "segments": self.segments}
 
 
+class ResumedLogStep(Callback):
+    """The loggers' step after a resume, as in an uninterrupted run. Lightning's restore adds 1 to its count of
+    batches (``_batches_that_stepped``, the loggers' x axis) on the assumption that the checkpoint was written in
+    ``on_train_batch_end``, before that count moves on; :class:`FinalCheckpoint` writes in ``on_train_end``, after
+    it, so a run resumed from a finished segment logged every row one step late (``train/loss`` of step 10 at 11;
+    the values themselves were exact). At the first batch the count is set to the batches done."""
+
+    def __init__(self) -> None:
+        self._checked = False
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._checked:
+            return
+        self._checked = True
+        loop = trainer.fit_loop.epoch_loop
+        done = loop.batch_progress.total.completed  # batches before this one, over every epoch and segment
+        if loop._batches_that_stepped != done:
+            loop._batches_that_stepped = done
+
+
 def checkpoint_training_time(path: str | Path | None) -> tuple[float, int]:
     """``(seconds, segments)`` of training stored in a checkpoint by :class:`TrainingClock`; ``(0.0, 0)`` for none,
     an unreadable file or a checkpoint written before the clock existed (its time is unknown: not counted)."""
@@ -147,7 +168,7 @@ def fit(cfg: DictConfig, module: pl.LightningModule, source: Any, out: Path, t0:
     for lg in loggers:
         lg.log_hyperparams(module.config_dict)
     clock = TrainingClock(t0, checkpoint_training_time(ckpt_path))
-    callbacks = instantiate_all(cfg.get("callbacks")) + [clock, FinalCheckpoint(out / "checkpoints"),
+    callbacks = instantiate_all(cfg.get("callbacks")) + [clock, ResumedLogStep(), FinalCheckpoint(out / "checkpoints"),
                                                          PreemptionCheckpoint(last_checkpoint(out))]
     overrides = {}
     n = getattr(getattr(module, "optim_cfg", None), "accumulate_grad_batches", 1)
