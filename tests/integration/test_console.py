@@ -88,8 +88,8 @@ def test_without_test_phase_the_last_validation_is_reported_and_returned(make_cf
     from scoreflow.tasks.common import optimized_metric
     from scoreflow.tasks.train import train
 
-    cfg = make_cfg(["debug=fast", "trainer.max_steps=2", "val_every=2", "test=false", "callbacks=minimal",
-                    "datamodule.val_subset=8"])
+    cfg = make_cfg(["debug=fast", "trainer.max_steps=3", "val_every=2", "test=false", "callbacks=minimal",
+                    "datamodule.val_subset=8"])  # the last validation after step 2 of 3: the title says 2
     metrics = train(cfg)
     out = capsys.readouterr().out
     assert "== validation subset, last validation (step 2; test=false)" in out and "test split" not in out

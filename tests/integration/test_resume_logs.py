@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -138,7 +139,7 @@ def test_a_finished_checkpoint_into_a_new_folder_goes_to_the_test_phase(uninterr
     assert not (new / "checkpoints" / "last.ckpt").exists()
 
 
-def test_training_time_adds_up_over_segments(make_cfg, tmp_path):
+def test_training_time_adds_up_over_segments(make_cfg, tmp_path, capsys):
     """``train/wall_time_s`` of a resumed run is the time of every segment's training, not the last segment's
     alone: each checkpoint holds the training time of its weights (``TrainingClock``) and the next segment adds
     its own. A checkpoint written before the clock existed counts as unknown time (one segment)."""
@@ -153,7 +154,10 @@ def test_training_time_adds_up_over_segments(make_cfg, tmp_path):
     assert segments == 1 and first["train/segments"] == 1
     assert 0 < first_s <= first["wall_time_s"]
 
+    capsys.readouterr()
     second = train(make_cfg([*BASE, "trainer.max_steps=15"]))
+    table = capsys.readouterr().out
+    assert re.search(r"wall time +\d+ s \(this command\)\n +training time +\d+ s in 2 segments \(resumed\)", table)
     assert second["train/segments"] == 2 == json.loads((run / "metrics.json").read_text())["train/segments"]
     own = second["train/wall_time_s"] - first_s  # this segment's part: positive, within this command's time
     assert 0 < own <= second["wall_time_s"]

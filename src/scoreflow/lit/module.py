@@ -301,6 +301,8 @@ class ScoreLitModule(GuardedOptimization):
         self.log_optimizer_step_axis()
         self.val_bound.reset()
         self.val_ode.reset()
+        if not self.trainer.sanity_checking:
+            self.last_validation_step = self.global_step  # the table of a test=false run names it
 
     def on_test_epoch_start(self) -> None:
         self._test_values, self._test_seen = {}, 0

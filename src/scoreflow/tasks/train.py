@@ -67,10 +67,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     tested = bool(cfg.get("test", True))
     # test=false: the last validation (bound on val_subset images, ODE on nll_subset) under its own title
     shown = metrics if tested else {"test/" + k[4:]: v for k, v in metrics.items() if k.startswith("val/")}
-    title = "test split" if tested else f"validation subset, last validation (step {int(steps)}; test=false)"
+    val_step = getattr(module, "last_validation_step", None)  # None under ddp_spawn (its module stayed here)
+    title = "test split" if tested else \
+        f"validation subset, last validation (step {int(steps) if val_step is None else val_step}; test=false)"
     extra = {"steps": int(metrics["train/steps"]), "wall time": f"{metrics['wall_time_s']:.0f} s"}
     if (segments := int(metrics.get("train/segments", 1))) > 1:  # resumed: the time of every segment's training
-        extra["training time"] = f"{metrics['train/wall_time_s']:.0f} s in {segments} segments (resumed)"
+        extra = {"steps": extra["steps"], "wall time": f"{metrics['wall_time_s']:.0f} s (this command)",
+                 "training time": f"{metrics['train/wall_time_s']:.0f} s in {segments} segments (resumed)"}
     if speed := train_speed(metrics):  # with the Throughput callback (callbacks=default)
         extra["train speed"] = speed
     extra.update({"protocol": protocol_string(cfg), "plot": bpd_plot(out, metrics, loggers)})
