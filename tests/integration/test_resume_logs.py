@@ -202,3 +202,34 @@ def test_resume_applies_the_requested_optimizer_settings(make_cfg, tmp_path, cap
     with caplog.at_level(logging.WARNING):
         train(make_cfg([*cfg, "module.optim.lr=1e-3", "module.optim.betas=[0.8,0.99]", "trainer.max_steps=25"]))
     assert not [r for r in caplog.records if "module.optim differs" in r.getMessage()]
+
+
+def test_best_checkpoint_after_resuming_from_a_periodic_checkpoint(tmp_path):
+    """A run stopped after its periodic ``last.ckpt`` and the validation that followed (which wrote ``best-10``)
+    resumes from that ``last.ckpt``, whose state does not know ``best-10`` (Lightning does not redo the
+    validation): the resumed run adopts it, so the folder ends with the ``best`` files of an uninterrupted run,
+    with the same scores, and no stale or ``-v1`` file beside them."""
+    import torch
+
+    cfg = ["debug=fast", "trainer.accelerator=cpu", "test=false", "val_every=5", "checkpoint_every=5",
+           "module.evaluation.nll_every=1000", "sample_every=0", "logger=none"]
+
+    def best(run: Path) -> dict[str, float]:
+        out = {}
+        for path in sorted((run / "checkpoints").glob("best*.ckpt")):
+            state = next(v for k, v in torch.load(path, weights_only=True)["callbacks"].items() if "Best" in k)
+            out[path.name] = float(state["best_k_models"][next(k for k in state["best_k_models"]
+                                                             if Path(k).name == path.name)])
+        return out
+
+    reference = tmp_path / "reference"
+    train(compose_cfg([*cfg, "trainer.max_steps=15"], reference))
+    run = tmp_path / "run"
+    train(compose_cfg([*cfg, "trainer.max_steps=10", "callbacks.periodic.filename='periodic-{step}'",
+                       "callbacks.periodic.save_top_k=-1"], run))
+    assert set(best(run)) == {"best-10.ckpt"}  # the validation at step 10 came after the periodic checkpoint
+    shutil.copy(run / "checkpoints" / "periodic-step=10.ckpt", run / "checkpoints" / "last.ckpt")  # a stop right there
+    for path in (run / "checkpoints").glob("periodic-*.ckpt"):
+        path.unlink()
+    train(compose_cfg([*cfg, "trainer.max_steps=15"], run))
+    assert best(run) == best(reference) and len(best(reference)) == 1
