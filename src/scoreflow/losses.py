@@ -12,7 +12,7 @@ from torch import Tensor
 
 from scoreflow.likelihood.divergence import divergence_hutchinson
 from scoreflow.sde import SDE
-from scoreflow.utils import ScoreFn, append_dims, mean_except_batch, sum_except_batch
+from scoreflow.utils import ScoreFn, append_dims, call_score, mean_except_batch, sum_except_batch
 
 Reduce = Literal["sum", "mean"]
 
@@ -43,7 +43,7 @@ def dsm_loss(
     z = torch.randn_like(x0) if noise is None else noise
     x_t = sde.perturb(x0, t, z)
     sigma = append_dims(sde.sigma(t), x0.ndim)
-    per = (sigma * score_fn(x_t, t) + z) ** 2
+    per = (sigma * call_score(score_fn, x_t, t) + z) ** 2
     if form == "score":
         per = per / sigma**2
     elif form != "eps":
@@ -74,7 +74,7 @@ def ism_loss(
     v = torch.randint_like(x0, 2) * 2 - 1 if probe is None else probe
     with torch.enable_grad():
         x_t = sde.perturb(x0, t, z).detach().requires_grad_(True)
-        s = score_fn(x_t, t)
+        s = call_score(score_fn, x_t, t)
         div = divergence_hutchinson(s, x_t, v, create_graph=True)
     val = sum_except_batch(s**2) + 2 * div
     if form == "eps":

@@ -95,7 +95,13 @@ class GaussianMixture:
         generator: torch.Generator | None = None,
         dtype: torch.dtype = torch.float64,
     ) -> Tensor:
-        """``n`` samples of the data (or of the marginal at time ``t``), shape ``[n, *event_shape]``."""
+        """``n`` samples of the data (or of the marginal at time ``t``), shape ``[n, *event_shape]``.
+
+        Drawn in float64 and returned in ``dtype``, float64 by default: the oracle's precision, on which its tests
+        and benches rely, unlike ``TimeSampler.sample`` and the nets (torch's default dtype, float32). For a
+        float32 network pass ``dtype=torch.float32``; a mismatch fails inside the network, and the library's entry
+        points add a note naming the dtypes of ``x`` and ``t`` to that error.
+        """
         k = torch.multinomial(self.log_w.exp(), n, replacement=True, generator=generator)
         eps = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         x = self.means[k] + self.variances[k].sqrt() * eps

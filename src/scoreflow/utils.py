@@ -12,6 +12,75 @@ from torch import Tensor
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 
+def _dims(shape: torch.Size | tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(int(n)) for n in shape) + "]"
+
+
+def _describe(v: object) -> str:
+    """``"[64, 2] float64"`` for a tensor, the type's name otherwise."""
+    if not isinstance(v, Tensor):
+        return type(v).__name__
+    return f"{_dims(v.shape)} {str(v.dtype).removeprefix('torch.')}"
+
+
+class ScoreShapeError(ValueError):
+    """A score function returned a tensor not shaped like its ``x`` (:func:`check_score_shape`)."""
+
+
+def check_score_shape(out: Tensor, x: Tensor, name: str = "score_fn") -> Tensor:
+    """``out`` itself if it is shaped like ``x``, else a ``ValueError`` (:class:`ScoreShapeError`) naming both shapes.
+
+    A score of the wrong shape (``[B, 1]`` or ``[1, D]`` for ``x [B, D]``) would broadcast silently through
+    ``sigma * s + z`` or the ODE's drift into wrong numbers. ``torch.Size`` holds Python ints: the check never
+    touches the device, and costs well under a microsecond.
+    """
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{name} must return a tensor shaped like x, got {type(out).__name__}")
+    if out.shape != x.shape:
+        raise ScoreShapeError(f"{name} returned shape {_dims(out.shape)} for x of shape {_dims(x.shape)}: "
+                         "it must return a tensor shaped like x")
+    return out
+
+
+def call_score(score_fn: ScoreFn, x: Tensor, t: Tensor, name: str = "score_fn") -> Tensor:
+    """``score_fn(x, t)``, checked by :func:`check_score_shape`.
+
+    An exception raised inside ``score_fn`` (typically a network's "mat1 and mat2 must have the same dtype", many
+    frames down) is re-raised unchanged with a note naming the shapes, dtypes and device of ``x`` and ``t``.
+    """
+    try:
+        out = score_fn(x, t)
+    except ScoreShapeError:  # a nested check (a wrapped score): its message says it all
+        raise
+    except Exception as e:
+        called = f"{name} was called with x {_describe(x)} and t {_describe(t)}"
+        if hasattr(e, "add_note") and not any(n.startswith(called) for n in getattr(e, "__notes__", ())):
+            hint = ("; a network takes both in its parameters' dtype (GaussianMixture.sample defaults to float64, "
+                    "the nets to float32: pass dtype=, or convert the network with .double())")
+            e.add_note(f"{called} on {getattr(x, 'device', '?')}" + (hint if "type" in str(e).lower() else ""))
+        raise
+    return check_score_shape(out, x, name)
+
+
+def shape_checked(score_fn: ScoreFn, name: str = "score_fn") -> ScoreFn:
+    """``score_fn`` whose first call goes through :func:`call_score`; later calls go straight to ``score_fn``.
+
+    For the loops of one public call (an ODE solve, a sampler's steps): the shapes of ``x`` and of the score do not
+    change along them, so one check per call of the public function is enough.
+    """
+    checked = False
+
+    def fn(x: Tensor, t: Tensor) -> Tensor:
+        nonlocal checked
+        if checked:
+            return score_fn(x, t)
+        out = call_score(score_fn, x, t, name)
+        checked = True
+        return out
+
+    return fn
+
+
 def append_dims(v: Tensor, ndim: int) -> Tensor:
     """Append trailing singleton dims so a per-example ``[B]`` tensor broadcasts against ``[B, ...]``."""
     if v.ndim > ndim:

@@ -194,9 +194,14 @@ def test_quick_end_to_end(tmp_path):
     """The whole pipeline on tiny budgets (real train.py / train_dequant.py / sample.py), then resume does nothing."""
     out = tmp_path / "rep"
     cmd = [sys.executable, "-m", "scoreflow.tasks.reproduce", "--steps", "30", "--out", str(out)]
-    subprocess.run(cmd, check=True, timeout=1800)
+    first = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800).stdout
+    assert first.count(" started (log ") == 18 and first.count(" done in ") == 18  # stdout is a pipe here
     text = (tmp_path / "rep.md").read_text()
     assert text.count("| **") == 5
+    assert f"Command: `python -m scoreflow.tasks.reproduce --steps 30 --out {out}`" in text
+    assert text.count(" | 30 | 16 | ") == 6  # each run's own train/steps, and its 16 test images
+    other = subprocess.run([*cmd[:4], "31", *cmd[5:]], capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2 and "holds runs of another budget (30 score steps" in other.stderr
     assert all((out / p).is_file() for p in ("samples.png", "bpd_vs_step.png", "loss_variance.png"))
     again = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600).stdout
     assert again.count("already done") == 6
@@ -216,3 +221,106 @@ def test_the_mnist_pair_has_its_own_smaller_budget(tmp_path):
     _finished(tmp_path / "runs" / m.name)
     rp.do_row(m, tmp_path, rp.FULL, runner=lambda cmd, log: calls.append(cmd))
     assert "trainer.max_steps=150" in calls[0] and "num_samples=200" in calls[1]
+
+
+def test_a_folder_of_another_budget_is_refused_and_the_budget_is_recorded(tmp_path, capsys):
+    """The audit's case: ``--steps 5 --out <folder of 300-step runs>`` reported "Budget: 5 score steps" and rows
+    "| 5 |" with the numbers of the 300-step runs."""
+    out, five = tmp_path / "rep", rp.Budget(5, 16, 5, 40, 0)
+    out.mkdir()
+    assert rp.check_plan(out, rp.QUICK) is None and rp.check_plan(out, rp.QUICK) is None
+    assert rp.Budget(**json.loads((out / rp.PLAN).read_text())["budget"]) == rp.QUICK
+    why = rp.check_plan(out, five)
+    assert why is not None and "300 score steps, 100 test images" in why and "this command's (5 score steps" in why
+    assert f"--out {tmp_path / 'rep-steps5'}" in why
+    assert rp.main(["--steps", "5", "--out", str(out)]) == 2  # refused before any stage runs
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out} holds runs of another budget") and not (out / "runs").exists()
+
+    old = tmp_path / "old"  # a folder of an earlier release: no plan.json, its finished runs say their budget
+    _finished(old / "runs" / "digits_vp_original")
+    (old / "runs" / "digits_vp_original" / "metrics.json").write_text(json.dumps({"test/bpd_ode": 1.9,
+                                                                                 "train/steps": 300}))
+    assert rp.main(["--steps", "5", "--out", str(old)]) == 2
+    assert "digits_vp_original trained for 300 score steps" in capsys.readouterr().err
+    assert not (old / rp.PLAN).exists()
+    assert rp.check_plan(old, rp.Budget(300, 16, 100, 40, 0)) is None  # the same steps: recorded, goes on
+
+
+def test_the_table_reads_each_runs_own_steps(tmp_path):
+    row = rp.Row("digits", "vp", "original", 5, 16)
+    run = tmp_path / "runs" / row.name
+    _finished(run)
+    (run / "metrics.json").write_text(json.dumps({"test/bpd_ode": 1.9, "train/steps": 300, "wall_time_s": 12.0}))
+    np.savez(run / "test_per_example.npz", index=np.arange(3), bpd_ode=np.array([1.0, 2.0, 3.0]),
+             bpd_bound=np.array([1.5, 2.5, 3.5]))
+    (run / "loss_variance.json").write_text(json.dumps({"likelihood": 2.0, "lw_is": 0.1}))
+    r = rp.collect(row, tmp_path, None, 17)
+    assert r.steps == 300 and r.seconds == 12.0
+    assert "| digits_vp_original | 300 (planned 5) | 3 |" in rp.row_table([r])
+    r.row = rp.Row("digits", "vp", "original", 300, 16)
+    assert "| digits_vp_original | 300 | 3 |" in rp.row_table([r])
+
+
+def test_the_header_states_the_actual_command_jobs_and_cores(tmp_path):
+    rows = _synthetic(lw_is_shift=0.05, noise=0.01)
+    cmd = rp.command_line(["--steps", "5", "--out", "/tmp/my out"])
+    assert cmd == "python -m scoreflow.tasks.reproduce --steps 5 --out '/tmp/my out'"
+    text = rp.write_report(tmp_path / "r.md", rows, rp.claims(rows), command=cmd, wall_s=60.0, budget=rp.QUICK,
+                           plots={}, jobs=3, cores=16).read_text()
+    assert f"Command: `{cmd}` — wall time 1.0 min from scratch on this machine (16 cores, 3 rows at a time" in text
+    assert "make reproduce-small" not in text and "2 cores" not in text and "two at a time" not in text
+    text = rp.write_report(tmp_path / "r.md", rows, rp.claims(rows), command="python -m scoreflow.tasks.reproduce",
+                           wall_s=60.0, budget=rp.FULL, plots={}, resumed=True, stage_s=600.0, jobs=1, cores=2,
+                           by_make=True).read_text()
+    assert "Command: `python -m scoreflow.tasks.reproduce` (run by `make`)" in text
+    assert "this invocation: 2 cores, 1 row at a time" in text and "two at a time" not in text
+    assert rp.available_cores() >= 1
+
+
+def test_the_project_root_is_the_working_directory_when_it_holds_train_py(tmp_path, monkeypatch, capsys):
+    here = tmp_path / "checkout"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert rp.project_root() == rp.ROOT  # no train.py here: the checkout the package was installed from
+    (here / "train.py").write_text("")
+    (here / "conf").mkdir()
+    (here / "conf" / "train.yaml").write_text("")
+    assert rp.project_root() == here
+    row = rp.Row("digits", "vp", "original", 10, 16)
+    assert rp.train_cmd(row, tmp_path / "r")[1] == str(here / "train.py")
+    assert rp.dequant_cmd(row, tmp_path / "v", tmp_path / "r", 5)[1] == str(here / "train_dequant.py")
+    assert rp.sample_cmd(tmp_path / "r", tmp_path / "s", 4)[1] == str(here / "sample.py")
+    assert rp.default_out(quick=True) == here / "reports" / "reproduce-small-quick"
+    log = tmp_path / "runs" / "cwd.log"
+    rp._call([sys.executable, "-c", "import os; print('cwd', os.getcwd())"], log)
+    assert f"cwd {here}" in log.read_text()  # the stages run in that root
+
+    monkeypatch.chdir(tmp_path)  # neither here nor where the package came from: a clear refusal
+    monkeypatch.setattr(rp, "ROOT", tmp_path / "site-packages")
+    assert rp.main(["--steps", "5"]) == 2
+    assert "error: no train.py in" in capsys.readouterr().err
+
+
+def test_each_stage_prints_a_line_when_it_starts_and_ends(tmp_path, capsys):
+    """A log file (stdout not a terminal) shows which row and stage is running, and since when."""
+    import time
+
+    row = rp.Row("digits", "vp", "lw_is", 10, 16)
+    assert rp.do_row(row, tmp_path, rp.QUICK, runner=lambda cmd, log: None, t0=time.time() - 125) == \
+        ["train", "dequant", "samples"]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6 and all(line.startswith("[reproduce +2:0") for line in lines)
+    assert f"digits_vp_lw_is: train started (log {tmp_path / 'runs' / 'digits_vp_lw_is.log'})" in lines[0]
+    assert lines[1].endswith("digits_vp_lw_is: train done in 0:00") and "samples done in" in lines[5]
+
+    def fails(cmd, log):
+        if "train_dequant.py" in cmd[1]:
+            raise RuntimeError("command failed with exit 1")
+
+    _finished(tmp_path / "runs" / row.name)
+    with pytest.raises(RuntimeError, match="exit 1"):
+        rp.do_row(row, tmp_path, rp.QUICK, runner=fails)
+    lines = capsys.readouterr().out.splitlines()
+    assert "train finished earlier, reused" in lines[0] and "dequant started" in lines[1]
+    assert "digits_vp_lw_is: dequant FAILED after 0:00" in lines[2] and len(lines) == 3

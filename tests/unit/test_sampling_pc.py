@@ -48,11 +48,6 @@ class FixedNoise:
 
 
 # ----------------------------------------------------------------------------- distributions
-def _corrector(name):
-    # per-example Langevin norms are biased in 2-D (see LangevinCorrector); use the paper's batch norms here
-    return LangevinCorrector(norm="batch") if name == "langevin" else name
-
-
 @pytest.mark.parametrize("corrector", ["none", "langevin", "ald"])
 @pytest.mark.parametrize("predictor", ["euler_maruyama", "reverse_diffusion", "ancestral"])
 @pytest.mark.parametrize("sde_name", list(SDES))
@@ -64,7 +59,7 @@ def test_pc_reproduces_mixture_moments(sde_name, predictor, corrector):
         sde,
         (N_SAMPLES, 2),
         predictor=predictor,
-        corrector=_corrector(corrector),
+        corrector=corrector,  # the default configuration (langevin: norm="auto", batch norms in 2-D)
         steps=STEPS,
         generator=g,
         dtype=torch.float64,
@@ -161,7 +156,7 @@ def test_reverse_diffusion_is_algorithms_2_and_3(gen):
 def test_langevin_step_is_algorithm_5_per_example(sde_name, gen):
     sde = SDES[sde_name]
     x, s, z, t, tn = _step_inputs(sde, gen)
-    got = LangevinCorrector(snr=0.2, n_steps=1)(lambda *_: s, sde, x, t, t - tn, FixedNoise(z))
+    got = LangevinCorrector(snr=0.2, n_steps=1, norm="example")(lambda *_: s, sde, x, t, t - tn, FixedNoise(z))
     eps = (
         2
         * sde.langevin_alpha(t, t - tn)[:, None]
@@ -214,11 +209,12 @@ def test_unknown_names_raise():
 
 def test_per_sample_seeds_do_not_depend_on_the_batch():
     sde = SDES["vp"]
-    score = _image_score(sde)
-    kw = dict(steps=25, dtype=torch.float64)  # default: reverse diffusion + per-example Langevin
-    both = pc_sample(score, sde, (2, 2, 4, 4), seeds=[3, 4], **kw).samples
-    one = pc_sample(score, sde, (1, 2, 4, 4), seeds=[3], **kw).samples
-    two = pc_sample(score, sde, (1, 2, 4, 4), seeds=[4], **kw).samples
+    score = _image_score(sde, C=1)
+    # default: reverse diffusion + Langevin with norm="auto", per example on images of D >= 64 (8x8 digits)
+    kw = dict(steps=25, dtype=torch.float64)
+    both = pc_sample(score, sde, (2, 1, 8, 8), seeds=[3, 4], **kw).samples
+    one = pc_sample(score, sde, (1, 1, 8, 8), seeds=[3], **kw).samples
+    two = pc_sample(score, sde, (1, 1, 8, 8), seeds=[4], **kw).samples
     torch.testing.assert_close(both, torch.cat([one, two]), rtol=0, atol=1e-12)
     assert not torch.allclose(one, two)
     z = per_sample_randn([3, 4], (5,), dtype=torch.float64)

@@ -24,8 +24,41 @@ class Dequantizer(nn.Module, ABC):
     def forward(
         self, k: Tensor, num_levels: int, *, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
+        """``(x = (k + u) / K, log q(u|k))`` for levels ``k`` in ``[0, K - 1]`` (checked: :func:`check_levels`)."""
+        check_levels(k, num_levels)
         u, log_q = self.sample_u(k, generator=generator)
         return (k.to(u.dtype) + u) / num_levels, log_q
+
+
+def check_levels(k: Tensor, num_levels: int) -> None:
+    """Levels ``k`` must lie in ``[0, num_levels - 1]``, else ``x = (k + u) / K`` leaves ``(0, 1)``.
+
+    On the CPU a ``ValueError`` names the smallest and largest level found. On a GPU reading them back would stall
+    the training step on a host-device sync, so the check is queued with ``torch._assert_async`` instead: no sync,
+    and a bad batch stops the run with a device-side assertion at a later kernel launch (rerun on the CPU for the
+    ``ValueError``). Other accelerators are not checked. ``uint8`` levels with ``K >= 256`` cannot be out of
+    range and are not scanned at all.
+    """
+    if num_levels < 2:
+        raise ValueError(f"num_levels must be >= 2, got {num_levels}")
+    if k.dtype == torch.uint8 and num_levels >= 256:
+        return
+    if k.is_cuda:  # 2-4 tiny kernels, queued: no host-device sync
+        inside = (k <= num_levels - 1).all() if k.dtype == torch.uint8 else ((k >= 0) & (k <= num_levels - 1)).all()
+        torch._assert_async(inside, f"dequantizer: levels k outside [0, num_levels - 1] = [0, {num_levels - 1}]")
+        return
+    if not k.is_cpu or k.numel() == 0:  # other accelerators: no asynchronous assertion to queue
+        return
+    if k.dtype == torch.uint8:  # one reduction (~2 us for a batch of 128 8x8 digits): only the top can be wrong
+        if k.max().item() <= num_levels - 1:
+            return
+    else:
+        lo, hi = torch.aminmax(k)
+        if lo.item() >= 0 and hi.item() <= num_levels - 1:  # NaN levels fail
+            return
+    lo, hi = (float(v) for v in torch.aminmax(k))
+    raise ValueError(f"levels k must lie in [0, num_levels - 1] = [0, {num_levels - 1}], got min {lo:g}, max {hi:g} "
+                     f"(num_levels={num_levels})")
 
 
 def to_model_space(

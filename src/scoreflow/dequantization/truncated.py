@@ -34,13 +34,14 @@ class TruncatedNormalDequantizer(Dequantizer):
         shape: tuple[int, ...] | None = None,
         num_levels: int = 256,
         bin_std: float = 0.128,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
         if bin_std <= 0:
             raise ValueError(f"bin_std must be positive, got {bin_std}")
         self.shape = None if shape is None else tuple(shape)
-        self.num_levels, self.bin_std, self.dtype = num_levels, float(bin_std), dtype
+        self.num_levels, self.bin_std = num_levels, float(bin_std)
+        self.dtype = torch.get_default_dtype() if dtype is None else dtype  # of u for integer levels
         self.tau = 0.5 / self.bin_std
         self.mass = math.erf(self.tau / math.sqrt(2))  # Z = P(|z| <= τ)
         # log density of u per dimension, up to −z²/2:  −½ log 2π − log Z + log 2τ

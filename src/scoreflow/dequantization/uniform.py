@@ -9,9 +9,11 @@ from scoreflow.dequantization.base import Dequantizer
 
 
 class UniformDequantizer(Dequantizer):
-    def __init__(self, dtype: torch.dtype = torch.float32):
+    """``u ~ U(0, 1)`` in ``k``'s dtype for floating levels, else in ``dtype`` (default: torch's default dtype)."""
+
+    def __init__(self, dtype: torch.dtype | None = None):
         super().__init__()
-        self.dtype = dtype
+        self.dtype = torch.get_default_dtype() if dtype is None else dtype
 
     def sample_u(self, k: Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         dtype = k.dtype if k.is_floating_point() else self.dtype

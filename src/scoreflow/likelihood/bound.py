@@ -75,7 +75,7 @@ from torch import Tensor
 from scoreflow.likelihood.divergence import randn_like
 from scoreflow.likelihood.truncation import truncation_correction as _truncation_correction
 from scoreflow.sde import SDE
-from scoreflow.utils import ScoreFn, append_dims, flat_dim, sum_except_batch
+from scoreflow.utils import ScoreFn, append_dims, call_score, flat_dim, shape_checked, sum_except_batch
 from scoreflow.weighting import ImportanceSampledLikelihood, TimeSampler, UniformTime
 
 Estimator = Literal["closed_form", "paired", "monte_carlo"]
@@ -221,6 +221,12 @@ def fit_bound_plan(
     """
     if draws < 2:
         raise ValueError(f"need draws >= 2 per bin to fit the control variate, got {draws}")
+    if num_bins < 1:
+        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"floor must lie in [0, 1], got {floor}")
     eps = sde.check_eps(sde.default_eps if eps is None else float(eps))
     B, D, M = x.shape[0], flat_dim(x), num_bins
     sampler = ImportanceSampledLikelihood(sde, eps)
@@ -235,7 +241,8 @@ def fit_bound_plan(
             sl = slice(start, start + chunk_size)
             x0, t = x[rows[sl]], t_flat[sl]
             z = randn_like(x0, generator)
-            w = append_dims(sde.sigma(t), x0.ndim) * score_fn(sde.perturb(x0, t, z), t).to(x.dtype) + z
+            x_t = sde.perturb(x0, t, z)
+            w = append_dims(sde.sigma(t), x0.ndim) * call_score(score_fn, x_t, t).to(x.dtype) + z
             a.append(0.5 * sampler.Z * sum_except_batch(w**2).double())
             b.append(0.5 * sampler.Z * (sum_except_batch(z**2).double() - D))
     A, Bz = torch.cat(a).reshape(B, M, draws), torch.cat(b).reshape(B, M, draws)
@@ -271,11 +278,11 @@ def likelihood_bound(
     """Monte-Carlo estimate of ``L^DSM_[eps,T](x)`` (Theorem 3), optionally eps-corrected.
 
     Args:
-        score_fn: ``score_fn(x [N, ...], t [N]) -> [N, ...]``.
+        score_fn: ``score_fn(x [N, ...], t [N]) -> [N, ...]``, shaped like its ``x`` (else ``ValueError``).
         x: data ``[B, ...]`` on the model's scale. Not detached: the result is differentiable w.r.t. ``x``
             (and the model), e.g. for variational dequantization; wrap the call in ``torch.no_grad()`` to evaluate.
         eps: smallest time (default ``sde.default_eps``).
-        num_t: time samples per example, each with a fresh ``z``.
+        num_t: time samples per example (>= 1), each with a fresh ``z``.
         importance_sampling: ``t ~ g^2/(sigma^2 Z)`` if ``True`` (Song et al. 2021b, Sec. 5.1, Eq. 12), else
             ``U[eps, T]``.
         truncation_correction: add the Tweedie-decoder correction (Song et al. 2021b, Sec. 4.3) from
@@ -296,8 +303,14 @@ def likelihood_bound(
             f"plan= needs estimator='closed_form' and importance_sampling=True, got {estimator!r}, "
             f"importance_sampling={importance_sampling}"
         )
+    if num_t < 1:
+        raise ValueError(f"num_t must be >= 1 (time samples per example), got {num_t}")
     if antithetic and num_t % 2:
         raise ValueError(f"antithetic=True needs an even num_t, got {num_t}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if truncation_correction and num_eps_samples < 1:
+        raise ValueError(f"num_eps_samples must be >= 1 with truncation_correction=True, got {num_eps_samples}")
     eps = sde.check_eps(sde.default_eps if eps is None else float(eps))
     x = x if dtype is None else x.to(dtype)
     B, D, T = x.shape[0], flat_dim(x), sde.T
@@ -338,7 +351,8 @@ def likelihood_bound(
         if antithetic:  # the calls (t, z) and (t, -z), paired back up by `unit`
             x0, t, W, z = torch.cat([x0, x0]), torch.cat([t, t]), torch.cat([W, W]), torch.cat([z, -z])
         sigma = append_dims(sde.sigma(t), x0.ndim)
-        w = sigma * score_fn(sde.perturb(x0, t, z), t).to(x.dtype) + z
+        x_t = sde.perturb(x0, t, z)
+        w = sigma * call_score(score_fn, x_t, t).to(x.dtype) + z
         parts["dsm"].append(unit(0.5 * W * sum_except_batch(w**2)))  # Theorem 3: g^2 ||s - grad log p_0t||^2 / 2
         if cv_flat is not None:  # control variate c(t) (||z||^2 - D), mean zero at every t
             cv = -cv_flat[sl] * 0.5 * W[:n] * (sum_except_batch(z[:n] ** 2) - D)
@@ -375,8 +389,9 @@ def likelihood_bound(
 
     correction = zeros
     if truncation_correction:
+        checked = shape_checked(score_fn)
         c = torch.stack(
-            [_truncation_correction(score_fn, sde, x, eps, generator=generator)[0] for _ in range(num_eps_samples)], 1
+            [_truncation_correction(checked, sde, x, eps, generator=generator)[0] for _ in range(num_eps_samples)], 1
         )
         correction = c.mean(1)
         se2 = se2 + (c.detach().var(dim=1) / num_eps_samples if num_eps_samples > 1 else 0.0)

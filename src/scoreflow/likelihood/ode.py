@@ -66,7 +66,7 @@ from torchdiffeq import odeint
 from scoreflow.likelihood.divergence import Divergence, draw_probe, estimate_divergence
 from scoreflow.likelihood.truncation import truncation_correction as _truncation_correction
 from scoreflow.sde import SDE
-from scoreflow.utils import ScoreFn, append_dims, as_time, flat_dim
+from scoreflow.utils import ScoreFn, append_dims, as_time, flat_dim, shape_checked
 
 EXP_PC_METHODS: tuple[str, ...] = ("exp_pc2", "exp_pc3", "exp_pc4")
 FIXED_GRID_METHODS: tuple[str, ...] = ("rk4", "rk4_shared", "heun3", "midpoint", "euler", "heun2", *EXP_PC_METHODS)
@@ -166,8 +166,9 @@ def ode_log_likelihood(
     """Negative log-likelihood of ``x`` under the probability-flow ODE, one value per example.
 
     Args:
-        score_fn: ``score_fn(x [B, ...], t [B]) -> [B, ...]``; called in ``dtype`` (a network evaluated in
-            float64 must have been converted with ``.double()``).
+        score_fn: ``score_fn(x [B, ...], t [B]) -> [B, ...]``, shaped like ``x`` (else ``ValueError`` at its first
+            evaluation); called in ``dtype`` (a network evaluated in float64 must have been converted with
+            ``.double()``).
         sde: the forward SDE.
         x: data ``[B, ...]`` (``[B, D]`` or ``[B, C, H, W]``), on the scale the model was trained on.
         eps, T: integration interval; default ``sde.default_eps`` and ``sde.T``.
@@ -215,6 +216,7 @@ def ode_log_likelihood(
     grid_rho = float(default_grid_rho(sde, method) if grid_rho is None else grid_rho)
     if fixed and grid_rho <= 0:
         raise ValueError(f"grid_rho must be > 0, got {grid_rho}")
+    score_fn = shape_checked(score_fn)  # its first evaluation checks the score is shaped like x
 
     with torch.no_grad():
         correction = torch.zeros(B, dtype=dtype, device=x.device)

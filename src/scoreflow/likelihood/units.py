@@ -26,13 +26,22 @@ def bpd_offset(num_levels: int | None = 256, scale: float = 2.0) -> float:
     """Bits per dim added to ``NLL_y / (D ln 2)``: ``log2(K) - log2(scale)``; 0 for continuous data."""
     if num_levels is None:
         return 0.0
-    if num_levels < 1 or scale <= 0:
-        raise ValueError(f"need num_levels >= 1 and scale > 0, got num_levels={num_levels}, scale={scale}")
+    if num_levels < 2:
+        raise ValueError(f"num_levels must be >= 2 (levels per dimension of the discrete data, or None for "
+                         f"continuous data), got {num_levels}")
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0 (the a of y = a x + b), got {scale}")
     return math.log2(num_levels) - math.log2(scale)
+
+
+def _check_dim(dim: int) -> None:
+    if not dim >= 1:
+        raise ValueError(f"dim must be >= 1 (data dimensions D per example), got {dim}")
 
 
 def nats_per_dim(nll_nats: Tensor | float, dim: int) -> Tensor | float:
     """``NLL / D`` in nats per dimension."""
+    _check_dim(dim)
     return nll_nats / dim
 
 
@@ -43,16 +52,18 @@ def nats_to_bpd(
 
     Args:
         nll_nats: ``-log p_y(y)`` in nats per example (any shape; applied elementwise).
-        dim: data dimensions ``D`` per example.
-        num_levels: ``K`` quantization levels of the original data; ``None`` for continuous data, which
+        dim: data dimensions ``D >= 1`` per example.
+        num_levels: ``K >= 2`` quantization levels of the original data; ``None`` for continuous data, which
             gives plain ``NLL / (D ln 2)`` in the model's space with no offset (``scale`` is then unused).
-        scale: the ``a`` of ``y = a x + b`` that took the dequantized ``x in [0, 1]`` to the model's space.
+        scale: the ``a > 0`` of ``y = a x + b`` that took the dequantized ``x in [0, 1]`` to the model's space.
     """
+    _check_dim(dim)
     return nll_nats / (dim * math.log(2)) + bpd_offset(num_levels, scale)
 
 
 def bpd_to_nats(bpd: Tensor | float, dim: int, *, num_levels: int | None = 256, scale: float = 2.0) -> Tensor | float:
     """Inverse of :func:`nats_to_bpd`."""
+    _check_dim(dim)
     return (bpd - bpd_offset(num_levels, scale)) * dim * math.log(2)
 
 

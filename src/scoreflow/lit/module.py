@@ -9,6 +9,7 @@ ranks draw different noise.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -29,7 +30,7 @@ from scoreflow.lit.optim import (  # noqa: F401 (NonFiniteLossError: API)
     OptimizerFactory,
 )
 from scoreflow.lit.per_image import bound_bpd, bound_plan, mean_se_over_images, ode_bpd
-from scoreflow.lit.settings import EvalConfig, OptimConfig
+from scoreflow.lit.settings import EvalConfig, OptimConfig, protocol_string
 from scoreflow.losses import dsm_loss, ism_loss
 from scoreflow.nets import ScoreModel
 from scoreflow.utils import ieee_float32
@@ -340,7 +341,8 @@ class ScoreLitModule(GuardedOptimization):
 
     def on_test_epoch_end(self) -> None:
         """Mean ± standard error over images of each image's mean over its repeats (as ``evaluate.py``), from
-        the values of every rank; rank 0 writes them to ``test_per_example.npz``, in image order."""
+        the values of every rank; rank 0 writes them to ``test_per_example.npz``, in image order, with
+        :meth:`test_meta`."""
         values = self.per_example_test_values()
         out, arrays = {}, {}
         for q in ("bpd_bound", "bpd_ode"):
@@ -354,8 +356,27 @@ class ScoreLitModule(GuardedOptimization):
             out["test/nfe"] = values["nfe"].mean().float()
         self.log_dict(out, sync_dist=False)  # every rank holds every value: nothing left to reduce
         if self.output_dir and self.global_rank == 0 and arrays:
+            arrays["meta"] = np.asarray(json.dumps(self.test_meta()))
             np.savez(Path(self.output_dir) / "test_per_example.npz", **arrays)
         self._test_values = {}
+
+    def test_meta(self) -> dict[str, Any]:
+        """What the test values were measured on, stored with them (``meta``, a JSON string, in
+        ``test_per_example.npz``) so that runs are paired only like with like (``bench/compare_runs.py``):
+        ``data`` (the run's data config without ``root``), ``split``, ``seed`` (the per-image seed) and
+        ``protocol`` (the line ``train.py`` writes to ``metrics.json``). Without the run's config (a module built
+        by hand) ``data`` and ``protocol`` are ``None``."""
+        cfg = self.config_dict or {}
+        protocol = None
+        if cfg:
+            from omegaconf import OmegaConf
+
+            try:
+                protocol = protocol_string(OmegaConf.create(cfg))
+            except (AttributeError, KeyError):  # a config without the evaluation settings: no protocol line
+                protocol = None
+        data = {k: v for k, v in (cfg.get("data") or {}).items() if k != "root"} or None
+        return {"data": data, "split": "test", "seed": int(self.eval_cfg.seed), "protocol": protocol}
 
     def per_example_test_values(self) -> dict[str, Tensor]:
         """The test rows of all ranks (ranks may hold different counts): ``{key: [M, C]}`` on the CPU."""

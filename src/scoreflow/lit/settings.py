@@ -162,3 +162,24 @@ class DequantConfig(Settings):
 
 
 SCHEMAS: dict[str, type[Settings]] = {"optim": OptimConfig, "evaluation": EvalConfig, "dequant": DequantConfig}
+
+
+def protocol_string(cfg: Any) -> str:
+    """One line naming the evaluation protocol of a score model's test phase (solver, bound, dequantization), from a
+    run's composed config (``DictConfig``): ``metrics.json``'s ``protocol``, the results table, the ``meta`` of
+    ``test_per_example.npz``."""
+    e = cfg.module.evaluation
+    deq = cfg.get("dequantization")
+    deq_name = str(deq.get("_target_", "?")).rsplit(".", 1)[-1] if deq else "none"
+    from scoreflow.likelihood.ode import FIXED_GRID_METHODS
+
+    solve = (f"{e.get('steps')} steps" if e.method in FIXED_GRID_METHODS else f"rtol={e.rtol} atol={e.atol}")
+    extras = "".join(f" {name}" for name, on in (("stratified", e.get("stratified")),
+                                                 ("antithetic", e.get("bound_antithetic")),
+                                                 ("plan=fit", (e.get("bound_plan") or "none") == "fit")) if on)
+    return (
+        f"eps={cfg.get('eps') or 'sde default'}, dequantization={deq_name}, "
+        f"ODE {e.method} {solve} {e.divergence} "
+        f"{e.ode_dtype}, bound num_t={e.test_num_t} IS={e.importance_sampling} {e.bound_estimator}{extras} "
+        f"eps-correction={e.truncation_correction}, repeats={e.test_repeats}"
+    )

@@ -22,7 +22,7 @@ from torch import Tensor
 from scoreflow.sampling.noise import NoiseSource
 from scoreflow.sampling.pc import SampleResult, pc_sample
 from scoreflow.sde import SDE
-from scoreflow.utils import ScoreFn
+from scoreflow.utils import ScoreFn, check_score_shape
 
 Classifier = Callable[[Tensor, Tensor], Tensor]
 """``classifier(x [B, ...], t [B]) -> logits [B, K]`` of a time-dependent classifier ``p_t(y | x)``."""
@@ -48,7 +48,7 @@ def guided_score(score_fn: ScoreFn, log_likelihood: Callable[[Tensor, Tensor], T
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(log_likelihood(xg, t).sum(), xg)
-        return score_fn(x, t) + scale * grad.to(x.dtype)
+        return check_score_shape(score_fn(x, t), x) + scale * grad.to(x.dtype)  # no broadcast of a wrong shape
 
     return fn
 

@@ -20,7 +20,7 @@ from scoreflow.sampling.noise import initial_state, make_noise
 from scoreflow.sampling.pc import SampleResult, tweedie_denoise
 from scoreflow.sampling.registry import register_sampler
 from scoreflow.sde import SDE
-from scoreflow.utils import ScoreFn
+from scoreflow.utils import ScoreFn, shape_checked
 
 FIXED_STEP = ("euler", "heun", "rk4")
 ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
@@ -48,6 +48,7 @@ def solve_probability_flow(
     """
     nfe = 0
     B = x.shape[0]
+    score_fn = shape_checked(score_fn)  # its first evaluation checks the score is shaped like x
 
     def drift(t: Tensor, x: Tensor) -> Tensor:
         nonlocal nfe

@@ -10,12 +10,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from scoreflow.sampling.correctors import Corrector, get_corrector
+from scoreflow.sampling.correctors import Corrector, LangevinNorm, get_corrector
 from scoreflow.sampling.noise import NoiseSource, initial_state, make_noise
 from scoreflow.sampling.predictors import Predictor, get_predictor
 from scoreflow.sampling.registry import register_sampler
 from scoreflow.sde import SDE
-from scoreflow.utils import ScoreFn, append_dims
+from scoreflow.utils import ScoreFn, append_dims, call_score, shape_checked
 
 Projection = Callable[[Tensor, Tensor, NoiseSource], Tensor]
 """``project(x [B, ...], t [B], rng) -> x``: a constraint applied after every update (e.g. inpainting)."""
@@ -43,11 +43,13 @@ def tweedie_denoise(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor) -> Tensor
     One score evaluation; ``x [B, ...]``, ``t [B]``. For VE (``alpha = 1``) it is ``x + sigma^2 s``.
     """
     alpha, sigma = sde.marginal(t)
-    return (x + append_dims(sigma**2, x.ndim) * score_fn(x, t)) / append_dims(alpha, x.ndim)
+    return (x + append_dims(sigma**2, x.ndim) * call_score(score_fn, x, t)) / append_dims(alpha, x.ndim)
 
 
 def describe_pc(o: Mapping[str, Any]) -> str:
-    return (f"PC {o.get('predictor')} + {o.get('corrector')} (snr={o.get('snr')}, n_steps={o.get('n_steps')}),"
+    norm = o.get("corrector_norm")
+    norm = f", norm={norm}" if o.get("corrector") == "langevin" and norm not in (None, "auto") else ""
+    return (f"PC {o.get('predictor')} + {o.get('corrector')} (snr={o.get('snr')}, n_steps={o.get('n_steps')}{norm}),"
             f" steps={o.get('steps') or 'N'}, denoise={o.get('denoise')}")
 
 
@@ -62,6 +64,7 @@ def pc_sample(
     lam: float | None = None,
     snr: float = 0.16,
     n_steps: int = 1,
+    corrector_norm: LangevinNorm = "auto",
     steps: int | None = None,
     eps: float | None = None,
     denoise: bool = True,
@@ -83,7 +86,11 @@ def pc_sample(
         lam: ``lambda`` of ``predictor="lambda_family"``, Huang et al.'s plug-in reverse SDEs (Eq. 27):
             0 the reverse SDE, 1 the probability-flow ODE; ``None`` for every other predictor.
         corrector: a name in :data:`~scoreflow.sampling.correctors.CORRECTORS` or an instance
-            (``snr`` and ``n_steps`` configure a named one).
+            (``snr``, ``n_steps`` and, for ``"langevin"``, ``corrector_norm`` configure a named one).
+        corrector_norm: how the ``"langevin"`` corrector takes its norms ``||z||``, ``||s||``
+            (:class:`~scoreflow.sampling.correctors.LangevinCorrector`): ``"auto"`` (default) is ``"batch"``,
+            the reference's mean over the batch, for data of fewer than 64 dimensions, where per-example norms
+            bias the samples, and ``"example"`` from 64 on (every image set), so a sample depends on its seed only.
         steps: number of predictor steps on a uniform grid from ``T`` to ``eps`` (default ``sde.N``).
         eps: last time (default ``sde.default_sample_eps``).
         denoise: finish with Tweedie's ``E[x0 | x_eps]`` (one more score evaluation). The reference instead
@@ -91,14 +98,15 @@ def pc_sample(
             and is exact for the posterior mean.
         noise: the prior sample ``x_T`` to start from (default: drawn from the noise source).
         generator / seeds: one generator for the batch, or one seed per example (an example then depends
-            on its seed only, whatever the batch size).
+            on its seed only, whatever the batch size, unless the Langevin corrector takes batch norms).
         project: optional constraint applied to ``x_T`` and after every predictor and corrector update.
 
     Returns:
         :class:`SampleResult` with ``nfe = steps * (predictor.nfe + corrector.nfe) + denoise``.
     """
     pred = get_predictor(predictor, lam=lam)
-    corr = get_corrector(corrector, snr=snr, n_steps=n_steps)
+    corr = get_corrector(corrector, snr=snr, n_steps=n_steps, norm=corrector_norm)
+    score_fn = shape_checked(score_fn)  # its first evaluation checks the score is shaped like x
     rng = make_noise(generator=generator, seeds=seeds, device=device if noise is None else noise.device)
     x = initial_state(sde, None if shape is None else tuple(shape), noise, rng, dtype=dtype, device=device)
     eps = sde.default_sample_eps if eps is None else eps

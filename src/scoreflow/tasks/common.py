@@ -29,6 +29,7 @@ from scoreflow.lit import preemption
 from scoreflow.lit.callbacks import AtomicCheckpointIO
 from scoreflow.lit.preemption import Preempted, PreemptionCheckpoint
 from scoreflow.lit.progress import TerminalProgressBar
+from scoreflow.lit.settings import protocol_string  # noqa: F401  (re-exported: the tasks name it here)
 from scoreflow.lit.throughput import SUMMARY_KEYS as THROUGHPUT_KEYS
 from scoreflow.tasks.build import build_data, build_datamodule
 from scoreflow.tasks.checkpoint import module_from_checkpoint, task_dir
@@ -280,25 +281,6 @@ def test_checkpoint(cfg: DictConfig, ckpt_path: Path, out: Path, *, kind: str = 
     trainer = make_trainer(cfg.trainer, callbacks=callbacks, logger=logger, enable_checkpointing=False)
     results = trainer.test(module, datamodule=dm, verbose=False)
     return scalar_metrics(results[0] if results else trainer.callback_metrics)
-
-
-def protocol_string(cfg: DictConfig) -> str:
-    """One line naming the evaluation protocol of a score model's test phase (solver, bound, dequantization)."""
-    e = cfg.module.evaluation
-    deq = cfg.get("dequantization")
-    deq_name = str(deq.get("_target_", "?")).rsplit(".", 1)[-1] if deq else "none"
-    from scoreflow.likelihood.ode import FIXED_GRID_METHODS
-
-    solve = (f"{e.get('steps')} steps" if e.method in FIXED_GRID_METHODS else f"rtol={e.rtol} atol={e.atol}")
-    extras = "".join(f" {name}" for name, on in (("stratified", e.get("stratified")),
-                                                 ("antithetic", e.get("bound_antithetic")),
-                                                 ("plan=fit", (e.get("bound_plan") or "none") == "fit")) if on)
-    return (
-        f"eps={cfg.get('eps') or 'sde default'}, dequantization={deq_name}, "
-        f"ODE {e.method} {solve} {e.divergence} "
-        f"{e.ode_dtype}, bound num_t={e.test_num_t} IS={e.importance_sampling} {e.bound_estimator}{extras} "
-        f"eps-correction={e.truncation_correction}, repeats={e.test_repeats}"
-    )
 
 
 # ----------------------------------------------------------------------------- trainers, metrics, tables

@@ -302,12 +302,24 @@ def solver_error(store: PartialResults, n_check: int) -> np.ndarray:
     return np.abs(ode[both] - tight[both])
 
 
+def per_example_meta(protocol: dict[str, Any], repeats: int) -> dict[str, Any]:
+    """What per-image values were measured on, stored with them (``meta`` in ``per_example.npz``) so that runs
+    are paired only like with like (``bench/compare_runs.py``): ``data`` (the data config without ``root``),
+    ``split``, ``seed`` (the per-image seed) and ``protocol`` (everything else a value depends on: eps,
+    dequantization, ODE and bound settings, repeats; not the checkpoint). ``protocol`` is the evaluation's
+    fingerprint or the ``protocol`` entry of its ``metrics.json`` (a superset), which give the same dict."""
+    return {"data": protocol.get("data"), "split": protocol.get("split"), "seed": protocol.get("seed"),
+            "protocol": {**{k: protocol[k] for k in ("eps", "dequantization", "ode", "bound") if k in protocol},
+                         "repeats": repeats}}
+
+
 def save_per_example(path: Path, store: PartialResults, n: int, repeats: int, quantities: list[str],
                      solver_check_images: int = 0) -> Path:
     """``per_example.npz``: ``index [N]`` and ``[N, repeats]`` arrays per quantity (NaN = not computed), the
-    bound's per-image Monte-Carlo standard errors ``bpd_bound_mcse [N, repeats]``, and ``bpd_ode_tight [M]``:
-    repeat 0 of the first ``M`` images re-solved at the 100x tighter tolerance."""
-    arrays = {"index": np.arange(n)}
+    bound's per-image Monte-Carlo standard errors ``bpd_bound_mcse [N, repeats]``, ``bpd_ode_tight [M]``:
+    repeat 0 of the first ``M`` images re-solved at the 100x tighter tolerance, and ``meta``: the JSON string of
+    :func:`per_example_meta` (files of earlier releases have none; readers must not require it)."""
+    arrays = {"index": np.arange(n), "meta": np.asarray(json.dumps(per_example_meta(store.fingerprint, repeats)))}
     for q in quantities:
         arrays[q] = store.table(q, n, repeats)
     if "bpd_bound" in quantities:

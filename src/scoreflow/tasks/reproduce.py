@@ -1,9 +1,13 @@
 """``make reproduce-small``: the five observations of ScoreFlow §5.3 tested at CPU scale on the embedded data.
 
-``python -m scoreflow.tasks.reproduce [--quick] [--out DIR] [--jobs 2]`` trains the grid
+``python -m scoreflow.tasks.reproduce [--quick] [--steps N] [--out DIR] [--jobs 2]`` trains the grid
 {VP, subVP} × {original, likelihood, lw_is} on ``digits`` (``train.py`` in a subprocess, one thread each, ``--jobs``
 rows at a time), trains a variational dequantizer after each score model (``train_dequant.py``), draws samples
 (``sample.py``, probability-flow ODE, per-sample seeds) and writes ``DIR.md`` with the claims table and PNG plots.
+``train.py``, ``train_dequant.py``, ``sample.py`` and ``conf/`` are those of the current directory when it holds
+``train.py`` and ``conf/train.yaml`` (a project checkout), else those of the checkout the package was installed from
+(:func:`project_root`); the default ``DIR`` is ``reports/reproduce-small[-quick]`` under that root. Every stage of
+every row prints a line (flushed) when it starts and ends, so a log file shows the progress.
 
 Every row is evaluated by the one evaluation path (``lit/per_image.py``) on the same test images with the same
 per-image seeds, so rows are compared **per image**: ``d_i = a_i - b_i``, reported as ``mean(d) ± sd(d)/sqrt(n)``.
@@ -11,7 +15,10 @@ A claim *holds* when every comparison it makes points its way by more than ``Z_S
 not hold* when one points the other way by more than that, and is *inconclusive* otherwise.
 
 Resumable: a run folder whose ``metrics.json`` holds the test metrics (and a sample folder with ``samples.npz``) is
-not redone; an interrupted ``train.py`` resumes from its own ``checkpoints/last.ckpt`` (``auto_resume``).
+not redone; an interrupted ``train.py`` resumes from its own ``checkpoints/last.ckpt`` (``auto_resume``). The budget
+is written to ``DIR/plan.json`` at the start, and a rerun with another budget (``--quick``, ``--steps``) into a folder
+of runs of another budget is refused: give it another ``--out``. The report's steps are those of each run's
+``metrics.json``.
 """
 
 from __future__ import annotations
@@ -20,11 +27,12 @@ import argparse
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +40,20 @@ import numpy as np
 Z_SIGNIFICANT = 2.0  # |paired mean| / s.e. below this: inconclusive
 SDES = ("vp", "subvp")
 WEIGHTINGS = ("original", "likelihood", "lw_is")
-ROOT = Path(__file__).resolve().parents[3]  # the checkout: train.py, train_dequant.py, sample.py live here
+ROOT = Path(__file__).resolve().parents[3]  # the checkout the package was installed from (an editable install)
+
+
+def project_root() -> Path:
+    """Where ``train.py``, ``train_dequant.py``, ``sample.py`` and ``conf/`` are taken from (and the commands run):
+    the current working directory when it holds ``train.py`` and ``conf/train.yaml`` (the project root of the
+    checkout the user works in), else :data:`ROOT`, the checkout the package was installed from."""
+    cwd = Path.cwd()
+    return cwd if (cwd / "train.py").is_file() and (cwd / "conf" / "train.yaml").is_file() else ROOT
+
+
+def default_out(quick: bool, root: Path | None = None) -> Path:
+    """``reports/reproduce-small[-quick]`` under the project root."""
+    return (root or project_root()) / "reports" / ("reproduce-small-quick" if quick else "reproduce-small")
 
 
 # ---------------------------------------------------------------- the plan
@@ -87,7 +108,8 @@ def _common(row: Row) -> list[str]:
 
 def train_cmd(row: Row, run: Path) -> list[str]:
     every = max(row.steps // row.validations, 25)
-    return [sys.executable, str(ROOT / "train.py"), f"data={row.data}", f"sde={row.sde}", f"weighting={row.weighting}",
+    return [sys.executable, str(project_root() / "train.py"), f"data={row.data}", f"sde={row.sde}",
+            f"weighting={row.weighting}",
             f"trainer.max_steps={row.steps}", "module.optim.lr=2e-3",  # this report's budget: the former default run
             f"val_every={every}", f"module.evaluation.nll_every={every}",
             "module.evaluation.nll_subset=32", f"checkpoint_every={every}", f"sample_every={row.steps}",
@@ -98,7 +120,8 @@ def train_cmd(row: Row, run: Path) -> list[str]:
 
 def dequant_cmd(row: Row, run: Path, score_run: Path, steps: int) -> list[str]:
     # the same bound protocol as the uniform row (no ε-correction in the reported bound), so rows pair
-    return [sys.executable, str(ROOT / "train_dequant.py"), f"score_ckpt={score_run / 'checkpoints' / 'last.ckpt'}",
+    return [sys.executable, str(project_root() / "train_dequant.py"),
+            f"score_ckpt={score_run / 'checkpoints' / 'last.ckpt'}",
             f"trainer.max_steps={steps}", f"val_every={max(steps // 2, 10)}", f"checkpoint_every={steps}",
             "trainer.log_every_n_steps=5", "module.evaluation.truncation_correction=false",
             *_common(row), f"hydra.run.dir={run}"]
@@ -106,7 +129,8 @@ def dequant_cmd(row: Row, run: Path, score_run: Path, steps: int) -> list[str]:
 
 def sample_cmd(run: Path, out: Path, n: int) -> list[str]:
     # probability-flow ODE, RK4 50 steps (200 NFE), sample i from seed i: the training run's sample grid settings
-    return [sys.executable, str(ROOT / "sample.py"), f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "sampler=ode",
+    return [sys.executable, str(project_root() / "sample.py"), f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+            "sampler=ode",
             "sampler.method=rk4", "sampler.steps=50", f"num_samples={n}", "batch_size=200", "progress=false",
             f"hydra.run.dir={out}"]
 
@@ -133,7 +157,7 @@ def _call(cmd: list[str], log: Path) -> None:
     with log.open("a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
-        rc = subprocess.call(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        rc = subprocess.call(cmd, cwd=project_root(), env=env, stdout=f, stderr=subprocess.STDOUT)
     with (log.parent / TIMINGS).open("a") as f:  # every stage's own wall time, over all invocations
         f.write(json.dumps({"stage": log.stem, "seconds": round(time.time() - t0, 1), "exit": rc}) + "\n")
     if rc != 0:
@@ -151,21 +175,92 @@ def stage_seconds(runs: Path) -> float:
     return sum(json.loads(line)["seconds"] for line in f.read_text().splitlines() if line.strip())
 
 
-def do_row(row: Row, out: Path, budget: Budget, runner=_call) -> list[str]:
-    """Train, dequantize, sample one row, skipping each finished stage. Returns the stages run."""
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
+def progress(t0: float, text: str) -> None:
+    """One flushed console line ``[reproduce +M:SS] text`` (``M:SS`` since ``t0``): a log file shows progress."""
+    print(f"[reproduce +{_minutes(time.time() - t0)}] {text}", flush=True)
+
+
+def do_row(row: Row, out: Path, budget: Budget, runner=_call, t0: float | None = None) -> list[str]:
+    """Train, dequantize, sample one row, skipping each finished stage, with a :func:`progress` line when each
+    stage starts and ends (``t0``: the start of the whole command; default now). Returns the stages run."""
+    t0 = time.time() if t0 is None else t0
     done: list[str] = []
     runs = out / "runs"
     score, vd, smp = runs / row.name, runs / f"{row.name}_vd", runs / f"{row.name}_samples"
-    if not run_done(score):
-        runner(train_cmd(row, score), runs / f"{row.name}.log")
-        done.append("train")
-    if not run_done(vd):
-        runner(dequant_cmd(row, vd, score, row.dequant_steps or budget.dequant_steps), runs / f"{row.name}_vd.log")
-        done.append("dequant")
-    if not samples_done(smp):
-        runner(sample_cmd(score, smp, row.num_samples or budget.num_samples), runs / f"{row.name}_samples.log")
-        done.append("samples")
+    stages = [
+        ("train", run_done(score), lambda: train_cmd(row, score), runs / f"{row.name}.log"),
+        ("dequant", run_done(vd), lambda: dequant_cmd(row, vd, score, row.dequant_steps or budget.dequant_steps),
+         runs / f"{row.name}_vd.log"),
+        ("samples", samples_done(smp), lambda: sample_cmd(score, smp, row.num_samples or budget.num_samples),
+         runs / f"{row.name}_samples.log"),
+    ]
+    for stage, finished, cmd, log in stages:
+        if finished:
+            progress(t0, f"{row.name}: {stage} finished earlier, reused")
+            continue
+        progress(t0, f"{row.name}: {stage} started (log {log})")
+        start = time.time()
+        try:
+            runner(cmd(), log)
+        except Exception:
+            progress(t0, f"{row.name}: {stage} FAILED after {_minutes(time.time() - start)}")
+            raise
+        progress(t0, f"{row.name}: {stage} done in {_minutes(time.time() - start)}")
+        done.append(stage)
     return done
+
+
+PLAN = "plan.json"
+
+
+def describe(b: Budget) -> str:
+    text = (f"{b.steps} score steps, {'all' if b.test_subset is None else b.test_subset} test images, "
+            f"{b.dequant_steps} flow steps, {b.num_samples} samples")
+    return text + (f", mnist5k pair at {b.mnist_steps} steps" if b.mnist_steps else "")
+
+
+def _metrics(run: Path) -> dict:
+    try:
+        value = json.loads((run / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def check_plan(out: Path, budget: Budget) -> str | None:
+    """Record ``budget`` in ``out/plan.json``, or refuse a folder of runs made with another budget: its rows would be
+    reused and reported under this budget. Returns the reason to refuse (``None``: go on). A folder of an earlier
+    release (no ``plan.json``) is judged by its finished score runs: ``train/steps`` and their test images."""
+    where = out / PLAN
+    advice = (f"Rerun with the budget that folder was made with, or give another --out (e.g. --out "
+              f"{out.parent / f'{out.name}-steps{budget.steps}'}).")
+    if where.is_file():
+        try:
+            stored = Budget(**json.loads(where.read_text())["budget"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return f"{where} is unreadable ({e}): cannot tell which budget the runs in {out} have. {advice}"
+        if stored != budget:
+            return (f"{out} holds runs of another budget ({describe(stored)}) than this command's "
+                    f"({describe(budget)}). {advice}")
+        return None
+    for row in plan(budget):
+        run = out / "runs" / row.name
+        if not run_done(run):
+            continue
+        steps, n = _metrics(run).get("train/steps"), None
+        if (run / "test_per_example.npz").is_file():
+            with np.load(run / "test_per_example.npz") as z:
+                n = len(z["index"])
+        if (isinstance(steps, (int, float)) and int(steps) != row.steps) or \
+                (row.test_subset is not None and n is not None and n != row.test_subset):
+            return (f"{out} holds {row.name} trained for {steps} score steps ({n} test images), but this command's "
+                    f"budget is {describe(budget)}. {advice}")
+    where.write_text(json.dumps({"budget": asdict(budget), "rows": [r.name for r in plan(budget)]}, indent=2))
+    return None
 
 
 # ---------------------------------------------------------------- statistics
@@ -234,6 +329,7 @@ class RowResult:
     kid: tuple[float, float] | None = None  # (KID, s.e.) of the samples against the test images
     loss_var: dict[str, float] = field(default_factory=dict)  # estimator variances (see loss_variance)
     seconds: float = math.nan
+    steps: int | None = None  # score steps the run took (its metrics.json's train/steps); None: unknown
 
 
 def per_image(run: Path, filename: str = "test_per_example.npz") -> tuple[dict[int, float], dict[int, float]]:
@@ -371,7 +467,7 @@ def test_images(data: str) -> np.ndarray:
 
     from scoreflow.tasks.build import build_data
 
-    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+    with initialize_config_dir(str(project_root() / "conf"), version_base=None):
         cfg = compose("train", overrides=[f"data={data}"])
     src = build_data(cfg)
     ds = src.load()["test"]
@@ -536,7 +632,10 @@ def row_table(results: list[RowResult]) -> str:
     for r in results:
         k = f"{1e3 * r.kid[0]:.2f} ± {1e3 * r.kid[1]:.2f}" if r.kid else "missing"
         lv = f"{r.loss_var['likelihood']:.3g} / {r.loss_var['lw_is']:.3g}" if r.loss_var else "–"
-        lines.append(f"| {r.row.name} | {r.row.steps} | {len(r.ode)} | {ms(r.ode)} | {ms(r.bound)} | {ms(r.ode_vd)} "
+        # the run's own steps (metrics.json), never the plan's alone: a reused run may have another budget
+        steps = f"{r.row.steps} (planned; not recorded)" if r.steps is None else \
+            str(r.steps) if r.steps == r.row.steps else f"{r.steps} (planned {r.row.steps})"
+        lines.append(f"| {r.row.name} | {steps} | {len(r.ode)} | {ms(r.ode)} | {ms(r.bound)} | {ms(r.ode_vd)} "
                      f"| {ms(r.bound_vd)} | {k} | {lv} | {r.seconds:.0f} |")
     return "\n".join(lines)
 
@@ -547,21 +646,40 @@ def claims_table(cs: list[Claim]) -> str:
     return "\n".join(lines)
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def command_line(argv: list[str]) -> str:
+    """This invocation as a shell command (``python -m scoreflow.tasks.reproduce ARGS``, arguments as given)."""
+    return shlex.join(["python", "-m", "scoreflow.tasks.reproduce", *argv])
+
+
 def write_report(path: Path, results: list[RowResult], cs: list[Claim], *, command: str, wall_s: float,
                  budget: Budget, plots: dict[str, str], failed: dict[str, str] | None = None,
-                 resumed: bool = False, stage_s: float = 0.0) -> Path:
+                 resumed: bool = False, stage_s: float = 0.0, jobs: int = 2, cores: int | None = None,
+                 by_make: bool = False) -> Path:
+    """Write the Markdown report. ``command``: the command line as run (:func:`command_line`; ``by_make``: run by a
+    ``make`` target); ``jobs``: rows run at a time; ``cores``: the CPU cores available (default: this machine's)."""
     mode = "full" if budget == FULL else "QUICK" if budget == QUICK else "test"
+    cores = available_cores() if cores is None else cores
+    at_once = f"{jobs} row{'s' if jobs != 1 else ''} at a time, one thread each"
     if resumed:
         when = (f"this invocation took {wall_s / 60:.1f} min but resumed earlier ones (finished stages were reused, "
                 "not rerun), so it is not the command's cost; " + (
-                    f"the stages' own wall times recorded in `runs/{TIMINGS}` sum to {stage_s / 60:.1f} min (rows "
-                    "run two at a time)" if stage_s > 0 else "the stages that ran earlier recorded no times"))
+                    f"the stages' own wall times recorded in `runs/{TIMINGS}` sum to {stage_s / 60:.1f} min (stages "
+                    f"of rows run in parallel overlap; this invocation: {cores} cores, {at_once})" if stage_s > 0
+                    else "the stages that ran earlier recorded no times"))
     else:
-        when = f"wall time {wall_s / 60:.1f} min from scratch on this machine (2 cores, rows two at a time)"
+        when = f"wall time {wall_s / 60:.1f} min from scratch on this machine ({cores} cores, {at_once})"
     parts = [
         f"# The paper's five claims at CPU scale ({mode} mode)",
         "",
-        f"Command: `{command}` — {when}. Budget: "
+        f"Command: `{command}`{' (run by `make`)' if by_make else ''} — {when}. Budget (`plan.json`): "
         f"{budget.steps} score steps, {budget.dequant_steps} variational-dequantization steps after each score model, "
         f"{'all' if budget.test_subset is None else budget.test_subset} test images, {budget.num_samples} samples per "
         "row. Seeds: training `seed=42` (train.py), flow `seed=0` (train_dequant.py), evaluation seed 0 (per-image "
@@ -612,10 +730,11 @@ def collect(row: Row, out: Path, ref: np.ndarray | None, num_levels: int) -> Row
     smp = runs / f"{row.name}_samples"
     if ref is not None and samples_done(smp):
         r.kid = kid(sample_features(smp, num_levels), ref)
-    try:
-        r.seconds = float(json.loads((runs / row.name / "metrics.json").read_text())["wall_time_s"])
-    except (KeyError, OSError, json.JSONDecodeError):
-        pass
+    m = _metrics(runs / row.name)
+    if isinstance(m.get("wall_time_s"), (int, float)):
+        r.seconds = float(m["wall_time_s"])
+    if isinstance(m.get("train/steps"), (int, float)):
+        r.steps = int(m["train/steps"])
     cache = runs / row.name / "loss_variance.json"
     if cache.is_file():
         r.loss_var = json.loads(cache.read_text())
@@ -626,26 +745,42 @@ def collect(row: Row, out: Path, ref: np.ndarray | None, num_levels: int) -> Row
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="300 steps, 100 test images, 100 flow steps, no mnist5k")
-    p.add_argument("--out", type=Path, default=None, help="report folder (default reports/reproduce-small[-quick])")
+    p.add_argument("--out", type=Path, default=None,
+                   help="report folder (default: reports/reproduce-small[-quick] under the project root: the current "
+                        "directory when it holds train.py and conf/, else the checkout scoreflow was installed from)")
     p.add_argument("--jobs", type=int, default=2, help="rows trained at a time (one thread each)")
-    p.add_argument("--steps", type=int, default=None, help="override the score steps (tests)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="a test budget of N score steps (16 test images, N/3 flow steps, 40 samples); a folder of "
+                        "runs of another budget is refused")
     a = p.parse_args(argv)
     t0 = time.time()
+    root = project_root()
+    if not (root / "train.py").is_file():
+        print(f"error: no train.py in {Path.cwd()} or in {ROOT} (where scoreflow was installed from): run this from "
+              "the project root of a scoreflow checkout", file=sys.stderr)
+        return 2
     budget = QUICK if a.quick else FULL
     if a.steps:
         budget = Budget(a.steps, 16, max(a.steps // 3, 5), 40, 0)
-    out = a.out or ROOT / "reports" / ("reproduce-small-quick" if a.quick else "reproduce-small")
+    out = (a.out or default_out(a.quick, root)).resolve()  # absolute: the stages run in the project root
     out.mkdir(parents=True, exist_ok=True)
+    if (refused := check_plan(out, budget)) is not None:
+        print(f"error: {refused}", file=sys.stderr)
+        return 2
     rows = plan(budget)
+    jobs = max(1, a.jobs)
+    progress(t0, f"{len(rows)} rows ({describe(budget)}), {jobs} at a time on {available_cores()} cores; "
+                 f"project root {root}; runs in {out / 'runs'}")
     failed: dict[str, str] = {}
 
     skipped: list[str] = []
 
     def one(row: Row) -> None:
         try:
-            stages = do_row(row, out, budget)
+            stages = do_row(row, out, budget, t0=t0)
             if len(stages) < 3:
                 skipped.append(row.name)
             print(f"[reproduce] {row.name}: {'ran ' + ', '.join(stages) if stages else 'already done'}", flush=True)
@@ -653,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
             failed[row.name] = str(e)
             print(f"[reproduce] {row.name}: FAILED: {e}", flush=True)
 
-    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(one, rows))
     rows = [r for r in rows if r.name not in failed]
     import torch
@@ -662,19 +797,20 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     refs: dict[str, tuple[np.ndarray, int]] = {}
     for row in rows:
+        progress(t0, f"{row.name}: collecting results (per-image values, KID, loss variance)")
         if row.data not in refs:
             ref = test_images(row.data)
             refs[row.data] = (ref, 17 if row.data == "digits" else 256)
         results.append(collect(row, out, *refs[row.data]))
     cs = claims(results)
+    progress(t0, "plots and report")
     plots = {"bits/dim against steps": plot_curves(results, out).name,
              "training-loss variance": plot_loss_variance(results, out).name,
              "samples": plot_samples(results, out).name}
     plots = {k: f"{out.name}/{v}" for k, v in plots.items()}
-    cmd = "make reproduce-small" + (" QUICK=1" if a.quick else "")
-    report = write_report(out.parent / f"{out.name}.md", results, cs, command=cmd, wall_s=time.time() - t0,
-                          budget=budget, plots=plots, failed=failed, resumed=bool(skipped),
-                          stage_s=stage_seconds(out / "runs"))
+    report = write_report(out.parent / f"{out.name}.md", results, cs, command=command_line(argv),
+                          wall_s=time.time() - t0, budget=budget, plots=plots, failed=failed, resumed=bool(skipped),
+                          stage_s=stage_seconds(out / "runs"), jobs=jobs, by_make=bool(os.environ.get("MAKELEVEL")))
     print(claims_table(cs))
     print(f"[reproduce] report: {report} ({(time.time() - t0) / 60:.1f} min)")
     return 0
