@@ -21,6 +21,7 @@ Evaluation is inherited unchanged: :meth:`ScoreLitModule.to_bpd` already reports
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -78,6 +79,8 @@ class DequantLitModule(ScoreLitModule):
         if self.freeze_score:
             self.score_model.requires_grad_(False)  # also keeps it out of the optimizer, the clip and the EMA
             self.score_model.eval()
+            # Lightning's "Found N module(s) in eval mode at the start of training": these, on purpose
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
     def train(self, mode: bool = True) -> DequantLitModule:
         super().train(mode)
