@@ -259,3 +259,25 @@ def test_image_folder_missing_split_is_held_out_of_train(tmp_path):
     splits = ImageFolder(str(tmp_path), shape=[3, 4, 4], val_size=50, test_size=4).load()
     assert {k: len(v) for k, v in splits.items()} == {"train": 6, "val": 3, "test": 4}
     assert int(splits["val"][0][1]) == -1  # no class subfolders: unlabelled
+
+
+def test_a_refused_resume_leaves_the_folders_config_untouched(tmp_path, fake_ckpts):
+    """``hydra.run.dir=`` of a folder whose ``last.ckpt`` has another SDE: refused in the preflight, before Hydra
+    writes the command's config into the folder's ``.hydra/`` (which then described a run that never happened)."""
+    import shutil
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(fake_ckpts / "score.ckpt", run / "checkpoints" / "last.ckpt")  # a VP run
+    (run / ".hydra").mkdir()
+    before = {name: f"{name}: the folder's own\n" for name in ("config.yaml", "hydra.yaml", "overrides.yaml")}
+    for name, text in before.items():
+        (run / ".hydra" / name).write_text(text)
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update(WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), "sde=ve", f"hydra.run.dir={run}"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=300)
+    check_screen(p.returncode, (p.stdout + p.stderr).strip().splitlines(), 2, "auto_resume", "sde._target_",
+                 "VESDE", "resume_allow_changes=true")
+    assert {p.name: p.read_text() for p in (run / ".hydra").iterdir()} == before
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", "checkpoints"]  # no log file, nothing else

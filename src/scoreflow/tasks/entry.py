@@ -18,6 +18,7 @@ through ``sys.exit``, which Hydra lets through.
 from __future__ import annotations
 
 import difflib
+import pickle
 import re
 import sys
 from collections.abc import Callable
@@ -112,13 +113,40 @@ def preflight(config_name: str, validator: Callable[[DictConfig], None] | None =
         cfg = compose(config_name, args)
     except Exception as e:  # noqa: BLE001 - every composition error is a usage error; see explain_composition
         _report_and_exit(explain_composition(e, config_name, args), command)
-    if validator is not None:
+    checks = [validator] if validator is not None else []
+    if config_name in RESUMING_TASKS:
+        checks.append(lambda c: check_folder_resume(c, args))
+    for check in checks:
         try:
-            validator(cfg)
+            check(cfg)
         except Exception as e:  # noqa: BLE001
             if classify(e) is None:
                 raise
             _report_and_exit(e, command)
+
+
+RESUMING_TASKS = ("train", "train_dequant", "train_classifier")  # auto_resume from <run dir>/checkpoints/last.ckpt
+
+
+def check_folder_resume(cfg: DictConfig, args: list[str]) -> None:
+    """A rerun in an existing folder (``hydra.run.dir=...``) whose ``last.ckpt`` was trained with another
+    sde/model/data/dequantization is refused here, before Hydra writes this command's config into the folder's
+    ``.hydra/`` (which would then describe a run that never happened); the run repeats the check
+    (:func:`scoreflow.tasks.resume.check_same_run`) for what the preflight does not see (multiruns)."""
+    run_dir = next((a.split("=", 1)[1] for a in args if a.split("=", 1)[0] == "hydra.run.dir"), None)
+    if not run_dir or cfg.get("ckpt_path") or not cfg.get("auto_resume", True):
+        return
+    last = Path(run_dir).expanduser() / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return
+    from omegaconf.errors import OmegaConfBaseException
+
+    from scoreflow.tasks.resume import check_same_run
+
+    try:
+        check_same_run(last, cfg)
+    except (OmegaConfBaseException, OSError, RuntimeError, pickle.UnpicklingError):
+        return  # a value that resolves only inside the Hydra job, an unreadable file: the run reports it
 
 
 def compose(config_name: str, overrides: list[str]) -> DictConfig:
