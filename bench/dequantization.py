@@ -203,9 +203,22 @@ def main() -> None:
             for m, q in pairs:
                 run_job(m, q, args, dataset, out)
     print(f"== test split, one score model ({args.score}); bits/dim, mean ± s.e. over images ==")
-    print("protocol: VP eps = the checkpoint's; bound: Theorem 3, importance-sampled t, paired stratified estimator, "
-          f"num_t={args.num_t}; ODE: dopri5 rtol=atol={args.rtol:g}, float64, 1 Rademacher probe, no ε-correction")
+    print(protocol_text(checkpoint_config(load_checkpoint(args.score)), args.num_t, args.rtol))
     print(table(args.models, out))
+
+
+def protocol_text(score_cfg, num_t: int, rtol: float) -> str:
+    """The protocol line: the score checkpoint's SDE (class and parameters) and eps, then the bound and ODE settings."""
+    import hydra
+
+    sde = hydra.utils.instantiate(score_cfg.sde)
+    params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in vars(sde).items()
+                       if not k.startswith("_"))
+    eps = score_cfg.get("eps")
+    eps_text = f"{float(eps):g} (the checkpoint's)" if eps is not None else f"{sde.default_eps:g} (the SDE's default)"
+    return (f"protocol: {type(sde).__name__}({params}), eps = {eps_text}; bound: Theorem 3, importance-sampled t, "
+            f"paired stratified estimator, num_t={num_t}; ODE: dopri5 rtol=atol={rtol:g}, float64, 1 Rademacher "
+            "probe, no ε-correction")
 
 
 if __name__ == "__main__":

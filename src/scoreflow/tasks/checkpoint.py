@@ -233,7 +233,8 @@ def load_model(cfg: DictConfig, *, device: torch.device | None = None) -> Loaded
         if missing:
             raise ConfigError(
                 f"{path} is a score_sde_pytorch checkpoint, which does not record its configuration: choose "
-                f"{' '.join(g + '=...' for g in missing)} on the command line (e.g. sde=vp model=ddpmpp data=cifar10)"
+                f"{' '.join(g + '=...' for g in missing)} on the command line (e.g. sde=vp model=ddpmpp data=cifar10)",
+                key=missing[0], fix="e.g. sde=vp model=ddpmpp data=cifar10 (VP/subVP) or sde=ve model=ncsnpp (VE)"
             )
         mcfg = OmegaConf.create({
             g: to_container(cfg[g]) for g in ("sde", "model", "data", "dequantization", "weighting")
@@ -247,9 +248,13 @@ def load_model(cfg: DictConfig, *, device: torch.device | None = None) -> Loaded
                 "module.scale=1 module.shift=0"
             )
         module = build_module(mcfg)
-        from scoreflow.nets.sp_checkpoint import load_score_sde_checkpoint
+        from scoreflow.nets.sp_checkpoint import CheckpointMismatchError, load_score_sde_checkpoint
+        from scoreflow.tasks.validate import explain_sp_mismatch
 
-        step = load_score_sde_checkpoint(ckpt, module.score_model, use_ema=use_ema).step
+        try:
+            step = load_score_sde_checkpoint(ckpt, module.score_model, use_ema=use_ema).step
+        except CheckpointMismatchError as e:  # the one screen of validate.score_sde_fits: counts, keys, the fix
+            raise explain_sp_mismatch(e, ckpt, cfg) from None
         del ckpt
     module.eval()
     digest = weights_digest(module)  # before the move: the same bytes whatever the device

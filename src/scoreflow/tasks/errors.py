@@ -12,6 +12,7 @@ Only ``HYDRA_FULL_ERROR=1`` shows the traceback of an anticipated error; unexpec
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 USAGE = 2  # the command is wrong: fix a value, a path or a checkpoint
@@ -54,6 +55,7 @@ FOREIGN = {
     "DatasetFormatError": (USAGE, "data.root"),
     "DatasetSplitError": (USAGE, "data.val_size"),
     "CheckpointFormatError": (USAGE, "ckpt_path"),
+    "CheckpointMismatchError": (USAGE, "model"),  # scoreflow.nets.sp_checkpoint: a .pth of another architecture
     "ProtocolMismatchError": (USAGE, None),
     "MissingInceptionWeightsError": (USAGE, "fid.inception_weights"),
     "NonFiniteLossError": (RUNTIME, "module.optim.lr"),
@@ -70,11 +72,66 @@ def _is_wandb_usage(exc: BaseException) -> bool:
 
 def foreign_fix(exc: BaseException) -> str | None:
     """The fix of a classified error type defined elsewhere (it has no ``fix`` attribute of ours)."""
+    if type(exc).__name__ == "CheckpointMismatchError":  # validate.explain_sp_mismatch names the model that fits
+        return getattr(exc, "fix", None)
     if type(exc).__name__ == "DatasetSplitError":
         return "hold out fewer examples: data.val_size=<N> data.test_size=<M> (their sum below the data's size)"
     if _is_wandb_usage(exc):
         return WANDB_FIX if "api key" in str(exc).lower() else "see W&B's message above, or use logger=csv"
     return None
+
+
+CONF = Path(__file__).resolve().parents[3] / "conf"
+_NONE = object()
+
+
+def options_with_key(key: str, conf: Path = CONF) -> list[str]:
+    """``group=option`` for every option file ``conf/<group>/<option>.yaml`` that defines the rest of the dotted
+    ``key`` (``sampler.lam`` -> ``["sampler=lambda_family"]``): where a key unknown to the chosen option lives."""
+    group, _, rest = key.partition(".")
+    folder = conf / group
+    if not rest or not group or not folder.is_dir():
+        return []
+    import yaml
+
+    found = []
+    for f in sorted(folder.glob("*.yaml")):
+        try:
+            node: Any = yaml.safe_load(f.read_text())
+        except Exception:  # noqa: BLE001 - an unreadable option file defines nothing
+            continue
+        for part in rest.split("."):
+            node = node.get(part, _NONE) if isinstance(node, dict) else _NONE
+        if node is not _NONE:
+            found.append(f"{group}={f.stem}")
+    return found
+
+
+def default_groups(config_name: str, conf: Path = CONF) -> set[str]:
+    """The config groups ``conf/<config_name>.yaml`` chooses an option of in its defaults list (``sampler: pc``)."""
+    import yaml
+
+    try:
+        defaults = (yaml.safe_load((conf / f"{config_name}.yaml").read_text()) or {}).get("defaults") or []
+    except Exception:  # noqa: BLE001 - no such config: no groups
+        return set()
+    names = (next(iter(d)) for d in defaults if isinstance(d, dict) and len(d) == 1)
+    return {n.removeprefix("override ").removeprefix("optional ").split("@")[0].strip() for n in names}
+
+
+def unknown_key_fix(key: str, value: Any = None, config_name: str | None = None) -> str | None:
+    """The fix of an unknown ``key`` that another option of its config group has: choose that option
+    (``sampler=pc sampler.lam=0.5`` -> ``sampler=lambda_family sampler.lam=0.5``); None when no option has it, or
+    when ``config_name`` (``sample`` for sample.py) has no such group to choose from."""
+    group, _, rest = key.partition(".")
+    if config_name is not None and group not in default_groups(config_name):
+        return None
+    options = options_with_key(key)
+    if not options:
+        return None
+    shown = " or ".join(options[:3]) + (" or ..." if len(options) > 3 else "")
+    return (f"{rest} is a key of {shown}, not of the {group} chosen: "
+            f"{options[0]} {key}={'<value>' if value is None else value}")
 
 
 def classify(exc: BaseException) -> tuple[int, str | None] | None:
@@ -104,6 +161,10 @@ def format_error(exc: BaseException, command: str, run_dir: str | None = None) -
         value = getattr(exc, "value", None)
         lines.append(f"  config key: {key}" + (f" = {value!r}" if value is not None else ""))
     fix = getattr(exc, "fix", None) if isinstance(exc, ScoreflowError) else foreign_fix(exc)
+    if isinstance(exc, ConfigError) and exc.message.startswith("unknown config key") and exc.key:
+        # an unknown key under a config group (entry.explain_composition's error): the option that has it, rather
+        # than a close spelling (`sampler.lam` is close to `sampler`, which would not help)
+        fix = unknown_key_fix(exc.key, exc.value, Path(command).stem) or fix
     if fix:
         lines.append(f"  fix: {fix}")
     if run_dir:

@@ -297,15 +297,23 @@ def run_conditional(lm: LoadedModel, cfg: DictConfig, out: Path) -> Result:
     num_classes = int(getattr(clf, "num_classes", 0) or getattr(lm.source, "num_classes", 0) or 0)
     labels = class_labels(cfg.get("labels"), int(cfg.num_samples), num_classes)
     seeds = _seeds(cfg, len(labels))
-    xs, nfes = [], []
+    xs, nfes, clf_nfes = [], [], []
     bs = int(cfg.batch_size)
+    calls = [0]
+
+    def counted(x: Tensor, t: Tensor) -> Tensor:  # each call is one classifier gradient (forward + backward)
+        calls[0] += 1
+        return clf(x, t)
+
     for a in range(0, len(seeds), bs):
         y = torch.tensor(labels[a : a + bs], device=module.device)
-        score_fn = classifier_guided_score(module._score_fn(), clf, y, float(cfg.guidance_scale))
+        score_fn = classifier_guided_score(module._score_fn(), counted, y, float(cfg.guidance_scale))
         for _, x, nfe in draw_samples(module, seeds[a : a + bs], cfg.sampler, bs, score_fn=score_fn,
                                       progress=bool(cfg.get("progress", False))):
             xs.append(x)
             nfes.append(nfe)
+            clf_nfes.append(calls[0])
+            calls[0] = 0
     x = torch.cat(xs)
     nrow = max(1, min(len(set(labels)), 16))
     paths = {"grid": save_batch(module, x, out / "conditional.png", nrow=nrow, max_images=int(cfg.grid_size)),
@@ -313,7 +321,10 @@ def run_conditional(lm: LoadedModel, cfg: DictConfig, out: Path) -> Result:
                                    seeds=np.asarray(seeds))}
     if cfg.save_pngs and is_image(module):
         paths["pngs"] = save_pngs(module, x, out / "pngs", list(range(len(seeds))))
-    metrics = {"nfe": float(np.mean(nfes)), "num_samples": float(len(x)), "guidance_scale": float(cfg.guidance_scale)}
+    # nfe: score-model evaluations per sample; classifier_nfe: classifier gradients (forward + backward) per sample,
+    # one per guided score evaluation, each about as costly as a score-model call
+    metrics = {"nfe": float(np.mean(nfes)), "classifier_nfe": float(np.mean(clf_nfes)), "num_samples": float(len(x)),
+               "guidance_scale": float(cfg.guidance_scale)}
     return metrics, paths
 
 

@@ -21,6 +21,7 @@ from scoreflow.tasks.checkpoint import (  # noqa: F401 (re-exported: this module
     load_classifier,
 )
 from scoreflow.tasks.common import fit, is_global_zero, start_run, test_checkpoint, write_metrics
+from scoreflow.tasks.console import echo
 
 
 def train_classifier(cfg: DictConfig) -> dict[str, float]:
@@ -39,7 +40,7 @@ def train_classifier(cfg: DictConfig) -> dict[str, float]:
     if not is_global_zero():  # strategy=ddp: rank 0 writes and reports
         return metrics
     write_metrics(out / "metrics.json", metrics)
-    print(accuracy_table(metrics, module, title=f"noise-conditional classifier ({out})"))
+    echo(accuracy_table(metrics, module, title=f"noise-conditional classifier ({out})"))  # console and run log
     return metrics
 
 

@@ -25,6 +25,8 @@ from scoreflow.tasks.common import (
     test_checkpoint,
     write_metrics,
 )
+from scoreflow.tasks.console import echo
+from scoreflow.tasks.validate import not_a_flow_checkpoint, read_checkpoint
 
 _RUN_ONLY = ("score_ckpt", "ckpt_path")  # describe this invocation, not the model
 _REPLACED = ("dequantization", "trainer", "callbacks", "logger")  # this run's own, not merged with the score run's
@@ -45,6 +47,9 @@ def flow_run_config(cfg: DictConfig, score_cfg: DictConfig) -> DictConfig:
 def train_dequant(cfg: DictConfig) -> dict[str, Any]:
     """Train φ with the frozen score model, write ``checkpoints/last.ckpt`` and ``metrics.json``, return the metrics."""
     t0 = time.time()
+    # the preflight's check again, before the run starts (multiruns and callers of this function skip the preflight)
+    not_a_flow_checkpoint((read_checkpoint(cfg.score_ckpt, "score_ckpt").get("scoreflow") or {}).get("config") or {},
+                          cfg.score_ckpt)
     out = start_run(cfg)
     score, score_cfg, _ = module_from_checkpoint(cfg.score_ckpt, use_ema=True)
     run_cfg = flow_run_config(cfg, score_cfg)
@@ -64,7 +69,7 @@ def train_dequant(cfg: DictConfig) -> dict[str, Any]:
     if not is_global_zero():  # strategy=ddp: rank 0 writes and reports
         return metrics
     write_metrics(out / "metrics.json", metrics)
-    print(results_table(metrics, title=f"test split, frozen score model + EMA flow ({out})", extra={
+    echo(results_table(metrics, title=f"test split, frozen score model + EMA flow ({out})", extra={
         "dequantization": metrics["dequantization"], "score model": str(cfg.score_ckpt),
         "flow steps": int(metrics["train/steps"]), "wall time": f"{metrics['wall_time_s']:.0f} s",
         "protocol": protocol_string(run_cfg),

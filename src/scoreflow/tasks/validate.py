@@ -1,8 +1,10 @@
 """Cheap checks of a composed config, run before any network, Trainer or data loader is built.
 
 Each check names the key, its value and the fix (:class:`scoreflow.tasks.errors.ConfigError`). Only values
-are read here: no Lightning import, torch only to open a checkpoint, and a data source is instantiated only
-when its ``root`` does not exist (for the source's own message: where it looked, the layout, the URL).
+are read here: no Lightning import, torch only to open a checkpoint (and, for a score_sde_pytorch ``.pth``, to
+build the requested network on the ``meta`` device: names and shapes, no weights), and a data source is
+instantiated only when its ``root`` does not exist (for the source's own message: where it looked, the layout, the
+URL).
 """
 
 from __future__ import annotations
@@ -328,6 +330,27 @@ def checkpoint_kind(ckpt: dict[str, Any]) -> str:
     return "unknown"
 
 
+def a_kind(kind: str) -> str:
+    """``a score`` / ``an unknown``: the kind of :func:`checkpoint_kind` with its article."""
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
+
+
+CHECKPOINTS_ACCEPTED = ("a .ckpt written by train.py (<run>/checkpoints/last.ckpt), or a score_sde_pytorch .pth "
+                        "(keys model, ema, step) with sde=... model=... data=...")
+
+
+def not_a_score_model(ckpt: dict[str, Any], key: str, value: Any) -> CheckpointError:
+    """The error for a ``key`` checkpoint that holds no score model: its kind (and, when unknown, its keys)."""
+    kind = checkpoint_kind(ckpt)
+    what = f"{key} is {a_kind(kind)} checkpoint, not a score model"
+    if kind == "unknown":
+        keys = sorted(map(str, ckpt))
+        what += f" (its keys: {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})"
+    elif kind == "classifier":
+        what += " (a classifier guides sampling: mode=conditional classifier_ckpt=...)"
+    return CheckpointError(what, key=key, value=value, fix=f"give {CHECKPOINTS_ACCEPTED}")
+
+
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(d, dict):
         out: dict[str, Any] = {}
@@ -367,7 +390,7 @@ def resume(cfg: DictConfig) -> None:
     ckpt = read_checkpoint(get(cfg, "ckpt_path"))
     kind = checkpoint_kind(ckpt)
     if kind != "score":
-        raise CheckpointError(f"ckpt_path is a {kind} checkpoint; train.py resumes only its own (score model) "
+        raise CheckpointError(f"ckpt_path is {a_kind(kind)} checkpoint; train.py resumes only its own (score model) "
                               "checkpoints", key="ckpt_path", value=get(cfg, "ckpt_path"),
                               fix="give <run>/checkpoints/last.ckpt of a train.py run")
     stored = ckpt["scoreflow"].get("config") or {}
@@ -387,8 +410,9 @@ def evaluate(cfg: DictConfig) -> None:
     ckpt = read_checkpoint(get(cfg, "ckpt_path"))
     kind = checkpoint_kind(ckpt)
     if kind not in ("score", "score_sde"):
-        raise CheckpointError(f"ckpt_path is a {kind} checkpoint, not a score model", key="ckpt_path",
-                              value=get(cfg, "ckpt_path"), fix="give <run>/checkpoints/last.ckpt of a train.py run")
+        raise not_a_score_model(ckpt, "ckpt_path", get(cfg, "ckpt_path"))
+    if kind == "score_sde":
+        score_sde_fits(cfg, ckpt)
     choice(cfg, "split", ("test", "val", "train"))
     if get(cfg, "num_images") != "all":
         integer(cfg, "num_images", low=0, allow_none=True, fix="num_images=<N>, all, or null (the test phase's)")
@@ -423,8 +447,9 @@ def sample(cfg: DictConfig) -> None:
     """``sample.py``: the checkpoint(s) and every count before the model is rebuilt."""
     ckpt = read_checkpoint(get(cfg, "ckpt_path"))
     if checkpoint_kind(ckpt) not in ("score", "score_sde"):
-        raise CheckpointError(f"ckpt_path is a {checkpoint_kind(ckpt)} checkpoint, not a score model",
-                              key="ckpt_path", value=get(cfg, "ckpt_path"))
+        raise not_a_score_model(ckpt, "ckpt_path", get(cfg, "ckpt_path"))
+    if checkpoint_kind(ckpt) == "score_sde":
+        score_sde_fits(cfg, ckpt)
     mode = get(cfg, "mode")
     choice(cfg, "mode", ("sample", "latent", "inpaint", "colorize", "conditional"))
     if mode in ("sample", "conditional"):
@@ -461,11 +486,153 @@ def sample(cfg: DictConfig) -> None:
         clf = read_checkpoint(get(cfg, "classifier_ckpt"), "classifier_ckpt")
         kind = checkpoint_kind(clf)
         if kind != "classifier":
-            raise CheckpointError(f"classifier_ckpt is a {kind} checkpoint, not a classifier", key="classifier_ckpt",
-                                  value=get(cfg, "classifier_ckpt"), fix="train one with train_classifier.py")
+            raise CheckpointError(f"classifier_ckpt is {a_kind(kind)} checkpoint, not a classifier",
+                                  key="classifier_ckpt", value=get(cfg, "classifier_ckpt"),
+                                  fix="train one with train_classifier.py")
         _classifier_fits(cfg, stored, (clf["scoreflow"].get("config") or {}))
     if get(cfg, "data_root"):
         data_root_exists(cfg)
+
+
+SP_NET_KEYS = ("embedding_type", "nf", "ch_mult", "num_res_blocks", "attn_resolutions", "progressive_input", "fir",
+               "progressive", "conditional")  # model.net settings a score_sde_pytorch state dict shows
+
+
+def score_sde_fits(cfg: DictConfig, ckpt: dict[str, Any]) -> None:
+    """A score_sde_pytorch ``.pth`` records no config: ``sde``/``model``/``data`` come from the command line, and the
+    network ``model`` builds must have exactly the checkpoint's keys and shapes. Built on the ``meta`` device (no
+    memory, no weights): a wrong ``model=`` is refused here, on one screen, naming the model that fits."""
+    path = get(cfg, "ckpt_path")
+    missing = [g for g in ("sde", "model", "data") if get(cfg, g) is None]
+    if missing:
+        raise ConfigError(f"{path} is a score_sde_pytorch checkpoint, which does not record its configuration: "
+                          f"choose {' '.join(g + '=...' for g in missing)} on the command line", key=missing[0],
+                          fix="e.g. sde=vp model=ddpmpp data=cifar10 (VP/subVP) or sde=ve model=ncsnpp (VE)")
+    from scoreflow.nets.sp_checkpoint import CheckpointMismatchError, check_score_sde_checkpoint
+
+    target = str(get(cfg, "model.net._target_") or get(cfg, "model._target_") or "?")
+    if not target.endswith("NCSNpp"):
+        arch = _sp_arch(ckpt)
+        raise CheckpointError(f"{path} is a score_sde_pytorch checkpoint, which loads into NCSN++ / DDPM++ "
+                              f"(scoreflow.nets.ncsnpp.NCSNpp) only; the model chosen builds "
+                              f"{target.rsplit('.', 1)[-1]}"
+                              f"\n  the checkpoint holds: {_describe_arch(arch, cfg)}", key="model", value=target,
+                              fix=sp_model_fix(cfg, ckpt, arch)[0])
+    if not ckpt.get("model"):  # no tensors, no architecture to compare: loading it lists the missing keys
+        return
+    net = _meta_net(OmegaConf.to_container(get(cfg, "model.net"), resolve=True), get(cfg, "data.shape"))
+    if net is None:  # cannot be built for these data: build_module says why, with the model and the data
+        return
+    try:
+        check_score_sde_checkpoint(ckpt, net, use_ema=bool(get(cfg, "use_ema", True)))
+    except CheckpointMismatchError as e:
+        raise explain_sp_mismatch(e, ckpt, cfg) from None
+
+
+def _sp_arch(ckpt: dict[str, Any]) -> dict[str, Any]:
+    from scoreflow.nets.sp_checkpoint import sp_architecture
+
+    state = ckpt.get("model")
+    return sp_architecture(state) if isinstance(state, dict) else {}
+
+
+def _describe_arch(arch: dict[str, Any], cfg: DictConfig) -> str:
+    from scoreflow.nets.sp_checkpoint import describe_sp_architecture
+
+    shape = get(cfg, "data.shape")
+    height = int(shape[1]) if OmegaConf.is_list(shape) and len(shape) == 3 else None
+    return describe_sp_architecture(arch, height)
+
+
+def _meta_net(net_cfg: dict[str, Any], shape: Any) -> Any:
+    """``model.net`` instantiated on the ``meta`` device (shapes only), or None when it cannot be built."""
+    import hydra
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return hydra.utils.instantiate(net_cfg, shape=tuple(int(s) for s in shape), _convert_="all")
+    except Exception:  # noqa: BLE001 - e.g. an image size the net cannot take: reported when the model is built
+        return None
+
+
+def _model_options() -> dict[str, dict[str, Any]]:
+    """The ``conf/model`` options whose network is an NCSNpp, by name."""
+    import yaml
+
+    out = {}
+    for f in sorted((Path(__file__).resolve().parents[3] / "conf" / "model").glob("*.yaml")):
+        try:
+            d = yaml.safe_load(f.read_text())
+        except Exception:  # noqa: BLE001 - an unreadable option file is no candidate
+            continue
+        if isinstance(d, dict) and str((d.get("net") or {}).get("_target_", "")).endswith("NCSNpp"):
+            out[f.stem] = d
+    return out
+
+
+def _override(key: str, value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return f"'{key}=[{','.join(str(v) for v in value)}]'"
+    return f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+
+
+def sp_model_fix(cfg: DictConfig, ckpt: dict[str, Any], arch: dict[str, Any] | None = None) -> tuple[str, bool]:
+    """``(fix, exact)``: the ``conf/model`` option closest to the checkpoint's architecture (read from its
+    tensors: :func:`scoreflow.nets.sp_checkpoint.sp_architecture`) plus the ``model.net.*`` overrides that make it
+    the checkpoint's; ``exact`` when that network, built on the ``meta`` device, has exactly the checkpoint's keys
+    and shapes."""
+    arch = _sp_arch(ckpt) if arch is None else arch
+    shape = get(cfg, "data.shape")
+    shape = [int(s) for s in shape] if OmegaConf.is_list(shape) else None
+    want = {k: arch[k] for k in SP_NET_KEYS if k in arch}
+    if "attn_levels" in arch and shape and len(shape) == 3:
+        want["attn_resolutions"] = sorted({shape[1] // 2**i for i in arch["attn_levels"]}, reverse=True)
+    options = _model_options()
+    if not want or not options:
+        return ("choose the model=... (and model.net.*) the checkpoint was trained with (model=ddpmpp for VP/subVP, "
+                "model=ncsnpp for VE)", False)
+
+    sizes = {shape[1] // 2**i for i in range(len(arch.get("ch_mult", [])))} if shape and len(shape) == 3 else None
+
+    def value(net: dict[str, Any], k: str) -> Any:
+        v = net.get(k)
+        if k == "attn_resolutions" and sizes is not None:  # resolutions the data do not have change nothing
+            return sorted(set(v or []) & sizes, reverse=True)
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    def diffs(name: str) -> list[str]:
+        return [k for k in want if value(options[name]["net"], k) != want[k]]
+
+    best = min(options, key=lambda n: (len(diffs(n)), len(n), n))  # ties: the plain option before its _deep
+    fix = " ".join([f"model={best}", *(_override(f"model.net.{k}", want[k]) for k in diffs(best))])
+    exact = False
+    if shape is not None:
+        from scoreflow.nets.sp_checkpoint import CheckpointMismatchError, check_score_sde_checkpoint
+
+        net = _meta_net({**options[best]["net"], **{k: want[k] for k in diffs(best)}}, shape)
+        try:
+            exact = net is not None and bool(check_score_sde_checkpoint(ckpt, net, use_ema=False))
+        except CheckpointMismatchError:
+            exact = False
+    channels = arch.get("channels")
+    if channels is not None and shape is not None and len(shape) == 3 and channels != shape[0]:
+        fix += f", with data of {channels} channels (data.shape[0]={shape[0]} here)"
+    elif not exact:
+        fix += " (the closest option; other model.net settings differ too)"
+    return fix, exact
+
+
+def explain_sp_mismatch(err: Any, ckpt: dict[str, Any], cfg: DictConfig) -> Any:
+    """``err`` (a :class:`~scoreflow.nets.sp_checkpoint.CheckpointMismatchError`) named after the checkpoint file,
+    with what the checkpoint holds and the ``model=`` that fits it: a one-screen usage error
+    (:mod:`scoreflow.tasks.errors`) wherever a ``.pth`` is loaded (validation and ``load_model``)."""
+    arch = _sp_arch(ckpt)
+    err.what = f"{get(cfg, 'ckpt_path')}: {err.what}"
+    err.note = f"the checkpoint holds: {_describe_arch(arch, cfg)}"
+    err.fix, _ = sp_model_fix(cfg, ckpt, arch)
+    err.key = "model"
+    return err
 
 
 def _stored_config(ckpt: dict[str, Any], cfg: DictConfig) -> dict[str, Any]:
@@ -607,12 +774,28 @@ def _device(cfg: DictConfig) -> None:
 
 
 def train_dequant(cfg: DictConfig) -> None:
+    """``score_ckpt`` must be a train.py score model: not a classifier, a .pth, nor a train_dequant.py checkpoint (a
+    score model whose flow is already trained after it: a second flow on top would be trained silently)."""
     common_training(cfg)
     path = get(cfg, "score_ckpt")
-    kind = checkpoint_kind(read_checkpoint(path, "score_ckpt"))
+    ckpt = read_checkpoint(path, "score_ckpt")
+    kind = checkpoint_kind(ckpt)
     if kind != "score":
-        raise CheckpointError(f"score_ckpt is a {kind} checkpoint, not a train.py score model", key="score_ckpt",
-                              value=path, fix="score_ckpt=outputs/train/<run>/checkpoints/last.ckpt")
+        raise CheckpointError(f"score_ckpt is {a_kind(kind)} checkpoint, not a train.py score model", key="score_ckpt",
+                              value=path, fix="score_ckpt=outputs/train/<run>/checkpoints/last.ckpt (a train.py run)")
+    not_a_flow_checkpoint(ckpt["scoreflow"].get("config") or {}, path)
+
+
+def not_a_flow_checkpoint(stored: dict[str, Any], path: Any) -> None:
+    """``score_ckpt`` (stored config ``stored``) must not be a train_dequant.py checkpoint (its config records the
+    ``dequant_run``): train_dequant.py trains a flow after a train.py score model, not a second flow on top."""
+    run = stored.get("dequant_run")
+    if isinstance(run, dict):
+        source = run.get("score_ckpt")
+        raise CheckpointError("score_ckpt is a train_dequant.py checkpoint (a frozen score model and the variational "
+                              "dequantizer trained after it), not a train.py score model", key="score_ckpt",
+                              value=path, fix=f"score_ckpt={source} (the score model it was trained from)" if source
+                              else "score_ckpt=outputs/train/<run>/checkpoints/last.ckpt (a train.py run)")
 
 
 def train_classifier(cfg: DictConfig) -> None:
@@ -628,7 +811,7 @@ def train_classifier(cfg: DictConfig) -> None:
     if path:
         kind = checkpoint_kind(read_checkpoint(path))
         if kind != "classifier":
-            raise CheckpointError(f"ckpt_path is a {kind} checkpoint; train_classifier.py resumes only its own "
+            raise CheckpointError(f"ckpt_path is {a_kind(kind)} checkpoint; train_classifier.py resumes only its own "
                                   "(classifier) checkpoints", key="ckpt_path", value=path,
                                   fix="give <run>/checkpoints/last.ckpt of a train_classifier.py run, or drop "
                                       "ckpt_path")
