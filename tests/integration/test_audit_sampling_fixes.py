@@ -104,7 +104,7 @@ def test_unknown_key_names_the_option_only_where_the_config_has_the_group():
     assert unknown_key_fix("sampler.lam", "0.5", "sample") == ("lam is a key of sampler=lambda_family, not of the "
                                                                 "sampler chosen: sampler=lambda_family sampler.lam=0.5")
     assert unknown_key_fix("sampler.lamm", "0.5", "sample") is None  # a misspelling: "did you mean" stays
-    assert unknown_key_fix("extras.print_config", "false", "train_dequant") is None  # no extras group to choose
+    assert unknown_key_fix("extras.print_config", "false", "evaluate") is None  # no extras group to choose
 
 
 def fix_overrides(fix: str) -> list[str]:
@@ -208,3 +208,11 @@ def test_train_classifier_accepts_extras_and_logs_its_table(tmp_path):
     log = (tmp_path / "run" / "train_classifier.log").read_text()
     table = [ln for ln in text.splitlines() if ln.startswith("== noise-conditional classifier")]
     assert table and table[0] in log and "chance = 0.100" in log
+
+
+def test_train_dequant_takes_the_extras_of_train_py():
+    from scoreflow.tasks.entry import compose
+
+    cfg = compose("train_dequant", ["score_ckpt=x.ckpt", "extras.print_config=false"])
+    assert cfg.extras.print_config is False
+    assert compose("train_dequant", ["score_ckpt=x.ckpt"]).extras.print_config is True  # the tree, as train.py

@@ -44,6 +44,8 @@ CASES = [
      ["accelerator", "no CUDA device", "accelerator=cpu"]),
     ("sample.py", ["ckpt_path={d}/score.ckpt", "sampler.predictor=reverse_difusion"],
      ["sampler.predictor", "reverse_difusion", "did you mean sampler.predictor=reverse_diffusion"]),
+    ("sample.py", ["ckpt_path={d}/score.ckpt", "sampler.corrector_norm=batches"],
+     ["sampler.corrector_norm", "batches", "did you mean sampler.corrector_norm=batch"]),
     ("sample.py", ["ckpt_path={d}/score.ckpt", "sampler.corrector=langevn"], ["sampler.corrector", "langevin"]),
     ("sample.py", ["ckpt_path={d}/score.ckpt", "sampler=lambda_family", "sampler.lam=1.5"],
      ["sampler.lam", "1.5", "<= 1"]),

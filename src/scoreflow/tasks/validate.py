@@ -669,6 +669,15 @@ def sampler(cfg: DictConfig, key: str = "sampler") -> None:
             fix = did_you_mean(f"{key}.{part}", name, known) or f"set {key}.{part}=<one of the names above>"
             raise ConfigError(f"unknown {part} {name!r}; choose from {', '.join(sorted(known))}", key=f"{key}.{part}",
                               value=name, fix=fix)
+    norm = options.get("corrector_norm")
+    if norm is not None:
+        from scoreflow.sampling.correctors import LANGEVIN_NORMS
+
+        if norm not in LANGEVIN_NORMS:
+            raise ConfigError(f"unknown corrector_norm {norm!r}; choose from {', '.join(LANGEVIN_NORMS)}",
+                              key=f"{key}.corrector_norm", value=norm,
+                              fix=did_you_mean(f"{key}.corrector_norm", str(norm), LANGEVIN_NORMS)
+                              or f"{key}.corrector_norm=auto")
     lam = options.get("lam")
     if lam is not None:
         pred = "none" if options.get("predictor") is None else options["predictor"]
