@@ -33,7 +33,8 @@ class Dequantizer(nn.Module, ABC):
 def check_levels(k: Tensor, num_levels: int) -> None:
     """Levels ``k`` must lie in ``[0, num_levels - 1]``, else ``x = (k + u) / K`` leaves ``(0, 1)``.
 
-    On the CPU a ``ValueError`` names the smallest and largest level found. On a GPU reading them back would stall
+    On the CPU a ``ValueError`` names the smallest and largest level found (the in-range test itself reads nothing
+    back into Python: the training step's host-read tests hold on the CPU too). On a GPU reading them back would stall
     the training step on a host-device sync, so the check is queued with ``torch._assert_async`` instead: no sync,
     and a bad batch stops the run with a device-side assertion at a later kernel launch (rerun on the CPU for the
     ``ValueError``). Other accelerators are not checked. ``uint8`` levels with ``K >= 256`` cannot be out of
@@ -43,19 +44,18 @@ def check_levels(k: Tensor, num_levels: int) -> None:
         raise ValueError(f"num_levels must be >= 2, got {num_levels}")
     if k.dtype == torch.uint8 and num_levels >= 256:
         return
+    if not (k.is_cuda or k.is_cpu) or k.numel() == 0:  # other accelerators: no asynchronous assertion to queue
+        return
+    inside = (k <= num_levels - 1).all() if k.dtype == torch.uint8 else ((k >= 0) & (k <= num_levels - 1)).all()
+    message = f"dequantizer: levels k outside [0, num_levels - 1] = [0, {num_levels - 1}]"
     if k.is_cuda:  # 2-4 tiny kernels, queued: no host-device sync
-        inside = (k <= num_levels - 1).all() if k.dtype == torch.uint8 else ((k >= 0) & (k <= num_levels - 1)).all()
-        torch._assert_async(inside, f"dequantizer: levels k outside [0, num_levels - 1] = [0, {num_levels - 1}]")
+        torch._assert_async(inside, message)
         return
-    if not k.is_cpu or k.numel() == 0:  # other accelerators: no asynchronous assertion to queue
+    try:  # on the CPU the assertion is checked at once, in C++: no Python-level read of a tensor in the step
+        torch._assert_async(inside, message)
         return
-    if k.dtype == torch.uint8:  # one reduction (~2 us for a batch of 128 8x8 digits): only the top can be wrong
-        if k.max().item() <= num_levels - 1:
-            return
-    else:
-        lo, hi = torch.aminmax(k)
-        if lo.item() >= 0 and hi.item() <= num_levels - 1:  # NaN levels fail
-            return
+    except RuntimeError:
+        pass  # out of range (NaN levels too): the ValueError below names what was found
     lo, hi = (float(v) for v in torch.aminmax(k))
     raise ValueError(f"levels k must lie in [0, num_levels - 1] = [0, {num_levels - 1}], got min {lo:g}, max {hi:g} "
                      f"(num_levels={num_levels})")
