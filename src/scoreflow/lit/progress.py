@@ -66,13 +66,17 @@ class TerminalProgressBar(TQDMProgressBar):
     def _elapsed(self, stage: str) -> float:
         return time.monotonic() - self._stage_start.get(stage, time.monotonic())
 
-    def _loop_line(self, stage: str, done: int, total: float | int | None) -> str:
+    def _batch_done(self, trainer: pl.Trainer, stage: str, done: int, total: float | int | None) -> None:
+        """A validation or test batch ended: its ``progress:`` line when one is due."""
+        if not self._due(trainer, stage):
+            return
         elapsed = self._elapsed(stage)
         if total is None or not math.isfinite(total) or total <= 0:
-            return f"{stage} batch {done}, {duration(elapsed)} elapsed"
+            log.info("progress: %s batch %d, %s elapsed", stage, done, duration(elapsed))
+            return
         left = elapsed / max(done, 1) * (total - done)
-        return (f"{stage} batch {done}/{int(total)} ({100 * done / total:.0f} %), {duration(elapsed)} elapsed, "
-                f"~{duration(left)} left")
+        log.info("progress: %s batch %d/%d (%.0f %%), %s elapsed, ~%s left", stage, done, int(total),
+                 100 * done / total, duration(elapsed), duration(left))
 
     # ------------------------------------------------------------------ training
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -106,9 +110,7 @@ class TerminalProgressBar(TQDMProgressBar):
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-        if self._due(trainer, "validation"):
-            total = self.total_val_batches_current_dataloader
-            log.info("progress: %s", self._loop_line("validation", batch_idx + 1, total))
+        self._batch_done(trainer, "validation", batch_idx + 1, self.total_val_batches_current_dataloader)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_test_start(trainer, pl_module)
@@ -120,6 +122,4 @@ class TerminalProgressBar(TQDMProgressBar):
     def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
         super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-        if self._due(trainer, "test"):
-            total = self.total_test_batches_current_dataloader
-            log.info("progress: %s", self._loop_line("test", batch_idx + 1, total))
+        self._batch_done(trainer, "test", batch_idx + 1, self.total_test_batches_current_dataloader)

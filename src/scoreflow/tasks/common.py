@@ -125,12 +125,7 @@ class ResumedLogStep(Callback):
 def checkpoint_training_time(path: str | Path | None) -> tuple[float, int]:
     """``(seconds, segments)`` of training stored in a checkpoint by :class:`TrainingClock`; ``(0.0, 0)`` for none,
     an unreadable file or a checkpoint written before the clock existed (its time is unknown: not counted)."""
-    if not path:
-        return 0.0, 0
-    try:
-        stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(TRAINING_TIME_KEY)
-    except (OSError, RuntimeError, pickle.UnpicklingError):
-        return 0.0, 0
+    stored = checkpoint_entry(path, TRAINING_TIME_KEY)
     if not isinstance(stored, dict):
         return 0.0, 0
     return float(stored.get("seconds", 0.0)), int(stored.get("segments", 0))
@@ -192,14 +187,20 @@ def fit(cfg: DictConfig, module: pl.LightningModule, source: Any, out: Path, t0:
     return metrics, loggers
 
 
-def checkpoint_step(path: str | Path | None) -> int | None:
-    """The ``global_step`` (optimizer steps taken) stored in a Lightning checkpoint; ``None`` if unreadable."""
+def checkpoint_entry(path: str | Path | None, key: str) -> Any:
+    """The top-level ``key`` of a checkpoint (memory-mapped: the tensors are not read); ``None`` when there is no
+    path, the file is unreadable or the key is absent."""
     if not path:
         return None
     try:
-        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(key)
     except (OSError, RuntimeError, pickle.UnpicklingError):
         return None
+
+
+def checkpoint_step(path: str | Path | None) -> int | None:
+    """The ``global_step`` (optimizer steps taken) stored in a Lightning checkpoint; ``None`` if unreadable."""
+    step = checkpoint_entry(path, "global_step")
     return None if step is None else int(step)
 
 
