@@ -69,7 +69,7 @@ def test_readme_command_submits_the_expected_sbatch_script(tmp_path):
 
 def test_submitit_local_sweep_trains_two_jobs_with_metrics_and_one_wandb_group(tmp_path):
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "train.py", "-m", "hydra/launcher=submitit_local", "debug=fast", "trainer.accelerator=cpu",
+    cmd = [sys.executable, "train.py", "-m", "hydra/launcher=local", "debug=fast", "trainer.accelerator=cpu",
            "trainer.max_steps=2", "val_every=2", "test=false", "callbacks=minimal", "logger=wandb", "sde=vp,ve",
            f"hydra.sweep.dir={sweep}"]
     done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)

@@ -20,7 +20,7 @@ PACKAGE = "scoreflow.tasks"
 # every module of scoreflow/tasks/ is one or the other (a new module must be put in one of the two sets)
 TASKS = frozenset({"train", "train_dequant", "train_classifier", "evaluate", "sample", "reproduce", "sweep_table"})
 HELPERS = frozenset({
-    "__init__", "build", "checkpoint", "common", "console", "entry", "errors", "fid", "likelihood_eval",
+    "__init__", "build", "checkpoint", "common", "console", "entry", "errors", "fid", "launchers", "likelihood_eval",
     "plots",  # bpd_plot, drawn by train; its __main__ only redraws a finished run's figure
     "resume", "schema", "validate",
 })

@@ -22,7 +22,7 @@ import yaml
 
 # (metric without its split, column title, format)
 COLUMNS = [("bpd_ode", "bpd ODE", ".4f"), ("bpd_bound", "bpd bound", ".4f"), ("nfe", "NFE", ".0f")]
-EXTRA = [("train/steps", "steps", ".0f"), ("wall_time_s", "time s", ".0f")]
+EXTRA = [("train/steps", "steps", ".0f"), ("train/wall_time_s", "train s", ".0f")]
 SEED_KEYS = ("seed",)
 
 
@@ -48,6 +48,8 @@ def _run(run: str, overrides: list[str], metrics: dict[str, Any] | None) -> dict
     split = "test" if any(k.startswith("test/bpd") for k in metrics) else "val"
     values = {name: metrics.get(f"{split}/{name}") for name, _, _ in COLUMNS}
     values.update({k: metrics.get(k) for k, _, _ in EXTRA})
+    if values["train/wall_time_s"] is None:  # a run of an earlier release: the command's wall time
+        values["train/wall_time_s"] = metrics.get("wall_time_s")
     return {**row, "status": "ok", "split": split, **values}
 
 
@@ -176,18 +178,23 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print(f"sweep_table: no runs under {sweep} (no .hydra/overrides.yaml found)", file=sys.stderr)
         return 2
+    text, rows = report(sweep, runs, Path(args.out) if args.out else sweep)
+    print(text)
+    return 1 if not rows else 0
+
+
+def report(sweep: Path, runs: list[dict[str, Any]], out: Path) -> tuple[str, list[dict[str, Any]]]:
+    """The table of ``runs`` (:func:`read_run`), written to ``out``/sweep_table.{md,csv}; the text and the rows."""
     common = drop_common(runs)
     rows = group_rows(runs)
     failed = [r for r in runs if r["status"] == "failed"]
     text = markdown(rows, failed, f"{sweep} ({len(runs)} runs, {len(failed)} failed)")
     if common:
         text = text.replace("\n\n", f"\n\nevery run: `{' '.join(common)}`\n\n", 1)
-    out = Path(args.out) if args.out else sweep
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep_table.md").write_text(text)
     write_csv(out / "sweep_table.csv", rows, failed)
-    print(text + f"\nwritten: {out / 'sweep_table.md'}, {out / 'sweep_table.csv'}")
-    return 1 if not rows else 0
+    return text + f"\nwritten: {out / 'sweep_table.md'}, {out / 'sweep_table.csv'}", rows
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -35,6 +36,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train, write ``checkpoints/last.ckpt`` and ``metrics.json``, print a results table, return the metrics."""
     t0 = time.time()
     out = start_run(cfg)
+    if (visible := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:  # which GPUs a launcher gave this job
+        log.info("CUDA_VISIBLE_DEVICES=%s", visible)
     source = build_data(cfg)
     module = build_module(cfg)
     check_shapes(module, tuple(cfg.data.shape))

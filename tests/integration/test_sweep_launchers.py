@@ -1,0 +1,234 @@
+"""The end of a ``-m`` sweep: one table of its jobs and the first unsuccessful job's exit code, not the first
+failure's traceback (``scoreflow.tasks.launchers``, ``hydra_plugins.scoreflow_launchers``); a job stopped by a
+signal under ``hydra/launcher=local`` resumes when the same command runs again; train.py prints the results."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import OmegaConf
+
+from scoreflow.tasks.errors import DataError
+from scoreflow.tasks.launchers import (
+    JobOutcome,
+    basic_sweep,
+    finish,
+    gpu_slots,
+    machine_gpus,
+    outcome_of_lost_job,
+    outcome_of_return,
+    run_queue,
+    summary,
+    varying,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+READY = "pre-emption: SIGUSR1/SIGUSR2/SIGTERM/SIGINT"
+STOP = ("scoreflow: SIGTERM at step 12: checkpoint written to /s/0_sde=vp/checkpoints/last.ckpt; to resume, run the "
+        "same command again with hydra.sweep.dir=/s (exit code 143)")
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_", "WANDB_SERVICE", "_WANDB"))}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true")
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
+def test_a_lost_job_is_stopped_when_its_error_stream_ends_with_the_checkpoint_line():
+    o = outcome_of_lost_job(0, ["sde=vp"], "/s/0_sde=vp", "noise\nscoreflow: SIGTERM: checkpoint at the end\n" + STOP)
+    assert (o.status, o.code) == ("stopped", 143)
+    assert o.detail == "SIGTERM at step 12: checkpoint written to /s/0_sde=vp/checkpoints/last.ckpt"
+    killed = outcome_of_lost_job(1, ["sde=ve"], None, "line 1\nKilled\n")
+    assert (killed.status, killed.code) == ("failed", 1) and killed.detail.endswith("Killed")
+    assert "line 1" in killed.screen  # the tail of the error stream goes below the table
+    assert outcome_of_lost_job(2, [], None, "").detail == "ended without a result: no error output"
+
+
+def test_outcomes_of_returned_jobs_anticipated_error_crash_and_success():
+    hydra_cfg = OmegaConf.create({"hydra": {"runtime": {"output_dir": "/s/3_x"}}})
+    ok = outcome_of_return(3, JobReturn(overrides=["a=1"], hydra_cfg=hydra_cfg, status=JobStatus.COMPLETED), "t.py")
+    assert (ok.status, ok.code, ok.folder) == ("done", 0, "/s/3_x")
+    bad = DataError("CIFAR-10 not found. Looked for: /x\nExpected layout: ...", key="data.root", value="/x")
+    failed = outcome_of_return(4, JobReturn(overrides=["a=2"], status=JobStatus.FAILED, _return_value=bad), "t.py")
+    assert (failed.status, failed.code, failed.detail) == ("failed", 2, "CIFAR-10 not found. Looked for: /x")
+    assert "config key: data.root" in failed.screen
+    bug = ZeroDivisionError("division by zero")
+    crashed = outcome_of_return(5, JobReturn(overrides=["a=3"], status=JobStatus.FAILED, _return_value=bug), "t.py")
+    assert (crashed.status, crashed.code, crashed.exception) == ("crashed", 1, bug)
+
+
+def test_summary_lists_the_swept_values_the_status_and_how_to_resume():
+    outcomes = [outcome_of_lost_job(0, ["debug=fast", "sde=vp"], "/s/0_sde=vp", STOP),
+                JobOutcome(1, ["debug=fast", "sde=ve"], "done", folder="/s/1_sde=ve")]
+    assert varying(outcomes) == [["sde=vp"], ["sde=ve"]]
+    text = summary(outcomes, "train.py", "/s")
+    lines = text.splitlines()
+    assert lines[0] == "[scoreflow] train.py -m: 2 jobs: 1 done, 1 stopped"
+    assert lines[1].split()[:3] == ["#0", "sde=vp", "stopped"] and "last.ckpt" in lines[1]
+    assert lines[2].split() == ["#1", "sde=ve", "done", "/s/1_sde=ve"]
+    assert "run the same command again with hydra.sweep.dir=/s" in lines[3]
+
+
+def test_finish_exits_with_the_first_unsuccessful_code_reraises_a_crash_and_leaves_other_sweepers_alone(capsys):
+    done = JobOutcome(0, ["a=1"], "done")
+    finish([done], "t.py", "/s")  # all done: nothing printed, no exit
+    assert capsys.readouterr().err == ""
+    with pytest.raises(SystemExit) as e:
+        finish([done, JobOutcome(1, ["a=2"], "failed", 2, "bad"), JobOutcome(2, ["a=3"], "stopped", 143, "x")],
+               "t.py", "/s")
+    assert e.value.code == 2
+    bug = ZeroDivisionError("division by zero")
+    with pytest.raises(ZeroDivisionError):
+        finish([JobOutcome(0, ["a=1"], "failed", 2, "bad"), JobOutcome(1, ["a=2"], "crashed", 1, "Z", exception=bug)],
+               "t.py", "/s")
+    assert "1 failed, 1 crashed" in capsys.readouterr().err
+    finish([JobOutcome(0, ["a=1"], "failed", 2, "bad")], "t.py", "/s", stop=False)  # Optuna: the table only
+    assert "1 failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("launcher", ["sequential", "local", "parallel", "slurm"])
+def test_every_launcher_config_selects_a_summary_launcher_and_knows_the_sweeper(launcher):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+        default = compose("train", overrides=[], return_hydra_config=True)
+        optuna = compose("train", overrides=["hparams_search=optuna_lr_ema"], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    assert cfg.hydra.launcher._target_.startswith("hydra_plugins.scoreflow_launchers.Summary")
+    assert default.hydra.launcher._target_ == "hydra_plugins.scoreflow_launchers.SummaryBasicLauncher"
+    assert basic_sweep(cfg) and not basic_sweep(optuna)
+
+
+def test_a_sweep_with_failed_jobs_prints_one_table_and_no_traceback(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "train.py", "-m", "data=cifar10", f"data.root={tmp_path / 'none'}", "sde=vp,ve",
+           f"hydra.sweep.dir={sweep}"]
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "Traceback" not in p.stdout + p.stderr, p.stderr[-3000:]
+    assert "[scoreflow] train.py -m: 2 jobs: 2 failed" in p.stderr
+    assert p.stderr.count("CIFAR-10 not found") == 4  # each job's screen, then its row in the table
+    assert f"#0 folder (log, config): {sweep}/0_" in p.stderr
+
+
+def test_a_local_sweep_job_stopped_by_sigterm_is_reported_then_resumed_by_the_same_command(tmp_path):
+    """Job #0 (2 steps) finishes, job #1 gets SIGTERM once training: the submitting command prints the table and
+    exits 143 (was: submitit's UncompletedJobError traceback, exit 1); the same command again resumes job #1 from
+    its checkpoint to the end, exit 0, and prints the sweep's results table."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "train.py", "-m", "hydra/launcher=local", "debug=fast", "trainer.accelerator=cpu",
+           "test=false", "callbacks=minimal", "val_every=1000", "checkpoint_every=1000", "trainer.max_steps=2,1000",
+           f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    try:  # signal job #1 alone: once it trains and job #0 has ended (its process gone)
+        while True:
+            logs = list(sweep.glob("1_*/train.log"))
+            jobs = subprocess.run(["pgrep", "-f", f"submitit.core._submit {sweep}"], capture_output=True, text=True)
+            pids = [int(x) for x in jobs.stdout.split()]
+            if logs and READY in logs[0].read_text() and list(sweep.glob("0_*/metrics.json")) and len(pids) == 1:
+                break
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        os.kill(pids[0], signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in out + err and "UncompletedJobError" not in err, err[-3000:]
+    assert "[scoreflow] train.py -m: 2 jobs: 1 done, 1 stopped" in err
+    row = next(ln for ln in err.splitlines() if ln.strip().startswith("#1"))
+    assert "trainer.max_steps=1000" in row and "stopped" in row and "checkpoint written to" in row
+    assert f"run the same command again with hydra.sweep.dir={sweep}" in err
+
+    again = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    job1 = next(sweep.glob("1_*"))
+    metrics = json.loads((job1 / "metrics.json").read_text())
+    assert metrics["train/steps"] == 1000 and metrics["train/segments"] == 2
+    assert "auto_resume: resuming from" in (job1 / "train.log").read_text()
+    assert "| `trainer.max_steps=1000` |" in again.stdout and (sweep / "sweep_table.md").is_file()
+
+
+class _Handle:
+    def __init__(self, log: list, item: str, gpus: list[int] | None):
+        self.log, self.item, self.gpus, self.polls = log, item, gpus, 0
+        log.append(("start", item, gpus))
+
+    def done(self) -> bool:  # each job runs for two polls
+        self.polls += 1
+        if self.polls >= 2 and ("end", self.item) not in self.log:
+            self.log.append(("end", self.item))
+        return self.polls >= 2
+
+
+def test_the_local_queue_gives_each_running_job_its_own_gpus_and_starts_the_next_when_a_set_is_free():
+    events: list = []
+    handles = run_queue(list("abcde"), lambda item, gpus: _Handle(events, item, gpus), gpu_slots([4, 5, 6, 7, 9], 2),
+                        None, poll_s=0)
+    assert [h.item for h in handles] == list("abcde")
+    assert gpu_slots([4, 5, 6, 7, 9], 2) == [[4, 5], [6, 7]]  # GPU 9 idle: no set of two left
+    running: dict[str, list[int]] = {}
+    for e in events:  # never two running jobs on one GPU, never more than two at once
+        if e[0] == "start":
+            assert not set(e[2]) & {g for gs in running.values() for g in gs}, events
+            running[e[1]] = e[2]
+            assert len(running) <= 2
+        else:
+            running.pop(e[1])
+    assert [e[2] for e in events if e[0] == "start"][:2] == [[4, 5], [6, 7]]
+    # without GPUs: everything at once (or max_parallel at a time)
+    events.clear()
+    run_queue(list("abc"), lambda item, gpus: _Handle(events, item, gpus), [], None, poll_s=0)
+    assert [e[0] for e in events] == ["start"] * 3
+    events.clear()
+    run_queue(list("abc"), lambda item, gpus: _Handle(events, item, gpus), [], 1, poll_s=0)
+    assert [e[0] for e in events][:3] == ["start", "end", "start"]
+    with pytest.raises(ValueError, match="each job asks for 4 GPU"):
+        gpu_slots([0, 1], 4)
+
+
+def test_machine_gpus_follows_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert machine_gpus() == [2, 3]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert machine_gpus() == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1a2b,GPU-3c4d")
+    assert machine_gpus() is None
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("PATH", "/nonexistent")  # no nvidia-smi: no GPUs
+    assert machine_gpus() == []
+
+
+def test_a_local_sweep_shares_out_the_gpus_one_job_per_gpu_at_a_time(tmp_path):
+    """Three one-GPU jobs on a machine with "GPUs" 0 and 1 (hydra.launcher.gpus; CPU training here): the first two
+    start on GPU 0 and GPU 1, the third when one of them has ended, on the GPU it freed."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "train.py", "-m", "hydra/launcher=local", "hydra.launcher.gpus=[0,1]", "debug=fast",
+           "trainer.accelerator=cpu", "trainer.max_steps=2", "val_every=1000", "test=false", "callbacks=minimal",
+           "seed=1,2,3", f"hydra.sweep.dir={sweep}"]
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    visible, start, end = {}, {}, {}
+    for job in sweep.glob("[0-9]*_*"):
+        log = (job / "train.log").read_text()
+        num = int(job.name.split("_", 1)[0])
+        visible[num] = re.search(r"CUDA_VISIBLE_DEVICES=(\S*)", log).group(1)
+        start[num] = (job / ".hydra" / "config.yaml").stat().st_mtime
+        end[num] = (job / "metrics.json").stat().st_mtime
+    assert sorted(visible) == [0, 1, 2] and {visible[0], visible[1]} == {"0", "1"}, visible
+    first_free = min((0, 1), key=lambda k: end[k])
+    assert start[2] >= end[first_free] - 0.5 and visible[2] == visible[first_free], (start, end, visible)
