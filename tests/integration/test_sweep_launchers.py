@@ -232,3 +232,28 @@ def test_a_local_sweep_shares_out_the_gpus_one_job_per_gpu_at_a_time(tmp_path):
     assert sorted(visible) == [0, 1, 2] and {visible[0], visible[1]} == {"0", "1"}, visible
     first_free = min((0, 1), key=lambda k: end[k])
     assert start[2] >= end[first_free] - 0.5 and visible[2] == visible[first_free], (start, end, visible)
+
+
+def test_a_rerun_sweep_skips_the_jobs_that_finished_and_keeps_the_numbering(tmp_path):
+    sweep = tmp_path / "sweep"
+    base = [sys.executable, "train.py", "-m", "debug=fast", "trainer.accelerator=cpu", "val_every=1000", "test=false",
+            "callbacks=minimal", f"hydra.sweep.dir={sweep}"]
+    first = subprocess.run([*base, "trainer.max_steps=2,3"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    stamps = {p: p.stat().st_mtime_ns for p in sweep.glob("*/metrics.json")}
+    assert len(stamps) == 2
+    again = subprocess.run([*base, "trainer.max_steps=2,3,4"], cwd=ROOT, env=_env(), capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    assert log.count("finished earlier in") == 2 and "#2 : " in log, log[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # the finished runs were not touched
+    new = [p for p in sweep.glob("2_*/metrics.json")]
+    assert len(new) == 1 and json.loads(new[0].read_text())["train/steps"] == 4
+    assert "(3 runs, 0 failed)" in (sweep / "sweep_table.md").read_text()
+    rerun = subprocess.run([*base, "trainer.max_steps=2", "rerun_finished=true"], cwd=ROOT, env=_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0 and "finished earlier" not in rerun.stdout + rerun.stderr, rerun.stderr[-3000:]
+    job0 = list(sweep.glob("0_*/metrics.json"))  # the same folder: rerun_finished is not part of its name
+    assert len(job0) == 1 and job0[0].stat().st_mtime_ns != stamps[job0[0]]

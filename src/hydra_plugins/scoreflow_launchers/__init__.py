@@ -17,12 +17,16 @@ from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from scoreflow.tasks.errors import full_error
 from scoreflow.tasks.launchers import (
+    JobOutcome,
+    basic_sweep,
     command_name,
+    earlier_metric,
     finish_launch,
+    finished_earlier,
     gpu_slots,
     machine_gpus,
     outcome_of_lost_job,
@@ -33,16 +37,63 @@ from scoreflow.tasks.launchers import (
 log = logging.getLogger(__name__)
 
 
+def job_config(launcher: Any, overrides: Sequence[str], num: int) -> DictConfig | None:
+    """The config job ``num`` composes (its folder: ``hydra.sweep.dir``/``hydra.sweep.subdir``); None if it fails."""
+    try:
+        cfg = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
+        with open_dict(cfg.hydra.job):
+            cfg.hydra.job.num = num
+        return cfg
+    except Exception:  # noqa: BLE001 - the job itself will report what is wrong
+        return None
+
+
+def job_folder(cfg: DictConfig | None) -> str | None:
+    return None if cfg is None else str(Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir))
+
+
+def split_finished(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+                   ) -> tuple[dict[int, JobOutcome], dict[int, JobReturn]]:
+    """The jobs of a rerun sweep (``hydra.sweep.dir=`` of an earlier one) that finished there already
+    (:func:`finished_earlier`): their outcomes and returns, by job number. Only for train.py under the basic
+    sweeper, and not with ``rerun_finished=true``."""
+    config = launcher.config
+    if not (basic_sweep(config) and config.get("task_name") == "train") or config.get("rerun_finished", False):
+        return {}, {}
+    outcomes, returns = {}, {}
+    for k, overrides in enumerate(job_overrides):
+        num = initial_job_idx + k
+        cfg = job_config(launcher, overrides, num)
+        if cfg is None or (metrics := finished_earlier(job_folder(cfg), list(overrides), cfg)) is None:
+            continue
+        folder = job_folder(cfg)
+        log.info(f"\t#{num} finished earlier in {folder}: skipped (rerun_finished=true runs it again)")
+        outcomes[num] = JobOutcome(num, list(overrides), "done", folder=folder, detail="finished earlier")
+        returns[num] = JobReturn(overrides=list(overrides), cfg=cfg, status=JobStatus.COMPLETED,
+                                 _return_value=earlier_metric(cfg, metrics))
+    return outcomes, returns
+
+
 class _Summary:
     """A launcher that runs every job and returns their results (basic, joblib), ending with the sweep's table."""
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        returns = super().launch(job_overrides, initial_job_idx)
-        if not full_error():
-            command = command_name()
-            outcomes = [outcome_of_return(initial_job_idx + i, r, command) for i, r in enumerate(returns)]
-            finish_launch(self.config, outcomes, screens=self.SCREENS)
-        return returns
+        if full_error():
+            return super().launch(job_overrides, initial_job_idx)
+        skipped, returns = split_finished(self, job_overrides, initial_job_idx)
+        # the jobs to run, in runs of consecutive numbers (a job's number is part of its folder's name)
+        todo = [initial_job_idx + k for k in range(len(job_overrides)) if initial_job_idx + k not in skipped]
+        while todo:
+            n = next((i for i in range(1, len(todo)) if todo[i] != todo[0] + i), len(todo))
+            first, chunk = todo[0], [job_overrides[j - initial_job_idx] for j in todo[:n]]
+            returns.update(zip(todo[:n], super().launch(chunk, first)))
+            todo = todo[n:]
+        ordered = [returns[initial_job_idx + k] for k in range(len(job_overrides))]
+        command = command_name()
+        outcomes = [skipped.get(initial_job_idx + i) or outcome_of_return(initial_job_idx + i, r, command)
+                    for i, r in enumerate(ordered)]
+        finish_launch(self.config, outcomes, screens=self.SCREENS)
+        return ordered
 
 
 class SummaryBasicLauncher(_Summary, BasicLauncher):
@@ -74,21 +125,27 @@ class _SummarySubmitit(BaseSubmititLauncher):
         if "mode" in self.config.hydra.sweep:
             os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
         log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {sweep_dir}")
-        executor = self._executor(submitit)
+        skipped, done_returns = split_finished(self, job_overrides, initial_job_idx)
         args = []
         for k, overrides in enumerate(job_overrides):
-            log.info(f"\t#{initial_job_idx + k} : {' '.join(filter_overrides(overrides))}")
-            args.append((list(overrides), "hydra.sweep.dir", initial_job_idx + k, f"job_id_for_{initial_job_idx + k}",
-                         Singleton.get_state()))
-        jobs = self._submit(executor, args)
-        log.info(f"submitted {len(jobs)} job(s); waiting for them (their logs: {sweep_dir}/.submitit/)")
-        command, returns, outcomes = command_name(), [], []
-        for k, (job, overrides) in enumerate(zip(jobs, job_overrides)):
             num = initial_job_idx + k
+            if num not in skipped:
+                log.info(f"\t#{num} : {' '.join(filter_overrides(overrides))}")
+                args.append((list(overrides), "hydra.sweep.dir", num, f"job_id_for_{num}", Singleton.get_state()))
+        jobs = dict(zip((a[2] for a in args), self._submit(self._executor(submitit), args) if args else []))
+        if jobs:
+            log.info(f"submitted {len(jobs)} job(s); waiting for them (their logs: {sweep_dir}/.submitit/)")
+        command, returns, outcomes = command_name(), [], []
+        for k, overrides in enumerate(job_overrides):
+            num = initial_job_idx + k
+            if num in skipped:
+                returns.append(done_returns[num])
+                outcomes.append(skipped[num])
+                continue
             try:
-                ret = job.results()[0]
+                ret = jobs[num].results()[0]
             except (UncompletedJobError, FailedJobError) as e:
-                stream = (job.stderr() or "") if isinstance(e, UncompletedJobError) else str(e)
+                stream = (jobs[num].stderr() or "") if isinstance(e, UncompletedJobError) else str(e)
                 outcomes.append(outcome_of_lost_job(num, list(overrides), self._job_folder(overrides, num), stream))
                 returns.append(JobReturn(overrides=list(overrides), status=JobStatus.FAILED, _return_value=e))
                 continue
@@ -114,14 +171,7 @@ class _SummarySubmitit(BaseSubmititLauncher):
         return executor
 
     def _job_folder(self, overrides: Sequence[str], num: int) -> str | None:
-        """The job's run folder (``hydra.sweep.dir``/``hydra.sweep.subdir``), composed as the job composed it."""
-        try:
-            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-            with open_dict(cfg.hydra.job):
-                cfg.hydra.job.num = num
-            return str(Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir))
-        except Exception:  # noqa: BLE001 - the table then shows no folder for this job
-            return None
+        return job_folder(job_config(self, overrides, num))
 
 
 class SummaryLocalLauncher(_SummarySubmitit):

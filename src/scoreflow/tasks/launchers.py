@@ -23,6 +23,7 @@ The launcher classes are in ``hydra_plugins.scoreflow_launchers`` (Hydra loads p
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from omegaconf import OmegaConf
 
@@ -110,7 +112,7 @@ def summary(outcomes: Sequence[JobOutcome], command: str, sweep_dir: str, screen
         rows.append(f"  #{o.num} folder (log, config): {o.folder}")
     if any(o.status == "stopped" for o in unfinished):
         rows.append(f"  to resume: run the same command again with hydra.sweep.dir={sweep_dir} (the stopped jobs go on"
-                    " from their last.ckpt; the finished ones only repeat their test evaluation)")
+                    " from their last.ckpt; the finished ones are skipped)")
     first_screen = next((o for o in unfinished if o.screen), None) if screens else None
     if first_screen is not None:
         rows.append(f"\njob #{first_screen.num}:\n{first_screen.screen}")
@@ -202,3 +204,35 @@ def run_queue(items: Sequence[Any], submit: Callable[[Any, list[int] | None], An
             if slot is not None:
                 free.append(slot)
     return handles
+
+
+def finished_earlier(folder: str | None, overrides: list[str], cfg: Any) -> dict[str, Any] | None:
+    """The metrics of a run that finished in ``folder`` with these overrides (a rerun sweep's job that has nothing
+    left to do): its ``metrics.json`` reaches ``trainer.max_steps`` and holds the test metrics (with ``test=true``),
+    and its ``.hydra/overrides.yaml`` lists the same overrides. None otherwise (not run, stopped, another config)."""
+    if folder is None:
+        return None
+    run = Path(folder)
+    try:
+        metrics = json.loads((run / "metrics.json").read_text())
+        earlier = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) or []
+        max_steps = int(OmegaConf.select(cfg, "trainer.max_steps"))
+    except (OSError, ValueError, TypeError, yaml.YAMLError):
+        return None
+    if sorted(map(str, earlier)) != sorted(overrides) or metrics.get("train/steps", -1) < max_steps:
+        return None
+    if OmegaConf.select(cfg, "test", default=True) and not any(k.startswith("test/") for k in metrics):
+        return None
+    return metrics
+
+
+def earlier_metric(cfg: Any, metrics: dict[str, Any]) -> float | None:
+    """What the finished job returned to the sweeper, read as ``scoreflow.tasks.common.optimized_metric`` reads it
+    (``optimized_metric``; without test metrics its ``val/`` form, then the validation bound)."""
+    name = OmegaConf.select(cfg, "optimized_metric", default=None)
+    if not name:
+        return None
+    for key in (str(name), f"val/{str(name).split('/', 1)[-1]}", "val/bpd_bound"):
+        if isinstance(metrics.get(key), (int, float)):
+            return float(metrics[key])
+    return None
