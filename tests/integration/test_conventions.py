@@ -82,7 +82,7 @@ def test_sweep_table_groups_seeds_sorts_falls_back_and_lists_failures(tmp_path):
     assert [r.split("|")[1].strip() for r in rows] == ["`sde=ve`", "`sde=vp`", "`sde=subvp test=false`"]  # sorted
     assert "| 2 | 2.1000 ± 0.1414 | 2.2000 ± 0.1414 | 100 ± 14 |" in rows[1]  # two seeds: mean ± sd
     assert "| val | 1 | - | 3.0000 |" in rows[2]  # validation fallback, marked
-    assert "1 failed run(s)" in md and "`4`: 3 non-finite steps in a row" in md
+    assert "1 failed or unfinished run(s)" in md and "`4`: 3 non-finite steps in a row" in md
     csv_rows = (tmp_path / "sweep_table.csv").read_text().splitlines()
     assert csv_rows[0].startswith("overrides,split,n,status,bpd_ode,bpd_ode_sd") and len(csv_rows) == 5
     assert csv_rows[-1].startswith("module.optim.lr=1e6,,1,failed")

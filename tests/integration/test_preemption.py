@@ -232,6 +232,10 @@ def test_auto_resume_picks_the_run_folders_checkpoint_and_refuses_another_model(
         resume_path(make_cfg([*BASE, "sde=ve", "model.net.dropout=0.2"]), out)
     assert "sde._target_" in str(err.value) and "auto_resume=false" in err.value.fix
     assert resume_path(make_cfg([*BASE, "sde=ve", "resume_allow_changes=true"]), out) == str(ckpt)
+    # another seed is another run (a sweep's job renumbered into the folder of another seed's job)
+    with pytest.raises(CheckpointError, match=r"\n  seed: 42 -> 7"):
+        resume_path(make_cfg([*BASE, "seed=7"]), out)
+    assert resume_path(make_cfg([*BASE, "seed=7", "resume_allow_changes=true"]), out) == str(ckpt)
     # a group the command leaves out (train_dequant takes sde/model/data from its score checkpoint) is not compared
     no_sde = make_cfg([*BASE, "sde=ve"])
     with open_dict(no_sde):

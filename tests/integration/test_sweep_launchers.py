@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -19,9 +20,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
-from scoreflow.tasks.errors import DataError
+from scoreflow.tasks.errors import ConfigError, DataError
 from scoreflow.tasks.launchers import (
     JobOutcome,
+    JobStopped,
     basic_sweep,
     finish,
     gpu_slots,
@@ -53,7 +55,12 @@ def test_a_lost_job_is_stopped_when_its_error_stream_ends_with_the_checkpoint_li
     killed = outcome_of_lost_job(1, ["sde=ve"], None, "line 1\nKilled\n")
     assert (killed.status, killed.code) == ("failed", 1) and killed.detail.endswith("Killed")
     assert "line 1" in killed.screen  # the tail of the error stream goes below the table
-    assert outcome_of_lost_job(2, [], None, "").detail == "ended without a result: no error output"
+    silent = outcome_of_lost_job(2, [], None, "", log_path="/s/.submitit/7/7_0_log.err")
+    assert silent.detail == ("ended without a result: no error output: killed (out of memory? SIGKILL?); its log: "
+                             "/s/.submitit/7/7_0_log.err")
+    timeout = outcome_of_lost_job(3, [], None, STOP.replace("SIGTERM", "SIGUSR2"), timeout_signal="SIGUSR2")
+    assert timeout.status == "stopped"
+    assert timeout.detail.endswith("(hydra.launcher.timeout_min reached: raise it to go on)")
 
 
 def test_outcomes_of_returned_jobs_anticipated_error_crash_and_success():
@@ -65,8 +72,15 @@ def test_outcomes_of_returned_jobs_anticipated_error_crash_and_success():
     assert (failed.status, failed.code, failed.detail) == ("failed", 2, "CIFAR-10 not found. Looked for: /x")
     assert "config key: data.root" in failed.screen
     bug = ZeroDivisionError("division by zero")
-    crashed = outcome_of_return(5, JobReturn(overrides=["a=3"], status=JobStatus.FAILED, _return_value=bug), "t.py")
+    crashed = outcome_of_return(5, JobReturn(overrides=["a=3"], hydra_cfg=hydra_cfg, status=JobStatus.FAILED,
+                                             _return_value=bug), "t.py")
     assert (crashed.status, crashed.code, crashed.exception) == ("crashed", 1, bug)
+    assert crashed.detail == "ZeroDivisionError: division by zero (traceback in /s/3_x/t.log)"
+    stop = JobStopped(15, 7, "/s/3_x/checkpoints/last.ckpt", 143)
+    stopped = outcome_of_return(6, JobReturn(overrides=["a=4"], status=JobStatus.FAILED,
+                                             _return_value=pickle.loads(pickle.dumps(stop))), "t.py")
+    assert (stopped.status, stopped.code) == ("stopped", 143)
+    assert stopped.detail == "SIGTERM at step 7: checkpoint written to /s/3_x/checkpoints/last.ckpt"
 
 
 def test_summary_lists_the_swept_values_the_status_and_how_to_resume():
@@ -79,6 +93,8 @@ def test_summary_lists_the_swept_values_the_status_and_how_to_resume():
     assert lines[1].split()[:3] == ["#0", "sde=vp", "stopped"] and "last.ckpt" in lines[1]
     assert lines[2].split() == ["#1", "sde=ve", "done", "/s/1_sde=ve"]
     assert "run the same command again with hydra.sweep.dir=/s" in lines[3]
+    long = [JobOutcome(0, ["x=" + "a" * 80], "done", folder="/f"), JobOutcome(1, ["x=b"], "failed", 2, "bad")]
+    assert max(len(ln.split("  ")[1].strip()) for ln in summary(long, "t.py", "/s").splitlines()[1:3]) <= 48
 
 
 def test_finish_exits_with_the_first_unsuccessful_code_reraises_a_crash_and_leaves_other_sweepers_alone(capsys):
@@ -89,13 +105,25 @@ def test_finish_exits_with_the_first_unsuccessful_code_reraises_a_crash_and_leav
         finish([done, JobOutcome(1, ["a=2"], "failed", 2, "bad"), JobOutcome(2, ["a=3"], "stopped", 143, "x")],
                "t.py", "/s")
     assert e.value.code == 2
-    bug = ZeroDivisionError("division by zero")
+    try:  # a crash in this process (the sequential launcher): raised again, with its frames
+        1 / 0  # noqa: B018
+    except ZeroDivisionError as err:
+        bug = err
     with pytest.raises(ZeroDivisionError):
         finish([JobOutcome(0, ["a=1"], "failed", 2, "bad"), JobOutcome(1, ["a=2"], "crashed", 1, "Z", exception=bug)],
                "t.py", "/s")
     assert "1 failed, 1 crashed" in capsys.readouterr().err
-    finish([JobOutcome(0, ["a=1"], "failed", 2, "bad")], "t.py", "/s", stop=False)  # Optuna: the table only
-    assert "1 failed" in capsys.readouterr().err
+    finish([JobOutcome(0, ["a=1"], "failed", 2, "bad")], "t.py", "/s", stop=False)  # Optuna handles it itself
+    assert capsys.readouterr().err == ""
+    with pytest.raises(SystemExit) as e:  # the sweep itself was stopped: the signal's code
+        finish([JobOutcome(0, ["a=1"], "stopped", 143, "x"), JobOutcome(1, ["a=2"], "not started", 1, "n")], "t.py",
+               "/s", stopped_by=2)
+    assert e.value.code == 130 and "1 stopped, 1 not started" in capsys.readouterr().err
+    unpickled = pickle.loads(pickle.dumps(bug))  # a crash in another process: its traceback as text, exit 1
+    unpickled.scoreflow_traceback = "Traceback (most recent call last):\n  ...\nZeroDivisionError: division by zero"
+    with pytest.raises(SystemExit) as e:
+        finish([JobOutcome(0, ["a=1"], "crashed", 1, "Z", exception=unpickled)], "t.py", "/s")
+    assert e.value.code == 1 and "job #0: Traceback (most recent call last)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("launcher", ["sequential", "local", "parallel", "slurm"])
@@ -150,7 +178,7 @@ def test_a_local_sweep_job_stopped_by_sigterm_is_reported_then_resumed_by_the_sa
     assert proc.returncode == 143, err[-3000:]
     assert "Traceback" not in out + err and "UncompletedJobError" not in err, err[-3000:]
     assert "[scoreflow] train.py -m: 2 jobs: 1 done, 1 stopped" in err
-    row = next(ln for ln in err.splitlines() if ln.strip().startswith("#1"))
+    row = next(ln for ln in err.splitlines() if ln.strip().startswith("#1 "))
     assert "trainer.max_steps=1000" in row and "stopped" in row and "checkpoint written to" in row
     assert f"run the same command again with hydra.sweep.dir={sweep}" in err
 
@@ -197,8 +225,9 @@ def test_the_local_queue_gives_each_running_job_its_own_gpus_and_starts_the_next
     events.clear()
     run_queue(list("abc"), lambda item, gpus: _Handle(events, item, gpus), [], 1, poll_s=0)
     assert [e[0] for e in events][:3] == ["start", "end", "start"]
-    with pytest.raises(ValueError, match="each job asks for 4 GPU"):
+    with pytest.raises(ConfigError, match="each job asks for 4 GPUs"):
         gpu_slots([0, 1], 4)
+    assert gpu_slots([0, 1, 2], -1) == [[0, 1, 2]] and gpu_slots([], -1) == []  # devices=-1: all, one job at a time
 
 
 def test_machine_gpus_follows_cuda_visible_devices(monkeypatch):
@@ -257,3 +286,61 @@ def test_a_rerun_sweep_skips_the_jobs_that_finished_and_keeps_the_numbering(tmp_
     assert rerun.returncode == 0 and "finished earlier" not in rerun.stdout + rerun.stderr, rerun.stderr[-3000:]
     job0 = list(sweep.glob("0_*/metrics.json"))  # the same folder: rerun_finished is not part of its name
     assert len(job0) == 1 and job0[0].stat().st_mtime_ns != stamps[job0[0]]
+
+
+def test_ctrl_c_on_a_local_sweep_stops_every_job_at_a_checkpoint_and_prints_the_table(tmp_path):
+    """Ctrl-C in a terminal (SIGINT to the whole process group: the submitting command, submitit's controllers and
+    the jobs): each training job writes its checkpoint, the command lists them and exits 130. Was: three
+    KeyboardInterrupt tracebacks, and the controllers killing their job a second after the signal."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "train.py", "-m", "hydra/launcher=local", "debug=fast", "trainer.accelerator=cpu",
+           "test=false", "callbacks=minimal", "val_every=100000", "checkpoint_every=100000",
+           "trainer.max_steps=100000,100001", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        def logs() -> list:
+            return [next(iter(sweep.glob(f"{n}_*/train.log")), None) for n in (0, 1)]
+
+        while not all(log is not None and READY in log.read_text() for log in logs()):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in out + err, err[-3000:]
+    assert "[scoreflow] train.py -m: SIGINT: stopping 2 running job(s)" in err  # the command's own Ctrl-C
+    assert "[scoreflow] train.py -m: 2 jobs: 2 stopped" in err
+    for job in sweep.glob("[01]_*"):
+        assert (job / "checkpoints" / "last.ckpt").is_file()
+        assert "SIGINT at step" in (job / "train.log").read_text()
+    left = subprocess.run(["pgrep", "-f", f"submitit.*{sweep}"], capture_output=True, text=True).stdout.split()
+    assert not left, left
+
+
+def test_sigterm_on_a_sequential_sweep_lists_the_done_stopped_and_unstarted_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "train.py", "-m", "debug=fast", "trainer.accelerator=cpu", "test=false", "callbacks=minimal",
+           "val_every=100000", "checkpoint_every=100000", "trainer.max_steps=2,100000,3", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    try:
+        while not ((log := next(iter(sweep.glob("1_*/train.log")), None)) and READY in log.read_text()):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in out + err and "[scoreflow] train.py -m: 3 jobs: 1 done, 1 stopped, 1 not started" in err
+    rows = {ln.split()[0]: ln for ln in err.splitlines() if ln.startswith("  #")}
+    assert "checkpoint written to" in rows["#1"] and "not started" in rows["#2"]
+    assert (sweep / "sweep_table.md").is_file()  # the results of the finished job #0
+    assert not list(sweep.glob("2_*"))

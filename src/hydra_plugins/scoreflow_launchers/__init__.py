@@ -1,27 +1,33 @@
-"""scoreflow's Hydra launchers: Hydra's own (basic, submitit local/SLURM) ending a sweep with one table of its
-jobs instead of the first failure's traceback. Hydra instantiates launchers from the ``hydra_plugins`` package
-only, hence this module; what the table shows is in :mod:`scoreflow.tasks.launchers`.
-``conf/hydra/launcher/{sequential,local,slurm}.yaml`` select these classes."""
+"""scoreflow's Hydra launchers: Hydra's own (basic, joblib, submitit local/SLURM) ending a sweep with one table of its
+jobs instead of the first failure's traceback, skipping the jobs a rerun sweep finished already, and (local)
+sharing out the machine's GPUs. Hydra instantiates launchers from the ``hydra_plugins`` package only, hence this
+module; what the tables show is in :mod:`scoreflow.tasks.launchers`.
+``conf/hydra/launcher/{sequential,parallel,local,slurm}.yaml`` select these classes."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from scoreflow.tasks.errors import full_error
+from scoreflow.tasks.errors import ConfigError, ScoreflowError, format_error, full_error
 from scoreflow.tasks.launchers import (
     JobOutcome,
+    StopsAsResults,
     basic_sweep,
     command_name,
     earlier_metric,
@@ -68,50 +74,162 @@ def split_finished(launcher: Any, job_overrides: Sequence[Sequence[str]], initia
             continue
         folder = job_folder(cfg)
         log.info(f"\t#{num} finished earlier in {folder}: skipped (rerun_finished=true runs it again)")
-        outcomes[num] = JobOutcome(num, list(overrides), "done", folder=folder, detail="finished earlier")
+        outcomes[num] = JobOutcome(num, list(overrides), "done", folder=folder, detail="finished earlier:")
         returns[num] = JobReturn(overrides=list(overrides), cfg=cfg, status=JobStatus.COMPLETED,
                                  _return_value=earlier_metric(cfg, metrics))
     return outcomes, returns
 
 
-class _Summary:
-    """A launcher that runs every job and returns their results (basic, joblib), ending with the sweep's table."""
+def not_started(num: int, overrides: Sequence[str]) -> tuple[JobOutcome, JobReturn]:
+    outcome = JobOutcome(num, list(overrides), "not started", 1, "not started: the sweep was stopped")
+    return outcome, JobReturn(overrides=list(overrides), status=JobStatus.FAILED,
+                              _return_value=RuntimeError("not started: the sweep was stopped"))
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def report_and_exit(e: ScoreflowError) -> None:
+    sys.stdout.flush()
+    print(format_error(e, command_name()), file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
+
+
+class SummaryBasicLauncher(BasicLauncher):
+    """Hydra's basic launcher: the jobs one after another in this process, each numbered as in the full sweep. A
+    job stopped by a signal (Ctrl-C, SIGTERM: its checkpoint written) stops the sweep: the jobs after it are
+    listed as not started, and the exit code is the signal's."""
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         if full_error():
             return super().launch(job_overrides, initial_job_idx)
-        skipped, returns = split_finished(self, job_overrides, initial_job_idx)
-        # the jobs to run, in runs of consecutive numbers (a job's number is part of its folder's name)
-        todo = [initial_job_idx + k for k in range(len(job_overrides)) if initial_job_idx + k not in skipped]
-        while todo:
-            n = next((i for i in range(1, len(todo)) if todo[i] != todo[0] + i), len(todo))
-            first, chunk = todo[0], [job_overrides[j - initial_job_idx] for j in todo[:n]]
-            returns.update(zip(todo[:n], super().launch(chunk, first)))
-            todo = todo[n:]
-        ordered = [returns[initial_job_idx + k] for k in range(len(job_overrides))]
+        setup_globals()
+        assert self.hydra_context is not None and self.config is not None and self.task_function is not None
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        outcomes, returns = split_finished(self, job_overrides, initial_job_idx)
+        log.info(f"Launching {len(job_overrides) - len(outcomes)} jobs locally")
+        task, command, stopped_by = StopsAsResults(self.task_function), command_name(), None
+        for k, overrides in enumerate(job_overrides):
+            num = initial_job_idx + k
+            if num in outcomes:
+                continue
+            if stopped_by is not None:
+                outcomes[num], returns[num] = not_started(num, overrides)
+                continue
+            log.info(f"\t#{num} : {' '.join(filter_overrides(overrides))}")
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            with open_dict(cfg):
+                cfg.hydra.job.id = num
+                cfg.hydra.job.num = num
+            try:
+                ret = run_job(hydra_context=self.hydra_context, task_function=task, config=cfg,
+                              job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+            except (SystemExit, KeyboardInterrupt) as e:  # Ctrl-C outside the training loop (exit 130), an exit
+                code = 130 if isinstance(e, KeyboardInterrupt) else (e.code if isinstance(e.code, int) else 1)
+                stopped = code > 128
+                if stopped:
+                    stopped_by = code - 128
+                detail = (f"{signal_name(code - 128)}: stopped outside the training loop (no checkpoint of this stop)"
+                          if stopped else f"exited with code {code}")
+                outcomes[num] = JobOutcome(num, list(overrides), "stopped" if stopped else "failed", code, detail,
+                                           job_folder(cfg))
+                returns[num] = JobReturn(overrides=list(overrides), status=JobStatus.FAILED,
+                                         _return_value=RuntimeError(detail))
+                configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+                continue
+            returns[num] = ret
+            outcomes[num] = outcome_of_return(num, ret, command)
+            if outcomes[num].status == "stopped":
+                stopped_by = ret._return_value.signum
+            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        nums = [initial_job_idx + k for k in range(len(job_overrides))]
+        finish_launch(self.config, [outcomes[n] for n in nums], screens=False, stopped_by=stopped_by)
+        return [returns[n] for n in nums]
+
+
+class SummaryJoblibLauncher(JoblibLauncher):
+    """Hydra's joblib launcher: the jobs in parallel worker processes, each numbered as in the full sweep. A job
+    stopped by a signal sent to its worker is listed as stopped, and the others go on."""
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        if full_error():
+            return super().launch(job_overrides, initial_job_idx)
+        from hydra_plugins.hydra_joblib_launcher._core import execute_job, process_joblib_cfg
+        from joblib import Parallel, delayed
+
+        setup_globals()
+        assert self.hydra_context is not None and self.config is not None and self.task_function is not None
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        outcomes, returns = split_finished(self, job_overrides, initial_job_idx)
+        nums = [initial_job_idx + k for k in range(len(job_overrides))]
+        todo = [(num, list(o)) for num, o in zip(nums, job_overrides) if num not in outcomes]
+        joblib_cfg = dict(self.joblib)
+        joblib_cfg["backend"] = "loky"  # as the plugin: the threading backend does not work with Hydra
+        process_joblib_cfg(joblib_cfg)
+        log.info(f"Joblib.Parallel({', '.join(f'{k}={v}' for k, v in joblib_cfg.items())}) is launching {len(todo)} "
+                 f"jobs; sweep output dir: {sweep_dir}")
+        for num, overrides in todo:
+            log.info(f"\t#{num} : {' '.join(filter_overrides(overrides))}")
+        task, state = StopsAsResults(self.task_function), Singleton.get_state()
+        try:
+            runs = Parallel(**joblib_cfg)(delayed(execute_job)(num, overrides, self.hydra_context, self.config, task,
+                                                               state) for num, overrides in todo) if todo else []
+        except KeyboardInterrupt:
+            print(f"\n[scoreflow] {command_name()} -m: interrupted; the jobs that were training wrote their checkpoints"
+                  f"; to go on, run the same command again with hydra.sweep.dir={sweep_dir}", file=sys.stderr,
+                  flush=True)
+            sys.exit(130)
         command = command_name()
-        outcomes = [skipped.get(initial_job_idx + i) or outcome_of_return(initial_job_idx + i, r, command)
-                    for i, r in enumerate(ordered)]
-        finish_launch(self.config, outcomes, screens=self.SCREENS)
-        return ordered
+        for (num, _), ret in zip(todo, runs):
+            returns[num], outcomes[num] = ret, outcome_of_return(num, ret, command)
+        finish_launch(self.config, [outcomes[n] for n in nums], screens=False)
+        return [returns[n] for n in nums]
 
 
-class SummaryBasicLauncher(_Summary, BasicLauncher):
-    """Hydra's basic launcher: the jobs one after another in this process (each prints its own error screen)."""
+class StopRequested(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
-    SCREENS = False
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[None]:
+    """SIGTERM to the submitting command raises :class:`StopRequested` (SIGINT raises KeyboardInterrupt anyway)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise StopRequested(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
-class SummaryJoblibLauncher(_Summary, JoblibLauncher):
-    """Hydra's joblib launcher: the jobs in parallel worker processes (their error screens interleave above)."""
-
-    SCREENS = True
+@contextlib.contextmanager
+def sigint_ignored_in_children() -> Iterator[None]:
+    """Processes started inside inherit an ignored SIGINT: a terminal's Ctrl-C then reaches a local job's training
+    loop (which installs its own handler and writes its checkpoint) but not submitit's controller, which would
+    otherwise kill the job one second later."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _SummarySubmitit(BaseSubmititLauncher):
     """The submitit plugin's launcher, collecting every job (also those that left no result) before the table."""
 
     OWN_KEYS: tuple[str, ...] = ()  # launcher keys of ours, not submitit's
+    TIMEOUT_SIGNAL: str | None = None
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         if full_error():
@@ -132,9 +250,22 @@ class _SummarySubmitit(BaseSubmititLauncher):
             if num not in skipped:
                 log.info(f"\t#{num} : {' '.join(filter_overrides(overrides))}")
                 args.append((list(overrides), "hydra.sweep.dir", num, f"job_id_for_{num}", Singleton.get_state()))
-        jobs = dict(zip((a[2] for a in args), self._submit(self._executor(submitit), args) if args else []))
-        if jobs:
-            log.info(f"submitted {len(jobs)} job(s); waiting for them (their logs: {sweep_dir}/.submitit/)")
+        handles: list[Any] = []
+        stopped_by = None
+        try:
+            with stop_requests():
+                if args:
+                    self._submit(self._executor(submitit), args, handles)
+                    log.info(f"submitted {len(handles)} job(s); waiting for them (their logs: {sweep_dir}/.submitit/)")
+                for job in handles:
+                    while not job.done():
+                        time.sleep(1.0)
+        except ScoreflowError as e:
+            report_and_exit(e)
+        except (KeyboardInterrupt, StopRequested) as e:
+            stopped_by = e.signum if isinstance(e, StopRequested) else int(signal.SIGINT)
+            self._stop_jobs(handles, stopped_by)
+        jobs = dict(zip((a[2] for a in args), handles))
         command, returns, outcomes = command_name(), [], []
         for k, overrides in enumerate(job_overrides):
             num = initial_job_idx + k
@@ -142,21 +273,46 @@ class _SummarySubmitit(BaseSubmititLauncher):
                 returns.append(done_returns[num])
                 outcomes.append(skipped[num])
                 continue
+            if num not in jobs:
+                outcome, ret = not_started(num, overrides)
+                outcomes.append(outcome)
+                returns.append(ret)
+                continue
+            job = jobs[num]
+            if not job.done():  # SLURM, after the submitting command was stopped: the job runs on
+                outcomes.append(JobOutcome(num, list(overrides), "running", 0, f"still running: SLURM job {job.job_id}",
+                                           self._job_folder(overrides, num)))
+                returns.append(JobReturn(overrides=list(overrides), status=JobStatus.FAILED,
+                                         _return_value=RuntimeError("still running")))
+                continue
             try:
-                ret = jobs[num].results()[0]
+                ret = job.results()[0]
             except (UncompletedJobError, FailedJobError) as e:
-                stream = (jobs[num].stderr() or "") if isinstance(e, UncompletedJobError) else str(e)
-                outcomes.append(outcome_of_lost_job(num, list(overrides), self._job_folder(overrides, num), stream))
+                stream = (job.stderr() or "") if isinstance(e, UncompletedJobError) else str(e)
+                outcomes.append(outcome_of_lost_job(num, list(overrides), self._job_folder(overrides, num), stream,
+                                                    str(job.paths.stderr), self.TIMEOUT_SIGNAL))
                 returns.append(JobReturn(overrides=list(overrides), status=JobStatus.FAILED, _return_value=e))
                 continue
             returns.append(ret)
             outcomes.append(outcome_of_return(num, ret, command))
-        finish_launch(self.config, outcomes, screens=True)
+        finish_launch(self.config, outcomes, screens=True, stopped_by=stopped_by)
         return returns
 
-    def _submit(self, executor: Any, args: list[tuple]) -> list[Any]:
+    def _submit(self, executor: Any, args: list[tuple], handles: list[Any]) -> None:
         """All the jobs at once, as one array (a SLURM job array: the scheduler queues them)."""
-        return executor.map_array(self, *zip(*args))
+        try:
+            handles.extend(executor.map_array(self, *zip(*args)))
+        except (RuntimeError, OSError) as e:  # no sbatch/srun here, sbatch refused the job (FailedSubmissionError)
+            raise ConfigError(f"submitting the sweep to {self._EXECUTOR} failed: {e}", key="hydra/launcher",
+                              value=self._EXECUTOR,
+                              fix="submit from a machine with SLURM (sbatch, srun), check the hydra.launcher keys "
+                                  "(partition, account, ...), or run the jobs on this machine: hydra/launcher=local"
+                              ) from None
+
+    def _stop_jobs(self, handles: list[Any], signum: int) -> None:
+        """The submitting command was stopped. SLURM: the jobs run on (they are the cluster's now)."""
+        print(f"\n[scoreflow] {command_name()} -m: {signal.Signals(signum).name}: the submitted jobs keep running on "
+              "SLURM (squeue --me; scancel <job id> stops one)", file=sys.stderr, flush=True)
 
     def _executor(self, submitit: Any) -> Any:
         """The executor the plugin builds: ``submitit_folder`` and ``max_num_timeout`` at construction, the queue
@@ -178,33 +334,61 @@ class SummaryLocalLauncher(_SummarySubmitit):
     """Each job in its own process on this machine (submitit's local executor), with the machine's GPUs shared out:
     every job gets ``gpus_per_node`` GPUs of its own (``CUDA_VISIBLE_DEVICES``) and waits until a set is free, so
     8 GPUs run 8 one-GPU jobs at a time (submitit alone gives every job GPU 0). Without GPUs all jobs start at
-    once, unless ``max_parallel`` says otherwise."""
+    once, unless ``max_parallel`` says otherwise. Ctrl-C or SIGTERM to the submitting command stops the running
+    jobs the same way (each writes its checkpoint), lists them and exits with the signal's code."""
 
     _EXECUTOR = "local"
     OWN_KEYS = ("gpus", "max_parallel")
+    TIMEOUT_SIGNAL = "SIGUSR2"  # what submitit's local controller sends at timeout_min
 
-    def _submit(self, executor: Any, args: list[tuple]) -> list[Any]:
+    def _submit(self, executor: Any, args: list[tuple], handles: list[Any]) -> None:
         per_job = self.params.get("gpus_per_node")
         per_job = len(per_job) if isinstance(per_job, (list, tuple)) else int(per_job or 0)
         gpus = self.params.get("gpus")
         gpus = machine_gpus() if gpus is None else [int(g) for g in gpus]
-        slots = gpu_slots(gpus, per_job) if gpus else []
         if gpus is None:
             log.info("CUDA_VISIBLE_DEVICES names GPUs by UUID: every job gets submitit's default GPUs")
+        slots = gpu_slots(gpus, per_job) if gpus else []
 
         def start(a: tuple, gpu_set: list[int] | None) -> Any:
             if gpu_set is not None:
                 executor.update_parameters(visible_gpus=tuple(gpu_set), gpus_per_node=len(gpu_set))
                 log.info(f"\t#{a[2]} starts on GPU {','.join(map(str, gpu_set))}")
-            return executor.submit(self, *a)
+            elif per_job < 0:  # devices -1 ("all") without GPUs to count: none asked of submitit
+                executor.update_parameters(gpus_per_node=0)
+            with sigint_ignored_in_children():
+                return executor.submit(self, *a)
 
-        return run_queue(args, start, slots, self.params.get("max_parallel"))
+        run_queue(args, start, slots, self.params.get("max_parallel"), handles=handles)
+
+    def _stop_jobs(self, handles: list[Any], signum: int) -> None:
+        """SIGTERM to every running job (its controller passes it on): a job in its training loop writes its
+        checkpoint and exits (one already stopping on Ctrl-C goes on with that), one starting up ends. Then wait
+        for them; a second Ctrl-C or SIGTERM stops waiting."""
+        running = [j for j in handles if not j.done()]
+        print(f"\n[scoreflow] {command_name()} -m: {signal.Signals(signum).name}: stopping {len(running)} running "
+              "job(s); each writes its checkpoint (Ctrl-C again: stop waiting)", file=sys.stderr, flush=True)
+        for job in running:
+            with contextlib.suppress(Exception):
+                job._process.send_signal(signal.SIGTERM)  # the controller forwards SIGTERM to its tasks
+        try:
+            with stop_requests():
+                while any(not j.done() for j in running):
+                    time.sleep(0.5)
+        except (KeyboardInterrupt, StopRequested):
+            pids = [str(j.job_id) for j in running if not j.done()]
+            print(f"[scoreflow] stopped waiting; still running: controller pid(s) {' '.join(pids)}", file=sys.stderr,
+                  flush=True)
+            sys.exit(128 + signum)
 
     def _executor(self, submitit: Any) -> Any:
         """submitit's LocalExecutor itself: the AutoExecutor in front of it does not pass ``visible_gpus`` on."""
         executor = submitit.LocalExecutor(folder=self.params["submitit_folder"])
         keys = ("timeout_min", "gpus_per_node", "tasks_per_node", "nodes", "stderr_to_stdout")
-        executor.update_parameters(**{k: self.params[k] for k in keys if self.params.get(k) is not None})
+        params = {k: self.params[k] for k in keys if self.params.get(k) is not None}
+        if isinstance(params.get("gpus_per_node"), int) and params["gpus_per_node"] < 0:
+            params.pop("gpus_per_node")  # -1 ("all GPUs"): set per job by _submit
+        executor.update_parameters(**params)
         return executor
 
 

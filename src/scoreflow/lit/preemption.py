@@ -60,6 +60,9 @@ class Preempted(SystemExit):
         self.requeue = requeue
         self.is_global_zero = is_global_zero
 
+    def __reduce__(self) -> tuple:  # picklable (a joblib worker sends it back): the keyword arguments too
+        return _rebuild_preempted, (self.signum, self.step, str(self.ckpt_path), self.requeue, self.is_global_zero)
+
     @property
     def signal_name(self) -> str:
         return signal.Signals(self.signum).name
@@ -70,6 +73,10 @@ class Preempted(SystemExit):
             return f"{head}; SLURM job {requeued_job} requeued, it resumes from this checkpoint"
         hint = f" with {resume_hint}" if resume_hint else ""
         return f"{head}; to resume, run the same command again{hint} (exit code {self.code})"
+
+
+def _rebuild_preempted(signum: int, step: int, ckpt_path: str, requeue: bool, is_global_zero: bool) -> Preempted:
+    return Preempted(signum, step, Path(ckpt_path), requeue=requeue, is_global_zero=is_global_zero)
 
 
 def slurm_job_id() -> str | None:

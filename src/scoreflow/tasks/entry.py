@@ -230,10 +230,23 @@ def run(cfg: DictConfig, command: str, task: Callable[[DictConfig], Any],
             raise
         _interrupted(command, out)
     except Exception as e:
-        if classify(e) is None or full_error():
-            raise
         from scoreflow.tasks.console import is_multirun
 
+        if classify(e) is None and is_multirun() and not full_error():
+            # a bug in a sweep's job: its traceback into the job's log, and onto the exception as text, which the
+            # launcher prints after its table when the exception crossed a process boundary (frames do not pickle)
+            import traceback
+
+            from scoreflow.tasks.console import to_log_file
+
+            text = traceback.format_exc()
+            try:
+                e.scoreflow_traceback = text
+            except AttributeError:  # an exception type without a __dict__
+                pass
+            to_log_file(text)
+        if classify(e) is None or full_error():
+            raise
         if is_multirun():  # let the launcher record the failed job and go on with the sweep
             from scoreflow.tasks.console import to_log_file
 

@@ -38,7 +38,7 @@ import yaml
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from omegaconf import OmegaConf
 
-from scoreflow.tasks.errors import classify, format_error
+from scoreflow.tasks.errors import ConfigError, classify, format_error
 
 STOP_LINE = re.compile(r"^scoreflow: (SIG\w+ at step \d+: checkpoint written to .*?)(?:; to resume.*)?$")
 EXIT_CODE = re.compile(r"\(exit code (\d+)\)")
@@ -58,6 +58,38 @@ class JobOutcome:
     exception: BaseException | None = None  # a crash, re-raised after the table
 
 
+class JobStopped(Exception):
+    """A job of an in-process or joblib sweep stopped by a signal after writing its checkpoint (scoreflow's
+    ``Preempted``, a ``SystemExit``, turned into an ordinary, picklable result so the launcher can list it)."""
+
+    def __init__(self, signum: int, step: int, ckpt_path: str, code: int):
+        super().__init__(signum, step, ckpt_path, code)
+        self.signum, self.step, self.ckpt_path, self.code = signum, step, ckpt_path, code
+
+    def __str__(self) -> str:
+        import signal
+
+        return f"{signal.Signals(self.signum).name} at step {self.step}: checkpoint written to {self.ckpt_path}"
+
+
+class StopsAsResults:
+    """The task function of a sequential or joblib sweep: a job stopped by a signal returns a failed result
+    (:class:`JobStopped`) instead of ending the process, so the launcher lists every job; an unanticipated error
+    keeps its traceback as text on the exception (``scoreflow_traceback``: a pickled exception has no frames).
+    Not for submitit jobs: a SLURM job must exit with the signal's code (and be requeued)."""
+
+    def __init__(self, task: Callable[[Any], Any]):
+        self.task = task
+
+    def __call__(self, cfg: Any) -> Any:
+        try:
+            return self.task(cfg)
+        except SystemExit as e:
+            if hasattr(e, "signum") and hasattr(e, "ckpt_path"):  # scoreflow.lit.preemption.Preempted
+                raise JobStopped(e.signum, e.step, str(e.ckpt_path), e.code) from None
+            raise
+
+
 def outcome_of_return(num: int, ret: JobReturn, command: str) -> JobOutcome:
     """The outcome of a job that returned to its launcher (the basic launcher, or a submitit job with a result)."""
     overrides = list(ret.overrides or [])
@@ -67,27 +99,36 @@ def outcome_of_return(num: int, ret: JobReturn, command: str) -> JobOutcome:
     if ret.status == JobStatus.COMPLETED:
         return JobOutcome(num, overrides, "done", folder=folder)
     exc = ret._return_value
+    if isinstance(exc, JobStopped):
+        return JobOutcome(num, overrides, "stopped", exc.code, str(exc), folder)
     known = classify(exc) if isinstance(exc, BaseException) else None
     if known is None:
         first = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
-        return JobOutcome(num, overrides, "crashed", 1, first, folder, exception=exc)
+        where = f" (traceback in {folder}/{Path(command).stem}.log)" if folder else ""
+        return JobOutcome(num, overrides, "crashed", 1, first + where, folder, exception=exc)
     message = str(exc).strip().splitlines()
     return JobOutcome(num, overrides, "failed", known[0], message[0] if message else type(exc).__name__, folder,
                       screen=format_error(exc, command, folder))
 
 
-def outcome_of_lost_job(num: int, overrides: list[str], folder: str | None, error_stream: str) -> JobOutcome:
+def outcome_of_lost_job(num: int, overrides: list[str], folder: str | None, error_stream: str,
+                        log_path: str | None = None, timeout_signal: str | None = None) -> JobOutcome:
     """A submitit job that ended without a result: stopped by a signal after its checkpoint (scoreflow's stop line
-    on its error stream), or killed (out of memory, ``scancel`` before training, a node failure)."""
+    on its error stream), or killed (out of memory, ``scancel`` before training, a node failure). ``log_path``: its
+    error stream's file; ``timeout_signal``: the signal the executor sends at ``timeout_min`` (local: SIGUSR2)."""
     lines = [ln for ln in error_stream.splitlines() if ln.strip()]
     for line in reversed(lines):
         m = STOP_LINE.match(line)
         if m:
             code = EXIT_CODE.search(line)
-            return JobOutcome(num, overrides, "stopped", int(code.group(1)) if code else 1, m.group(1), folder)
+            detail = m.group(1)
+            if timeout_signal and detail.startswith(timeout_signal + " "):
+                detail += " (hydra.launcher.timeout_min reached: raise it to go on)"
+            return JobOutcome(num, overrides, "stopped", int(code.group(1)) if code else 1, detail, folder)
     tail = "\n".join(lines[-12:])
-    last = lines[-1].strip() if lines else "no error output"
-    return JobOutcome(num, overrides, "failed", 1, f"ended without a result: {last}", folder, screen=tail)
+    last = lines[-1].strip() if lines else "no error output: killed (out of memory? SIGKILL?)"
+    where = f"; its log: {log_path}" if log_path else ""
+    return JobOutcome(num, overrides, "failed", 1, f"ended without a result: {last}{where}", folder, screen=tail)
 
 
 def varying(outcomes: Sequence[JobOutcome]) -> list[list[str]]:
@@ -96,23 +137,32 @@ def varying(outcomes: Sequence[JobOutcome]) -> list[list[str]]:
     return [[x for x in filter_overrides(o.overrides) if x not in common] for o in outcomes]
 
 
+LABEL_WIDTH = 48
+
+
 def summary(outcomes: Sequence[JobOutcome], command: str, sweep_dir: str, screens: bool = True) -> str:
     """The table; ``screens``: below it, the first failed job's full message (False where the jobs printed theirs
     on this terminal already)."""
-    counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "stopped", "failed", "crashed")}
+    statuses = ("done", "stopped", "failed", "crashed", "not started", "running")
+    counts = {s: sum(o.status == s for o in outcomes) for s in statuses}
     head = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     rows = [f"[scoreflow] {command} -m: {len(outcomes)} job{'s' * (len(outcomes) != 1)}: {head}"]
     labels = [" ".join(v) or "(no overrides)" for v in varying(outcomes)]
-    width = min(max(len(label) for label in labels), 48)
+    labels = [label if len(label) <= LABEL_WIDTH else label[:LABEL_WIDTH - 3] + "..." for label in labels]
+    width = max(len(label) for label in labels)
+    status_width = max(len(o.status) for o in outcomes)
     for o, label in zip(outcomes, labels):
-        text = (o.folder or "") if o.status == "done" else o.detail
-        rows.append(f"  #{o.num:<3} {label:<{width}}  {o.status:<7}  {text}")
+        text = " ".join(x for x in (o.detail, o.folder or "") if x) if o.status == "done" else o.detail
+        rows.append(f"  #{o.num:<3} {label:<{width}}  {o.status:<{status_width}}  {text}")
     unfinished = [o for o in outcomes if o.status != "done"]
-    for o in [o for o in unfinished if o.status != "stopped" and o.folder][:3]:
+    listed = [o for o in unfinished if o.status in ("failed", "crashed") and o.folder]
+    for o in listed[:10]:
         rows.append(f"  #{o.num} folder (log, config): {o.folder}")
-    if any(o.status == "stopped" for o in unfinished):
-        rows.append(f"  to resume: run the same command again with hydra.sweep.dir={sweep_dir} (the stopped jobs go on"
-                    " from their last.ckpt; the finished ones are skipped)")
+    if len(listed) > 10:
+        rows.append(f"  ... {len(listed) - 10} more failed jobs: their folders are in {sweep_dir}")
+    if any(o.status in ("stopped", "not started", "failed") for o in unfinished):
+        rows.append(f"  to go on: run the same command again with hydra.sweep.dir={sweep_dir} (stopped jobs resume"
+                    " from their last.ckpt, failed and unstarted ones start, finished ones are skipped)")
     first_screen = next((o for o in unfinished if o.screen), None) if screens else None
     if first_screen is not None:
         rows.append(f"\njob #{first_screen.num}:\n{first_screen.screen}")
@@ -120,11 +170,14 @@ def summary(outcomes: Sequence[JobOutcome], command: str, sweep_dir: str, screen
 
 
 def finish(outcomes: list[JobOutcome], command: str, sweep_dir: str, *, screens: bool = True, stop: bool = True,
-           results: bool = False) -> None:
+           results: bool = False, stopped_by: int | None = None) -> None:
     """End a launch: ``results``: the sweep's results table first (train.py, :mod:`scoreflow.tasks.sweep_table`);
-    then, when a job did not finish, the jobs' table and an exit with the first such job's code. A crash (a bug) is
-    re-raised for Hydra's traceback instead. ``stop=False`` for a sweeper that handles failed jobs itself (Optuna's
-    ``max_failure_rate``): the table only."""
+    then, when a job did not finish, the jobs' table and an exit with the first such job's code (128 + the signal
+    with ``stopped_by``: the sweep itself was stopped). A crash (a bug) ends with its traceback: re-raised when it
+    happened in this process, else printed from its text. ``stop=False``: a sweeper that handles failed jobs
+    itself (Optuna): nothing is printed and nothing exits here."""
+    if not stop:
+        return
     if results and any(o.status == "done" for o in outcomes):
         sys.stdout.flush()  # the table's command, as a user would type it (a task module is not imported here)
         subprocess.run([sys.executable, "-m", "scoreflow.tasks.sweep_table", sweep_dir], check=False)
@@ -132,12 +185,15 @@ def finish(outcomes: list[JobOutcome], command: str, sweep_dir: str, *, screens:
         return
     sys.stdout.flush()
     print(summary(outcomes, command, sweep_dir, screens), file=sys.stderr, flush=True)
-    if not stop:
-        return
     crash = next((o for o in outcomes if o.status == "crashed"), None)
-    if crash is not None and crash.exception is not None:
-        raise crash.exception
-    sys.exit(next(o.code for o in outcomes if o.status != "done"))
+    if crash is not None and crash.exception is not None and stopped_by is None:
+        if crash.exception.__traceback__ is not None:
+            raise crash.exception
+        text = getattr(crash.exception, "scoreflow_traceback", None)
+        print(f"\njob #{crash.num}: " + (text or f"{type(crash.exception).__name__}: {crash.exception}"),
+              file=sys.stderr, flush=True)
+        sys.exit(1)
+    sys.exit(128 + stopped_by if stopped_by else next(o.code for o in outcomes if o.status != "done"))
 
 
 def basic_sweep(config: Any) -> bool:
@@ -146,11 +202,11 @@ def basic_sweep(config: Any) -> bool:
     return str(target).endswith("BasicSweeper")
 
 
-def finish_launch(config: Any, outcomes: list[JobOutcome], *, screens: bool) -> None:
+def finish_launch(config: Any, outcomes: list[JobOutcome], *, screens: bool, stopped_by: int | None = None) -> None:
     """:func:`finish` with what the launcher's config says: the sweep folder, the sweeper, the task."""
     basic = basic_sweep(config)
     finish(outcomes, command_name(), str(config.hydra.sweep.dir), screens=screens, stop=basic,
-           results=basic and OmegaConf.select(config, "task_name", default="") == "train")
+           results=basic and OmegaConf.select(config, "task_name", default="") == "train", stopped_by=stopped_by)
 
 
 def command_name() -> str:
@@ -159,7 +215,8 @@ def command_name() -> str:
 
 def machine_gpus() -> list[int] | None:
     """The GPU indices a local sweep shares out: ``CUDA_VISIBLE_DEVICES`` of this process when set (numbers only;
-    None for UUIDs, which submitit cannot pass on), else those ``nvidia-smi`` lists; [] without GPUs."""
+    None for UUIDs, which submitit cannot pass on), else those ``nvidia-smi`` lists (or the driver's
+    ``/proc/driver/nvidia/gpus``); [] without GPUs."""
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         parts = [p.strip() for p in env.split(",") if p.strip()]
@@ -167,29 +224,36 @@ def machine_gpus() -> list[int] | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
                              text=True, timeout=30)
+        if out.returncode == 0:
+            return [int(x) for x in out.stdout.split() if x.strip().isdigit()]
     except (OSError, subprocess.SubprocessError):
-        return []
-    return [int(x) for x in out.stdout.split() if x.strip().isdigit()] if out.returncode == 0 else []
+        pass
+    proc = Path("/proc/driver/nvidia/gpus")  # the driver's list, without nvidia-smi on PATH
+    return list(range(len(list(proc.iterdir())))) if proc.is_dir() else []
 
 
 def gpu_slots(gpus: Sequence[int], per_job: int) -> list[list[int]]:
-    """Disjoint sets of ``per_job`` GPUs out of ``gpus`` (the leftover GPUs stay idle)."""
+    """Disjoint sets of ``per_job`` GPUs out of ``gpus`` (the leftover GPUs stay idle); ``per_job`` -1: all of them
+    (``trainer=ddp``'s ``devices: -1``), one job at a time."""
+    if per_job == -1:
+        return [list(gpus)] if gpus else []
     if per_job < 1:
         return []
     if len(gpus) < per_job:
-        raise ValueError(f"each job asks for {per_job} GPU(s) (hydra.launcher.gpus_per_node, from trainer.devices) "
-                         f"but this machine has {len(gpus)}: {list(gpus)}; lower trainer.devices or set "
-                         "hydra.launcher.gpus=[...]")
+        raise ConfigError(f"each job asks for {per_job} GPUs (hydra.launcher.gpus_per_node, from trainer.devices) but "
+                          f"{len(gpus)} are there to share out: {list(gpus)}", key="trainer.devices", value=per_job,
+                          fix=f"trainer.devices={len(gpus)} or fewer, or name the GPUs: hydra.launcher.gpus=[...]")
     return [list(gpus[i * per_job:(i + 1) * per_job]) for i in range(len(gpus) // per_job)]
 
 
 def run_queue(items: Sequence[Any], submit: Callable[[Any, list[int] | None], Any], slots: list[list[int]],
-              max_parallel: int | None, poll_s: float = 1.0) -> list[Any]:
+              max_parallel: int | None, poll_s: float = 1.0, handles: list[Any] | None = None) -> list[Any]:
     """Start ``submit(item, gpus)`` for each item in order, with at most ``max_parallel`` running (default: one per
     slot, or all at once without slots) and each slot (a set of GPUs) used by one job at a time; returns the
-    handles (with ``.done()``) once the last item has started."""
+    handles (with ``.done()``) once the last item has started, in ``handles`` if given (so that an interruption
+    leaves the ones started)."""
     limit = max_parallel or (len(slots) if slots else len(items))
-    handles: list[Any] = []
+    handles = [] if handles is None else handles
     free, running = list(range(len(slots))), {}  # running: handle index -> its slot
     while len(handles) < len(items):
         while len(handles) < len(items) and len(running) < limit and (free or not slots):
@@ -219,7 +283,10 @@ def finished_earlier(folder: str | None, overrides: list[str], cfg: Any) -> dict
         max_steps = int(OmegaConf.select(cfg, "trainer.max_steps"))
     except (OSError, ValueError, TypeError, yaml.YAMLError):
         return None
-    if sorted(map(str, earlier)) != sorted(overrides) or metrics.get("train/steps", -1) < max_steps:
+    def same(xs: Sequence[Any]) -> list[str]:  # rerun_finished=... says how to run, not what
+        return sorted(str(x) for x in xs if str(x).split("=", 1)[0].lstrip("+~") != "rerun_finished")
+
+    if same(earlier) != same(overrides) or metrics.get("train/steps", -1) < max_steps:
         return None
     if OmegaConf.select(cfg, "test", default=True) and not any(k.startswith("test/") for k in metrics):
         return None

@@ -54,17 +54,21 @@ def resume_path(cfg: DictConfig, out: Path) -> str | None:
 
 def check_same_run(ckpt_path: Path, cfg: DictConfig) -> None:
     """The folder's checkpoint must be of the requested sde/model/data/dequantization (the test ``ckpt_path=``
-    gets in ``validate.resume``), unless ``resume_allow_changes``."""
+    gets in ``validate.resume``) and seed, unless ``resume_allow_changes``."""
     stored = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("scoreflow", {}).get("config")
     if not stored or OmegaConf.select(cfg, "resume_allow_changes", default=False):
         return
     # only groups both name: train_dequant's command config leaves sde/model/data to its score checkpoint
     groups = [g for g in IDENTITY_GROUPS if g in cfg and g in stored]
     diff = config_differences(stored, OmegaConf.to_container(OmegaConf.masked_copy(cfg, groups), resolve=True), groups)
+    # the seed too: a folder of a sweep's other seed (a job renumbered by values added to the sweep) is another run
+    seed = OmegaConf.select(cfg, "seed", default=None)
+    if "seed" in stored and seed is not None and stored["seed"] != seed:
+        diff.append(f"seed: {stored['seed']} -> {seed}")
     if diff:
         shown = diff[:6] + ([f"... and {len(diff) - 6} more"] if len(diff) > 6 else [])
         raise CheckpointError(
-            f"this run folder already holds {ckpt_path}, trained with another sde/model/data/dequantization "
+            f"this run folder already holds {ckpt_path}, trained with another sde/model/data/dequantization/seed "
             "(stored -> requested):\n  " + "\n  ".join(shown), key="auto_resume", value=True,
             fix="use another folder (hydra.run.dir=...), auto_resume=false to start afresh here (overwriting it), "
                 "or resume_allow_changes=true")

@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -70,13 +71,20 @@ def format_table(rows: list[dict[str, Any]], title: str = "sweep") -> str:
     return markdown(group_rows(runs), [], title)
 
 
+LOG_PREFIX = re.compile(r"^\[[^\]]*\]\[[^\]]*\]\[[^\]]*\] - ")  # Hydra's "[time][module][LEVEL] - "
+
+
 def _last_log_line(run: Path) -> str:
     logs = sorted(run.glob("*.log"))
     lines = [ln for ln in (logs[0].read_text(errors="replace").splitlines() if logs else []) if ln.strip()]
     for ln in lines:  # the error screen of scoreflow's entry points starts with this
         if "usage error:" in ln or "run failed:" in ln:
             return ln.split(": ", 2)[-1][:160]
-    return lines[-1][:160] if lines else "no metrics.json and no log"
+    for ln in reversed(lines):  # stopped by a signal after its checkpoint (scoreflow.lit.preemption)
+        if "checkpoint written to" in ln and " at step " in ln:
+            return "stopped: " + LOG_PREFIX.sub("", ln).split(": checkpoint written", 1)[0] + \
+                " (checkpoint written: rerun the sweep to resume)"
+    return LOG_PREFIX.sub("", lines[-1])[:160] if lines else "no metrics.json and no log"
 
 
 def _num(v: Any) -> float | None:
@@ -146,7 +154,7 @@ def markdown(rows: list[dict[str, Any]], failed: list[dict[str, Any]], title: st
     if any(r["n"] > 1 for r in rows):
         lines += ["", "n > 1: runs differing only by seed; mean ± sample standard deviation over seeds."]
     if failed:
-        lines += ["", f"**{len(failed)} failed run(s)** (no metrics.json):", ""]
+        lines += ["", f"**{len(failed)} failed or unfinished run(s)** (no metrics.json):", ""]
         lines += [f"- `{Path(f['run']).name}`: {f['reason']}" for f in failed]
     return "\n".join(lines) + "\n"
 
