@@ -344,3 +344,16 @@ def test_sigterm_on_a_sequential_sweep_lists_the_done_stopped_and_unstarted_jobs
     assert "checkpoint written to" in rows["#1"] and "not started" in rows["#2"]
     assert (sweep / "sweep_table.md").is_file()  # the results of the finished job #0
     assert not list(sweep.glob("2_*"))
+
+
+def test_a_sweep_with_a_bad_value_is_refused_on_one_screen_before_any_job(tmp_path):
+    """Each swept value is composed before Hydra starts (was: Hydra's message with its config search path, exit 1)."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "train.py", "-m", "sde=vp,ve", "data=digits,digitz", f"hydra.sweep.dir={sweep}"]
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "usage error: In 'train': Could not find 'data/digitz'" in p.stderr and "Traceback" not in p.stderr
+    assert "Config search path" not in p.stderr and not sweep.exists()
+    typo = subprocess.run([*cmd[:3], "module.optim.lrr=1e-3,2e-3", f"hydra.sweep.dir={sweep}"], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert typo.returncode == 2 and "did you mean module.optim.lr" in typo.stderr and not sweep.exists()

@@ -99,6 +99,19 @@ def report_and_exit(e: ScoreflowError) -> None:
     sys.exit(e.exit_code)
 
 
+def start_in_process(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+                     ) -> tuple[Path, dict[int, JobOutcome], dict[int, JobReturn]]:
+    """What Hydra's basic and joblib launchers do first (globals, logging, the sweep folder), then the jobs that
+    finished earlier (:func:`split_finished`)."""
+    setup_globals()
+    assert launcher.hydra_context is not None and launcher.config is not None
+    assert launcher.task_function is not None
+    configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
+    sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    return sweep_dir, *split_finished(launcher, job_overrides, initial_job_idx)
+
+
 class SummaryBasicLauncher(BasicLauncher):
     """Hydra's basic launcher: the jobs one after another in this process, each numbered as in the full sweep. A
     job stopped by a signal (Ctrl-C, SIGTERM: its checkpoint written) stops the sweep: the jobs after it are
@@ -107,11 +120,7 @@ class SummaryBasicLauncher(BasicLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         if full_error():
             return super().launch(job_overrides, initial_job_idx)
-        setup_globals()
-        assert self.hydra_context is not None and self.config is not None and self.task_function is not None
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        outcomes, returns = split_finished(self, job_overrides, initial_job_idx)
+        _, outcomes, returns = start_in_process(self, job_overrides, initial_job_idx)
         log.info(f"Launching {len(job_overrides) - len(outcomes)} jobs locally")
         task, command, stopped_by = StopsAsResults(self.task_function), command_name(), None
         for k, overrides in enumerate(job_overrides):
@@ -162,12 +171,7 @@ class SummaryJoblibLauncher(JoblibLauncher):
         from hydra_plugins.hydra_joblib_launcher._core import execute_job, process_joblib_cfg
         from joblib import Parallel, delayed
 
-        setup_globals()
-        assert self.hydra_context is not None and self.config is not None and self.task_function is not None
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        outcomes, returns = split_finished(self, job_overrides, initial_job_idx)
+        sweep_dir, outcomes, returns = start_in_process(self, job_overrides, initial_job_idx)
         nums = [initial_job_idx + k for k in range(len(job_overrides))]
         todo = [(num, list(o)) for num, o in zip(nums, job_overrides) if num not in outcomes]
         joblib_cfg = dict(self.joblib)

@@ -6,7 +6,7 @@
    the way Hydra will and run the task's cheap checks (:mod:`scoreflow.tasks.validate`). A bad value, an
    unknown key ("did you mean ...") or a bad path is reported on one screen and exits with code 2 before a
    run folder exists.
-2. :func:`run` (inside ``@hydra.main``): the same checks again (multiruns skip step 1), the quiet-console
+2. :func:`run` (inside ``@hydra.main``): the same checks again (step 1 only composes a multirun), the quiet-console
    set-up (:mod:`scoreflow.tasks.console`), the resolved config as a tree, then the task. An anticipated
    error (:func:`scoreflow.tasks.errors.classify`) raised by the task is printed as one screen and written
    to the run's log file; the process exits with its code. Anything else keeps its traceback.
@@ -104,25 +104,53 @@ def _interrupted(command: str, run_dir: str | None) -> None:
 def preflight(config_name: str, validator: Callable[[DictConfig], None] | None = None,
               argv: list[str] | None = None) -> None:
     """Compose ``config_name`` with the command-line overrides and validate it; on an error print one screen
-    and exit. Command lines with Hydra flags (``-m``, ``--cfg``, ``--help``, ...) are left to Hydra."""
+    and exit. A ``-m`` sweep is composed once per swept value (:func:`sweep_variants`), not validated (its jobs
+    may run on other machines, and each validates itself); other Hydra flags (``--cfg``, ``--help``, ...) are left
+    to Hydra."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if any(a.startswith("-") for a in args) or full_error():
+    multirun = [a for a in args if a in ("-m", "--multirun")]
+    if any(a.startswith("-") and a not in multirun for a in args) or full_error():
         return
     command = Path(sys.argv[0]).name
-    try:
-        cfg = compose(config_name, args)
-    except Exception as e:  # noqa: BLE001 - every composition error is a usage error; see explain_composition
-        _report_and_exit(explain_composition(e, config_name, args), command)
-    checks = [validator] if validator is not None else []
-    if config_name in RESUMING_TASKS:
-        checks.append(lambda c: check_folder_resume(c, args))
-    for check in checks:
+    overrides = [a for a in args if a not in multirun]
+    for variant in sweep_variants(overrides) if multirun else [overrides]:
         try:
-            check(cfg)
-        except Exception as e:  # noqa: BLE001
-            if classify(e) is None:
-                raise
-            _report_and_exit(e, command)
+            cfg = compose(config_name, variant)
+        except Exception as e:  # noqa: BLE001 - every composition error is a usage error; see explain_composition
+            _report_and_exit(explain_composition(e, config_name, variant), command)
+        if multirun:  # composition only: the jobs may run elsewhere (SLURM: GPUs, paths); each job validates itself
+            continue
+        checks = [validator] if validator is not None else []
+        if config_name in RESUMING_TASKS:
+            checks.append(lambda c: check_folder_resume(c, overrides))
+        for check in checks:
+            try:
+                check(cfg)
+            except Exception as e:  # noqa: BLE001
+                if classify(e) is None:
+                    raise
+                _report_and_exit(e, command)
+
+
+def sweep_variants(overrides: list[str]) -> list[list[str]]:
+    """The command lines a ``-m`` sweep's checks compose: every value of each swept key once, the other swept keys at
+    their first value (``sde=vp,ve weighting=a,b`` -> 3 compositions, not the 4 jobs: a bad value is found all the
+    same). A sweep syntax the parser does not take is left to Hydra (no variant)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        values = [list(o.sweep_string_iterator()) if o.is_sweep_override() else None for o in parsed]
+    except Exception:  # noqa: BLE001 - Hydra reports its own syntax errors
+        return []
+    if any(v is not None and not v for v in values):
+        return []
+    first = [f"{o.get_key_element()}={v[0]}" if v is not None else o.input_line for o, v in zip(parsed, values)]
+    variants = [first]
+    for i, (o, v) in enumerate(zip(parsed, values)):
+        for value in (v or [])[1:]:
+            variants.append([*first[:i], f"{o.get_key_element()}={value}", *first[i + 1:]])
+    return variants
 
 
 RESUMING_TASKS = ("train", "train_dequant", "train_classifier")  # auto_resume from <run dir>/checkpoints/last.ckpt
