@@ -357,3 +357,15 @@ def test_a_sweep_with_a_bad_value_is_refused_on_one_screen_before_any_job(tmp_pa
     typo = subprocess.run([*cmd[:3], "module.optim.lrr=1e-3,2e-3", f"hydra.sweep.dir={sweep}"], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=120)
     assert typo.returncode == 2 and "did you mean module.optim.lr" in typo.stderr and not sweep.exists()
+
+
+def test_an_evaluate_sweep_ends_with_its_results_table(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "evaluate.py", "-m", f"ckpt_path={ROOT / 'tests/data/release-53daf68_digits_tiny.ckpt'}",
+           "evaluation.test_num_t=2,4", "evaluation.method=rk4", "evaluation.steps=1", "progress=false", "device=cpu",
+           "solver_check_images=0", "num_images=6", "batch_size=3", f"hydra.sweep.dir={sweep}"]
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"### {sweep} (2 runs, 0 failed)" in p.stdout
+    rows = [ln for ln in (sweep / "sweep_table.md").read_text().splitlines() if ln.startswith("| `evaluation")]
+    assert len(rows) == 2 and all(ln.endswith("| - | - |") for ln in rows)  # no training steps or time: evaluations

@@ -171,7 +171,8 @@ def summary(outcomes: Sequence[JobOutcome], command: str, sweep_dir: str, screen
 
 def finish(outcomes: list[JobOutcome], command: str, sweep_dir: str, *, screens: bool = True, stop: bool = True,
            results: bool = False, stopped_by: int | None = None) -> None:
-    """End a launch: ``results``: the sweep's results table first (train.py, :mod:`scoreflow.tasks.sweep_table`);
+    """End a launch: ``results``: the sweep's results table first (train.py and evaluate.py:
+    :mod:`scoreflow.tasks.sweep_table`);
     then, when a job did not finish, the jobs' table and an exit with the first such job's code (128 + the signal
     with ``stopped_by``: the sweep itself was stopped). A crash (a bug) ends with its traceback: re-raised when it
     happened in this process, else printed from its text. ``stop=False``: a sweeper that handles failed jobs
@@ -206,7 +207,8 @@ def finish_launch(config: Any, outcomes: list[JobOutcome], *, screens: bool, sto
     """:func:`finish` with what the launcher's config says: the sweep folder, the sweeper, the task."""
     basic = basic_sweep(config)
     finish(outcomes, command_name(), str(config.hydra.sweep.dir), screens=screens, stop=basic,
-           results=basic and OmegaConf.select(config, "task_name", default="") == "train", stopped_by=stopped_by)
+           results=basic and OmegaConf.select(config, "task_name", default="") in ("train", "evaluate"),
+           stopped_by=stopped_by)
 
 
 def command_name() -> str:

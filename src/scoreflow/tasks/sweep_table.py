@@ -49,8 +49,8 @@ def _run(run: str, overrides: list[str], metrics: dict[str, Any] | None) -> dict
     split = "test" if any(k.startswith("test/bpd") for k in metrics) else "val"
     values = {name: metrics.get(f"{split}/{name}") for name, _, _ in COLUMNS}
     values.update({k: metrics.get(k) for k, _, _ in EXTRA})
-    if values["train/wall_time_s"] is None:  # a run of an earlier release: the command's wall time
-        values["train/wall_time_s"] = metrics.get("wall_time_s")
+    if values["train/wall_time_s"] is None and "train/steps" in metrics:  # a training run of an earlier release
+        values["train/wall_time_s"] = metrics.get("wall_time_s")  # the command's wall time
     return {**row, "status": "ok", "split": split, **values}
 
 
