@@ -30,11 +30,11 @@ from scoreflow.tasks.launchers import (
     StopsAsResults,
     basic_sweep,
     command_name,
-    earlier_metric,
     finish_launch,
     finished_earlier,
     gpu_slots,
     machine_gpus,
+    optimized_metric,
     outcome_of_lost_job,
     outcome_of_return,
     run_queue,
@@ -76,7 +76,7 @@ def split_finished(launcher: Any, job_overrides: Sequence[Sequence[str]], initia
         log.info(f"\t#{num} finished earlier in {folder}: skipped (rerun_finished=true runs it again)")
         outcomes[num] = JobOutcome(num, list(overrides), "done", folder=folder, detail="finished earlier:")
         returns[num] = JobReturn(overrides=list(overrides), cfg=cfg, status=JobStatus.COMPLETED,
-                                 _return_value=earlier_metric(cfg, metrics))
+                                 _return_value=optimized_metric(cfg, metrics))
     return outcomes, returns
 
 

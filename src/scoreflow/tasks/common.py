@@ -33,6 +33,7 @@ from scoreflow.lit.settings import protocol_string  # noqa: F401  (re-exported: 
 from scoreflow.lit.throughput import SUMMARY_KEYS as THROUGHPUT_KEYS
 from scoreflow.tasks.build import build_data, build_datamodule
 from scoreflow.tasks.checkpoint import module_from_checkpoint, task_dir
+from scoreflow.tasks.launchers import optimized_metric  # noqa: F401  (re-exported: train.py names it here)
 from scoreflow.tasks.resume import last_checkpoint, rerun_hint, resume_path, with_wandb_resume
 
 log = logging.getLogger(__name__)
@@ -294,20 +295,6 @@ def make_trainer(trainer_cfg: DictConfig, *, callbacks: list | None = None, logg
             and overrides.get("enable_progress_bar", True):
         callbacks.append(TerminalProgressBar())  # one bar style: Lightning's default is Rich when installed
     return hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=logger, plugins=plugins, **overrides)
-
-
-def optimized_metric(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
-    """What ``train()`` returns to a Hydra sweeper: ``metrics[cfg.optimized_metric]``; without a test phase
-    (``test=false``) the validation metric of the same name (``test/bpd_ode`` -> ``val/bpd_ode``), then the
-    validation bound (the ODE is measured on validation images only every ``nll_every`` steps)."""
-    name = cfg.get("optimized_metric")
-    if not name:
-        return None
-    tail = str(name).split("/", 1)[-1]
-    for key in (name, f"val/{tail}", "val/bpd_bound"):
-        if isinstance(metrics.get(key), (int, float)):
-            return float(metrics[key])
-    return None
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:

@@ -295,9 +295,11 @@ def finished_earlier(folder: str | None, overrides: list[str], cfg: Any) -> dict
     return metrics
 
 
-def earlier_metric(cfg: Any, metrics: dict[str, Any]) -> float | None:
-    """What the finished job returned to the sweeper, read as ``scoreflow.tasks.common.optimized_metric`` reads it
-    (``optimized_metric``; without test metrics its ``val/`` form, then the validation bound)."""
+def optimized_metric(cfg: Any, metrics: dict[str, Any]) -> float | None:
+    """What ``train()`` returns to a Hydra sweeper (and a skipped finished job returns in its place):
+    ``metrics[cfg.optimized_metric]``; without a test phase (``test=false``) the validation metric of the same name
+    (``test/bpd_ode`` -> ``val/bpd_ode``), then the validation bound (the ODE is measured on validation images only
+    every ``nll_every`` steps). Here, not in ``common``, so that the launcher reads it without torch."""
     name = OmegaConf.select(cfg, "optimized_metric", default=None)
     if not name:
         return None
