@@ -369,3 +369,29 @@ def test_an_evaluate_sweep_ends_with_its_results_table(tmp_path):
     assert f"### {sweep} (2 runs, 0 failed)" in p.stdout
     rows = [ln for ln in (sweep / "sweep_table.md").read_text().splitlines() if ln.startswith("| `evaluation")]
     assert len(rows) == 2 and all(ln.endswith("| - | - |") for ln in rows)  # no training steps or time: evaluations
+
+
+def test_an_optuna_search_minimises_the_trials_metric_and_a_failed_trial_ends_on_one_line(tmp_path):
+    """hparams_search=optuna_lr_ema end to end: Optuna's best value is the smallest val/bpd_bound the trials wrote. A
+    trial that fails with an anticipated error (no data) ends the search with the job's message and one line from
+    the sweeper, not a traceback (was: the job's traceback through Hydra) nor alembic's start-up log lines."""
+    import yaml
+
+    sweep = tmp_path / "search"
+    base = [sys.executable, "train.py", "-m", "hparams_search=optuna_lr_ema", "hydra.sweeper.n_trials=2", "debug=fast"]
+    p = subprocess.run([*base, f"hydra.sweep.dir={sweep}"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    values = [json.loads(f.read_text())["val/bpd_bound"] for f in sweep.glob("*/metrics.json")]
+    assert len(values) == 2 and best["best_value"] == pytest.approx(min(values), rel=1e-6)
+    assert "setup plugin alembic" not in p.stdout + p.stderr
+
+    failed = tmp_path / "failed"
+    q = subprocess.run([*base, "data=cifar10", f"data.root={tmp_path / 'none'}", f"hydra.sweep.dir={failed}"],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    out = q.stdout + q.stderr
+    assert q.returncode == 1 and "Traceback" not in out, out[-3000:]
+    assert "usage error: CIFAR-10 not found" in q.stderr  # the job's own screen
+    assert re.search(r"^\[scoreflow\] train\.py -m: job #0 failed: CIFAR-10 not found.*\(job folder: ", q.stderr,
+                     re.M), q.stderr[-3000:]

@@ -19,6 +19,7 @@ from typing import Any
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.errors import CompactHydraException
 from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
@@ -84,6 +85,29 @@ def not_started(num: int, overrides: Sequence[str]) -> tuple[JobOutcome, JobRetu
     outcome = JobOutcome(num, list(overrides), "not started", 1, "not started: the sweep was stopped")
     return outcome, JobReturn(overrides=list(overrides), status=JobStatus.FAILED,
                               _return_value=RuntimeError("not started: the sweep was stopped"))
+
+
+class TrialFailed(CompactHydraException):
+    """A job that failed with an anticipated error (or was stopped) under a sweeper that handles failed jobs itself
+    (Optuna): what the sweeper sees instead of the job's exception, so that Hydra, when the sweeper gives up on it,
+    prints this message rather than a traceback."""
+
+
+def for_sweeper(config: Any, outcomes: Sequence[JobOutcome], returns: list[JobReturn], screens: bool
+                ) -> list[JobReturn]:
+    """The returns handed back to a sweeper other than the basic one (which gets the jobs' table from
+    :func:`finish_launch` instead). ``screens``: the jobs ran elsewhere (submitit), so their messages were not on
+    this terminal and go into the sweeper's failure message whole."""
+    if basic_sweep(config) or full_error():
+        return returns
+    for outcome, ret in zip(outcomes, returns):
+        if outcome.status in ("failed", "stopped", "not started") and ret.status == JobStatus.FAILED:
+            where = f" (job folder: {outcome.folder})" if outcome.folder else ""
+            text = f"[scoreflow] {command_name()} -m: job #{outcome.num} {outcome.status}: {outcome.detail}{where}"
+            if screens and outcome.screen:
+                text += "\n" + outcome.screen
+            ret._return_value = TrialFailed(text)
+    return returns
 
 
 def signal_name(signum: int) -> str:
@@ -158,7 +182,7 @@ class SummaryBasicLauncher(BasicLauncher):
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         nums = [initial_job_idx + k for k in range(len(job_overrides))]
         finish_launch(self.config, [outcomes[n] for n in nums], screens=False, stopped_by=stopped_by)
-        return [returns[n] for n in nums]
+        return for_sweeper(self.config, [outcomes[n] for n in nums], [returns[n] for n in nums], screens=False)
 
 
 class SummaryJoblibLauncher(JoblibLauncher):
@@ -194,7 +218,7 @@ class SummaryJoblibLauncher(JoblibLauncher):
         for (num, _), ret in zip(todo, runs):
             returns[num], outcomes[num] = ret, outcome_of_return(num, ret, command)
         finish_launch(self.config, [outcomes[n] for n in nums], screens=False)
-        return [returns[n] for n in nums]
+        return for_sweeper(self.config, [outcomes[n] for n in nums], [returns[n] for n in nums], screens=False)
 
 
 class StopRequested(Exception):
@@ -300,7 +324,7 @@ class _SummarySubmitit(BaseSubmititLauncher):
             returns.append(ret)
             outcomes.append(outcome_of_return(num, ret, command))
         finish_launch(self.config, outcomes, screens=True, stopped_by=stopped_by)
-        return returns
+        return for_sweeper(self.config, outcomes, returns, screens=True)
 
     def _submit(self, executor: Any, args: list[tuple], handles: list[Any]) -> None:
         """All the jobs at once, as one array (a SLURM job array: the scheduler queues them)."""
