@@ -65,6 +65,13 @@ class TimeSampler(ABC):
     def weight(self, t: Tensor) -> Tensor:
         """Per-example weight multiplying the eps-form DSM term."""
 
+    @property
+    def objective_scale(self) -> float:
+        """The constant that puts ``weight * term`` on the scale of the objective this sampler estimates (1 but for
+        an unnormalized importance sampler, whose dropped ``Z / (T - eps)`` it restores): per-example losses times
+        it have the objective's mean, and their variances compare across samplers (Song et al. 2021b, Sec. 5.1)."""
+        return 1.0
+
 
 class UniformTime(TimeSampler):
     """``t ~ U[eps, T]``; base of ``original`` and ``likelihood``."""
@@ -120,6 +127,10 @@ class ImportanceSampledLikelihood(TimeSampler):
     def weight(self, t: Tensor) -> Tensor:
         w = self.Z / (self.T - self.eps) if self.normalize else 1.0
         return torch.full_like(t, w)
+
+    @property
+    def objective_scale(self) -> float:
+        return 1.0 if self.normalize else self.Z / (self.T - self.eps)
 
 
 WEIGHTINGS: dict[str, type[TimeSampler]] = {
