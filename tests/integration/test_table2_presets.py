@@ -122,6 +122,20 @@ def test_preset_has_the_papers_settings(make_cfg, name):
         assert cfg.table2.paper.bound_uniform >= cfg.table2.paper.nll_uniform
 
 
+@pytest.mark.parametrize("sde,eps", [("vp", 1e-5), ("subvp", 1e-2)])
+def test_cifar10_table2_has_the_rows_protocol_and_each_sdes_own_eps(make_cfg, sde, eps):
+    """experiment=cifar10_table2: Table 2's training and evaluation protocol with the SDE from the command line (it
+    kept the small default run's rk4 grid, 50-time bound and one repeat before 2026-11-28; audit)."""
+    row = make_cfg([f"experiment=table2/cifar10_{sde}_lw_is"], sub=f"row_{sde}")
+    cfg = make_cfg(["experiment=cifar10_table2", f"sde={sde}"], sub=f"generic_{sde}")
+    for key in ("module", "datamodule", "callbacks.ema", "callbacks.samples.sampler.method", "trainer.max_steps",
+                "data", "weighting", "model", "sde", "test"):
+        assert OmegaConf.select(cfg, key) == OmegaConf.select(row, key), key
+    assert cfg.eps is None and cfg.module.evaluation.test_repeats == 5  # None: the SDE's own (tested in test_sde)
+    assert (cfg.module.evaluation.method, cfg.module.evaluation.test_num_t) == ("dopri5", 1000)
+    assert row.eps == eps
+
+
 @pytest.fixture(scope="module")
 def one_step_runs() -> dict[str, Path]:
     return {}
