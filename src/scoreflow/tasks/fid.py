@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from scoreflow.lit.module import ScoreLitModule
-from scoreflow.tasks.build import ConfigError, to_container
+from scoreflow.tasks.build import ConfigError, build_data, to_container
 from scoreflow.tasks.checkpoint import LoadedModel, levels_to_uint8, to_data_space, to_levels
 from scoreflow.tasks.likelihood_eval import ProtocolMismatchError
 
@@ -115,16 +115,23 @@ def fid_samples(lm: LoadedModel, fid_cfg: DictConfig, sampler_cfg, out: Path, pr
 
 
 def reference_stats(lm: LoadedModel, fid_cfg: DictConfig, extractor, progress: bool = False):
-    """Inception statistics of the training split, from ``fid.ref_stats`` or the cache (computed on a miss)."""
+    """Inception statistics of the training split, from ``fid.ref_stats`` or the cache (computed on a miss). The
+    split is the whole of it: the images a run held out of training for its validation bound (``data.val_size``)
+    are training images too, and FID's reference is every one of them (CIFAR-10: all 50000, as ScoreFlow and every
+    published FID), whatever the hold-out of the run that made the checkpoint. Not where the test split is carved
+    from the same pool (``data.test_size``: digits, mnist5k): there another hold-out would move test images into it."""
     from scoreflow.metrics import FeatureStats, load_or_compute_ref_stats, ref_stats_path
 
     if fid_cfg.get("ref_stats"):
         return FeatureStats.load(Path(str(fid_cfg.ref_stats)).expanduser())
-    source, K = lm.source, lm.module.num_levels
+    source, K, data_cfg = lm.source, lm.module.num_levels, lm.cfg.data
+    if int(data_cfg.get("val_size") or 0) > 0 and not int(data_cfg.get("test_size") or 0):
+        data_cfg = OmegaConf.merge(data_cfg, {"val_size": 0})
+        source = build_data(OmegaConf.create({"data": data_cfg}))
     train = source.load()["train"]
     limit = fid_cfg.get("ref_num_images")
     n = len(train) if limit is None else min(int(limit), len(train))
-    data_id = hashlib.sha1(json.dumps(to_container(lm.cfg.data), sort_keys=True).encode()).hexdigest()[:8]
+    data_id = hashlib.sha1(json.dumps(to_container(data_cfg), sort_keys=True).encode()).hexdigest()[:8]
     name = f"{source.name}-{data_id}" + ("" if n == len(train) else f"-first{n}")
     path = ref_stats_path(Path(str(fid_cfg.cache_dir)).expanduser(), name, "train")
 
