@@ -32,3 +32,33 @@ def test_lam_with_another_predictor_is_refused(make_cfg):
     kind, kw = sampler_kwargs(cfg.sampler)
     with pytest.raises(ValueError, match="only used by predictor=lambda_family"):
         sample(MIX.score_fn(SubVPSDE()), SubVPSDE(), (2, 2), kind=kind, seeds=[0, 1], **kw)
+
+
+@pytest.mark.parametrize("variance", ["posterior", "forward"])
+def test_config_reaches_the_ancestral_variance(make_cfg, variance):
+    """`sampler.predictor=ancestral sampler.variance=...` (default auto: Eq. 4's beta_i for VP/subVP)."""
+    from scoreflow.sampling import Ancestral
+    from scoreflow.tasks import validate
+
+    cfg = make_cfg(["sampler=pc", "sampler.predictor=ancestral", f"sampler.variance={variance}", "sampler.steps=20",
+                    "sampler.corrector=none"], config_name="sample")
+    validate.sampler(cfg)
+    kind, kw = sampler_kwargs(cfg.sampler)
+    sde = SubVPSDE()
+    got = sample(MIX.score_fn(sde), sde, (6, 2), kind=kind, seeds=list(range(6)), dtype=torch.float64, **kw)
+    ref = pc_sample(MIX.score_fn(sde), sde, (6, 2), predictor=Ancestral(variance), corrector="none", steps=20,
+                    seeds=list(range(6)), dtype=torch.float64)
+    torch.testing.assert_close(got.samples, ref.samples, rtol=0, atol=0)
+
+
+def test_a_bad_ancestral_variance_is_a_config_error(make_cfg):
+    from scoreflow.tasks import validate
+    from scoreflow.tasks.errors import ConfigError
+
+    cfg = make_cfg(["sampler=pc", "sampler.predictor=ancestral", "sampler.variance=posterio"], config_name="sample")
+    with pytest.raises(ConfigError, match="unknown ancestral variance") as e:
+        validate.sampler(cfg)
+    assert "posterior" in str(e.value.fix)
+    other = make_cfg(["sampler=pc", "sampler.variance=forward"], config_name="sample", sub="other")
+    with pytest.raises(ConfigError, match="only used by sampler.predictor=ancestral"):
+        validate.sampler(other)

@@ -109,11 +109,12 @@ def _step_inputs(sde, gen):
     return x, s, z, t, t - 0.01
 
 
-def test_ancestral_ve_is_smld_ancestral(gen):
-    """App. F, Eq. (47): x + (s_i^2 - s_{i-1}^2) s + sqrt(s_{i-1}^2 (s_i^2 - s_{i-1}^2) / s_i^2) z."""
+@pytest.mark.parametrize("variance", ["auto", "posterior"])
+def test_ancestral_ve_is_smld_ancestral(gen, variance):
+    """App. F, Eq. (47): x + (s_i^2 - s_{i-1}^2) s + sqrt(s_{i-1}^2 (s_i^2 - s_{i-1}^2) / s_i^2) z (the default)."""
     sde = SDES["ve"]
     x, s, z, t, tn = _step_inputs(sde, gen)
-    got = Ancestral().step(lambda *_: s, sde, x, t, tn, FixedNoise(z))
+    got = Ancestral(variance).step(lambda *_: s, sde, x, t, tn, FixedNoise(z))
     si2, sp2 = (sde.sigma(t) ** 2)[:, None], (sde.sigma(tn) ** 2)[:, None]
     ref = x + (si2 - sp2) * s + (sp2 * (si2 - sp2) / si2).sqrt() * z
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
@@ -121,7 +122,8 @@ def test_ancestral_ve_is_smld_ancestral(gen):
 
 @pytest.mark.parametrize("sde_name", ["vp", "subvp"])
 def test_ancestral_is_ddpm_posterior(sde_name, gen):
-    """DDPM with abar = alpha_t^2: mean = Eq. (4) = posterior mean at Tweedie's x0; variance beta-tilde."""
+    """DDPM with abar = alpha_t^2: mean = Eq. (4) = posterior mean at Tweedie's x0; variance beta-tilde
+    (``variance="posterior"``) or, the default for VP/subVP as Eq. (4) and the reference, beta (``"forward"``)."""
     sde = SDES[sde_name]
     x, s, z, t, tn = _step_inputs(sde, gen)
     (a_t, sig_t), (a_s, sig_s) = sde.marginal(t), sde.marginal(tn)
@@ -131,8 +133,11 @@ def test_ancestral_is_ddpm_posterior(sde_name, gen):
     x0 = (x + (sig_t**2)[:, None] * s) / a_t[:, None]  # Tweedie
     post_mean = (ratio * (sig_s**2)[:, None] * x + a_s[:, None] * var_fwd * x0) / (sig_t**2)[:, None]
     post_var = (sig_s**2)[:, None] * var_fwd / (sig_t**2)[:, None]
-    got = Ancestral().step(lambda *_: s, sde, x, t, tn, FixedNoise(z))
+    got = Ancestral(variance="posterior").step(lambda *_: s, sde, x, t, tn, FixedNoise(z))
     torch.testing.assert_close(got, post_mean + post_var.sqrt() * z, rtol=1e-10, atol=1e-12)
+    default = Ancestral().step(lambda *_: s, sde, x, t, tn, FixedNoise(z))
+    torch.testing.assert_close(default, post_mean + var_fwd.sqrt() * z, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(default, got)  # the two variances differ (beta-tilde < beta)
     if sde_name == "vp":  # Eq. (4) of Ho et al. / Song et al.: (x + beta s) / sqrt(1 - beta) + sqrt(beta) z
         torch.testing.assert_close(var_fwd, beta, rtol=1e-10, atol=1e-14)
         got_fwd = Ancestral(variance="forward").step(lambda *_: s, sde, x, t, tn, FixedNoise(z))
@@ -229,3 +234,19 @@ def test_given_prior_sample_and_generator_reproducible():
     b = pc_sample(score, sde, noise=xT, steps=5, generator=torch.Generator().manual_seed(7)).samples
     assert a.dtype == torch.float64 and torch.equal(a, b)
     assert math.isfinite(float(a.abs().max()))
+
+
+def test_ancestral_variance_reaches_the_predictor_and_is_refused_elsewhere():
+    from scoreflow.sampling.predictors import get_predictor
+
+    assert get_predictor("ancestral").variance == "auto"
+    assert get_predictor("ancestral", variance="posterior").variance == "posterior"
+    with pytest.raises(ValueError, match="variance=forward is only used by predictor=ancestral"):
+        get_predictor("reverse_diffusion", variance="forward")
+    with pytest.raises(ValueError, match="variance must be one of"):
+        Ancestral("beta")
+    sde = SDES["vp"]
+    out = {v: pc_sample(lambda x, t: -x, sde, (4, 2), predictor="ancestral", corrector="none", variance=v, steps=5,
+                        generator=torch.Generator().manual_seed(0), dtype=torch.float64).samples
+           for v in (None, "forward", "posterior")}
+    assert torch.equal(out[None], out["forward"]) and not torch.equal(out[None], out["posterior"])

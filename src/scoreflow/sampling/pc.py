@@ -62,6 +62,7 @@ def pc_sample(
     predictor: str | Predictor | None = "reverse_diffusion",
     corrector: str | Corrector | None = "langevin",
     lam: float | None = None,
+    variance: str | None = None,
     snr: float = 0.16,
     n_steps: int = 1,
     corrector_norm: LangevinNorm = "auto",
@@ -85,6 +86,9 @@ def pc_sample(
         predictor: a name in :data:`~scoreflow.sampling.predictors.PREDICTORS` or an instance.
         lam: ``lambda`` of ``predictor="lambda_family"``, Huang et al.'s plug-in reverse SDEs (Eq. 27):
             0 the reverse SDE, 1 the probability-flow ODE; ``None`` for every other predictor.
+        variance: the noise variance of ``predictor="ancestral"`` (:class:`~scoreflow.sampling.predictors.Ancestral`):
+            ``"auto"`` (``None``: the default) is Eq. 4's ``beta_i`` for VP/subVP and Eq. 47's posterior variance for
+            VE, as the paper and the reference; ``"posterior"`` / ``"forward"`` force one for every SDE.
         corrector: a name in :data:`~scoreflow.sampling.correctors.CORRECTORS` or an instance
             (``snr``, ``n_steps`` and, for ``"langevin"``, ``corrector_norm`` configure a named one).
         corrector_norm: how the ``"langevin"`` corrector takes its norms ``||z||``, ``||s||``
@@ -104,7 +108,7 @@ def pc_sample(
     Returns:
         :class:`SampleResult` with ``nfe = steps * (predictor.nfe + corrector.nfe) + denoise``.
     """
-    pred = get_predictor(predictor, lam=lam)
+    pred = get_predictor(predictor, lam=lam, variance=variance)
     corr = get_corrector(corrector, snr=snr, n_steps=n_steps, norm=corrector_norm)
     score_fn = shape_checked(score_fn)  # its first evaluation checks the score is shaped like x
     rng = make_noise(generator=generator, seeds=seeds, device=device if noise is None else noise.device)

@@ -106,6 +106,9 @@ class ProbabilityFlow(Predictor):
         return x - f + 0.5 * append_dims(G**2, x.ndim) * score_fn(x, t)
 
 
+ANCESTRAL_VARIANCES = ("auto", "posterior", "forward")
+
+
 class Ancestral(Predictor):
     """Ancestral sampling for any linear SDE: draw ``x_s ~ q(x_s | x_t, x0_hat)`` with ``s = t_next``.
 
@@ -117,19 +120,29 @@ class Ancestral(Predictor):
       - VP: DDPM's Eq. (4) with ``beta_i = b^2 = 1 - alpha_t^2 / alpha_s^2``;
       - VE: SMLD ancestral sampling, App. F Eq. (47), with ``b^2 = sigma_t^2 - sigma_s^2``.
     ``variance="posterior"`` uses the posterior variance (Eq. 47's ``tau_i^2``; DDPM's beta-tilde);
-    ``"forward"`` uses ``b^2`` (DDPM's ``sigma_i^2 = beta_i`` of Eq. 4, the reference's VP choice).
+    ``"forward"`` uses ``b^2`` (DDPM's ``sigma_i^2 = beta_i`` of Eq. 4); ``"auto"`` (default) is what the paper
+    writes and the reference runs for each SDE: ``"forward"`` for VP and subVP (Eq. 4), ``"posterior"`` for VE
+    (Eq. 47). Releases before 2026-11-28 used ``"posterior"`` for every SDE.
     """
 
-    def __init__(self, variance: Literal["posterior", "forward"] = "posterior"):
-        if variance not in ("posterior", "forward"):
-            raise ValueError(f"variance must be 'posterior' or 'forward', got {variance!r}")
+    def __init__(self, variance: Literal["auto", "posterior", "forward"] = "auto"):
+        if variance not in ANCESTRAL_VARIANCES:
+            raise ValueError(f"variance must be one of {', '.join(ANCESTRAL_VARIANCES)}, got {variance!r}")
         self.variance = variance
+
+    def variance_for(self, sde: SDE) -> str:
+        """``"posterior"`` or ``"forward"``: ``self.variance`` with ``"auto"`` resolved for ``sde``."""
+        if self.variance != "auto":
+            return self.variance
+        from scoreflow.sde import VESDE
+
+        return "posterior" if isinstance(sde, VESDE) else "forward"
 
     def step(self, score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor, t_next: Tensor, rng: NoiseSource) -> Tensor:
         a, b = sde.transition(t_next, t)
         b2 = b**2
         mean = (x + append_dims(b2, x.ndim) * score_fn(x, t)) / append_dims(a, x.ndim)
-        if self.variance == "posterior":
+        if self.variance_for(sde) == "posterior":
             sigma_s2 = sde.sigma(t_next) ** 2
             var = sigma_s2 * b2 / (a**2 * sigma_s2 + b2)
         else:
@@ -146,26 +159,29 @@ PREDICTORS: dict[str, type[Predictor]] = {
     "lambda_family": PlugInReverseSDE,
 }
 
-PARAMETRIZED: dict[str, tuple[str, ...]] = {"lambda_family": ("lam",)}
-"""Predictors that take arguments from the sampler config (``sampler.lam``), by name."""
+PARAMETRIZED: dict[str, tuple[str, ...]] = {"lambda_family": ("lam",), "ancestral": ("variance",)}
+"""Predictors that take arguments from the sampler config (``sampler.lam``, ``sampler.variance``), by name."""
 
 
-def get_predictor(predictor: str | Predictor | None, *, lam: float | None = None) -> Predictor:
+def get_predictor(predictor: str | Predictor | None, *, lam: float | None = None,
+                  variance: str | None = None) -> Predictor:
     """A predictor from its name (a key of :data:`PREDICTORS`) or an instance; ``None`` means ``"none"``.
 
     ``lam`` is the ``lambda`` of ``"lambda_family"`` (Huang et al. 2021, Eq. 27; default 0, the reverse SDE);
-    giving it with any other predictor is an error rather than silently ignored.
+    ``variance`` that of ``"ancestral"`` (:class:`Ancestral`: auto, posterior or forward). Giving either with
+    another predictor is an error rather than silently ignored.
     """
+    given = {k: v for k, v in (("lam", lam), ("variance", variance)) if v is not None}
     if isinstance(predictor, Predictor):
-        if lam is not None:
-            raise ValueError(f"lam={lam} cannot be applied to a predictor instance ({type(predictor).__name__})")
+        if given:
+            raise ValueError(f"{', '.join(f'{k}={v}' for k, v in given.items())} cannot be applied to a predictor "
+                             f"instance ({type(predictor).__name__})")
         return predictor
     name = "none" if predictor is None else predictor
     if name not in PREDICTORS:
         raise ValueError(f"unknown predictor {name!r}; choose from {sorted(PREDICTORS)}")
-    if lam is not None:
-        if "lam" not in PARAMETRIZED.get(name, ()):
-            raise ValueError(f"lam={lam} is only used by predictor=lambda_family (Huang et al. 2021, Eq. 27), "
-                             f"not by predictor={name}")
-        return PREDICTORS[name](lam=lam)
-    return PREDICTORS[name]()
+    for key, value in given.items():
+        if key not in PARAMETRIZED.get(name, ()):
+            users = [p for p, args in PARAMETRIZED.items() if key in args]
+            raise ValueError(f"{key}={value} is only used by predictor={' or '.join(users)}, not by predictor={name}")
+    return PREDICTORS[name](**given)

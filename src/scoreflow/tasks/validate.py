@@ -687,6 +687,20 @@ def sampler(cfg: DictConfig, key: str = "sampler") -> None:
                               key=f"{key}.lam", value=lam, fix=f"{key}.predictor={users[0]}, or {key}.lam=null")
         number(cfg, f"{key}.lam", high=1, high_open=False,
                fix=f"{key}.lam <= 1 (Huang et al. 2021, Eq. 27): 0 the reverse SDE, 1 the probability-flow ODE")
+    variance = options.get("variance")
+    if variance is not None:
+        from scoreflow.sampling.predictors import ANCESTRAL_VARIANCES
+
+        pred = "none" if options.get("predictor") is None else options["predictor"]
+        if "variance" not in PARAMETRIZED.get(pred, ()):
+            raise ConfigError(f"{key}.variance is only used by {key}.predictor=ancestral, not {pred!r}",
+                              key=f"{key}.variance", value=variance,
+                              fix=f"{key}.predictor=ancestral, or {key}.variance=null")
+        if variance not in ANCESTRAL_VARIANCES:
+            raise ConfigError(f"unknown ancestral variance {variance!r}; choose from {', '.join(ANCESTRAL_VARIANCES)}",
+                              key=f"{key}.variance", value=variance,
+                              fix=did_you_mean(f"{key}.variance", str(variance), ANCESTRAL_VARIANCES)
+                              or f"{key}.variance=auto")
     number(cfg, f"{key}.snr", low=0, low_open=False)
     integer(cfg, f"{key}.n_steps", low=0)
 
