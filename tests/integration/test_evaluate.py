@@ -244,6 +244,40 @@ def test_fid_samples_resume_and_reference_cache(digits_ckpt, make_cfg, tmp_path,
     assert m["protocol"]["fid"]["sampler"]["method"] == "euler"
 
 
+@pytest.mark.parametrize("predictor", ["reverse_diffusion", "ancestral"])
+def test_fid_samples_of_an_earlier_release_are_reused_unless_the_new_key_changes_them(
+        digits_ckpt, make_cfg, tmp_path, monkeypatch, predictor):
+    """FID sample folders written before sampler.variance existed: reused by a PC sampler it does not touch; refused
+    for the ancestral predictor, whose default noise changed with it (VP/subVP: Eq. 4's beta_i)."""
+    import scoreflow.tasks.fid as fid_task
+    from scoreflow.tasks.likelihood_eval import ProtocolMismatchError
+
+    monkeypatch.setattr(fid_task, "make_extractor", lambda weights, device: PooledFeatures())
+    drawn: list[int] = []
+    real_draw = fid_task.draw_samples
+
+    def counting_draw(module, seeds, *a, **kw):
+        drawn.extend(seeds)
+        return real_draw(module, seeds, *a, **kw)
+
+    monkeypatch.setattr(fid_task, "draw_samples", counting_draw)
+    args = ["ode=false", "bound=false", "progress=false", "device=cpu", "fid.batch_size=4", "sampler=pc",
+            f"sampler.predictor={predictor}", "sampler.corrector=none", "sampler.steps=3",
+            f"fid.cache_dir={tmp_path / 'cache'}", "fid.ref_num_images=40", f"hydra.run.dir={tmp_path / 'ev'}"]
+    run_eval(make_cfg, digits_ckpt, [*args, "fid.num_samples=4"], sub="old")
+    protos = list(tmp_path.glob("**/fid_samples/protocol.json"))
+    assert len(protos) == 1
+    stored = json.loads(protos[0].read_text())
+    del stored["sampler"]["variance"]  # as an earlier release wrote it
+    protos[0].write_text(json.dumps(stored))
+    if predictor == "ancestral":
+        with pytest.raises(ProtocolMismatchError):
+            run_eval(make_cfg, digits_ckpt, [*args, "fid.num_samples=6"], sub="old")
+    else:
+        run_eval(make_cfg, digits_ckpt, [*args, "fid.num_samples=6"], sub="old")
+        assert drawn == [0, 1, 2, 3, 4, 5]  # the four earlier samples reused
+
+
 @pytest.mark.slow
 def test_fid_with_real_inception_weights(digits_ckpt, make_cfg, tmp_path):
     from scoreflow.metrics.inception import fid_helper_torchscript, resolve_inception_weights

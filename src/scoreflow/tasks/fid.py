@@ -91,6 +91,12 @@ def fid_samples(lm: LoadedModel, fid_cfg: DictConfig, sampler_cfg, out: Path, pr
     now = json.loads(json.dumps(fp))
     if isinstance(stored, dict) and "weights_digest" not in stored:  # an earlier release's samples: trusted as then
         now.pop("weights_digest", None)
+    if isinstance(stored, dict) and isinstance(stored.get("sampler"), dict) and isinstance(now.get("sampler"), dict):
+        # sampler keys added since those samples were drawn, left null: the same samples, but for sampler.variance
+        # of the ancestral predictor, whose null (auto) changed VP/subVP's noise on 2026-11-28
+        for key in [k for k, v in now["sampler"].items() if v is None and k not in stored["sampler"]]:
+            if not (key == "variance" and now["sampler"].get("predictor") == "ancestral"):
+                now["sampler"].pop(key)
     if stored is not None and stored != now:
         raise ProtocolMismatchError(f"{folder} holds samples of another sampler/checkpoint; remove it or change dirs")
     proto.write_text(json.dumps(fp, indent=1))
