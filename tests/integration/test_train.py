@@ -13,9 +13,11 @@ from tests.integration.resume_check import resumed_and_uninterrupted
 FAST = ["debug=fast", "trainer.accelerator=cpu"]
 
 
-def test_debug_fast_runs_whole_pipeline(make_cfg, tmp_path):
+def test_debug_fast_runs_whole_pipeline(make_cfg, tmp_path, capsys):
     cfg = make_cfg(FAST)
     metrics = train(cfg)
+    table = capsys.readouterr().out  # the results table says which number is eps-corrected (SPEC 4.4)
+    assert "eps-correction=" in table and "the ODE NLL without eps-correction" in table
     run = tmp_path / "run"
     saved = json.loads((run / "metrics.json").read_text())
     for key in ["test/bpd_ode", "test/bpd_ode_se", "test/bpd_bound", "test/bpd_bound_se", "test/nfe"]:
