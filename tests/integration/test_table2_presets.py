@@ -48,6 +48,7 @@ ONE_STEP = [
     "module.evaluation.val_num_t=2",
     "logger=none",
     "test=false",
+    "callbacks.snapshots.every_n_train_steps=1",
 ]
 
 
@@ -89,6 +90,8 @@ def test_preset_has_the_papers_settings(make_cfg, name):
     o = cfg.module.optim
     assert (o.lr, list(o.betas), o.eps, o.warmup_steps, o.grad_clip) == (2e-4, [0.9, 0.999], 1e-8, 5000, 1.0)
     assert cfg.callbacks.ema.decay == 0.9999 and cfg.callbacks.ema.warmup is False
+    snap = cfg.callbacks.snapshots  # SPEC 7: snapshots every 50k steps, all kept; pre-emption checkpoints every 10k
+    assert (snap.every_n_train_steps, snap.save_top_k, cfg.checkpoint_every) == (50_000, -1, 10_000)
     assert cfg.module.loss == "dsm" and cfg.module.loss_reduce == "mean"
     # SDE and its smallest time eps (VP 1e-5, subVP 1e-2)
     assert cfg.sde._target_.endswith("SubVPSDE" if subvp else ".VPSDE")
@@ -154,6 +157,8 @@ def test_preset_trains_one_step_on_fake_data(make_cfg, fake_data, one_step_runs,
         cfg, metrics = train_one_step(make_cfg, fake_data, name)
     assert metrics["train/steps"] == 1 and np.isfinite(metrics["val/bpd_bound"])
     ckpt = tmp_path / name / "checkpoints" / "last.ckpt"
+    snapshot = tmp_path / name / "checkpoints" / "snapshots" / "step_1.ckpt"  # every_n_train_steps=1 here
+    assert snapshot.is_file() and torch.load(snapshot, map_location="cpu", weights_only=True)["global_step"] == 1
     stored = torch.load(ckpt, map_location="cpu", weights_only=True)["scoreflow"]["config"]
     assert stored["table2"]["name"] == name and stored["sde"] == OmegaConf.to_container(cfg.sde)
     if ds == "imagenet32":  # the loader names the release it read
