@@ -70,6 +70,10 @@ class DequantLitModule(ScoreLitModule):
     def __init__(self, *args: Any, dequant: DequantConfig | dict[str, Any] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.dequant_cfg = DequantConfig.from_mapping(dequant)
+        if self.train_input != "dequantized":
+            raise ValueError(f"module.train_input={self.train_input} trains on noise-free levels, but "
+                             "dequantization=variational learns its noise from the training input: use "
+                             "module.train_input=dequantized")
         if self.dequantizer is None or not any(p.requires_grad for p in self.dequantizer.parameters()):
             raise ValueError(
                 f"module.dequant trains the dequantizer, but dequantization={type(self.dequantizer).__name__} "

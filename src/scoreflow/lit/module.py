@@ -39,6 +39,10 @@ from scoreflow.weighting import TimeSampler
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+TRAIN_INPUTS = ("dequantized", "levels")
+"""What the score model is trained on (``module.train_input``): ``dequantized``, ``(k + u) / K`` with the run's
+dequantizer (the maximum-likelihood objective the bound and the ODE NLL evaluate); ``levels``, ``k / (K - 1)``
+without noise, as ScoreFlow's JAX code trains (its evaluation dequantizes, as ours always does)."""
 
 
 def step_seed(seed: int, rank: int, index: int, salt: int = 0) -> int:
@@ -104,6 +108,7 @@ class ScoreLitModule(GuardedOptimization):
         optimizer: OptimizerFactory | None = None,
         evaluation: EvalConfig | dict[str, Any] | None = None,
         hflip: bool = False,
+        train_input: str = "dequantized",
         max_bad_steps: int = 20,
         seed: int = 0,
         channels_last: bool = False,
@@ -133,6 +138,11 @@ class ScoreLitModule(GuardedOptimization):
         self.optimizer_factory = optimizer
         self.eval_cfg = EvalConfig.from_mapping(evaluation)
         self.hflip = hflip
+        if train_input not in TRAIN_INPUTS:
+            raise ValueError(f"train_input must be one of {', '.join(TRAIN_INPUTS)}, got {train_input!r}")
+        if train_input == "levels" and num_levels is None:
+            raise ValueError("train_input='levels' is for discrete data (num_levels); these data are continuous")
+        self.train_input = train_input
         if channels_last:
             self.score_model.net.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
@@ -174,7 +184,11 @@ class ScoreLitModule(GuardedOptimization):
         """Training images ``k`` -> ``(y, log_q)``: random flip, dequantization and scaling, all drawn from ``g``."""
         if self.hflip:
             k = random_hflip(k, g)
-        y, log_q = self.to_model_space(k, g)
+        if self.train_input == "levels":  # ScoreFlow's training input: k / (K - 1), no noise (evaluation dequantizes)
+            y = self.scale * (k.float() / (self.num_levels - 1)) + self.shift
+            log_q = torch.zeros(k.shape[0], device=k.device)
+        else:
+            y, log_q = self.to_model_space(k, g)
         if self.channels_last and y.ndim == 4:
             y = y.contiguous(memory_format=torch.channels_last)
         return y, log_q

@@ -40,6 +40,8 @@ def flow_run_config(cfg: DictConfig, score_cfg: DictConfig) -> DictConfig:
         for key in _REPLACED:
             run_cfg[key] = OmegaConf.create(own.get(key) or {})
         run_cfg.module.dequant.freeze_score = True  # the "after" mode is what this task is
+        # the flow learns its noise on dequantized data, whatever input trained the score model (ScoreFlow: levels)
+        run_cfg.module.train_input = "dequantized"
         run_cfg.dequant_run = {"mode": "after", "score_ckpt": str(cfg.score_ckpt)}
     return run_cfg
 

@@ -252,6 +252,15 @@ def train(cfg: DictConfig) -> None:
         raise ConfigError("module.loss=ism cannot be combined with module.compile: the Hutchinson divergence's "
                           "double backward is not supported by torch.compile", key="module.compile",
                           value=get(cfg, "module.compile"), fix="module.compile=false, or module.loss=dsm")
+    choice(cfg, "module.train_input", ("dequantized", "levels"))
+    if get(cfg, "module.train_input", "dequantized") == "levels":
+        target = str(get(cfg, "dequantization._target_", "") or "")
+        if not target.endswith("UniformDequantizer"):
+            deq = target.rsplit(".", 1)[-1] or "none"
+            raise ConfigError(f"module.train_input=levels (k/(K-1) without noise, ScoreFlow's training input) does "
+                              f"not fit dequantization={deq}: it needs discrete data evaluated with uniform noise",
+                              key="module.train_input", value="levels",
+                              fix="dequantization=uniform, or module.train_input=dequantized")
     integer(cfg, "module.max_bad_steps", low=1)
     number(cfg, "callbacks.ema.decay", low=0, high=1, low_open=False)
     integer(cfg, "callbacks.samples.num_samples", low=1)
