@@ -59,7 +59,7 @@ class EMA(Callback):
     def current_decay(self) -> float:
         if not self.warmup:
             return self.decay
-        n = self.num_updates
+        n = self.num_updates  # updates before this one (score_sde counts this one: its ramp is one update ahead)
         return min(self.decay, (1 + n) / (10 + n))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

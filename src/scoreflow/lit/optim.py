@@ -37,6 +37,8 @@ class NonFiniteLossError(RuntimeError):
 def lr_factor(step: int, warmup_steps: int, decay_steps: int | None = None, min_lr_ratio: float = 0.0) -> float:
     """Learning-rate multiplier at ``step``: linear warm-up over ``warmup_steps`` (ScoreFlow's schedule), then, if
     ``decay_steps`` is set, a cosine decay to ``min_lr_ratio`` at step ``decay_steps`` (held there after)."""
+    # (step + 1): the first update already has lr / warmup_steps; ScoreFlow/score_sde use step / warmup, whose first
+    # update has lr 0 (the schedules differ by one step of 5000)
     warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     if not decay_steps or decay_steps <= warmup_steps:
         return warm
