@@ -66,6 +66,13 @@ USAGE_CASES = [
     (["datamodule.eval_batch_size=1.5"], ["datamodule.eval_batch_size", "1.5"]),
     (["data=cifar10", "data.root=/nonexistent/cifar"], ["data.root", "/nonexistent/cifar", "cifar-10-batches-py",
                                                         "https://"]),
+    # every option of the group (Hydra lists one a line; the screen showed the first 6 of data's 8 before)
+    (["data=nonsense"], ["cifar10, digits, image_folder, imagenet32, mnist, mnist5k, photos, toy2d"]),
+    (["data=digitz"], ["did you mean data=digits?"]),
+    (["experiment=tabel2/cifar10_vp_lw"], ["table2/<name>: 28 files", "did you mean experiment=table2/cifar10_vp_lw"]),
+    # the Adam-only settings beside module.optimizer: stopped before a run folder exists (was: after the config tree)
+    (["module.optimizer={_target_: torch.optim.AdamW, _partial_: true}", "module.optim.weight_decay=0.1"],
+     ["module.optim ['weight_decay'] configure the built-in Adam", "module.optimizer = 'torch.optim.AdamW'"]),
 ]
 
 

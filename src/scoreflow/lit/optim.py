@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from scoreflow.lit.settings import OptimConfig
+from scoreflow.lit.settings import OptimConfig, adam_only_settings  # noqa: F401 - adam_only_settings re-exported
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,6 @@ def lr_factor(step: int, warmup_steps: int, decay_steps: int | None = None, min_
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 """``factory(params, lr=...) -> Optimizer``: a Hydra ``_partial_`` optimizer (``module.optimizer``)."""
-
-
-def adam_only_settings(o: OptimConfig) -> list[str]:
-    """The built-in Adam's own settings (betas, eps, weight_decay, fused) that ``o`` changes from their defaults:
-    they would be ignored beside a ``module.optimizer`` factory, so setting both is an error."""
-    return sorted(k for k in ("betas", "eps", "weight_decay", "fused") if getattr(o, k) != getattr(OptimConfig(), k))
 
 
 def adam_with_warmup(params: list[torch.nn.Parameter], o: OptimConfig | dict[str, Any],

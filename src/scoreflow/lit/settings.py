@@ -183,3 +183,9 @@ def protocol_string(cfg: Any) -> str:
         f"{e.ode_dtype}, bound num_t={e.test_num_t} IS={e.importance_sampling} {e.bound_estimator}{extras} "
         f"eps-correction={e.truncation_correction}, repeats={e.test_repeats}"
     )
+
+
+def adam_only_settings(o: OptimConfig) -> list[str]:
+    """The built-in Adam's own settings (betas, eps, weight_decay, fused) that ``o`` changes from their defaults:
+    they would be ignored beside a ``module.optimizer`` factory, so setting both is an error."""
+    return sorted(k for k in ("betas", "eps", "weight_decay", "fused") if getattr(o, k) != getattr(OptimConfig(), k))

@@ -218,10 +218,29 @@ def explain_composition(exc: Exception, config_name: str, overrides: list[str]) 
         known_keys = f"see the known keys: python {config_name}.py --cfg job"
         fix = f"did you mean {' or '.join(close)}?" if close else known_keys
         return ConfigError(f"unknown config key {key!r}", key=key, value=value, fix=fix)
-    m = re.search(r"Could not find '([^'/]+)/", text) or re.search(r"In '[^']*': Could not find '([^'/]+)/", text)
+    m = re.search(r"Could not find '([^'/]+)/([^']*)'", text)
     key = m.group(1) if m else None
-    first = [ln for ln in str(exc).split("Config search path")[0].splitlines() if ln.strip()][:8]
-    return ConfigError("\n".join(first), key=key, fix="see the options listed above" if key else None)
+    lines = [ln for ln in str(exc).split("Config search path")[0].splitlines() if ln.strip()]
+    options = [ln.strip() for ln in lines if ln.startswith(("\t", " "))]
+    head = [ln.strip() for ln in lines if not ln.startswith(("\t", " "))][:2]
+    if options:  # every option, wrapped (the screen keeps 8 lines of a message): Hydra lists one a line
+        import textwrap
+
+        head[-1] = head[-1].rstrip(":") + ":"
+        head += textwrap.wrap(", ".join(options), 110, initial_indent="  ", subsequent_indent="  ")
+    nested: list[str] = []  # Hydra lists a group's top folder only: experiment=table2/<row> are in a subfolder
+    if key and (CONF / key).is_dir():
+        for folder in sorted(p for p in (CONF / key).iterdir() if p.is_dir()):
+            names = sorted(str(f.relative_to(CONF / key).with_suffix("")) for f in folder.glob("*.yaml"))
+            if names:
+                nested += names
+                head.append(f"  and {folder.name}/<name>: {len(names)} files in conf/{key}/{folder.name}/")
+    shown = head
+    fix = None
+    if key:
+        close = difflib.get_close_matches(m.group(2), options + nested, n=3, cutoff=0.6)
+        fix = f"did you mean {' or '.join(f'{key}={c}' for c in close)}?" if close else "see the options listed above"
+    return ConfigError("\n".join(shown), key=key, fix=fix)
 
 
 def flat_keys(cfg: Any, prefix: str = "") -> list[str]:

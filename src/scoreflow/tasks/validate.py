@@ -162,6 +162,18 @@ def common_training(cfg: DictConfig) -> None:
     integer(cfg, "module.optim.warmup_steps", low=0)
     integer(cfg, "module.optim.accumulate_grad_batches", low=1)
     number(cfg, "module.optim.grad_clip", low=0, low_open=False, allow_none=True)
+    spec = get(cfg, "module.optimizer")
+    if spec is not None:  # build's check, here too so that it stops the command before a run folder exists
+        from scoreflow.lit.settings import OptimConfig, adam_only_settings
+
+        optim = get(cfg, "module.optim")
+        adam_only = adam_only_settings(OptimConfig.from_mapping(
+            OmegaConf.to_container(optim, resolve=True) if isinstance(optim, DictConfig) else optim))
+        target = spec.get("_target_") if isinstance(spec, DictConfig) else spec
+        if adam_only:
+            raise ConfigError(f"module.optim {adam_only} configure the built-in Adam, but module.optimizer={target} "
+                              "replaces it: set them on module.optimizer", key="module.optimizer", value=str(target),
+                              fix=f"drop module.optim.{adam_only[0]}, or add it to module.optimizer")
     if has(cfg, "module.optim.betas"):
         b = get(cfg, "module.optim.betas")
         ok = OmegaConf.is_list(b) and len(b) == 2 and all(isinstance(x, (int, float)) and 0 <= x < 1 for x in b)
