@@ -212,6 +212,9 @@ def explain_composition(exc: Exception, config_name: str, overrides: list[str]) 
         except Exception:  # noqa: BLE001 - another override is bad as well: no suggestions then
             known = []
         close = difflib.get_close_matches(key, known, n=3, cutoff=0.75)
+        if close:  # only those about as close as the best (methd: method, not also seed and eps)
+            ratio = [difflib.SequenceMatcher(None, key, c).ratio() for c in close]
+            close = [c for c, r in zip(close, ratio) if r >= ratio[0] - 0.05]
         if not close:  # the right name in another group: trainer.accumulate_grad_batches -> module.optim.<same>
             close = [k for k in known if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]][:3]
         value = bad[0].split("=", 1)[1] if bad and "=" in bad[0] else None
