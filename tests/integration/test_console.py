@@ -98,3 +98,20 @@ def test_without_test_phase_the_last_validation_is_reported_and_returned(make_cf
     assert optimized_metric(cfg, metrics) == metrics["val/bpd_bound"]  # no val ODE in 2 steps: the bound
     assert optimized_metric(cfg, {**metrics, "val/bpd_ode": 1.5}) == 1.5
     assert optimized_metric(cfg, {**metrics, "test/bpd_ode": 1.25, "val/bpd_ode": 1.5}) == 1.25
+
+
+def test_ddp_spawn_processes_inherit_the_filter_of_lightnings_sync_dist_advice(monkeypatch):
+    """strategy=ddp_spawn (trainer=ddp_cpu) runs rank 0 in a fresh interpreter, which takes warning filters from
+    PYTHONWARNINGS only: Lightning's advice to sync_dist the val/test values (already gathered from every rank)
+    printed 9 lines there."""
+    from scoreflow.tasks.console import quiet_console
+
+    monkeypatch.setenv("PYTHONWARNINGS", "default::DeprecationWarning")
+    quiet_console()
+    quiet_console()  # idempotent
+    env = os.environ["PYTHONWARNINGS"].split(",")
+    assert env[0] == "default::DeprecationWarning" and len(env) == 3 and len(set(env)) == 3
+    code = ("import warnings; warnings.warn(\"It is recommended to use `self.log('test/nfe', ..., sync_dist=True)` "
+            "when logging\"); warnings.warn(\"It is recommended to use `self.log('train/x', ..., sync_dist=True)`\")")
+    p = subprocess.run([sys.executable, "-c", code], env=dict(os.environ), capture_output=True, text=True)
+    assert "test/nfe" not in p.stderr and "train/x" in p.stderr, p.stderr

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -37,7 +38,13 @@ NOISY_WARNINGS = (
     r"Converting a tensor with requires_grad=True to a scalar.*",  # float(loss) in the non-finite-loss message
     # ckpt_path= of another run's checkpoint: ModelCheckpoint's best-k bookkeeping (scoreflow keeps last.ckpt only)
     r"The dirpath has changed from .* therefore `best_model_score`, .* won't be reloaded.*",
+    # DDP: validation and test values are gathered from every rank before they are logged (ScoreLitModule), so
+    # Lightning's advice to reduce them again with sync_dist would average equal numbers
+    r"It is recommended to use `self.log\('(val|test)/.*sync_dist=True\)`.*",
 )
+
+
+SPAWN_WARNING_PREFIXES = ("It is recommended to use `self.log('val/", "It is recommended to use `self.log('test/")
 
 
 class LightningNoise(logging.Filter):
@@ -67,6 +74,11 @@ def quiet_console() -> None:
 
     for pattern in NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    # processes started by strategy=ddp_spawn are fresh interpreters: they take filters from PYTHONWARNINGS only
+    # (a message prefix each, no regex; no ',' or ':' in them)
+    spawned = [f"ignore:{prefix}" for prefix in SPAWN_WARNING_PREFIXES]
+    have = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
+    os.environ["PYTHONWARNINGS"] = ",".join(have + [w for w in spawned if w not in have])
     root = logging.getLogger()
     if not root.handlers:  # not under Hydra: nothing prints twice
         return

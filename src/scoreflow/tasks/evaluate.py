@@ -23,6 +23,7 @@ command line). The pieces live in :mod:`scoreflow.tasks.checkpoint` (loading, sh
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -243,10 +244,12 @@ def format_table(metrics: dict[str, Any], split: str, lm: LoadedModel, out: Path
     if f"{p}fid" in metrics:
         extra["FID samples / NFE"] = f"{int(metrics[p + 'fid_num_samples'])} / {metrics[p + 'fid_nfe']:.0f}"
     if f"{p}bpd_bound_se_mc" in metrics:
+        excess = metrics[p + "bpd_bound_mc_excess"]
+        share = (f"the Monte-Carlo noise adds {100 * excess:.1f} % to the s.e." if math.isfinite(excess) else
+                 "the spread between images is lost in the Monte-Carlo noise: more images, or more times per image")
         extra["bound s.e. split"] = (
             f"between images {metrics[p + 'bpd_bound_se_between']:.4f} ⊕ Monte-Carlo "
-            f"{metrics[p + 'bpd_bound_se_mc']:.4f} (the Monte-Carlo noise adds "
-            f"{100 * metrics[p + 'bpd_bound_mc_excess']:.1f} % to the s.e.)")
+            f"{metrics[p + 'bpd_bound_se_mc']:.4f} ({share})")
     extra["protocol"] = metrics["protocol_text"]
     extra["wall time"] = f"{metrics['wall_time_s']:.1f} s"
     extra["output"] = str(out)
