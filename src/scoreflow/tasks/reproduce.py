@@ -559,7 +559,8 @@ def plot_curves(results: list[RowResult], out: Path) -> Path:
                     s, v = zip(*c[key], strict=True)
                     ax.plot(s, v, ls, color=colors[r.row.weighting], label=f"{r.row.weighting} {key[8:]}")
         ax.set(title=f"digits, {sde}", xlabel="step", ylabel="bits/dim (validation)")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a short run may have nothing to plot
+            ax.legend(fontsize=7)
     return _save(fig, out / "bpd_vs_step.png")
 
 
@@ -582,7 +583,8 @@ def plot_loss_variance(results: list[RowResult], out: Path) -> Path:
             rv = [np.var(v[i - w:i], ddof=1) for i in range(w, len(v) + 1)]
             a0.semilogy(s[w - 1:], rv, label=r.row.name.removeprefix("digits_"))
     a0.set(title="variance of the logged batch loss (10 logs)", xlabel="step")
-    a0.legend(fontsize=7)
+    if a0.get_legend_handles_labels()[0]:  # a short run may have nothing to plot
+        a0.legend(fontsize=7)
     names = [r.row.name.removeprefix("digits_") for r in results if r.loss_var]
     lv = [r.loss_var for r in results if r.loss_var]
     x = np.arange(len(names))
@@ -591,7 +593,8 @@ def plot_loss_variance(results: list[RowResult], out: Path) -> Path:
     a1.set_yscale("log")
     a1.set_xticks(x, names, rotation=30, fontsize=7)
     a1.set(title="per-example variance of the LW loss, final model")
-    a1.legend(fontsize=7)
+    if a1.get_legend_handles_labels()[0]:  # a short run may have nothing to plot
+        a1.legend(fontsize=7)
     return _save(fig, out / "loss_variance.png")
 
 

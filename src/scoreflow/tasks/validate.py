@@ -499,7 +499,8 @@ def sample(cfg: DictConfig) -> None:
     if mode == "colorize" and isinstance(shape, list) and len(shape) == 3 and shape[0] != 3:
         raise ConfigError(f"mode=colorize needs RGB data (3 channels); this checkpoint's data have shape {shape}: "
                           "colorization imputes the two colour channels orthogonal to the grey level",
-                          key="mode", value=mode, fix="use a checkpoint trained on RGB data (e.g. data=cifar10)")
+                          key="mode", value=mode,
+                          fix="use a checkpoint trained on RGB data (data=photos, embedded, or cifar10, imagenet32)")
     if mode == "conditional":
         if not get(cfg, "classifier_ckpt"):
             raise ConfigError("mode=conditional needs a classifier", key="classifier_ckpt",
