@@ -217,7 +217,9 @@ class PooledFeatures(torch.nn.Module):
         return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
 
 
-def test_fid_samples_resume_and_reference_cache(digits_ckpt, make_cfg, tmp_path, monkeypatch):
+@pytest.fixture
+def fid_draws(monkeypatch) -> list[int]:
+    """The seeds evaluate.py's FID samples, in order (Inception replaced by PooledFeatures)."""
     import scoreflow.tasks.fid as fid_task
 
     monkeypatch.setattr(fid_task, "make_extractor", lambda weights, device: PooledFeatures())
@@ -229,6 +231,11 @@ def test_fid_samples_resume_and_reference_cache(digits_ckpt, make_cfg, tmp_path,
         return real_draw(module, seeds, *a, **kw)
 
     monkeypatch.setattr(fid_task, "draw_samples", counting_draw)
+    return drawn
+
+
+def test_fid_samples_resume_and_reference_cache(digits_ckpt, make_cfg, tmp_path, fid_draws):
+    drawn = fid_draws
     args = ["ode=false", "bound=false", "progress=false", "device=cpu", "fid.num_samples=12", "fid.batch_size=5",
             "sampler=ode", "sampler.method=euler", "sampler.steps=3", f"fid.cache_dir={tmp_path / 'cache'}",
             "fid.ref_num_images=40"]
@@ -246,21 +253,12 @@ def test_fid_samples_resume_and_reference_cache(digits_ckpt, make_cfg, tmp_path,
 
 @pytest.mark.parametrize("predictor", ["reverse_diffusion", "ancestral"])
 def test_fid_samples_of_an_earlier_release_are_reused_unless_the_new_key_changes_them(
-        digits_ckpt, make_cfg, tmp_path, monkeypatch, predictor):
+        digits_ckpt, make_cfg, tmp_path, fid_draws, predictor):
     """FID sample folders written before sampler.variance existed: reused by a PC sampler it does not touch; refused
     for the ancestral predictor, whose default noise changed with it (VP/subVP: Eq. 4's beta_i)."""
-    import scoreflow.tasks.fid as fid_task
     from scoreflow.tasks.likelihood_eval import ProtocolMismatchError
 
-    monkeypatch.setattr(fid_task, "make_extractor", lambda weights, device: PooledFeatures())
-    drawn: list[int] = []
-    real_draw = fid_task.draw_samples
-
-    def counting_draw(module, seeds, *a, **kw):
-        drawn.extend(seeds)
-        return real_draw(module, seeds, *a, **kw)
-
-    monkeypatch.setattr(fid_task, "draw_samples", counting_draw)
+    drawn = fid_draws
     args = ["ode=false", "bound=false", "progress=false", "device=cpu", "fid.batch_size=4", "sampler=pc",
             f"sampler.predictor={predictor}", "sampler.corrector=none", "sampler.steps=3",
             f"fid.cache_dir={tmp_path / 'cache'}", "fid.ref_num_images=40", f"hydra.run.dir={tmp_path / 'ev'}"]
