@@ -35,7 +35,7 @@ def test_debug_fast_runs_whole_pipeline(make_cfg, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("sde", ["vp", "subvp", "ve"])
-@pytest.mark.parametrize("weighting", ["original", "likelihood", "lw_is"])
+@pytest.mark.parametrize("weighting", ["original", "likelihood", "lw_is", "lw_is_trunc"])
 def test_every_sde_weighting_combination_trains(make_cfg, sde, weighting):
     cfg = make_cfg(
         [

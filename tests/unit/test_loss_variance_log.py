@@ -13,7 +13,7 @@ from scoreflow.lit.module import ScoreLitModule
 from scoreflow.losses import dsm_loss
 from scoreflow.nets import ScoreModel
 from scoreflow.sde import VPSDE
-from scoreflow.weighting import ImportanceSampledLikelihood, LikelihoodWeighting
+from scoreflow.weighting import ImportanceSampledLikelihood, LikelihoodWeighting, TruncatedImportanceSampledLikelihood
 
 S2, D = 0.25, 16  # data N(0, S2 I) in D dimensions
 
@@ -60,3 +60,21 @@ def test_logged_variance_is_that_of_the_weighted_terms_on_the_objectives_scale(n
     (var_lw, mean_lw), (var_is, mean_is) = logged["likelihood"], logged["lw_is"]
     assert mean_is == pytest.approx(mean_lw, abs=4 * (var_lw / n) ** 0.5)
     assert var_lw > 100 * var_is, logged
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_truncated_importance_sampler_logs_on_its_objectives_scale(normalize):
+    """Huang et al.'s truncated sampler (t on [0, T]) restores its own dropped Z / T, not lw_is's Z / (T - eps)."""
+    sde, n = VPSDE(), 4096
+    y = torch.randn(n, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * S2**0.5
+    sampler = TruncatedImportanceSampledLikelihood(sde, truncation=1e-3, normalize=normalize)
+    module = _module(sampler).double()
+    loss, extra = module.score_loss(y, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    t, w = sampler.sample(n, generator=g, dtype=torch.float64)
+    z = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    per = dsm_loss(module.score_model, sde, y, t, noise=z, form="eps", reduce="sum")
+    assert bool((t < 1e-3).any())  # the head below the truncation point is drawn
+    scale = 1.0 if normalize else sampler.Z / sampler.T
+    assert float(loss) == pytest.approx(float((w * per).mean()), rel=1e-12)
+    assert float(extra["train/loss_var"]) == pytest.approx(float((w * per * scale).var()), rel=1e-12)
