@@ -20,11 +20,10 @@ from scoreflow.lit.classifier_module import ClassifierLitModule
 from scoreflow.lit.datamodule import ScoreDataModule
 from scoreflow.lit.dequant_module import DequantLitModule
 from scoreflow.lit.module import ScoreLitModule
-from scoreflow.lit.optim import adam_only_settings
-from scoreflow.lit.settings import OptimConfig
 from scoreflow.nets import ScoreModel
 from scoreflow.nets.classifier import NoiseConditionalClassifier
 from scoreflow.tasks.errors import ConfigError
+from scoreflow.tasks.validate import no_adam_settings_beside
 
 __all__ = ["ConfigError", "build_classifier", "build_classifier_module", "build_data", "build_datamodule",
            "build_dequantizer", "build_module", "check_shapes", "to_container"]
@@ -98,10 +97,7 @@ def _with_optimizer(mcfg: dict[str, Any]) -> dict[str, Any]:
     if not (isinstance(spec, dict) and spec.get("_target_") and spec.get("_partial_")):
         raise ConfigError(f"module.optimizer must be a Hydra partial object ({{_target_: torch.optim.AdamW, "
                           f"_partial_: true, ...}}), got {spec!r}")
-    adam_only = adam_only_settings(OptimConfig.from_mapping(mcfg.get("optim")))
-    if adam_only:
-        raise ConfigError(f"module.optim {adam_only} configure the built-in Adam, but module.optimizer="
-                          f"{spec['_target_']} replaces it: set them on module.optimizer")
+    no_adam_settings_beside(mcfg.get("optim"), spec["_target_"])
     try:
         factory = hydra.utils.instantiate(spec)
     except InstantiationException as e:

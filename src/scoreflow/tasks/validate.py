@@ -148,6 +148,20 @@ def data_root(cfg: DictConfig, key: str = "data.root", data_key: str = "data") -
     raise DataError(message, key=key, value=str(root), fix=f"point {key}= at the data, or set SCOREFLOW_DATA_DIR")
 
 
+def no_adam_settings_beside(optim: Any, target: Any) -> None:
+    """A ``module.optimizer`` (``target``) replaces the built-in Adam: refuse Adam's own settings in ``optim``
+    (``module.optim``, a mapping or None) beside it, naming both."""
+    from scoreflow.lit.settings import OptimConfig, adam_only_settings
+
+    if isinstance(optim, DictConfig):
+        optim = OmegaConf.to_container(optim, resolve=True)
+    adam_only = adam_only_settings(OptimConfig.from_mapping(optim))
+    if adam_only:
+        raise ConfigError(f"module.optim {adam_only} configure the built-in Adam, but module.optimizer={target} "
+                          "replaces it: set them on module.optimizer", key="module.optimizer", value=str(target),
+                          fix=f"drop module.optim.{adam_only[0]}, or add it to module.optimizer")
+
+
 def common_training(cfg: DictConfig) -> None:
     """Types and ranges shared by train, train_dequant and train_classifier."""
     integer(cfg, "seed")
@@ -163,17 +177,9 @@ def common_training(cfg: DictConfig) -> None:
     integer(cfg, "module.optim.accumulate_grad_batches", low=1)
     number(cfg, "module.optim.grad_clip", low=0, low_open=False, allow_none=True)
     spec = get(cfg, "module.optimizer")
-    if spec is not None:  # build's check, here too so that it stops the command before a run folder exists
-        from scoreflow.lit.settings import OptimConfig, adam_only_settings
-
-        optim = get(cfg, "module.optim")
-        adam_only = adam_only_settings(OptimConfig.from_mapping(
-            OmegaConf.to_container(optim, resolve=True) if isinstance(optim, DictConfig) else optim))
+    if spec is not None:  # here, before a run folder exists (build calls it again for library callers)
         target = spec.get("_target_") if isinstance(spec, DictConfig) else spec
-        if adam_only:
-            raise ConfigError(f"module.optim {adam_only} configure the built-in Adam, but module.optimizer={target} "
-                              "replaces it: set them on module.optimizer", key="module.optimizer", value=str(target),
-                              fix=f"drop module.optim.{adam_only[0]}, or add it to module.optimizer")
+        no_adam_settings_beside(get(cfg, "module.optim"), target)
     if has(cfg, "module.optim.betas"):
         b = get(cfg, "module.optim.betas")
         ok = OmegaConf.is_list(b) and len(b) == 2 and all(isinstance(x, (int, float)) and 0 <= x < 1 for x in b)
