@@ -357,7 +357,8 @@ def test_an_earlier_release_folder_without_a_digest_still_resumes(digits_ckpt, m
     part = tmp_path / "legacy" / "partial.jsonl"
     lines = part.read_text().splitlines()
     header = json.loads(lines[0])
-    del header["protocol"]["weights_digest"]  # as written before the digest existed
+    for key in ("weights_digest", "data_digest"):
+        del header["protocol"][key]  # as written before the digests existed
     part.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
     m = run_eval(make_cfg, digits_ckpt, [*RK4, "num_images=2"], sub="legacy")  # no ProtocolMismatchError
     assert m["protocol"]["weights_digest"] and json.loads(part.read_text().splitlines()[0])["protocol"] == header[
@@ -370,3 +371,36 @@ def test_more_images_than_the_plan_was_fit_on_is_refused_not_mixed(digits_ckpt, 
     run_eval(make_cfg, digits_ckpt, [*RK4, "num_images=2"], sub="plan")
     with pytest.raises(ProtocolMismatchError, match="plan"):
         run_eval(make_cfg, digits_ckpt, [*RK4, "num_images=3"], sub="plan")
+
+
+def test_other_images_or_another_ode_batch_size_are_refused_not_mixed(digits_ckpt, make_cfg, tmp_path, monkeypatch):
+    """The folder's values were computed on these images (their digest; ``data_root`` may move them, not change
+    them: a rerun on other images printed the first images' numbers) and, for an adaptive ODE solver, in batches
+    of this size (each batch is one system); a fixed-grid ODE or the bound alone resume at any batch size."""
+    import scoreflow.tasks.evaluate as ev
+    from scoreflow.data.base import ArrayDataset
+
+    run_eval(make_cfg, digits_ckpt, [*RK4, "num_images=2"], sub="digest")
+    run_eval(make_cfg, digits_ckpt, [*RK4, "num_images=3", "batch_size=1", "evaluation.bound_plan=none"],
+             sub="digest-grid")
+    run_eval(make_cfg, digits_ckpt, [*RK4, "num_images=3", "batch_size=2", "evaluation.bound_plan=none"],
+             sub="digest-grid")  # fixed grid: no batch size in the protocol
+    adaptive = ["evaluation.method=dopri5", "evaluation.rtol=1e-2", "evaluation.atol=1e-2", "evaluation.test_num_t=4",
+                "progress=false", "device=cpu", "solver_check_images=0", "bound=false", "num_images=2"]
+    run_eval(make_cfg, digits_ckpt, [*adaptive, "batch_size=2"], sub="digest-adaptive")
+    with pytest.raises(ProtocolMismatchError, match="ode_batch_size"):
+        run_eval(make_cfg, digits_ckpt, [*adaptive, "batch_size=1"], sub="digest-adaptive")
+    monkeypatch.setattr(ev, "images_digest", lambda dataset: "other images")
+    with pytest.raises(ProtocolMismatchError, match="data_digest"):
+        run_eval(make_cfg, digits_ckpt, [*RK4, "num_images=2"], sub="digest")
+    # the digest itself: every image, in order; the same images at another place (a copy, a view) give the same one
+    x = torch.randint(0, 17, (12, 1, 8, 8), dtype=torch.uint8)
+    y = torch.zeros(12)
+    d = ev.images_digest(ArrayDataset(x, y))
+    assert d == ev.images_digest(ArrayDataset(x.clone(), y)) == ev.images_digest(ArrayDataset(x, y, torch.arange(12)))
+    assert d == ev.images_digest(ArrayDataset(x, y), chunk=5)
+    changed = x.clone()
+    changed[11, 0, 7, 7] ^= 1
+    assert ev.images_digest(ArrayDataset(changed, y)) != d
+    assert ev.images_digest(ArrayDataset(x, y, torch.arange(12).flip(0))) != d  # order matters
+    assert ev.images_digest(ArrayDataset(x, y, torch.arange(11))) != d

@@ -171,8 +171,10 @@ class ScoreLitModule(GuardedOptimization):
         return to_model_space(k, self.dequantizer, self.num_levels, self.scale, self.shift, generator)
 
     def to_bpd(self, nll_nats: Tensor, log_q: Tensor, dim: int) -> Tensor:
-        """Per-example bits/dim of the discrete data (or of the continuous density)."""
-        return nats_to_bpd(nll_nats + log_q, dim, num_levels=self.num_levels, scale=self.scale)
+        """Per-example bits/dim of the discrete data (or of the continuous density of the data ``x``, not of the
+        model's ``y = scale x + shift``: ``- log2 scale`` per dimension, 0 at ``scale = 1``)."""
+        bpd = nats_to_bpd(nll_nats + log_q, dim, num_levels=self.num_levels, scale=self.scale)
+        return bpd if self.num_levels is not None or self.scale == 1 else bpd - math.log2(self.scale)
 
     def _generator(self, index: int, salt: int) -> torch.Generator:
         g = torch.Generator(device=self.device)

@@ -88,13 +88,20 @@ class PartialResults:
             return
         stored = json.loads(lines[0]).get("protocol")
         now = json.loads(json.dumps(self.fingerprint))
-        if isinstance(stored, dict) and "weights_digest" not in stored:  # an earlier release's folder: trusted
-            now.pop("weights_digest", None)  # as then (path, step, EMA or raw)
+        for key in ("weights_digest", "data_digest", "ode_batch_size"):
+            if isinstance(stored, dict) and key not in stored:  # an earlier release's folder: trusted as then
+                now.pop(key, None)  # (checkpoint path, step, EMA or raw; the data config; any batch size)
         if stored != now:
             diff = {k: (stored.get(k) if stored else None, v) for k, v in now.items()
                     if not stored or stored.get(k) != v}
+            why = ""
+            if "data_digest" in diff:
+                why += " They were computed on other images (data_root / data.root now points at other data)."
+            if "ode_batch_size" in diff and stored:
+                why += (f" The adaptive ODE solves a batch as one system: rerun with batch_size="
+                        f"{stored.get('ode_batch_size')} to continue.")
             raise ProtocolMismatchError(
-                f"{path} holds values of another protocol (stored vs now: {diff}). Evaluate in another "
+                f"{path} holds values of another protocol (stored vs now: {diff}).{why} Evaluate in another "
                 "directory (hydra.run.dir=...) or pass resume=false to discard them."
             )
         self._has_header |= own
@@ -309,6 +316,7 @@ def per_example_meta(protocol: dict[str, Any], repeats: int) -> dict[str, Any]:
     dequantization, ODE and bound settings, repeats; not the checkpoint). ``protocol`` is the evaluation's
     fingerprint or the ``protocol`` entry of its ``metrics.json`` (a superset), which give the same dict."""
     return {"data": protocol.get("data"), "split": protocol.get("split"), "seed": protocol.get("seed"),
+            **({"data_digest": protocol["data_digest"]} if protocol.get("data_digest") else {}),
             "protocol": {**{k: protocol[k] for k in ("eps", "dequantization", "ode", "bound") if k in protocol},
                          "repeats": repeats}}
 
