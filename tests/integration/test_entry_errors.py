@@ -145,6 +145,9 @@ def fake_ckpts(tmp_path_factory):
     score = {"state_dict": {}, "global_step": 3, "scoreflow": {"config": stored, "batches_seen": 3}}
     torch.save(score, d / "score.ckpt")
     torch.save({**score, "scoreflow": {**score["scoreflow"], "kind": "classifier"}}, d / "classifier.ckpt")
+    other = OmegaConf.to_container(OmegaConf.masked_copy(compose_cfg(["data=mnist5k"], d / "compose_mnist"),
+                                                         ["sde", "model", "data", "dequantization"]), resolve=True)
+    torch.save({**score, "scoreflow": {"config": other, "kind": "classifier"}}, d / "classifier_mnist.ckpt")
     (d / "notes.txt").write_text("this is not a checkpoint\n")
     return d
 
@@ -159,6 +162,18 @@ CKPT_CASES = [
     ("evaluate.py", ["ckpt_path={d}/score.ckpt", "num_images=some"], ["num_images", "'some'", "all"]),
     ("sample.py", ["ckpt_path={d}/score.ckpt", "num_samples=0"], ["num_samples", "0"]),
     ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=conditional"], ["classifier_ckpt"]),
+    ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=conditional", "classifier_ckpt={d}/classifier_mnist.ckpt"],
+     ["classifier_ckpt", "shape [1, 28, 28] (MNIST5k)", "score model on [1, 8, 8]"]),
+    ("sample.py", ["ckpt_path={d}/score.ckpt", "data_root={d}"], ["data_root", "does not apply", "drop data_root="]),
+    ("evaluate.py", ["ckpt_path={d}/score.ckpt", "data_root={d}"], ["data_root", "does not apply"]),
+    ("sample.py", ["ckpt_path={d}/score.ckpt", "sampler.eps=1.5"], ["sampler.eps", "1.5", "< 1"]),
+    ("sample.py", ["ckpt_path={d}/score.ckpt", "sampler.snr=0"], ["sampler.snr", "> 0", "corrector=none"]),
+    ("sample.py", ["ckpt_path={d}/score.ckpt", "sampler.denoise=no"], ["sampler.denoise", "'no'",
+                                                                        "sampler.denoise=false"]),
+    ("sample.py", ["ckpt_path={d}/score.ckpt", "sampler=ode", "sampler.rtol=-1"], ["sampler.rtol", "-1"]),
+    ("sample.py", ["ckpt_path={d}/score.ckpt", "sampler=ode", "sampler.rtol=0", "sampler.atol=0"],
+     ["sampler.rtol", "both 0"]),
+    ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=latent", "latent.eps=0"], ["latent.eps", "> 0"]),
     ("train.py", ["ckpt_path={d}/score.ckpt", "model=mlp"], ["ckpt_path", "model.net._target_", "UNet", "MLP",
                                                             "resume_allow_changes=true"]),
     ("train.py", ["ckpt_path={d}/score.ckpt", "sde=ve"], ["ckpt_path", "sde._target_", "VPSDE", "VESDE"]),

@@ -153,3 +153,16 @@ def test_mask_builders(tmp_path):
     assert mask_from_png(tmp_path / "mask.png", size=3).shape == (1, 1, 3, 3)
     with pytest.raises(ValueError):
         half_mask(4, missing="middle")
+
+
+def test_inpaint_refuses_a_mask_that_does_not_fit_the_data():
+    """A mask broadcasting to more images than given returned that many samples (2 for 1 image); another shape
+    failed inside the score function, which was blamed."""
+    sde = VPSDE()
+    target = gaussian(torch.zeros(16), torch.ones(16), event_shape=(1, 4, 4))
+    y = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    for bad in (torch.ones(2, 1, 4, 4), torch.ones(1, 1, 1, 4, 4), torch.ones(1, 1, 3, 4)):
+        with pytest.raises(ValueError, match=r"mask of shape .* does not broadcast to the data's shape \[1, 1, 4, 4\]"):
+            inpaint(target.score_fn(sde), sde, y, bad, corrector="none", steps=2)
+    res = inpaint(target.score_fn(sde), sde, y, torch.ones(1, 1, 4, 4), corrector="none", steps=2)
+    assert res.samples.shape == (1, 1, 4, 4)

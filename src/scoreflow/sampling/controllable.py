@@ -80,6 +80,13 @@ def inpaint(score_fn: ScoreFn, sde: SDE, x_known: Tensor, mask: Tensor, **pc_kwa
     Returns:
         samples equal to ``x_known`` exactly on the known entries.
     """
+    try:
+        fits = torch.broadcast_shapes(mask.shape, x_known.shape) == x_known.shape
+    except RuntimeError:
+        fits = False
+    if not fits:  # a mask broadcasting to more images would return more samples than were given
+        raise ValueError(f"inpaint: mask of shape {list(mask.shape)} does not broadcast to the data's shape "
+                         f"{list(x_known.shape)} (e.g. [1, 1, H, W] or [B, C, H, W])")
     mask = mask.to(dtype=x_known.dtype, device=x_known.device)
 
     def project(x: Tensor, t: Tensor, rng: NoiseSource) -> Tensor:

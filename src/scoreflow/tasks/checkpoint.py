@@ -239,6 +239,8 @@ def load_model(cfg: DictConfig, *, device: torch.device | None = None) -> Loaded
         mcfg = OmegaConf.create({
             g: to_container(cfg[g]) for g in ("sde", "model", "data", "dequantization", "weighting")
         })
+        if cfg.get("data_root") and "root" in mcfg.data:  # where the data live now, as for scoreflow checkpoints
+            mcfg.data.root = str(cfg.data_root)
         mcfg.eps, mcfg.seed = cfg.get("eps"), int(cfg.get("seed") or 0)
         mcfg.module = {**_not_null(cfg.get("module")), "evaluation": eval_over}
         centered = mcfg.model.net.get("centered", True)

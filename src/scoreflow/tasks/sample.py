@@ -281,10 +281,14 @@ def class_labels(spec: Any, n: int, num_classes: int) -> list[int]:
         if num_classes < 1:
             raise ConfigError("labels=null needs the number of classes; pass labels=<class> or labels=[...]")
         return [i % num_classes for i in range(n)]
-    if isinstance(spec, int):
-        return [int(spec)] * n
-    spec = list(spec)
-    return [int(spec[i % len(spec)]) for i in range(n)]
+    values = [spec] if isinstance(spec, int) else list(spec)
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or (num_classes >= 1 and
+                                                                                  not 0 <= v < num_classes)]
+    if bad or not values:
+        within = f"0 .. {num_classes - 1} (the classifier's {num_classes} classes)" if num_classes >= 1 else "ints"
+        raise ConfigError(f"labels must be class indices {within}; got {spec!r}", key="labels", value=str(spec),
+                          fix="labels=null (sample i gets class i % num_classes), labels=<class> or 'labels=[0,3]'")
+    return [int(values[i % len(values)]) for i in range(n)]
 
 
 def run_conditional(lm: LoadedModel, cfg: DictConfig, out: Path) -> Result:

@@ -467,7 +467,7 @@ def evaluate(cfg: DictConfig) -> None:
         sampler_method(cfg)
     evaluation_names(cfg, "evaluation.")
     if get(cfg, "data_root"):
-        data_root_exists(cfg)
+        data_root_exists(cfg, _stored_config(ckpt, cfg).get("data"))
 
 
 def sample(cfg: DictConfig) -> None:
@@ -497,6 +497,8 @@ def sample(cfg: DictConfig) -> None:
         _image_selection(cfg)
     if mode == "latent":
         _latent_pair(cfg)
+        end_time(cfg, "latent.eps")
+        tolerances(cfg, "latent")
     if mode in ("inpaint", "colorize") and isinstance(shape, list) and len(shape) != 3:
         raise ConfigError(f"mode={mode} needs image data [C, H, W]; this checkpoint's data have shape {shape}",
                           key="mode", value=mode, fix="mode=sample or mode=latent")
@@ -519,7 +521,7 @@ def sample(cfg: DictConfig) -> None:
                                   fix="train one with train_classifier.py")
         _classifier_fits(cfg, stored, (clf["scoreflow"].get("config") or {}))
     if get(cfg, "data_root"):
-        data_root_exists(cfg)
+        data_root_exists(cfg, stored.get("data"))
 
 
 SP_NET_KEYS = ("embedding_type", "nf", "ch_mult", "num_res_blocks", "attn_resolutions", "progressive_input", "fir",
@@ -688,7 +690,10 @@ def sampler(cfg: DictConfig, key: str = "sampler") -> None:
         kind, options = sampler_options(OmegaConf.to_container(s, resolve=True))
     except ValueError as e:
         raise ConfigError(str(e), key=key, fix=f"choose {key}=<a file of conf/sampler>") from None
+    end_time(cfg, f"{key}.eps")
+    boolean(cfg, f"{key}.denoise")
     if kind != "pc":
+        tolerances(cfg, key)
         return
     for part, known in (("predictor", PREDICTORS), ("corrector", CORRECTORS)):
         name = options.get(part)
@@ -729,8 +734,31 @@ def sampler(cfg: DictConfig, key: str = "sampler") -> None:
                               key=f"{key}.variance", value=variance,
                               fix=did_you_mean(f"{key}.variance", str(variance), ANCESTRAL_VARIANCES)
                               or f"{key}.variance=auto")
-    number(cfg, f"{key}.snr", low=0, low_open=False)
+    number(cfg, f"{key}.snr", low=0, fix=f"{key}.snr=0.16 (the Langevin step's signal-to-noise ratio; no corrector: "
+                                         f"{key}.corrector=none)")
     integer(cfg, f"{key}.n_steps", low=0)
+
+
+def end_time(cfg: DictConfig, key: str) -> None:
+    """A sampler's end time ``eps`` (null: the SDE's default) lies in (0, T = 1)."""
+    number(cfg, key, low=0, high=1, allow_none=True, fix=f"{key}=1e-3, or {key}=null (the SDE's default)")
+
+
+def boolean(cfg: DictConfig, key: str) -> None:
+    """``key`` is true or false (a string such as ``no`` or ``off`` would be read as true)."""
+    if has(cfg, key) and not isinstance(get(cfg, key), bool):
+        v = get(cfg, key)
+        raise ConfigError(f"{key} must be true or false, got {v!r}", key=key, value=v,
+                          fix=f"{key}={'false' if str(v).lower() in ('no', 'off', '0', 'n') else 'true'}")
+
+
+def tolerances(cfg: DictConfig, key: str) -> None:
+    """An adaptive ODE solver's ``rtol`` and ``atol``: finite, >= 0, not both 0 (null keeps the default)."""
+    for k in ("rtol", "atol"):
+        number(cfg, f"{key}.{k}", low=0, low_open=False, allow_none=True)
+    if has(cfg, f"{key}.rtol") and get(cfg, f"{key}.rtol") == 0 and get(cfg, f"{key}.atol") == 0:
+        raise ConfigError(f"{key}.rtol and {key}.atol are both 0: the adaptive solver cannot meet that",
+                          key=f"{key}.rtol", value=0, fix=f"{key}.rtol=1e-5 {key}.atol=1e-5")
 
 
 def _image_selection(cfg: DictConfig) -> None:
@@ -798,6 +826,14 @@ def _classifier_fits(cfg: DictConfig, score: dict[str, Any], clf: dict[str, Any]
                               value=get(cfg, "classifier_ckpt"),
                               fix=f"retrain the classifier with sde={_sde_option(a)} (python train_classifier.py "
                                   f"sde={_sde_option(a)} ...), or give a classifier of that SDE")
+    a, b = (score.get("data") or {}), (clf.get("data") or {})
+    if a.get("shape") and b.get("shape") and list(a["shape"]) != list(b["shape"]):
+        name = str(b.get("_target_", "?")).rsplit(".", 1)[-1]
+        raise CheckpointError(f"the classifier was trained on data of shape {list(b['shape'])} ({name}), the score "
+                              f"model on {list(a['shape'])}: its gradients would guide with another data set's "
+                              "classes", key="classifier_ckpt", value=get(cfg, "classifier_ckpt"),
+                              fix="train a classifier on the score model's data (python train_classifier.py "
+                                  "data=...), or give one trained on them")
     for name, default in (("scale", 2.0), ("shift", -1.0)):
         have = (clf.get("module") or {}).get(name, default)
         want = (score.get("module") or {}).get(name, default)
@@ -807,7 +843,13 @@ def _classifier_fits(cfg: DictConfig, score: dict[str, Any], clf: dict[str, Any]
                                   fix=f"retrain the classifier with module.{name}={want}")
 
 
-def data_root_exists(cfg: DictConfig) -> None:
+def data_root_exists(cfg: DictConfig, data: dict[str, Any] | None = None) -> None:
+    """``data_root`` exists, and the checkpoint's data (``data``, its config) are read from a folder at all."""
+    if isinstance(data, dict) and "root" not in data:
+        name = str(data.get("_target_", "?")).rsplit(".", 1)[-1]
+        raise ConfigError(f"data_root does not apply: this checkpoint's data ({name}) ship inside an installed "
+                          "package and are read from no folder", key="data_root", value=get(cfg, "data_root"),
+                          fix="drop data_root=")
     p = Path(str(get(cfg, "data_root"))).expanduser()
     if not p.exists():
         raise DataError(f"data_root {p} does not exist", key="data_root", value=get(cfg, "data_root"),
