@@ -51,6 +51,19 @@ def not_found(name: str, looked: Sequence[Path | str], layout: str, source: str)
     )
 
 
+def incomplete(
+    name: str, folder: Path | str, missing: Sequence[str], err: DatasetNotFoundError
+) -> DatasetNotFoundError:
+    """The missing-dataset error of a layout that is partly there (an interrupted download, copy or extraction):
+    which members are missing from ``folder`` first, then ``err``'s where-we-looked, layout and source."""
+    return DatasetNotFoundError(f"{name} incomplete in {folder}: missing {', '.join(missing)}.\n{err}")
+
+
+def corrupt(path: Path | str, exc: BaseException, fix: str) -> DatasetFormatError:
+    """The error of a file that exists but cannot be decoded (truncated, or not what its name says)."""
+    return DatasetFormatError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}); {fix}")
+
+
 def as_shape(shape: Sequence[int]) -> tuple[int, ...]:
     """A config shape (list, tuple or OmegaConf ``ListConfig``) as a tuple of positive ints."""
     out = tuple(int(s) for s in shape)

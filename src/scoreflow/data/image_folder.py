@@ -24,14 +24,41 @@ from scoreflow.data.base import (
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # PIL's unsigned 16-bit greyscale modes
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """A greyscale image of more than 8 bits per sample as ``L``, by value: 16-bit level ``k`` becomes ``k >> 8``.
+
+    ``k >> 8`` (the high byte) is the standard 16 -> 8 bit reduction, the one PIL itself applies when it reads a
+    16-bit RGB file as ``RGB``; PIL's ``convert("L")`` would clip every 16-bit level above 255 to 255 instead.
+    Mode ``I`` (32-bit integers: how PIL reads 16-bit PGM and some TIFFs) is taken as 16-bit data. Raises
+    :class:`DatasetFormatError` where the range is unknown: ``I`` values outside ``0..65535``, and float (``F``)
+    images. Other modes (8 bits per sample) are returned as they are.
+    """
+    if im.mode in SIXTEEN_BIT_MODES or im.mode == "I":
+        a = np.asarray(im).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise DatasetFormatError(
+                f"a 32-bit integer image (PIL mode {im.mode}) with values {a.min()}..{a.max()}, beyond the 16-bit "
+                "range 0..65535, so its scale is unknown; save it with 8 or 16 bits per sample"
+            )
+        return Image.fromarray((a >> 8).astype(np.uint8))
+    if im.mode == "F":
+        raise DatasetFormatError(
+            "a floating-point image (PIL mode F), whose range is unknown, so it cannot be mapped to 256 levels; "
+            "save it with 8 or 16 bits per sample"
+        )
+    return im
 
 
 def fit_image(im: Image.Image, channels: int, height: int, width: int) -> np.ndarray:
     """Convert to L (1 channel) or RGB (3), scale so the image covers ``height x width``, center-crop.
 
-    Returns ``uint8 [channels, height, width]``; an image already of that size is left untouched.
+    16-bit images are first reduced to 8 bits by value (:func:`to_8bit`). Returns ``uint8 [channels, height,
+    width]``; an image already of that size is left untouched.
     """
-    im = im.convert("L" if channels == 1 else "RGB")
+    im = to_8bit(im).convert("L" if channels == 1 else "RGB")
     w, h = im.size
     if (w, h) != (width, height):
         scale = max(width / w, height / h)
@@ -134,8 +161,10 @@ class ImageFolder(DataSource):
                     x[len(kept)] = torch.from_numpy(fit_image(im, c, h, w))
             except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError (OSError), truncated data
                 if not self.skip_bad_files:
+                    why = (f"{f} is {e}" if isinstance(e, DatasetFormatError)  # to_8bit's: read, but range unknown
+                           else f"cannot read {f} ({type(e).__name__}: {e})")
                     raise DatasetFormatError(
-                        f"image_folder: cannot read {f} ({type(e).__name__}: {e}). Remove or replace the file, "
+                        f"image_folder: {why}. Remove or replace the file, "
                         "or set data.skip_bad_files=true to skip unreadable files."
                     ) from e
                 self.skipped.append(f)

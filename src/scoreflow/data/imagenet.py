@@ -4,8 +4,10 @@
   ``<root>/train_32x32/*.png`` (1,281,149) and ``<root>/valid_32x32/*.png`` (49,999), no labels.
 * ``npz`` -- the newer Downsampled-ImageNet release of Chrabaszcz et al. 2017:
   ``train_data_batch_1..10.npz`` and ``val_data.npz``, each with ``data`` (``[N, 3*R*R]`` uint8, the R, G and
-  B planes in turn, i.e. CHW order) and ``labels`` (1-based). Also accepted: the same files inside
-  ``Imagenet32_train_npz/`` and ``Imagenet32_val_npz/``, and the older pickled batches without ``.npz``.
+  B planes in turn, i.e. CHW order) and ``labels`` (1-based). Also accepted: the same files inside the folders
+  the release's zips unpack to, ``Imagenet32_train_npz/`` and ``Imagenet32_val_npz/`` (at 64x64 the train
+  batches come in two zips, ``Imagenet64_train_part1_npz/`` with batches 1-5 and ``..._part2_npz/`` with 6-10),
+  and the older pickled batches without ``.npz``.
 
 Both keep the whole set in memory as uint8 (3.9 GB at 32x32). The official validation set is the test
 split, as in the papers; ``val`` is a seeded hold-out of train.
@@ -20,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import pickle
-import re
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,9 +34,12 @@ from torch.utils.data import Dataset
 
 from scoreflow.data.base import (
     DatasetFormatError,
+    DatasetNotFoundError,
     DataSource,
     check_shape,
+    corrupt,
     image_splits,
+    incomplete,
     not_found,
 )
 
@@ -46,10 +52,41 @@ RELEASE_OF_LAYOUT = {
 }
 LAYOUT_OF_RELEASE = {"van_den_oord": "png", "chrabaszcz": "npz"}
 
-IMAGENET_URL = (
-    "https://image-net.org/download-images.php (Downsampled ImageNet: Imagenet32_train_npz.zip and "
-    "Imagenet32_val_npz.zip; the original van den Oord train_32x32.tar / valid_32x32.tar)"
-)
+IMAGENET_URL = "https://image-net.org/download-images.php"
+VAN_DEN_OORD_SIDES = (32, 64)  # the original release's resolutions
+
+
+def train_zips(side: int, sub: str = "_npz") -> list[str]:
+    """The zips of the Chrabaszcz et al. release's train batches at ``side`` (64x64 ships in two parts);
+    ``sub=""`` names the pickled release's."""
+    if side == 64:
+        return [f"Imagenet{side}_train_part{i}{sub}.zip" for i in (1, 2)]
+    return [f"Imagenet{side}_train{sub}.zip"]
+
+
+def imagenet_source(side: int) -> str:
+    """Where to get the files at ``side``: the "Get it from" of the not-found error."""
+    zips = " + ".join([*train_zips(side), f"Imagenet{side}_val_npz.zip"])
+    original = (f"; the original van den Oord train_{side}x{side}.tar / valid_{side}x{side}.tar"
+                if side in VAN_DEN_OORD_SIDES else "")
+    return f"{IMAGENET_URL} (Downsampled ImageNet: {zips}{original})"
+
+
+def _release_zip(path: Path, side: int) -> str:
+    """The zip (of the npz or the pickled release) a batch file is extracted from."""
+    sub = "_npz" if path.suffix == ".npz" else ""
+    return f"Imagenet{side}_val{sub}.zip" if path.name.startswith("val_data") else " or ".join(train_zips(side, sub))
+
+
+def _train_batches(dirs: Sequence[Path], ext: str) -> list[Path]:
+    """``train_data_batch_1, 2, ...<ext>`` up to the first one missing, each from the first of ``dirs`` holding it."""
+    out: list[Path] = []
+    while True:
+        name = f"train_data_batch_{len(out) + 1}{ext}"
+        found = next((d / name for d in dirs if (d / name).is_file()), None)
+        if found is None:
+            return out
+        out.append(found)
 
 
 def _read_batch(path: Path, side: int) -> tuple[np.ndarray, np.ndarray]:
@@ -62,8 +99,11 @@ def _read_batch(path: Path, side: int) -> tuple[np.ndarray, np.ndarray]:
             with open(path, "rb") as fh:
                 d = pickle.load(fh)
             data, labels = d["data"], d["labels"]
-    except (KeyError, ValueError, OSError, pickle.UnpicklingError) as e:
+    except KeyError as e:
         raise DatasetFormatError(f"{path}: expected a batch with keys 'data' and 'labels' ({e!r})") from e
+    except (ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile, zlib.error, pickle.UnpicklingError) as e:
+        # a truncated npz is a BadZipFile (no central directory) or EOFError; a damaged member a CRC or zlib error
+        raise corrupt(path, e, f"re-download it, or re-extract it from {_release_zip(path, side)}") from e
     data, labels = np.asarray(data), np.asarray(labels, dtype=np.int64).reshape(-1)
     other = int(round((data.shape[-1] / 3) ** 0.5))
     if data.ndim == 2 and data.shape[1] == 3 * other * other != 3 * side * side:
@@ -83,8 +123,11 @@ def _read_pngs(folder: Path, side: int) -> np.ndarray:
         raise DatasetFormatError(f"{folder} holds no .png files")
     out = np.empty((len(files), 3, side, side), dtype=np.uint8)
     for i, f in enumerate(files):
-        with Image.open(f) as im:
-            a = np.asarray(im.convert("RGB"))
+        try:
+            with Image.open(f) as im:
+                a = np.asarray(im.convert("RGB"))
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError (OSError), truncated data
+            raise corrupt(f, e, f"re-extract it from {folder.name}.tar (or re-download that)") from e
         check_shape(str(f), (3, side, side), (3, *a.shape[:2]))
         out[i] = a.transpose(2, 0, 1)
         if (i + 1) % 200_000 == 0:
@@ -143,24 +186,75 @@ class DownsampledImageNet(DataSource):
         """Which public release was read (after :meth:`load`), e.g. ``"van den Oord et al. 2016 (...)"``."""
         return None if self.layout_used is None else RELEASE_OF_LAYOUT[self.layout_used]
 
+    def _npz_dirs(self, ext: str) -> tuple[list[list[Path]], list[Path]]:
+        """Where the batches (``ext`` ``.npz``, or ``""`` for the pickled release) may be: the candidate sets of
+        train folders, the first set holding batch 1 being used (the 64x64 release's two part folders are one set,
+        its batches spread over both), and the val folders."""
+        r, sub = self.side, "_npz" if ext else ""
+        train_sets = [
+            [self.root],
+            [self.root / f"Imagenet{r}_train{sub}"],
+            [self.root / f"Imagenet{r}_train_part{i}{sub}" for i in (1, 2)],
+        ]
+        return train_sets, [self.root, self.root / f"Imagenet{r}_val{sub}"]
+
     def _npz_files(self) -> tuple[list[Path], Path] | None:
-        r = self.side
         for ext in (".npz", ""):
-            sub = "_npz" if ext else ""
-            train_dirs = [self.root, self.root / f"Imagenet{r}_train{sub}"]
-            val_dirs = [self.root, self.root / f"Imagenet{r}_val{sub}"]
-            train_dir = next((d for d in train_dirs if (d / f"train_data_batch_1{ext}").is_file()), None)
+            train_sets, val_dirs = self._npz_dirs(ext)
+            train = next((batches for dirs in train_sets if (batches := _train_batches(dirs, ext))), [])
             val = next((d / f"val_data{ext}" for d in val_dirs if (d / f"val_data{ext}").is_file()), None)
-            if train_dir is not None and val is not None:
-                pat = re.compile(rf"train_data_batch_(\d+){re.escape(ext)}$")
-                nums = sorted(int(m.group(1)) for p in train_dir.iterdir() if (m := pat.match(p.name)))
-                nums = [n for i, n in enumerate(nums) if n == i + 1]  # the consecutive run 1, 2, ...
-                return [train_dir / f"train_data_batch_{n}{ext}" for n in nums], val
+            if train and val is not None:
+                return train, val
         return None
+
+    def _npz_missing(self) -> list[str]:
+        """The files missing from an npz (or pickled) layout that is partly there; ``[]`` if none of it is."""
+        every = range(1, NPZ_TRAIN_BATCHES + 1)
+        for ext in (".npz", ""):
+            train_sets, val_dirs = self._npz_dirs(ext)
+            dirs = [d for ds in train_sets for d in ds]
+            have = {n for n in every if any((d / f"train_data_batch_{n}{ext}").is_file() for d in dirs)}
+            has_val = any((d / f"val_data{ext}").is_file() for d in val_dirs)
+            if not have and not has_val:
+                continue
+            if not have:
+                missing = [f"train_data_batch_{{1..{NPZ_TRAIN_BATCHES}}}{ext}"]
+            else:  # batches after a gap are not read, so only a missing batch 1 keeps the layout from loading
+                missing = [] if 1 in have else [f"train_data_batch_{n}{ext}" for n in every if n not in have]
+            return missing + ([] if has_val else [f"val_data{ext}"])
+        return []
 
     def _png_dirs(self) -> tuple[Path, Path] | None:
         train, valid = self.root / f"train_{self.side}x{self.side}", self.root / f"valid_{self.side}x{self.side}"
         return (train, valid) if train.is_dir() and valid.is_dir() else None
+
+    def _png_missing(self) -> list[str]:
+        """The folder missing from a png layout of which the other folder is there; ``[]`` otherwise."""
+        r = self.side
+        present = {n: (self.root / n).is_dir() for n in (f"train_{r}x{r}", f"valid_{r}x{r}")}
+        return [f"{n}/" for n, there in present.items() if not there] if any(present.values()) else []
+
+    def _not_found(self) -> DatasetNotFoundError:
+        """Neither layout loads: where we looked, what is expected and where to get it at this resolution,
+        preceded by what is missing from a layout that is partly there (rather than "not found")."""
+        r, npz, png = self.side, self.layout in ("auto", "npz"), self.layout in ("auto", "png")
+        train_dirs = [f"Imagenet{r}_train_part{i}_npz/" for i in (1, 2)] if r == 64 else [f"Imagenet{r}_train_npz/"]
+        forms, looked = [], []
+        if npz:
+            forms.append(f"<root>/train_data_batch_{{1..{NPZ_TRAIN_BATCHES}}}.npz + <root>/val_data.npz (also inside "
+                         f"{' + '.join(train_dirs)} and Imagenet{r}_val_npz/)")
+            looked += ["train_data_batch_1.npz", "val_data.npz", *train_dirs, f"Imagenet{r}_val_npz/"]
+        if png:
+            forms.append(f"<root>/train_{r}x{r}/*.png + <root>/valid_{r}x{r}/*.png")
+            looked += [f"train_{r}x{r}/", f"valid_{r}x{r}/"]
+        layout = ("either " if len(forms) > 1 else "") + ", or ".join(forms)
+        where = f"{self.root}/{{{', '.join(looked)}}}"
+        err = not_found(f"{self.name} (layout={self.layout})", [where], layout, imagenet_source(r))
+        partial = [("png", self._png_missing() if png else []), ("npz", self._npz_missing() if npz else [])]
+        for kind, missing in partial:  # png first, so that the npz line (auto's first choice) comes out on top
+            if missing:
+                err = incomplete(f"{self.name} {kind} layout", self.root, missing, err)
+        return err
 
     def _load(self) -> dict[str, Dataset]:
         npz = self._npz_files() if self.layout in ("auto", "npz") else None
@@ -178,7 +272,8 @@ class DownsampledImageNet(DataSource):
             if len(train_files) < NPZ_TRAIN_BATCHES:
                 log.warning("%s: only %d of the release's %d train batches (train_data_batch_1..%d) are under %s: "
                             "training on that fraction of the training set", self.name, len(train_files),
-                            NPZ_TRAIN_BATCHES, NPZ_TRAIN_BATCHES, train_files[0].parent)
+                            NPZ_TRAIN_BATCHES, NPZ_TRAIN_BATCHES,
+                            ", ".join(str(d) for d in dict.fromkeys(f.parent for f in train_files)))
             parts = [_read_batch(f, self.side) for f in train_files]
             x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
             tx, ty = _read_batch(val_file, self.side)
@@ -190,18 +285,7 @@ class DownsampledImageNet(DataSource):
             y, ty = np.full(len(x), -1, dtype=np.int64), np.full(len(tx), -1, dtype=np.int64)
             self.layout_used = "png"
         else:
-            r = self.side
-            layout = (
-                f"either <root>/train_data_batch_{{1..10}}.npz + <root>/val_data.npz (also inside "
-                f"Imagenet{r}_train_npz/ and Imagenet{r}_val_npz/), or <root>/train_{r}x{r}/*.png + "
-                f"<root>/valid_{r}x{r}/*.png"
-            )
-            looked = [
-                self.root / "train_data_batch_1.npz",
-                self.root / f"Imagenet{r}_train_npz",
-                self.root / f"train_{r}x{r}",
-            ]
-            raise not_found(f"{self.name} (layout={self.layout})", looked, layout, IMAGENET_URL)
+            raise self._not_found()
         test = (torch.from_numpy(tx), torch.from_numpy(ty))
         return image_splits(
             torch.from_numpy(x), torch.from_numpy(y), self.hflip, holdout=(self.val_size, 0), seed=self.seed, test=test

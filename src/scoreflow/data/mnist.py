@@ -8,6 +8,7 @@ Fashion-MNIST ships the same file names and format, so its root loads too (with 
 from __future__ import annotations
 
 import gzip
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from scoreflow.data.base import (
     DatasetFormatError,
     DataSource,
     check_shape,
+    corrupt,
     image_splits,
+    incomplete,
     not_found,
 )
 
@@ -39,7 +42,10 @@ def read_idx(path: str | Path) -> np.ndarray:
     path = Path(path)
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as e:  # truncated (EOFError), BadGzipFile (OSError), bad deflate data
+            raise corrupt(path, e, "re-download it (an interrupted download leaves a truncated .gz)") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DatasetFormatError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
     dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
@@ -52,14 +58,22 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 
 def find_idx_files(root: Path, names: dict[str, str], title: str, url: str) -> dict[str, Path]:
-    """Locate ``names`` (with or without ``.gz``) in ``root``, ``root/MNIST/raw`` or ``root/raw``."""
+    """Locate ``names`` (with or without ``.gz``) in ``root``, ``root/MNIST/raw`` or ``root/raw``.
+
+    A folder holding some of the files but not all is reported as incomplete, naming the missing ones."""
     dirs = [root, root / "MNIST" / "raw", root / "raw"]
+    partial: list[tuple[Path, list[str]]] = []
     for d in dirs:
         found = {k: next((d / (n + s) for s in ("", ".gz") if (d / (n + s)).is_file()), None) for k, n in names.items()}
         if all(found.values()):
             return found  # type: ignore[return-value]
+        if any(found.values()):
+            partial.append((d, [f"{names[k]}[.gz]" for k, f in found.items() if f is None]))
     layout = "<root>/{" + ", ".join(names.values()) + "}[.gz] (the four official IDX files, gzipped or not)"
-    raise not_found(title, dirs, layout, url)
+    err = not_found(title, dirs, layout, url)
+    if partial:  # some files are there: say which are not (an interrupted download or copy)
+        err = incomplete(title, *partial[0], err)
+    raise err
 
 
 class MNIST(DataSource):
