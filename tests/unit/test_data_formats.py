@@ -245,11 +245,15 @@ def test_imagenet_png_layout_and_layout_choice(tmp_path, caplog):
     assert {k: len(v) for k, v in splits.items()} == {"train": 4, "val": 2, "test": 3}
     assert_split_round_trip(splits, written["train_32x32"], np.full(6, -1))
     assert torch.equal(splits["test"].x, torch.from_numpy(written["valid_32x32"]))
-    # with both layouts present, auto prefers npz and layout="png" forces the PNG folders
+    # with both layouts present, auto prefers the papers' release (png), saying so; layout="npz" forces the other
     write_npz_layout(root, n_batches=1)
-    assert DownsampledImageNet(str(root), val_size=0).load()["test"].x.shape[0] == 4
-    forced = DownsampledImageNet(str(root), val_size=0, layout="png")
-    assert len(forced.load()["test"]) == 3 and forced.layout_used == "png"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="scoreflow.data.imagenet"):
+        auto = DownsampledImageNet(str(root), val_size=0)
+        assert len(auto.load()["test"]) == 3 and auto.layout_used == "png"
+    assert "both releases" in caplog.text and "data.layout=chrabaszcz" in caplog.text
+    forced = DownsampledImageNet(str(root), val_size=0, layout="npz")
+    assert forced.load()["test"].x.shape[0] == 4 and forced.layout_used == "npz"
 
 
 def test_imagenet_errors(tmp_path):

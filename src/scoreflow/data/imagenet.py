@@ -139,7 +139,8 @@ class DownsampledImageNet(DataSource):
     """ImageNet downsampled to ``[3, R, R]`` (R=32 by default), levels ``0..255`` (``uint8``).
 
     Labels are 0-based class indices in the npz layout and ``-1`` in the png layout (which has none).
-    ``layout`` is ``"auto"`` (npz if present, else png), ``"npz"`` or ``"png"``; the one used is logged.
+    ``layout`` is ``"auto"`` (png, the papers' release, if present, else npz), ``"npz"`` or ``"png"``; the one used
+    is logged.
 
     Args:
         root: folder with one of the layouts above.
@@ -257,8 +258,13 @@ class DownsampledImageNet(DataSource):
         return err
 
     def _load(self) -> dict[str, Dataset]:
-        npz = self._npz_files() if self.layout in ("auto", "npz") else None
-        png = self._png_dirs() if self.layout in ("auto", "png") and npz is None else None
+        # auto: van den Oord's release (the likelihood papers') when it is there, else the npz one
+        png = self._png_dirs() if self.layout in ("auto", "png") else None
+        npz = self._npz_files() if self.layout == "npz" or (self.layout == "auto" and png is None) else None
+        if png is not None and self.layout == "auto" and self._npz_files() is not None:
+            log.warning("%s: both releases are under %s: reading van den Oord et al.'s (png, the likelihood papers'; "
+                        "no labels); data.layout=chrabaszcz reads the npz one (labelled, bits/dim not comparable)",
+                        self.name, self.root)
         if npz is not None:
             train_files, val_file = npz
             log.info(
