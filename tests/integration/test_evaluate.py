@@ -390,17 +390,18 @@ def test_other_images_or_another_ode_batch_size_are_refused_not_mixed(digits_ckp
     run_eval(make_cfg, digits_ckpt, [*adaptive, "batch_size=2"], sub="digest-adaptive")
     with pytest.raises(ProtocolMismatchError, match="ode_batch_size"):
         run_eval(make_cfg, digits_ckpt, [*adaptive, "batch_size=1"], sub="digest-adaptive")
+    digest = ev.images_digest
     monkeypatch.setattr(ev, "images_digest", lambda dataset: "other images")
     with pytest.raises(ProtocolMismatchError, match="data_digest"):
         run_eval(make_cfg, digits_ckpt, [*RK4, "num_images=2"], sub="digest")
     # the digest itself: every image, in order; the same images at another place (a copy, a view) give the same one
     x = torch.randint(0, 17, (12, 1, 8, 8), dtype=torch.uint8)
     y = torch.zeros(12)
-    d = ev.images_digest(ArrayDataset(x, y))
-    assert d == ev.images_digest(ArrayDataset(x.clone(), y)) == ev.images_digest(ArrayDataset(x, y, torch.arange(12)))
-    assert d == ev.images_digest(ArrayDataset(x, y), chunk=5)
+    d = digest(ArrayDataset(x, y))
+    assert d == digest(ArrayDataset(x.clone(), y)) == digest(ArrayDataset(x, y, torch.arange(12)))
+    assert d == digest(ArrayDataset(x, y), chunk=5)
     changed = x.clone()
     changed[11, 0, 7, 7] ^= 1
-    assert ev.images_digest(ArrayDataset(changed, y)) != d
-    assert ev.images_digest(ArrayDataset(x, y, torch.arange(12).flip(0))) != d  # order matters
-    assert ev.images_digest(ArrayDataset(x, y, torch.arange(11))) != d
+    assert digest(ArrayDataset(changed, y)) != d
+    assert digest(ArrayDataset(x, y, torch.arange(12).flip(0))) != d  # order matters
+    assert digest(ArrayDataset(x, y, torch.arange(11))) != d
