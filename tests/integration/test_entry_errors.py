@@ -66,6 +66,8 @@ USAGE_CASES = [
     (["datamodule.eval_batch_size=1.5"], ["datamodule.eval_batch_size", "1.5"]),
     (["data=cifar10", "data.root=/nonexistent/cifar"], ["data.root", "/nonexistent/cifar", "cifar-10-batches-py",
                                                         "https://"]),
+    (["weighting=lw_is_trunc", "weighting.truncation=2"], ["weighting.truncation", "< 1", "1e-3"]),
+    (["weighting.normalize=yes"], ["weighting.normalize", "'yes'"]),
     # every option of the group (Hydra lists one a line; the screen showed the first 6 of data's 8 before)
     (["data=nonsense"], ["cifar10, digits, image_folder, imagenet32, mnist, mnist5k, photos, toy2d"]),
     (["data=digitz"], ["did you mean data=digits?"]),

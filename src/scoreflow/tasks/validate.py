@@ -258,6 +258,9 @@ def train(cfg: DictConfig) -> None:
     if eps is not None:
         T = float(get(cfg, "sde.T", 1.0) or 1.0)
         number(cfg, "eps", low=0, high=T, fix=f"eps in (0, T={T:g}); null for the SDE's default")
+    number(cfg, "weighting.truncation", low=0, high=float(get(cfg, "sde.T", 1.0) or 1.0), allow_none=True,
+           fix="weighting.truncation=1e-3 (Huang et al. 2021), or null (eps)")
+    boolean(cfg, "weighting.normalize")
     ev = "module.evaluation."
     for k in ("val_num_t", "test_num_t", "test_repeats"):
         integer(cfg, ev + k, low=1)
