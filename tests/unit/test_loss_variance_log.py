@@ -36,6 +36,19 @@ def _module(sampler):
     return ScoreLitModule(model, sampler, None, num_levels=None, data_shape=(D,), loss_reduce="sum")
 
 
+def _logged_and_by_hand(sampler, y):
+    """The module's loss and logged variance, and the same draws by hand (times and weights, then the noise, from
+    one generator): ``(loss, logged variance, t, w * per-example eps-form term)``."""
+    module = _module(sampler).double()
+    loss, extra = module.score_loss(y, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    t, w = sampler.sample(y.shape[0], generator=g, dtype=torch.float64)
+    z = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    per = dsm_loss(module.score_model, sampler.sde, y, t, noise=z, form="eps", reduce="sum")
+    assert float(loss) == pytest.approx(float((w * per).mean()), rel=1e-12)
+    return float(extra["train/loss_var"]), t, w * per
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_logged_variance_is_that_of_the_weighted_terms_on_the_objectives_scale(normalize):
     sde = VPSDE()
@@ -44,18 +57,11 @@ def test_logged_variance_is_that_of_the_weighted_terms_on_the_objectives_scale(n
     logged = {}
     for name, sampler in (("likelihood", LikelihoodWeighting(sde)),
                           ("lw_is", ImportanceSampledLikelihood(sde, normalize=normalize))):
-        module = _module(sampler).double()
-        loss, extra = module.score_loss(y, torch.Generator().manual_seed(1))
-        # the same draws, by hand: times and weights, then the noise, from one generator
-        g = torch.Generator().manual_seed(1)
-        t, w = sampler.sample(n, generator=g, dtype=torch.float64)
-        z = torch.randn(y.shape, generator=g, dtype=torch.float64)
-        per = dsm_loss(module.score_model, sde, y, t, noise=z, form="eps", reduce="sum")
-        assert float(loss) == pytest.approx(float((w * per).mean()), rel=1e-12)
+        var, _, weighted = _logged_and_by_hand(sampler, y)
         scale = 1.0 if name == "likelihood" or normalize else sampler.Z / (sampler.T - sampler.eps)
-        terms = w * per * scale
-        assert float(extra["train/loss_var"]) == pytest.approx(float(terms.var()), rel=1e-12)
-        logged[name] = (float(extra["train/loss_var"]), float(terms.mean()))
+        terms = weighted * scale
+        assert var == pytest.approx(float(terms.var()), rel=1e-12)
+        logged[name] = (var, float(terms.mean()))
     # both estimate the same objective (means agree to Monte Carlo error), and IS cuts the variance by orders
     (var_lw, mean_lw), (var_is, mean_is) = logged["likelihood"], logged["lw_is"]
     assert mean_is == pytest.approx(mean_lw, abs=4 * (var_lw / n) ** 0.5)
@@ -68,13 +74,7 @@ def test_truncated_importance_sampler_logs_on_its_objectives_scale(normalize):
     sde, n = VPSDE(), 4096
     y = torch.randn(n, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * S2**0.5
     sampler = TruncatedImportanceSampledLikelihood(sde, truncation=1e-3, normalize=normalize)
-    module = _module(sampler).double()
-    loss, extra = module.score_loss(y, torch.Generator().manual_seed(1))
-    g = torch.Generator().manual_seed(1)
-    t, w = sampler.sample(n, generator=g, dtype=torch.float64)
-    z = torch.randn(y.shape, generator=g, dtype=torch.float64)
-    per = dsm_loss(module.score_model, sde, y, t, noise=z, form="eps", reduce="sum")
+    var, t, weighted = _logged_and_by_hand(sampler, y)
     assert bool((t < 1e-3).any())  # the head below the truncation point is drawn
     scale = 1.0 if normalize else sampler.Z / sampler.T
-    assert float(loss) == pytest.approx(float((w * per).mean()), rel=1e-12)
-    assert float(extra["train/loss_var"]) == pytest.approx(float((w * per * scale).var()), rel=1e-12)
+    assert var == pytest.approx(float((weighted * scale).var()), rel=1e-12)
