@@ -7,6 +7,8 @@ means over the batch) and ``example`` (each sample's own norms: samples independ
     python bench/corrector_norms.py        # ~2 min on one CPU thread
 """
 
+import argparse
+
 import torch
 
 from scoreflow.sampling import pc_sample
@@ -16,6 +18,9 @@ MU, S = 0.5, 0.5
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=1000, help="reverse-diffusion steps (default 1000)")
+    args = parser.parse_args()
     torch.set_num_threads(1)
     sde = VPSDE()
 
@@ -28,7 +33,7 @@ def main() -> None:
         ratio = {}
         for norm in ("batch", "example"):
             x = pc_sample(score, sde, (batch, dim), predictor="reverse_diffusion", corrector="langevin",
-                          corrector_norm=norm, steps=1000, generator=torch.Generator().manual_seed(0),
+                          corrector_norm=norm, steps=args.steps, generator=torch.Generator().manual_seed(0),
                           dtype=torch.float64).samples
             ratio[norm] = x.var(0).mean().item() / S**2
         print(f"{dim:>5} {ratio['batch']:>10.4f} {ratio['example']:>10.4f}", flush=True)

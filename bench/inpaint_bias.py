@@ -7,6 +7,8 @@ and variance per SDE and corrector (README, "Correctness: what the tests prove")
     python bench/inpaint_bias.py        # ~1 min on one CPU thread
 """
 
+import argparse
+
 import torch
 
 from scoreflow.sampling import inpaint
@@ -16,6 +18,9 @@ RHO, VAR, KNOWN = 0.9, 0.25, 0.5
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=500, help="predictor steps (default 500)")
+    args = parser.parse_args()
     torch.set_num_threads(1)
     cov = torch.tensor([[1.0, RHO], [RHO, 1.0]], dtype=torch.float64) * VAR
     print(f"exact conditional: mean {RHO * KNOWN:.4f}, variance {VAR * (1 - RHO**2):.4f}")
@@ -30,7 +35,7 @@ def main() -> None:
         y[:, 0] = KNOWN
         mask = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
         for corrector in ("none", "langevin"):
-            x = inpaint(score, sde, y, mask, steps=500, corrector=corrector,
+            x = inpaint(score, sde, y, mask, steps=args.steps, corrector=corrector,
                         generator=torch.Generator().manual_seed(0)).samples[:, 1]
             print(f"{type(sde).__name__:6} corrector={corrector:9} mean {x.mean():.4f} ± {x.std() / 4000**0.5:.4f}, "
                   f"variance {x.var():.4f}", flush=True)
