@@ -29,33 +29,34 @@ def test_syntax():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
 
 
-def test_train_py_1_measures_all_levers_then_the_bf16_check(tmp_path):
+def test_train_py_1_measures_speed_gpu_then_the_batch_and_channels_last_levers_on_top(tmp_path):
     out, calls = _run(tmp_path, TRAIN_PY="1")
     train = [c for c in calls if c.startswith("train.py")]
-    first = train[0]
-    for flag in ("experiment=cifar10_table2", "trainer.precision=bf16-mixed", "module.compile=true",
-                 "module.optim.fused=true", "datamodule.on_device=true"):
-        assert flag in first, (flag, first)
-    bf16 = train[1:]
-    assert len(bf16) == 4 and {("seed=42" in c, "bf16-mixed" in c) for c in bf16} == {
-        (True, True), (True, False), (False, True), (False, False)}
-    assert any(c.startswith("bench/compare_runs.py") for c in calls)
+    assert len(train) == 3 and all("experiment=cifar10_table2" in c and "speed=gpu" in c for c in train)
+    base, b256, cl = train
+    assert "datamodule.batch_size" not in base and "channels_last" not in base
+    assert "datamodule.batch_size=256" in b256 and "module.channels_last=true" in cl
+    assert not any(c.startswith("bench/compare_runs.py") for c in calls)  # the bf16 check is call 2's last step
 
 
 def test_train_py_2_runs_its_steps_in_order_of_importance(tmp_path):
     out, calls = _run(tmp_path, TRAIN_PY="2")
     steps = [ln.split()[1] for ln in out.splitlines() if ln.startswith("=== ") and "(limit" in ln]
-    assert steps == ["train_step_bf16_compile_fused", "train_bf16_cudagraphs_fused_ondevice",
-                     "train_bf16_compile_fused", "data_loading", "train_step_bf16_compile_fused_b256"]
-    cudagraphs = next(c for c in calls if "module.compile=reduce-overhead" in c)
-    assert "datamodule.on_device=true" in cudagraphs
-    alone = next(c for c in calls if c.endswith("/train_bf16_compile_fused"))  # its hydra.run.dir comes last
-    assert "datamodule.on_device" not in alone
+    assert steps == ["train_speed_gpu_dataloader", "train_step_bf16_cudagraphs_fused", "data_loading"]
+    loader = next(c for c in calls if c.startswith("train.py") and "speed=gpu" in c)
+    assert "datamodule.on_device=false" in loader  # after speed=gpu on the command line: that lever alone
+    assert loader.index("speed=gpu") < loader.index("datamodule.on_device=false")
+    bare = next(c for c in calls if c.startswith("bench/train_step.py"))
+    assert "--compile-mode reduce-overhead" in bare and "--amp bf16" in bare
+    bf16 = [c for c in calls if c.startswith("train.py") and "speed=gpu" not in c]
+    assert len(bf16) == 4 and {("seed=42" in c, "bf16-mixed" in c) for c in bf16} == {
+        (True, True), (True, False), (False, True), (False, False)}
+    assert any(c.startswith("bench/compare_runs.py") for c in calls)
 
 
 def test_deadline_shrinks_then_skips(tmp_path):
     out, _ = _run(tmp_path / "a", TRAIN_PY="2", DEADLINE="100")
-    first = next(ln for ln in out.splitlines() if ln.startswith("=== train_step_bf16_compile_fused (limit"))
+    first = next(ln for ln in out.splitlines() if ln.startswith("=== train_speed_gpu_dataloader (limit"))
     assert int(first.split("(limit ")[1].split("s)")[0]) <= 75  # 100 - 25 s of slack
     out, calls = _run(tmp_path / "b", BF16_CHECK="1", DEADLINE="60")
     assert "bf16 check skipped" in out and not [c for c in calls if c.startswith("train.py")]

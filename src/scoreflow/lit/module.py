@@ -236,6 +236,10 @@ class ScoreLitModule(GuardedOptimization):
             mode = "default" if self.compile_mode is True else self.compile_mode
             log.info("module.compile=%s: the first training step compiles the network (minutes for the paper's "
                      "networks on a GPU); the steps after it run the compiled graph", mode)
+            if mode in ("reduce-overhead", "max-autotune") and self.device.type != "cuda":
+                log.warning("module.compile=%s: CUDA graphs need a CUDA device; on %s torch skips them and the "
+                            "compiled step runs without them (speed=gpu is for GPUs: trainer=gpu)", mode,
+                            self.device.type)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         index = self.batches_seen
