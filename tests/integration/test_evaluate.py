@@ -399,7 +399,9 @@ def test_other_images_or_another_ode_batch_size_are_refused_not_mixed(digits_ckp
     y = torch.zeros(12)
     d = digest(ArrayDataset(x, y))
     assert d == digest(ArrayDataset(x.clone(), y)) == digest(ArrayDataset(x, y, torch.arange(12)))
-    assert d == digest(ArrayDataset(x, y), chunk=5)
+    assert d == ArrayDataset(x, y).digest(chunk=5)  # ArrayDataset.digest, read in chunks
+    with pytest.raises(TypeError, match="ArrayDataset"):
+        digest(torch.utils.data.TensorDataset(x, y))
     changed = x.clone()
     changed[11, 0, 7, 7] ^= 1
     assert digest(ArrayDataset(changed, y)) != d

@@ -79,6 +79,9 @@ def test_debug_run_writes_checkpoint_that_reproduces_validation(make_cfg, tmp_pa
         load_classifier(ckpt_path, sde=clf.sde.__class__(0.1, 10.0))
     with pytest.raises(ConfigError, match="scale=2.0.*scale=1.0"):
         load_classifier(ckpt_path, scale=1.0)
+    load_classifier(ckpt_path, data_shape=(1, 8, 8))
+    with pytest.raises(ConfigError, match=r"trained on data of shape \[1, 8, 8\].*have shape \[1, 28, 28\]"):
+        load_classifier(ckpt_path, data_shape=(1, 28, 28))  # MNIST's score model guided by the digits' classifier
 
 
 def test_score_checkpoint_is_refused(tmp_path):

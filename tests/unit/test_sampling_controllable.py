@@ -166,3 +166,29 @@ def test_inpaint_refuses_a_mask_that_does_not_fit_the_data():
             inpaint(target.score_fn(sde), sde, y, bad, corrector="none", steps=2)
     res = inpaint(target.score_fn(sde), sde, y, torch.ones(1, 1, 4, 4), corrector="none", steps=2)
     assert res.samples.shape == (1, 1, 4, 4)
+
+
+def test_inpaint_refuses_a_soft_mask_and_takes_a_boolean_one():
+    """A mask of 0.5 blended the clamped known sample with the free one: neither imputation nor data."""
+    sde = VPSDE()
+    target = gaussian(torch.zeros(16), torch.ones(16), event_shape=(1, 4, 4))
+    y = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    soft = torch.full((1, 1, 4, 4), 0.5)
+    with pytest.raises(ValueError, match=r"only 0 \(to fill in\) and 1 \(known\); got values \[0.5\]"):
+        inpaint(target.score_fn(sde), sde, y, soft, corrector="none", steps=2)
+    hard = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    hard[..., :2] = True
+    res = inpaint(target.score_fn(sde), sde, y + 3, hard, corrector="none", steps=2)
+    assert (res.samples[..., :2] == 3).all() and (res.samples[..., 2:] != 3).all()
+
+
+def test_guidance_refuses_labels_that_are_not_class_indices():
+    x, t = torch.randn(2, 2, dtype=torch.float64), torch.full((2,), 0.5, dtype=torch.float64)
+    base = lambda x, t: -x  # noqa: E731
+    classifier = lambda x, t: x @ torch.eye(2, dtype=x.dtype)  # noqa: E731  2 classes
+    for bad, what in ((torch.tensor([0.7, 1.2]), "torch.float32"), (1.5, "torch.float32"), (-1, "values \\[-1\\]"),
+                      (torch.tensor([[0, 1]]), "shape \\[1, 2\\]"), (True, "torch.bool")):
+        with pytest.raises(ValueError, match=f"y must be a class index >= 0.*{what}"):
+            classifier_guided_score(base, classifier, bad)
+    with pytest.raises(ValueError, match=r"label 2 but the classifier has 2 classes \(0..1\)"):
+        classifier_guided_score(base, classifier, torch.tensor([0, 2]))(x, t)

@@ -60,9 +60,21 @@ def classifier_guided_score(score_fn: ScoreFn, classifier: Classifier, y: int | 
     when the classifier is exact, ``scale > 1`` sharpens it (classifier guidance).
     """
 
+    labels_in = torch.as_tensor(y)
+    if labels_in.is_floating_point() or labels_in.is_complex() or labels_in.dtype == torch.bool \
+            or labels_in.ndim > 1 or (labels_in.numel() and int(labels_in.min()) < 0):
+        raise ValueError(f"classifier_guided_score: y must be a class index >= 0 or [B] of them (integers), got "
+                         f"{labels_in.dtype} of shape {list(labels_in.shape)}"
+                         + (f" with values {labels_in.flatten()[:4].tolist()}" if labels_in.numel() else ""))
+
+    top = int(labels_in.max()) if labels_in.numel() else 0  # checked against the classifier's output at the first call
+
     def log_p_y(x: Tensor, t: Tensor) -> Tensor:
         logp = classifier(x, t).log_softmax(dim=-1)  # [B, K]
-        labels = torch.as_tensor(y, device=x.device, dtype=torch.long).expand(x.shape[0])
+        if top >= logp.shape[-1]:  # gather would fail with a CUDA assert or an index error far from the cause
+            raise ValueError(f"classifier_guided_score: label {top} but the classifier has {logp.shape[-1]} classes "
+                             f"(0..{logp.shape[-1] - 1})")
+        labels = labels_in.to(device=x.device, dtype=torch.long).expand(x.shape[0])
         return logp.gather(1, labels[:, None]).squeeze(1)
 
     return guided_score(score_fn, log_p_y, scale)
@@ -87,6 +99,9 @@ def inpaint(score_fn: ScoreFn, sde: SDE, x_known: Tensor, mask: Tensor, **pc_kwa
     if not fits:  # a mask broadcasting to more images would return more samples than were given
         raise ValueError(f"inpaint: mask of shape {list(mask.shape)} does not broadcast to the data's shape "
                          f"{list(x_known.shape)} (e.g. [1, 1, H, W] or [B, C, H, W])")
+    if not bool(((mask == 0) | (mask == 1)).all()):  # a soft mask would blend the clamped and free samples
+        raise ValueError("inpaint: the mask must hold only 0 (to fill in) and 1 (known); got values "
+                         f"{sorted({float(v) for v in mask.flatten().unique()[:5]})}")
     mask = mask.to(dtype=x_known.dtype, device=x_known.device)
 
     def project(x: Tensor, t: Tensor, rng: NoiseSource) -> Tensor:

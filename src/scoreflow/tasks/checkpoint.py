@@ -175,15 +175,21 @@ def load_classifier(
     sde: SDE | None = None,
     scale: float | None = None,
     shift: float | None = None,
+    data_shape: tuple[int, ...] | list[int] | None = None,
 ) -> NoiseConditionalClassifier:
     """The trained ``classifier(x_t, t) -> logits`` of a ``train_classifier`` checkpoint, in eval mode, frozen.
 
-    The SDE it was trained with is ``.sde``. Passing the guided score model's ``sde`` / ``scale`` / ``shift``
-    checks that they equal the classifier's (guidance with a classifier of another SDE or data scaling
-    silently gives wrong gradients), raising a ``ConfigError`` that names both otherwise.
+    The SDE it was trained with is ``.sde``. Passing the guided score model's ``sde`` / ``scale`` / ``shift`` /
+    ``data_shape`` (one example's, e.g. ``(1, 8, 8)``) checks that they equal the classifier's (guidance with a
+    classifier of another SDE, data scaling or data set silently gives wrong gradients, or fails deep inside the
+    network), raising a ``ConfigError`` that names both otherwise.
     """
     module, cfg, _ = classifier_module_from_checkpoint(path, use_ema=use_ema)
     clf = module.classifier
+    have_shape = (cfg.get("data") or {}).get("shape")
+    if data_shape is not None and have_shape is not None and list(have_shape) != list(data_shape):
+        raise ConfigError(f"the classifier {path} was trained on data of shape {list(have_shape)}, but the score "
+                          f"model's data have shape {list(data_shape)}")
     if sde is not None and not (type(sde) is type(clf.sde) and vars(sde) == vars(clf.sde)):
         raise ConfigError(f"the classifier {path} was trained with {clf.sde!r}, but the score model uses {sde!r}")
     for name, want in (("scale", scale), ("shift", shift)):

@@ -267,7 +267,8 @@ def load_classifier_from(path: str, module: ScoreLitModule):
     from scoreflow.tasks.checkpoint import load_classifier  # looked up at call time (tests replace it)
     if not Path(path).expanduser().is_file():
         raise FileNotFoundError(f"classifier checkpoint not found: {path}")
-    offered = {"device": module.device, "sde": module.sde, "scale": module.scale, "shift": module.shift}
+    offered = {"device": module.device, "sde": module.sde, "scale": module.scale, "shift": module.shift,
+               "data_shape": tuple(module.data_shape) or None}
     params = inspect.signature(load_classifier).parameters
     clf = load_classifier(str(Path(path).expanduser()), **{k: v for k, v in offered.items() if k in params})
     if isinstance(clf, torch.nn.Module):

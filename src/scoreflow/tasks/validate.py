@@ -266,8 +266,7 @@ def train(cfg: DictConfig) -> None:
         integer(cfg, ev + k, low=1)
     for k in ("nll_every", "nll_subset"):
         integer(cfg, ev + k, low=0)
-    for k in ("rtol", "atol"):
-        number(cfg, ev + k, low=0)
+    tolerances(cfg, "module.evaluation")
     choice(cfg, "module.loss", ("dsm", "ism"))
     if get(cfg, "module.loss", "dsm") == "ism" and get(cfg, "module.compile", False):
         raise ConfigError("module.loss=ism cannot be combined with module.compile: the Hutchinson divergence's "
@@ -449,8 +448,8 @@ def evaluate(cfg: DictConfig) -> None:
     for k in ("repeats", "batch_size", "max_batches"):
         integer(cfg, k, low=1, allow_none=True)
     integer(cfg, "bound_chunk_size", low=1)
-    for k in ("rtol", "atol", "eps"):  # overrides of the checkpoint's evaluation settings; null keeps them
-        number(cfg, f"evaluation.{k}", low=0, allow_none=True)
+    tolerances(cfg, "evaluation")  # overrides of the checkpoint's evaluation settings; null keeps them
+    number(cfg, "evaluation.eps", low=0, allow_none=True)
     integer(cfg, "evaluation.test_num_t", low=1, allow_none=True)
     integer(cfg, "fid.num_samples", low=0)
     integer(cfg, "fid.batch_size", low=1)
@@ -759,7 +758,7 @@ def tolerances(cfg: DictConfig, key: str) -> None:
     """An adaptive ODE solver's ``rtol`` and ``atol``: finite, >= 0, not both 0 (null keeps the default)."""
     for k in ("rtol", "atol"):
         number(cfg, f"{key}.{k}", low=0, low_open=False, allow_none=True)
-    if has(cfg, f"{key}.rtol") and get(cfg, f"{key}.rtol") == 0 and get(cfg, f"{key}.atol") == 0:
+    if has(cfg, f"{key}.rtol") and get(cfg, f"{key}.rtol") == 0 and get(cfg, f"{key}.atol", None) == 0:
         raise ConfigError(f"{key}.rtol and {key}.atol are both 0: the adaptive solver cannot meet that",
                           key=f"{key}.rtol", value=0, fix=f"{key}.rtol=1e-5 {key}.atol=1e-5")
 
