@@ -135,6 +135,27 @@ def test_interrupted_evaluation_resumes_without_double_counting(digits_ckpt, mak
     assert np.load(tmp_path / "resumed" / "per_example.npz")["bpd_ode"].shape == (10, 3) and more["complete"]
 
 
+def test_raising_num_images_under_an_adaptive_solver_equals_an_uninterrupted_run(digits_ckpt, make_cfg, tmp_path):
+    """num_images=3 at batch 2 solves [0, 1] and [2]; raised to 5 the batches are [0, 1], [2, 3], [4]: image 2 was
+    solved as a batch of one, while an uninterrupted run solves it with image 3 (an adaptive solver shares its
+    steps across a batch). The batch is solved whole again and its values replace the earlier ones, so every
+    value, the mean NFE and the solver check equal an uninterrupted run's, to the bit."""
+    adaptive = ["evaluation.method=dopri5", "evaluation.rtol=1e-2", "evaluation.atol=1e-2", "evaluation.test_num_t=4",
+                "progress=false", "device=cpu", "solver_check_images=3", "batch_size=2", "evaluation.bound_plan=none"]
+    run_eval(make_cfg, digits_ckpt, [*adaptive, "num_images=3"], sub="raised")
+    short = np.load(tmp_path / "raised" / "per_example.npz")["bpd_ode"][2, 0]
+    done = run_eval(make_cfg, digits_ckpt, [*adaptive, "num_images=5"], sub="raised")
+    full = run_eval(make_cfg, digits_ckpt, [*adaptive, "num_images=5"], sub="straight")
+    a, b = np.load(tmp_path / "raised" / "per_example.npz"), np.load(tmp_path / "straight" / "per_example.npz")
+    for q in ("bpd_ode", "bpd_bound"):
+        np.testing.assert_array_equal(a[q], b[q])
+    assert a["bpd_ode"][2, 0] != short  # the earlier value (image 2 alone) was replaced, not kept
+    for key in ("test/bpd_ode", "test/bpd_ode_se", "test/nfe", "test/nfe_max", "test/ode_solver_error_max"):
+        assert done[key] == full[key], key
+    replaced = [rec for rec in jsonl(tmp_path / "raised" / "partial.jsonl") if rec.get("replace")]
+    assert [(rec["q"], rec["i"]) for rec in replaced] == [("bpd_ode", [2, 3])]  # the check's batches were whole
+
+
 def test_per_image_values_do_not_depend_on_batch_boundaries(digits_ckpt, make_cfg, tmp_path):
     for bs in (3, 5):
         run_eval(make_cfg, digits_ckpt, [*RK4, "num_images=6", f"batch_size={bs}"], sub=f"bs{bs}")

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from scoreflow.likelihood.ode import FIXED_GRID_METHODS
 from scoreflow.lit import per_image
 from scoreflow.lit.module import ScoreLitModule
 from scoreflow.lit.settings import EvalConfig
@@ -60,7 +61,10 @@ class PartialResults:
     every other line is one batch of one quantity:
     ``{"q": "bpd_ode", "r": repeat, "i": [image indices], "v": [values], "nfe": solver evaluations}``.
     A line is written and ``fsync``-ed in one go; a torn last line (a kill mid-write) is ignored. Values are
-    merged in file order and the first value of an ``(image, repeat)`` wins: each is counted once.
+    merged in file order and the first value of an ``(image, repeat)`` wins: each is counted once. A line with
+    ``"replace": true`` (a whole batch of an adaptive ODE solve, re-solved because an earlier run solved part
+    of it as a shorter batch) wins over the lines without it, in any file and any order, and the solves it
+    supersedes leave the NFE statistics.
     """
 
     QUANTITIES = ("bpd_ode", "bpd_bound", "bpd_ode_tight", "bpd_bound_mcse")  # the last rides on bpd_bound lines
@@ -69,7 +73,8 @@ class PartialResults:
         self.path = partial_path(folder, rank)
         self.fingerprint = fingerprint
         self.values: dict[str, dict[tuple[int, int], float]] = {q: {} for q in (*self.QUANTITIES, "nfe")}
-        self.solves: list[int] = []  # NFE of every reported ODE solve (one per batch)
+        self._solves: list[tuple[list[tuple[int, int]], int]] = []  # (its (image, repeat)s, NFE) per bpd_ode line
+        self._replaced: dict[str, set[tuple[int, int]]] = {q: set() for q in self.values}
         self._has_header = False
         folder.mkdir(parents=True, exist_ok=True)
         if resume:
@@ -108,16 +113,33 @@ class PartialResults:
         for line in lines[1:]:
             self._add(json.loads(line))
 
+    def _put(self, quantity: str, key: tuple[int, int], value: float, replace: bool) -> None:
+        """First value wins, except that the first ``replace`` line's value wins over every other."""
+        store, replaced = self.values[quantity], self._replaced[quantity]
+        if replace and key not in replaced:
+            store[key] = value
+            replaced.add(key)
+        elif key not in replaced:
+            store.setdefault(key, value)
+
     def _add(self, rec: dict[str, Any]) -> None:
-        store = self.values[rec["q"]]
-        for i, v in zip(rec["i"], rec["v"]):
-            store.setdefault((int(i), int(rec["r"])), float(v))  # first value wins: each counted once
-        for i, se in zip(rec["i"], rec.get("se", ())):  # the bound's per-image Monte-Carlo standard errors
-            self.values["bpd_bound_mcse"].setdefault((int(i), int(rec["r"])), float(se))
+        r, replace = int(rec["r"]), bool(rec.get("replace", False))
+        keys = [(int(i), r) for i in rec["i"]]
+        for key, v in zip(keys, rec["v"]):
+            self._put(rec["q"], key, float(v), replace)  # each counted once
+        for key, se in zip(keys, rec.get("se", ())):  # the bound's per-image Monte-Carlo standard errors
+            self._put("bpd_bound_mcse", key, float(se), replace)
         if rec["q"] == "bpd_ode":
-            for i in rec["i"]:
-                self.values["nfe"].setdefault((int(i), int(rec["r"])), float(rec["nfe"]))
-            self.solves.append(int(rec["nfe"]))
+            for key in keys:
+                self._put("nfe", key, float(rec["nfe"]), replace)
+            self._solves.append((keys, int(rec["nfe"])) if not replace else ([], int(rec["nfe"])))
+
+    @property
+    def solves(self) -> list[int]:
+        """NFE of every ODE solve whose values count (one per batch): a solve whose images were all re-solved
+        as a whole batch later is left out."""
+        gone = self._replaced["bpd_ode"]
+        return [nfe for keys, nfe in self._solves if not keys or not set(keys) <= gone]
 
     def _write_line(self, rec: dict[str, Any]) -> None:
         if not self._has_header:  # written lazily: a file is never seen half-created by a reading process
@@ -134,8 +156,10 @@ class PartialResults:
         return (index, repeat) in self.values[quantity]
 
     def append(self, quantity: str, repeat: int, indices: list[int], values: Tensor, nfe: int | None = None,
-               se: Tensor | None = None) -> None:
+               se: Tensor | None = None, replace: bool = False) -> None:
         rec = {"q": quantity, "r": repeat, "i": indices, "v": [float(v) for v in values.double().cpu()]}
+        if replace:
+            rec["replace"] = True
         if nfe is not None:
             rec["nfe"] = int(nfe)
         if se is not None:
@@ -233,6 +257,7 @@ def run_likelihoods(module: ScoreLitModule, dataset, n: int, store: PartialResul
     bar = tqdm(total=len(mine), disable=not s.progress or rank != 0, desc="likelihood", unit="batch",
                dynamic_ncols=True)
     dev = module.device
+    adaptive = module.eval_cfg.method not in FIXED_GRID_METHODS  # the check's solver is adaptive always
     plan = per_image.bound_plan(module, dataset, s.seed, limit=n) if s.bound and mine else None  # same on every rank
     for done_now, (r, b, quantities) in enumerate(mine):
         if s.max_batches is not None and done_now >= s.max_batches:
@@ -242,13 +267,18 @@ def run_likelihoods(module: ScoreLitModule, dataset, n: int, store: PartialResul
             idx = pending(q, r, b)
             if not idx:
                 continue
+            # an adaptive solver solves a batch as one system (shared steps): a batch an earlier run solved in
+            # part (its last batch was shorter then: num_images was raised) is solved whole again, so that every
+            # value equals an uninterrupted run's; its new values replace the earlier ones
+            replace = q != "bpd_bound" and len(idx) < len(b) and (q == "bpd_ode_tight" or adaptive)
+            idx = b if replace else idx
             k = torch.stack([torch.as_tensor(dataset[i][0]) for i in idx]).to(dev)
             if q == "bpd_bound":
                 v, mcse = bound_bpd(module, k, idx, r, s, plan)
                 store.append(q, r, idx, v, se=mcse)  # se: for the between-image / Monte-Carlo split
             else:
                 v, nfe = ode_bpd(module, k, idx, r, s, check_solver(module.eval_cfg) if q == "bpd_ode_tight" else None)
-                store.append(q, r, idx, v, nfe if q == "bpd_ode" else None)
+                store.append(q, r, idx, v, nfe if q == "bpd_ode" else None, replace=replace)
         bar.update(1)
         bar.set_postfix({q.removeprefix("bpd_"): f"{np.nanmean(store.table(q, n, s.repeats)):.4f}" for q in shown})
     bar.close()
