@@ -150,7 +150,7 @@ def table(models: list[str], out: Path) -> str:
     data = {m: summarize(m, out) for m in models}
     base = data.get("uniform", {})
     head = ("dequantization", "ODE bpd", "bound bpd (ε-corr.)", "Δ bound vs uniform", "Δ ODE vs uniform",
-            "bound w/o ε-corr.", "E log q / (D ln2)", "IW bound (S draws)")
+            "bound w/o ε-corr.", "E log q / (D ln2)", "IW estimate, S draws (biased low: not a bound)")
     rows = []
     for m, d in data.items():
         def delta(key: str, d: dict = d, m: str = m) -> str:  # paired per image: same images, seeds, bound noise
