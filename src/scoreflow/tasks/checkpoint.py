@@ -33,6 +33,7 @@ from scoreflow.lit.per_image import image_seed, seeded_generator  # noqa: F401 (
 from scoreflow.nets.classifier import NoiseConditionalClassifier
 from scoreflow.sde import SDE
 from scoreflow.tasks.build import ConfigError, build_classifier_module, build_data, build_module, to_container
+from scoreflow.tasks.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,10 @@ def module_from_checkpoint(
         cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
     module = build_classifier_module(cfg) if kind == "classifier" else build_module(cfg)
     with_ema = use_ema and (kind == "score" or "ema" in ckpt)  # score: no EMA state is an error (ema_state_dict)
+    if with_ema and ckpt.get("ema") is None:
+        raise CheckpointError(f"{path} holds no EMA weights: it was trained without the EMA callback "
+                              "(~callbacks.ema or callbacks=none)", key="use_ema", value=True,
+                              fix="use_ema=false (its raw weights)")
     missing, unexpected = module.load_state_dict(ema_state_dict(ckpt) if with_ema else ckpt["state_dict"],
                                                  strict=False)
     missing = [k for k in missing if not k.startswith(("val_", "test_"))]

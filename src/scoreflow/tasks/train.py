@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from scoreflow.tasks.build import build_data, build_module, check_shapes
 from scoreflow.tasks.common import (
+    checkpoint_entry,
     checkpoint_run_dir,
     checkpoint_step,
     fit,
@@ -55,12 +56,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics = {**earlier, **metrics, **{k: v for k, v in earlier.items() if k.startswith("train/")}}
         else:  # trained on: test values of an earlier state would be stale
             metrics = {**{k: v for k, v in earlier.items() if not k.startswith("test/")}, **metrics}
+    ema = bool(((cfg.get("callbacks") or {}).get("ema") or {}).get("_target_"))  # what validation evaluated
     if cfg.get("test", True):
         # a checkpoint already at max_steps, resumed into another folder: fit took no step and wrote no last.ckpt
         final = out / "checkpoints" / "last.ckpt"
         if resumed is not None and not (final.is_file() and checkpoint_step(final) == int(steps)):
             final = resumed
-        test_metrics = test_checkpoint(cfg, final, out)
+        # trained without the EMA callback (~callbacks.ema, callbacks=none): its raw weights, said in the title
+        ema = checkpoint_entry(final, "ema") is not None
+        if not ema:
+            log.warning("the checkpoint %s holds no EMA weights (the EMA callback was off): the test phase "
+                        "evaluates its raw weights", final)
+        test_metrics = test_checkpoint(cfg, final, out, use_ema=ema)
         metrics.update(test_metrics)
         log_final(loggers, test_metrics, step=int(steps))
     metrics["wall_time_s"] = time.time() - t0
@@ -68,6 +75,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return metrics
     write_metrics(out / "metrics.json", {**metrics, "protocol": protocol_string(cfg)})
     tested = bool(cfg.get("test", True))
+    weights = "EMA weights" if ema else "raw weights (no EMA)"
     # test=false: the last validation (bound on val_subset images, ODE on nll_subset) under its own title
     shown = metrics if tested else {"test/" + k[4:]: v for k, v in metrics.items() if k.startswith("val/")}
     val_step = getattr(module, "last_validation_step", None)  # None under ddp_spawn (its module stayed here)
@@ -82,7 +90,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # the eps-correction of protocol_string is the bound's; the test phase's ODE NLL never has it (evaluate.py can)
     extra.update({"protocol": protocol_string(cfg) + "; the ODE NLL without eps-correction",
                   "plot": bpd_plot(out, metrics, loggers)})
-    echo(results_table(shown, title=f"{title}, EMA weights ({out})", extra=extra))
+    echo(results_table(shown, title=f"{title}, {weights} ({out})", extra=extra))
     return metrics
 
 
