@@ -210,9 +210,12 @@ class SummaryJoblibLauncher(JoblibLauncher):
             runs = Parallel(**joblib_cfg)(delayed(execute_job)(num, overrides, self.hydra_context, self.config, task,
                                                                state) for num, overrides in todo) if todo else []
         except KeyboardInterrupt:
-            print(f"\n[scoreflow] {command_name()} -m: interrupted; the jobs that were training wrote their checkpoints"
-                  f"; to go on, run the same command again with hydra.sweep.dir={sweep_dir}", file=sys.stderr,
-                  flush=True)
+            # joblib ends its workers at once: a job may stop before the checkpoint its own handler began (the one it
+            # wrote last stays intact: writes are atomic); hydra/launcher=local waits for every job's checkpoint
+            print(f"\n[scoreflow] {command_name()} -m: interrupted; joblib stopped the jobs, some perhaps before "
+                  "the checkpoint of this stop (each job's last.ckpt is its last complete one; hydra/launcher=local "
+                  f"waits for them); to go on, run the same command again with hydra.sweep.dir={sweep_dir}",
+                  file=sys.stderr, flush=True)
             sys.exit(130)
         command = command_name()
         for (num, _), ret in zip(todo, runs):
