@@ -290,22 +290,18 @@ def test_a_rerun_sweep_skips_the_jobs_that_finished_and_keeps_the_numbering(tmp_
     assert len(job0) == 1 and job0[0].stat().st_mtime_ns != stamps[job0[0]]
 
 
-def test_ctrl_c_on_a_local_sweep_stops_every_job_at_a_checkpoint_and_prints_the_table(tmp_path):
-    """Ctrl-C in a terminal (SIGINT to the whole process group: the submitting command, submitit's controllers and
-    the jobs): each training job writes its checkpoint, the command lists them and exits 130. Was: three
-    KeyboardInterrupt tracebacks, and the controllers killing their job a second after the signal."""
-    sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "train.py", "-m", "hydra/launcher=local", "debug=fast", "trainer.accelerator=cpu",
-           "test=false", "callbacks=minimal", "val_every=100000", "checkpoint_every=100000",
-           "trainer.max_steps=100000,100001", f"hydra.sweep.dir={sweep}"]
+def _ctrl_c_once_two_jobs_train(launcher: list[str], sweep: Path) -> tuple[int, str, str]:
+    """A 2-job sweep (``launcher`` picks the launcher), SIGINT to its whole process group (a terminal's Ctrl-C)
+    once both jobs are in their training loop; its exit code, stdout and stderr."""
+    cmd = [sys.executable, "train.py", "-m", *launcher, "debug=fast", "trainer.accelerator=cpu", "test=false",
+           "callbacks=minimal", "val_every=100000", "checkpoint_every=100000", "trainer.max_steps=100000,100001",
+           f"hydra.sweep.dir={sweep}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.time() + 300
     try:
-        def logs() -> list:
-            return [next(iter(sweep.glob(f"{n}_*/train.log")), None) for n in (0, 1)]
-
-        while not all(log is not None and READY in log.read_text() for log in logs()):
+        while not all((log := next(iter(sweep.glob(f"{n}_*/train.log")), None)) and READY in log.read_text()
+                      for n in (0, 1)):
             assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.1)
         time.sleep(0.5)
@@ -314,7 +310,16 @@ def test_ctrl_c_on_a_local_sweep_stops_every_job_at_a_checkpoint_and_prints_the_
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err[-3000:]
+    return proc.returncode, out, err
+
+
+def test_ctrl_c_on_a_local_sweep_stops_every_job_at_a_checkpoint_and_prints_the_table(tmp_path):
+    """Ctrl-C in a terminal (SIGINT to the whole process group: the submitting command, submitit's controllers and
+    the jobs): each training job writes its checkpoint, the command lists them and exits 130. Was: three
+    KeyboardInterrupt tracebacks, and the controllers killing their job a second after the signal."""
+    sweep = tmp_path / "sweep"
+    code, out, err = _ctrl_c_once_two_jobs_train(["hydra/launcher=local"], sweep)
+    assert code == 130, err[-3000:]
     assert "Traceback" not in out + err, err[-3000:]
     assert "[scoreflow] train.py -m: SIGINT: stopping 2 running job(s)" in err  # the command's own Ctrl-C
     assert "[scoreflow] train.py -m: 2 jobs: 2 stopped" in err
@@ -330,27 +335,11 @@ def test_ctrl_c_on_a_parallel_sweep_is_one_line_that_does_not_promise_checkpoint
     """joblib ends its workers when the command is interrupted, so a job may stop before the checkpoint its handler
     began: the line says so (it said every job had written its checkpoint; measured: one of two had not)."""
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "train.py", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "debug=fast",
-           "trainer.accelerator=cpu", "test=false", "callbacks=minimal", "val_every=100000",
-           "checkpoint_every=100000", "trainer.max_steps=100000,100001", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    try:
-        while not all((log := next(iter(sweep.glob(f"{n}_*/train.log")), None)) and READY in log.read_text()
-                      for n in (0, 1)):
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-            time.sleep(0.1)
-        time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err[-3000:]
+    code, out, err = _ctrl_c_once_two_jobs_train(["hydra/launcher=parallel", "hydra.launcher.n_jobs=2"], sweep)
+    assert code == 130, err[-3000:]
     assert "Traceback" not in out + err, err[-3000:]
-    assert (f"[scoreflow] train.py -m: interrupted; joblib stopped the jobs, some perhaps before the checkpoint of "
-            f"this stop") in err and f"hydra.sweep.dir={sweep}" in err
+    assert ("[scoreflow] train.py -m: interrupted; joblib stopped the jobs, some perhaps before the checkpoint of "
+            "this stop") in err and f"hydra.sweep.dir={sweep}" in err
 
 
 def test_sigterm_on_a_sequential_sweep_lists_the_done_stopped_and_unstarted_jobs(tmp_path):
