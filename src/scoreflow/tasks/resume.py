@@ -23,7 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from scoreflow.tasks.errors import CheckpointError
-from scoreflow.tasks.validate import IDENTITY_GROUPS, config_differences
+from scoreflow.tasks.validate import IDENTITY_GROUPS, config_differences, other_score_model
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,26 @@ def resume_path(cfg: DictConfig, out: Path) -> str | None:
 
 def check_same_run(ckpt_path: Path, cfg: DictConfig) -> None:
     """The folder's checkpoint must be of the requested sde/model/data/dequantization (the test ``ckpt_path=``
-    gets in ``validate.resume``) and seed, unless ``resume_allow_changes``."""
-    stored = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("scoreflow", {}).get("config")
+    gets in ``validate.resume``) and seed, and a train_dequant.py flow must have been trained after the requested
+    ``score_ckpt`` (its score weights: :func:`scoreflow.tasks.validate.other_score_model`), unless
+    ``resume_allow_changes``."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    stored = (ckpt.get("scoreflow") or {}).get("config")
     if not stored or OmegaConf.select(cfg, "resume_allow_changes", default=False):
         return
+    allow = "resume_allow_changes=true" if "resume_allow_changes" in cfg else "+resume_allow_changes=true"
+    score_ckpt = OmegaConf.select(cfg, "score_ckpt", default=None, throw_on_missing=False)
+    if isinstance(stored.get("dequant_run"), dict) and score_ckpt not in (None, "", "???"):
+        # Lightning's restore would put the flow run's score weights back over those of score_ckpt, which the run's
+        # config (dequant_run) and results table would then name
+        change = other_score_model(ckpt, score_ckpt)
+        if change:
+            raise CheckpointError(
+                f"this run folder already holds {ckpt_path}, a flow trained after another score model (stored -> "
+                f"score_ckpt): {change}; resuming would put the old score weights back under the new score_ckpt",
+                key="score_ckpt", value=str(score_ckpt),
+                fix="use another folder (hydra.run.dir=...), auto_resume=false to start afresh here (overwriting "
+                    f"it), or {allow} to resume it with its own score model")
     # only groups both name: train_dequant's command config leaves sde/model/data to its score checkpoint
     groups = [g for g in IDENTITY_GROUPS if g in cfg and g in stored]
     diff = config_differences(stored, OmegaConf.to_container(OmegaConf.masked_copy(cfg, groups), resolve=True), groups)
@@ -71,7 +87,7 @@ def check_same_run(ckpt_path: Path, cfg: DictConfig) -> None:
             f"this run folder already holds {ckpt_path}, trained with another sde/model/data/dequantization/seed "
             "(stored -> requested):\n  " + "\n  ".join(shown), key="auto_resume", value=True,
             fix="use another folder (hydra.run.dir=...), auto_resume=false to start afresh here (overwriting it), "
-                "or resume_allow_changes=true")
+                f"or {allow}")
 
 
 def rerun_hint(out: Path) -> str:

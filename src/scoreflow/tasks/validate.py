@@ -162,8 +162,9 @@ def no_adam_settings_beside(optim: Any, target: Any) -> None:
                           fix=f"drop module.optim.{adam_only[0]}, or add it to module.optimizer")
 
 
-def common_training(cfg: DictConfig) -> None:
-    """Types and ranges shared by train, train_dequant and train_classifier."""
+def common_training(cfg: DictConfig, *, check_data_root: bool = True) -> None:
+    """Types and ranges shared by train, train_dequant and train_classifier (``check_data_root=False``: the caller
+    checks ``data.root`` itself, after what decides whether the data are wanted at all)."""
     integer(cfg, "seed")
     for k in ("datamodule.batch_size", "datamodule.eval_batch_size"):
         integer(cfg, k, low=1)
@@ -202,7 +203,8 @@ def common_training(cfg: DictConfig) -> None:
         if not (OmegaConf.is_list(s) and len(s) > 0 and all(isinstance(i, int) and i > 0 for i in s)):
             raise ConfigError(f"data.shape must be a list of positive integers, got {s!r}", key="data.shape", value=s,
                               fix="e.g. data.shape=[3,32,32]")
-    data_root(cfg)
+    if check_data_root:
+        data_root(cfg)
     wandb_login(cfg)
 
 
@@ -284,6 +286,7 @@ def train(cfg: DictConfig) -> None:
     integer(cfg, "module.max_bad_steps", low=1)
     number(cfg, "callbacks.ema.decay", low=0, high=1, low_open=False)
     integer(cfg, "callbacks.samples.num_samples", low=1)
+    variational_dequantizer(cfg, get(cfg, "data.shape"))
     if get(cfg, "ckpt_path"):
         resume(cfg)
     evaluation_names(cfg, "module.evaluation.")  # last: it imports torch, which the checks above do not need
@@ -870,15 +873,278 @@ def _device(cfg: DictConfig) -> None:
 
 def train_dequant(cfg: DictConfig) -> None:
     """``score_ckpt`` must be a train.py score model: not a classifier, a .pth, nor a train_dequant.py checkpoint (a
-    score model whose flow is already trained after it: a second flow on top would be trained silently)."""
-    common_training(cfg)
+    score model whose flow is already trained after it: a second flow on top would be trained silently). The
+    sde/model/data the command line sets must be the score model's (:func:`score_model_settings`), a Table-2
+    flow step must be the one for the score model's data (:func:`table2_flow_step`), the flow's sizes must be
+    usable (:func:`variational_dequantizer`), and ``ckpt_path`` must be a flow trained after the same score
+    model (:func:`flow_resume`)."""
+    common_training(cfg, check_data_root=False)
     path = get(cfg, "score_ckpt")
     ckpt = read_checkpoint(path, "score_ckpt")
     kind = checkpoint_kind(ckpt)
     if kind != "score":
         raise CheckpointError(f"score_ckpt is {a_kind(kind)} checkpoint, not a train.py score model", key="score_ckpt",
                               value=path, fix="score_ckpt=outputs/train/<run>/checkpoints/last.ckpt (a train.py run)")
-    not_a_flow_checkpoint(ckpt["scoreflow"].get("config") or {}, path)
+    stored = ckpt["scoreflow"].get("config") or {}
+    not_a_flow_checkpoint(stored, path)
+    score_model_settings(cfg, stored, path)
+    table2_flow_step(cfg, stored, path)
+    data_root(cfg)  # after the checks above: data the score model never saw are refused whether found or not
+    variational_dequantizer(cfg, (stored.get("data") or {}).get("shape"))
+    if get(cfg, "ckpt_path"):
+        flow_resume(cfg)
+
+
+SCORE_GROUPS = ("sde", "model", "data")  # train_dequant.py takes these from the score checkpoint
+_WHERE_NOT_WHAT = ("data.root", "data.path")  # where the same data are read from: may change
+
+
+def _with_added_keys(group: str, value: dict[str, Any]) -> dict[str, Any]:
+    """``value`` (a stored ``group``) with the identity keys configs gained later (:data:`ADDED_SINCE_RELEASES`)."""
+    out = dict(value)
+    for key, default in ADDED_SINCE_RELEASES.items():
+        g, _, rest = key.partition(".")
+        if g == group and "." not in rest:
+            out.setdefault(rest, default)
+    return out
+
+
+def _option_of(group: str, value: dict[str, Any]) -> str | None:
+    """The ``conf/<group>`` option ``value`` is: the file equal to it, else the only one of its class (a model's
+    network class), or None."""
+    import yaml
+
+    def target(d: Any) -> Any:
+        d = d.get("net") if group == "model" and isinstance(d, dict) else d
+        return d.get("_target_") if isinstance(d, dict) else None
+
+    same_class = []
+    for f in sorted((Path(__file__).resolve().parents[3] / "conf" / group).glob("*.yaml")):
+        try:
+            d = yaml.safe_load(f.read_text())
+        except Exception:  # noqa: BLE001 - an unreadable option file is no match
+            continue
+        if d == value:
+            return f.stem
+        if target(value) and target(d) == target(value):
+            same_class.append(f.stem)
+    return same_class[0] if len(same_class) == 1 else None
+
+
+def score_model_settings(cfg: DictConfig, stored: dict[str, Any], path: Any) -> None:
+    """train_dequant.py trains the flow on the score checkpoint's sde, network and data (``flow_run_config`` merges
+    what the command line sets over them): a setting of those groups that changes them (``+data=mnist5k`` on a
+    digits model: a flow for data the score model never saw) is refused, naming both. ``data.root`` / ``data.path``
+    (where the same data are read from) may change."""
+    for group in SCORE_GROUPS:
+        mine, theirs = get(cfg, group), stored.get(group)
+        if mine is None or not isinstance(theirs, dict):
+            continue
+        theirs = _with_added_keys(group, theirs)
+        requested = OmegaConf.to_container(mine, resolve=True) if isinstance(mine, DictConfig) else mine
+        if isinstance(requested, dict):  # what flow_run_config will build: the command's keys over the score run's
+            requested = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(theirs), OmegaConf.create(requested)),
+                                               resolve=True)
+        diff = config_differences({group: theirs}, {group: requested}, groups=(group,), ignore=_WHERE_NOT_WHAT)
+        if not diff:
+            continue
+        shown = diff[:4] + ([f"... and {len(diff) - 4} more"] if len(diff) > 4 else [])
+        have = _option_of(group, theirs)
+        want = _option_of(group, requested) if isinstance(requested, dict) else None
+        fix = (f"drop the {group} override(s) ({group}=... / {group}.<key>=...): the flow is trained with the score "
+               f"model's {group}" + (f" ({group}={have})" if have else ""))
+        if group == "data":
+            fix += (", or give a score model trained on these data (python train.py "
+                    f"data={want or '...'} ..., then score_ckpt=<its checkpoint>)")
+        other = "other data" if group == "data" else f"another {group}"
+        raise ConfigError(f"score_ckpt {path} was trained with {other} than this command sets: the flow is "
+                          f"trained after the score model, on its {group} (score model -> command line):\n  "
+                          + "\n  ".join(shown), key=group,
+                          value=want or (requested.get("_target_") if isinstance(requested, dict) else requested),
+                          fix=fix)
+
+
+def _flow_preset(cfg: DictConfig) -> str | None:
+    """The dataset of the ``conf/dequantization/variational_<dataset>.yaml`` flow preset whose every setting the
+    composed ``dequantization`` has (``cifar10``, ``imagenet32``), or None."""
+    import yaml
+
+    deq = get(cfg, "dequantization")
+    if not isinstance(deq, DictConfig):
+        return None
+    have = OmegaConf.to_container(deq, resolve=True)
+    for f in sorted((Path(__file__).resolve().parents[3] / "conf" / "dequantization").glob("variational_*.yaml")):
+        try:
+            preset = (yaml.safe_load(f.read_text()) or {}).get("dequantization") or {}
+        except Exception:  # noqa: BLE001 - an unreadable option file is no match
+            continue
+        if preset and all(have.get(k, _ABSENT) == v for k, v in preset.items()):
+            return f.stem.removeprefix("variational_")
+    return None
+
+
+def _score_dataset(stored: dict[str, Any]) -> str:
+    """The score model's data set: its Table-2 row's ``table2.dataset``, else the ``conf/data`` option of its data
+    (else their class name)."""
+    row = stored.get("table2")
+    if isinstance(row, dict) and row.get("dataset"):
+        return str(row["dataset"])
+    data = stored.get("data") if isinstance(stored.get("data"), dict) else {}
+    return _option_of("data", data) or str(data.get("_target_", "?")).rsplit(".", 1)[-1]
+
+
+def table2_flow_step(cfg: DictConfig, stored: dict[str, Any], path: Any) -> None:
+    """``+experiment=table2/dequant_<dataset>`` (task ``table2_dequant``) is Table 2's flow step for the score models
+    of that data set (its flow preset ``variational_<dataset>``; a Table-2 row records it as ``table2.dequantization``):
+    refused on a score model of other data."""
+    if get(cfg, "task_name") != "table2_dequant":
+        return
+    flow = _flow_preset(cfg)
+    row = stored.get("table2") if isinstance(stored.get("table2"), dict) else {}
+    want = str(row.get("dequantization") or "").removeprefix("variational_") or _score_dataset(stored)
+    if flow is None or flow == want:
+        return
+    conf = Path(__file__).resolve().parents[3] / "conf" / "experiment" / "table2"
+    data = stored.get("data") if isinstance(stored.get("data"), dict) else {}
+    shape = f" {list(data['shape'])}" if data.get("shape") else ""
+    fix = (f"+experiment=table2/dequant_{want} (the flow step for the score model's data)"
+           if (conf / f"dequant_{want}.yaml").is_file() else
+           f"drop +experiment=table2/dequant_{flow} (for ScoreFlow's {flow} flow on other data: "
+           f"dequantization=variational_{flow})")
+    raise ConfigError(f"+experiment=table2/dequant_{flow} is Table 2's flow step for {flow} score models "
+                      f"(dequantization=variational_{flow}), but score_ckpt {path} was trained on {want}{shape}",
+                      key="experiment", value=f"table2/dequant_{flow}", fix=fix)
+
+
+def variational_dequantizer(cfg: DictConfig, shape: Any = None) -> None:
+    """The sizes of a ``VariationalDequantizer`` (conf/dequantization/variational*.yaml) and of its objective
+    (``module.dequant``): ``num_components=0`` would give NaN losses that the NaN guard blames on the learning rate,
+    a width of 0 fails inside a convolution. ``shape``: the data's, for the attention heads (images only)."""
+    if not str(get(cfg, "dequantization._target_", "") or "").endswith("VariationalDequantizer"):
+        return
+    d = "dequantization."
+    integer(cfg, d + "num_components", low=1,
+            fix=f"{d}num_components=8 (logistics per element; the cifar10/imagenet32 presets: 32)")
+    for key in ("width", "context_width"):
+        integer(cfg, d + key, low=1)
+    for key in ("num_couplings", "num_blocks", "context_blocks", "attn_heads"):
+        integer(cfg, d + key, low=0)
+    integer(cfg, d + "bisection_iters", low=1, fix=f"{d}bisection_iters=40")
+    number(cfg, d + "dropout", low=0, high=1, low_open=False)
+    number(cfg, d + "init_scale", low=0, low_open=False)
+    choice(cfg, d + "base", ("gaussian", "logistic"))
+    for key in ("context_attention", "pointwise", "output_nonlinearity"):
+        boolean(cfg, d + key)
+    heads = get(cfg, d + "attn_heads", 0)
+    if isinstance(shape, (list, tuple)) or OmegaConf.is_list(shape):
+        spatial = len(shape) == 3
+    else:
+        spatial = True  # unknown: images, the data a dequantizer is for
+    if spatial and isinstance(heads, int) and heads > 0:
+        for key, on in (("width", True), ("context_width", bool(get(cfg, d + "context_attention", False)))):
+            width = get(cfg, d + key)
+            if on and isinstance(width, int) and width % heads:
+                raise ConfigError(f"{d}{key}={width} is not divisible by {d}attn_heads={heads}", key=d + "attn_heads",
+                                  value=heads, fix=f"{d}attn_heads=<a divisor of {width}>, or 0 (no attention)")
+    m = "module.dequant."
+    integer(cfg, m + "num_t", low=1)
+    if get(cfg, m + "truncation_correction", True) is not False:  # the ε-correction's draws (likelihood/bound.py)
+        integer(cfg, m + "num_eps_samples", low=1)
+    number(cfg, m + "weight", low=0, low_open=False)
+
+
+def other_score_model(flow: dict[str, Any], score_path: Any) -> str | None:
+    """``"<stored score_ckpt> -> <score_path>"`` (and why) when the train_dequant.py checkpoint ``flow`` was trained
+    after another score model than ``score_path``; None when it is the same one, or cannot be told.
+
+    The score weights decide, not the path (a score checkpoint moved or copied elsewhere is the same model): the
+    digest of the EMA score weights stored in the flow run's ``dequant_run.score_digest``, against that of
+    ``score_path`` (:func:`score_digest`). A flow checkpoint written before the digest was stored is compared by its
+    own frozen score weights (the same values); checkpoints without weights by the path."""
+    run = ((flow.get("scoreflow") or {}).get("config") or {}).get("dequant_run")
+    if not isinstance(run, dict) or score_path in (None, "", "???"):
+        return None
+    before = run.get("score_ckpt")
+    try:
+        requested = score_digest(score_path)
+    except CheckpointError:
+        return None  # an unreadable score_ckpt is reported by its own check
+    stored = run.get("score_digest") or score_weights_digest(flow)  # older flows: their frozen score weights
+    same = stored == requested if stored and requested else str(before) == str(score_path)
+    if same:
+        return None
+    how = f" (score weights {stored[:12]} -> {requested[:12]})" if stored and requested else ""
+    return f"{before} -> {score_path}{how}"
+
+
+def flow_resume(cfg: DictConfig) -> None:
+    """``ckpt_path`` of train_dequant.py must be a train_dequant.py checkpoint, trained after the score model of
+    ``score_ckpt`` (unless ``resume_allow_changes``): Lightning's restore puts the checkpoint's score weights back,
+    so another ``score_ckpt`` would be recorded as the run's score model while the old one is used."""
+    path = get(cfg, "ckpt_path")
+    flow = read_checkpoint(path)
+    stored = (flow.get("scoreflow") or {}).get("config") if isinstance(flow.get("scoreflow"), dict) else None
+    if not isinstance((stored or {}).get("dequant_run"), dict):
+        raise CheckpointError(f"ckpt_path is {a_kind(checkpoint_kind(flow))} checkpoint, not a train_dequant.py one: "
+                              "train_dequant.py resumes only its own (flow) checkpoints", key="ckpt_path", value=path,
+                              fix="give <run>/checkpoints/last.ckpt of a train_dequant.py run, or drop ckpt_path")
+    if get(cfg, "resume_allow_changes", False):
+        return
+    change = other_score_model(flow, get(cfg, "score_ckpt"))
+    if change:
+        before = stored["dequant_run"].get("score_ckpt")
+        raise CheckpointError(f"ckpt_path {path} is a flow trained after another score model (stored -> score_ckpt): "
+                              f"{change}; resuming would put the old score weights back under the new score_ckpt",
+                              key="ckpt_path", value=path,
+                              fix=f"score_ckpt={before} (the score model it was trained after), drop ckpt_path to "
+                                  "train a new flow, or resume_allow_changes=true to resume it with its own score "
+                                  "model")
+
+
+_DIGESTS: dict[tuple[str, int, int], str | None] = {}
+
+
+def score_digest(path: Any) -> str | None:
+    """:func:`score_weights_digest` of the checkpoint at ``path`` (cached while the file is unchanged)."""
+    p = Path(str(path)).expanduser()
+    try:
+        st = p.stat()
+        key = (str(p.resolve()), st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = None
+    if key is not None and key in _DIGESTS:
+        return _DIGESTS[key]
+    digest = score_weights_digest(read_checkpoint(path, "score_ckpt"))
+    if key is not None:
+        _DIGESTS[key] = digest
+    return digest
+
+
+def score_weights_digest(ckpt: dict[str, Any]) -> str | None:
+    """SHA-256 of the score network's weights a flow trained after ``ckpt`` uses: the ``score_model.*`` entries of
+    its state dict with the EMA shadow substituted (a train.py checkpoint: its EMA weights; a train_dequant.py one:
+    its frozen score weights, which the flow's EMA does not track). None when it holds no score weights."""
+    import hashlib
+
+    import torch
+
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict):
+        return None
+    weights = {k: v for k, v in state.items() if str(k).startswith("score_model.")}
+    ema = ckpt.get("ema")
+    shadow = ema.get("shadow") if isinstance(ema, dict) else None
+    if isinstance(shadow, dict):
+        weights.update({k: v for k, v in shadow.items() if str(k).startswith("score_model.")})
+    weights = {k: v for k, v in weights.items() if isinstance(v, torch.Tensor)}
+    if not weights:
+        return None
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        t = weights[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def not_a_flow_checkpoint(stored: dict[str, Any], path: Any) -> None:
