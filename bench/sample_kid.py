@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scoreflow.tasks.reproduce import kid, sample_cmd, sample_features, samples_done, test_images
+from scoreflow.tasks.reproduce import data_num_levels, kid, sample_cmd, sample_features, samples_done, test_images
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,13 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", type=Path, help="train.py run folders (with checkpoints/last.ckpt)")
     p.add_argument("--num-samples", type=int, default=400)
     p.add_argument("--data", default="digits", help="the conf/data preset whose test split is the reference")
-    p.add_argument("--num-levels", type=int, default=17, help="the data's quantization levels (digits: 17)")
+    p.add_argument("--num-levels", type=int, default=None,
+                   help="the samples' quantization levels; default: the --data preset's (digits 17, mnist5k 256)")
     args = p.parse_args(argv)
     missing = [str(r) for r in args.runs if not (r / "checkpoints" / "last.ckpt").is_file()]
     if missing:
         print(f"error: no checkpoints/last.ckpt in {', '.join(missing)}", file=sys.stderr)
         return 2
     ref = test_images(args.data)
+    if args.num_levels is None:  # the data's own: samples and reference on one scale (17 for mnist5k gave 3.8e6)
+        args.num_levels = data_num_levels(args.data)
     rows = []
     for run in args.runs:
         folder = run / f"samples_kid_{args.num_samples}"

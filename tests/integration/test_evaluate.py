@@ -272,6 +272,51 @@ def test_fid_samples_resume_and_reference_cache(digits_ckpt, make_cfg, tmp_path,
     assert m["protocol"]["fid"]["sampler"]["method"] == "euler"
 
 
+def test_fid_reference_cache_belongs_to_the_images_not_only_their_config(digits_ckpt, make_cfg, tmp_path, fid_draws,
+                                                                         monkeypatch):
+    """The reference statistics' cache was named by the data config alone: an image folder's files replaced under
+    the same root reused the old statistics. One changed pixel of one training image now gets its own cache."""
+    from scoreflow.data.base import DataSource
+
+    args = ["ode=false", "bound=false", "progress=false", "device=cpu", "fid.num_samples=4", "fid.batch_size=4",
+            "sampler=ode", "sampler.method=euler", "sampler.steps=2", f"fid.cache_dir={tmp_path / 'cache'}",
+            "fid.ref_num_images=40"]
+    first = run_eval(make_cfg, digits_ckpt, args, sub="ref-a")
+    assert len(list((tmp_path / "cache").glob("fid_digits-*_train.npz"))) == 1
+    load = DataSource.load
+
+    def changed(self):
+        first = self._splits is None
+        splits = load(self)
+        if first:  # once per source: its first training image (through the split's index), one level of one pixel
+            train = splits["train"]
+            train.x[0 if train.index is None else int(train.index[0]), 0, 0, 0] ^= 1
+        return splits
+
+    monkeypatch.setattr(DataSource, "load", changed)
+    second = run_eval(make_cfg, digits_ckpt, args, sub="ref-b")
+    assert len(list((tmp_path / "cache").glob("fid_digits-*_train.npz"))) == 2
+    assert second["test/fid"] != first["test/fid"]
+
+
+def test_fid_samples_of_a_model_trained_on_levels_are_rounded_onto_the_levels():
+    """A model trained on k / (K - 1) (module.train_input=levels, ScoreFlow's JAX code, score_sde_pytorch) samples
+    near the levels, not inside the bins of (k + u) / K: floor(K x) moved 3 % of the pixels of noisy exact levels
+    off their level; round((K - 1) x) is its inverse."""
+    from types import SimpleNamespace
+
+    from scoreflow.tasks.checkpoint import to_levels
+
+    K = 17
+    k = torch.arange(K).repeat(50)
+    x = k / (K - 1) + 0.1 / (K - 1) * torch.randn(len(k), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(to_levels(SimpleNamespace(num_levels=K, train_input="levels"), x).long(), k)
+    binned = to_levels(SimpleNamespace(num_levels=K, train_input="dequantized"), x).long()
+    assert (binned != k).float().mean() > 0.01  # the bins of (k + u) / K are not centred on k / (K - 1)
+    u = torch.rand(len(k), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(to_levels(SimpleNamespace(num_levels=K, train_input="dequantized"), (k + u) / K).long(), k)
+
+
 @pytest.mark.parametrize("predictor", ["reverse_diffusion", "ancestral"])
 def test_fid_samples_of_an_earlier_release_are_reused_unless_the_new_key_changes_them(
         digits_ckpt, make_cfg, tmp_path, fid_draws, predictor):

@@ -136,6 +136,10 @@ def test_ref_stats_cache_round_trip_and_extractor_mismatch(tmp_path, gen):
     assert FeatureStats.load(path).extractor == "fake-v2"
     with pytest.raises(ValueError, match="fake-v2"):
         fid_from_samples(x, redone, FakeExtractor())
+    # a cache of another number of images (the split grew under the same name) is recomputed, not reused
+    with pytest.warns(UserWarning, match="holds the statistics of 12 images, not 7; recomputing"):
+        seven = load_or_compute_ref_stats(path, lambda: iter([x[:7]]), other, batch_size=4, num_images=7)
+    assert seven.n == 7 and FeatureStats.load(path).n == 7
 
 
 def test_to_uint8_inverts_data_scaling():

@@ -179,16 +179,20 @@ def load_or_compute_ref_stats(
     images_fn: Callable[[], Images],
     extractor: FeatureExtractor | None = None,
     batch_size: int = 50,
+    num_images: int | None = None,
 ) -> FeatureStats:
-    """Reference statistics from ``cache_path`` if it was built by the same extractor, else computed from
-    ``images_fn()`` (called only on a miss; uint8 images) and written there."""
+    """Reference statistics from ``cache_path`` if it was built by the same extractor (and, with ``num_images``,
+    from that many images), else computed from ``images_fn()`` (called only on a miss; uint8 images) and written
+    there."""
     extractor = default_extractor() if extractor is None else extractor
     path = Path(cache_path)
     if path.is_file():
         stats = FeatureStats.load(path)
-        if stats.extractor == extractor.identity:
+        if stats.extractor == extractor.identity and (num_images is None or stats.n == num_images):
             return stats
-        warnings.warn(f"{path} was built by {stats.extractor!r}, not {extractor.identity!r}; recomputing", stacklevel=2)
+        why = (f"was built by {stats.extractor!r}, not {extractor.identity!r}" if stats.extractor != extractor.identity
+               else f"holds the statistics of {stats.n} images, not {num_images}")
+        warnings.warn(f"{path} {why}; recomputing", stacklevel=2)
     mu, sigma, n = _moments(images_fn(), extractor, batch_size)
     stats = FeatureStats(mu, sigma, n, extractor.identity)
     stats.save(path)

@@ -253,7 +253,8 @@ def load_model(cfg: DictConfig, *, device: torch.device | None = None) -> Loaded
         if cfg.get("data_root") and "root" in mcfg.data:  # where the data live now, as for scoreflow checkpoints
             mcfg.data.root = str(cfg.data_root)
         mcfg.eps, mcfg.seed = cfg.get("eps"), int(cfg.get("seed") or 0)
-        mcfg.module = {**_not_null(cfg.get("module")), "evaluation": eval_over}
+        # score_sde_pytorch trains on k / 255 without dequantization noise: its samples map back by rounding
+        mcfg.module = {"train_input": "levels", **_not_null(cfg.get("module")), "evaluation": eval_over}
         centered = mcfg.model.net.get("centered", True)
         if centered is False and float(mcfg.module.get("scale", 2.0)) != 1.0:
             raise ConfigError(
@@ -297,9 +298,13 @@ def to_data_space(module: ScoreLitModule, y: Tensor) -> Tensor:
 
 
 def to_levels(module: ScoreLitModule, x: Tensor) -> Tensor:
-    """Data-space samples ``x`` -> levels ``floor(K x)`` clipped to ``0..K-1`` (the inverse of dequantization)."""
+    """Data-space samples ``x`` -> levels ``0..K-1``, the inverse of what the model was trained on: ``floor(K x)``
+    for dequantized data ``(k + u) / K`` (the default), ``round((K - 1) x)`` for levels ``k / (K - 1)``
+    (``module.train_input=levels``, ScoreFlow's JAX code, and score_sde_pytorch checkpoints), whose samples sit
+    on the levels rather than inside their bins; clipped to ``0..K-1``."""
     K = module.num_levels
-    return (x * K).floor().clamp(0, K - 1).to(torch.uint8 if K <= 256 else torch.int32)
+    k = (x * (K - 1)).round() if getattr(module, "train_input", "dequantized") == "levels" else (x * K).floor()
+    return k.clamp(0, K - 1).to(torch.uint8 if K <= 256 else torch.int32)
 
 
 def levels_to_uint8(k: Tensor, num_levels: int) -> Tensor:

@@ -461,14 +461,23 @@ def kid(x: np.ndarray, y: np.ndarray, n_blocks: int = 10, seed: int = 0) -> tupl
     return float(v.mean()), float(v.std(ddof=1) / math.sqrt(v.size))
 
 
-def test_images(data: str) -> np.ndarray:
-    """The test split as ``[N, D]`` values in ``[0, 1]`` (level / (K - 1))."""
+def _data_cfg(data: str):
     from hydra import compose, initialize_config_dir
 
+    with initialize_config_dir(str(project_root() / "conf"), version_base=None):
+        return compose("train", overrides=[f"data={data}"])
+
+
+def data_num_levels(data: str) -> int:
+    """The quantization levels ``K`` of the ``conf/data`` preset ``data``."""
+    return int(_data_cfg(data).data.num_levels)
+
+
+def test_images(data: str) -> np.ndarray:
+    """The test split as ``[N, D]`` values in ``[0, 1]`` (level / (K - 1))."""
     from scoreflow.tasks.build import build_data
 
-    with initialize_config_dir(str(project_root() / "conf"), version_base=None):
-        cfg = compose("train", overrides=[f"data={data}"])
+    cfg = _data_cfg(data)
     src = build_data(cfg)
     ds = src.load()["test"]
     k = np.stack([np.asarray(ds[i][0], np.float64) for i in range(len(ds))])

@@ -455,6 +455,15 @@ def evaluate(cfg: DictConfig) -> None:
     number(cfg, "evaluation.eps", low=0, allow_none=True)
     integer(cfg, "evaluation.test_num_t", low=1, allow_none=True)
     integer(cfg, "fid.num_samples", low=0)
+    if get(cfg, "fid.num_samples") == 1:  # found after the likelihoods and the sampling otherwise
+        raise ConfigError("fid.num_samples=1: FID needs at least 2 samples (their covariance)", key="fid.num_samples",
+                          value=1, fix="fid.num_samples=50000 (the papers'), or 0 for no FID")
+    if (get(cfg, "fid.num_samples") or 0) > 0 and get(cfg, "fid.ref_stats"):
+        ref = Path(str(get(cfg, "fid.ref_stats"))).expanduser()
+        if not ref.is_file():
+            raise ConfigError(f"fid.ref_stats={ref}: no such file", key="fid.ref_stats", value=str(ref),
+                              fix="the .npz an earlier evaluate.py wrote under fid.cache_dir, or fid.ref_stats=null "
+                                  "(computed from the training split and cached)")
     integer(cfg, "fid.batch_size", low=1)
     _device(cfg)
     choice(cfg, "accelerator", ("auto", "cpu", "gpu", "cuda"))
