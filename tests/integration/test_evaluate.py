@@ -270,6 +270,10 @@ def test_fid_samples_resume_and_reference_cache(digits_ckpt, make_cfg, tmp_path,
     assert sorted(drawn) == list(range(12)) + [12, 13]  # only the two new seeds were sampled
     assert cache[0].stat().st_mtime_ns == stamp and np.isfinite(again["test/fid"])
     assert m["protocol"]["fid"]["sampler"]["method"] == "euler"
+    # what was computed: FID's sampler, not the likelihood ODE's settings (ode=false bound=false)
+    assert m["protocol_text"].endswith(
+        "; FID: 12 samples, ode_sample euler steps=3, against the train split (40 images)")
+    assert "ODE " not in m["protocol_text"] and "bound num_t" not in m["protocol_text"]
 
 
 def test_fid_reference_cache_belongs_to_the_images_not_only_their_config(digits_ckpt, make_cfg, tmp_path, fid_draws,

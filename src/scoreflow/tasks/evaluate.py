@@ -122,17 +122,32 @@ def fingerprint(lm: LoadedModel, split: str, seed: int, ode_tc: bool, *, data_di
     }
 
 
-def protocol_text(p: dict[str, Any]) -> str:
+def protocol_text(p: dict[str, Any], ode: bool = True, bound: bool = True) -> str:
+    """One line of what was computed: the ODE and bound settings of the quantities evaluated (``ode``, ``bound``)
+    and, with FID, its sampler (not the likelihood ODE's, which FID does not use)."""
     o, b = p["ode"], p["bound"]
     onoff = {True: "on", False: "off"}
     solve = f"steps={o['steps']} grid_rho={o['grid_rho']:g}" if "steps" in o else \
         f"rtol={o['rtol']:g} atol={o['atol']:g}"
-    return (f"eps={p['eps']:g}, dequantization={p['dequantization']}, repeats={p['repeats']}, seed={p['seed']}; "
-            f"ODE {o['method']} {solve} {o['divergence']} {o['dtype']} "
-            f"eps-correction {onoff[o['truncation_correction']]}; bound num_t={b['num_t']} "
-            f"IS {onoff[b['importance_sampling']]} {b['estimator']}{' stratified' if b['stratified'] else ''}"
-            f"{' antithetic' if b.get('antithetic') else ''}{' plan ' + b['plan'] if b.get('plan') else ''} "
-            f"eps-correction {onoff[b['truncation_correction']]}")
+    parts = [f"eps={p['eps']:g}, dequantization={p['dequantization']}, repeats={p['repeats']}, seed={p['seed']}"]
+    if ode:
+        parts.append(f"ODE {o['method']} {solve} {o['divergence']} {o['dtype']} "
+                     f"eps-correction {onoff[o['truncation_correction']]}")
+    if bound:
+        parts.append(f"bound num_t={b['num_t']} IS {onoff[b['importance_sampling']]} {b['estimator']}"
+                     f"{' stratified' if b['stratified'] else ''}{' antithetic' if b.get('antithetic') else ''}"
+                     f"{' plan ' + b['plan'] if b.get('plan') else ''} "
+                     f"eps-correction {onoff[b['truncation_correction']]}")
+    if isinstance(p.get("fid"), dict):
+        f, sm = p["fid"], p["fid"].get("sampler") or {}
+        name = str(sm.get("_target_", "?")).rsplit(".", 1)[-1]
+        if "method" in sm:  # the probability-flow ODE
+            how = f"{sm['method']} steps={sm['steps']}" if sm.get("steps") else \
+                f"{sm['method']} rtol={sm.get('rtol')} atol={sm.get('atol')}"
+        else:
+            how = f"{sm.get('predictor')} + {sm.get('corrector')} steps={sm.get('steps') or 'N'}"
+        parts.append(f"FID: {f['num_samples']} samples, {name} {how}, against the {f['reference']}")
+    return "; ".join(parts)
 
 
 def num_images(cfg: DictConfig, lm: LoadedModel, split: str, available: int) -> int:
@@ -224,7 +239,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         metrics.update({f"{split}/{k}": v for k, v in fid.items()})
         protocol["fid"] = {"sampler": to_container(cfg.sampler), "num_samples": int(fid_cfg.num_samples),
                            "reference": f"train split ({int(fid['fid_ref_num_images'])} images)"}
-    metrics.update({"complete": complete, "protocol": protocol, "protocol_text": protocol_text(protocol),
+    metrics.update({"complete": complete, "protocol": protocol,
+                    "protocol_text": protocol_text(protocol, s.ode, s.bound),
                     "num_processes": world, "wall_time_s": time.time() - t0})
     write_metrics(out / "metrics.json", metrics)
     print(format_table(metrics, split, lm, out, complete))
