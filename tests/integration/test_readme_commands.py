@@ -136,6 +136,9 @@ def concrete(entry: str, overrides: list[str], tmp: Path) -> list[str]:
             ident = [r for r in rest if not r.startswith("hydra.")] if entry == "train.py" else []
             if "mode=colorize" in overrides:
                 ident = ["data=photos"]  # the README: colorization takes RGB data (e.g. data=photos)
+            flow_step = [o.rsplit("dequant_", 1)[1] for o in rest if o.startswith("+experiment=table2/dequant_")]
+            if flow_step:
+                ident = [f"data={flow_step[0]}"]  # Table 2's flow step is for a score model of its data set
             o = f"{key}={fake_checkpoint(tmp / f'{name}.ckpt', kind, ident, tmp / f'{name}_cfg')}"
         out.append(o)
     return out
