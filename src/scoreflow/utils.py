@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import hashlib
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -133,3 +134,16 @@ def ieee_float32() -> Iterator[None]:
         yield
     finally:
         conv.fp32_precision, matmul.fp32_precision = old
+
+
+def tensors_digest(tensors: Mapping[str, Tensor], algorithm: str = "blake2b", sep: str = ":") -> str:
+    """Hex digest of named tensors in key order: for each, ``"<name><sep><dtype><sep><shape>;"`` then its bytes
+    (any dtype, bfloat16 included; moved to the CPU). ``algorithm``: ``blake2b`` (16 bytes) or a :mod:`hashlib`
+    name. The digests stored by earlier releases keep their algorithm and separator: evaluation folders'
+    ``weights_digest`` (blake2b, ``:``) and flow runs' ``dequant_run.score_digest`` (sha256, ``|``)."""
+    h = hashlib.blake2b(digest_size=16) if algorithm == "blake2b" else hashlib.new(algorithm)
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}{sep}{t.dtype}{sep}{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

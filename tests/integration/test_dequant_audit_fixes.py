@@ -212,6 +212,42 @@ def test_the_table2_step_for_the_score_models_data_passes(tmp_path):
     assert e.value.fix.startswith("+experiment=table2/dequant_imagenet32")
 
 
+def test_the_table2_step_is_recognised_with_its_sizes_overridden(tmp_path):
+    # named by the option the run chose (hydra.runtime.choices), not by its values: a size override keeps the check
+    stored = {"data": {"_target_": "scoreflow.data.cifar.CIFAR10", "shape": [3, 32, 32]},
+              "table2": {"dataset": "imagenet32", "dequantization": "variational_imagenet32"}}
+    cfg = compose_cfg(["score_ckpt=x.ckpt", "+experiment=table2/dequant_cifar10", "dequantization.width=64",
+                       "dequantization.num_components=8"], tmp_path / "run", "train_dequant")
+    with pytest.raises(ConfigError, match="trained on imagenet32"):
+        validate.table2_flow_step(cfg, stored, "x.ckpt")
+    # a flow of the preset's data set with other sizes passes
+    validate.table2_flow_step(cfg, {**stored, "table2": {"dataset": "cifar10"}}, "x.ckpt")
+
+
+def test_checkpoints_store_the_options_they_were_composed_of(runs):
+    score = torch.load(runs["scores"]["A"], map_location="cpu", weights_only=True)["scoreflow"]
+    assert score["choices"]["data"] == "digits" and score["choices"]["model"] == "unet_small"
+    flow = torch.load(runs["flow"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["scoreflow"]
+    assert flow["choices"]["dequantization"] == "variational"
+    assert {g: flow["choices"][g] for g in ("sde", "model", "data")} == \
+        {g: score["choices"][g] for g in ("sde", "model", "data")}
+
+
+def test_the_score_models_stored_options_name_it_in_the_error(runs, tmp_path, monkeypatch):
+    # without conf/ beside the package (a non-editable install) the options cannot be found by value; stored, they
+    # name the score model's data all the same
+    monkeypatch.setattr(validate, "_option_of", lambda group, value: None)
+    a = runs["scores"]["A"]
+    ckpt = torch.load(a, map_location="cpu", weights_only=True)
+    cfg = compose_cfg([f"score_ckpt={a}", "+data=mnist5k"], tmp_path / "run", "train_dequant")
+    with pytest.raises(ConfigError) as e:
+        validate.score_model_settings(cfg, ckpt["scoreflow"]["config"], a, ckpt["scoreflow"]["choices"])
+    assert "(data=digits)" in e.value.fix and "python train.py data=mnist5k" in e.value.fix
+    with pytest.raises(ConfigError) as e:
+        validate.score_model_settings(cfg, ckpt["scoreflow"]["config"], a, {})  # an earlier release's checkpoint
+    assert "(data=digits)" not in e.value.fix
+
+
 # 4. the flow's sizes
 
 def test_zero_mixture_components_are_refused_by_both_entry_points(runs):

@@ -84,6 +84,7 @@ class ClassifierLitModule(GuardedOptimization):
         self.seed = seed
         self.batches_seen = 0  # training batches drawn so far; checkpointed (ScoreDataModule resumes from it)
         self.config_dict: dict[str, Any] | None = None  # the run's resolved config, saved in checkpoints
+        self.config_choices: dict[str, str] = {}  # the Hydra options it was composed of (model=ddpmpp, ...)
         self._sums: dict[str, list[Tensor]] = {}
 
     # ------------------------------------------------------------------ maths
@@ -167,7 +168,8 @@ class ClassifierLitModule(GuardedOptimization):
         if self.optim_cfg.fused:  # the device's count of skipped steps, exact in the checkpoint
             self.read_bad_steps(stop=False)
         checkpoint["scoreflow"] = {"kind": "classifier", "batches_seen": self.batches_seen,
-                                    "bad_steps_total": self.bad_steps_total, "config": self.config_dict}
+                                    "bad_steps_total": self.bad_steps_total, "config": self.config_dict,
+                                    "choices": dict(self.config_choices)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("scoreflow", {})

@@ -159,6 +159,7 @@ class ScoreLitModule(GuardedOptimization):
         self._test_seen = 0  # test images of this rank so far
         self._last_ode_step, self._ode_now = 0, False
         self.config_dict: dict[str, Any] | None = None  # the run's resolved config, saved in checkpoints
+        self.config_choices: dict[str, str] = {}  # the Hydra options it was composed of (model=ddpmpp, ...)
         self.output_dir: str | None = None  # where per-example test values are written
 
     # ------------------------------------------------------------------ data -> SDE space
@@ -423,6 +424,7 @@ class ScoreLitModule(GuardedOptimization):
             "batches_seen": self.batches_seen,
             "bad_steps_total": self.bad_steps_total,
             "config": self.config_dict,
+            "choices": dict(self.config_choices),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -163,7 +163,8 @@ def fit(cfg: DictConfig, module: pl.LightningModule, source: Any, out: Path, t0:
     loggers = instantiate_all(with_wandb_resume(cfg.get("logger"), out))
     continue_csv_logs(loggers, out, ckpt_path, start)
     for lg in loggers:
-        lg.log_hyperparams(module.config_dict)
+        choices = getattr(module, "config_choices", None)
+        lg.log_hyperparams({**(module.config_dict or {}), **({"choices": choices} if choices else {})})
     clock = TrainingClock(t0, checkpoint_training_time(ckpt_path))
     callbacks = instantiate_all(cfg.get("callbacks")) + [clock, ResumedLogStep(), FinalCheckpoint(out / "checkpoints"),
                                                          PreemptionCheckpoint(last_checkpoint(out))]

@@ -102,6 +102,18 @@ def run_folder() -> str | None:
         return None
 
 
+def hydra_choices() -> dict[str, str]:
+    """The config-group options this Hydra job composed (``hydra.runtime.choices``: ``{"model": "ddpmpp_deep",
+    "experiment": "table2/cifar10_vp_lw_is", ...}``; groups left empty omitted); ``{}`` outside a Hydra job."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = HydraConfig.get().runtime.choices
+    except (ValueError, ImportError):
+        return {}
+    return {str(k): str(v) for k, v in (choices or {}).items() if v is not None and not str(k).startswith("hydra/")}
+
+
 def is_multirun() -> bool:
     try:
         from hydra.core.hydra_config import HydraConfig

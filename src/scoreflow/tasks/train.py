@@ -26,7 +26,7 @@ from scoreflow.tasks.common import (
     use_compile_cache,
     write_metrics,
 )
-from scoreflow.tasks.console import echo
+from scoreflow.tasks.console import echo, hydra_choices
 from scoreflow.tasks.plots import bpd_plot
 from scoreflow.tasks.resume import resume_candidate
 
@@ -41,6 +41,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("CUDA_VISIBLE_DEVICES=%s", visible)
     source = build_data(cfg)
     module = build_module(cfg)
+    module.config_choices = hydra_choices()  # stored in its checkpoints: which options the run was composed of
     check_shapes(module, tuple(cfg.data.shape))
     module.output_dir = str(out)
     if (cache := use_compile_cache(cfg)) is not None:

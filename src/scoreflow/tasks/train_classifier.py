@@ -21,7 +21,7 @@ from scoreflow.tasks.checkpoint import (  # noqa: F401 (re-exported: this module
     load_classifier,
 )
 from scoreflow.tasks.common import fit, is_global_zero, start_run, test_checkpoint, write_metrics
-from scoreflow.tasks.console import echo
+from scoreflow.tasks.console import echo, hydra_choices
 
 
 def train_classifier(cfg: DictConfig) -> dict[str, float]:
@@ -30,6 +30,7 @@ def train_classifier(cfg: DictConfig) -> dict[str, float]:
     out = start_run(cfg)
     source = build_data(cfg)
     module = build_classifier_module(cfg, source)
+    module.config_choices = hydra_choices()  # stored in its checkpoints: which options the run was composed of
     check_shapes(module, tuple(cfg.data.shape))
 
     metrics, loggers = fit(cfg, module, source, out, t0)

@@ -26,9 +26,10 @@ from scoreflow.tasks.common import (
     test_checkpoint,
     write_metrics,
 )
-from scoreflow.tasks.console import echo
+from scoreflow.tasks.console import echo, hydra_choices
 from scoreflow.tasks.resume import resume_candidate
 from scoreflow.tasks.validate import (
+    SCORE_GROUPS,
     flow_resume,
     not_a_flow_checkpoint,
     other_score_model,
@@ -60,6 +61,15 @@ def flow_run_config(cfg: DictConfig, score_cfg: DictConfig, digest: str | None =
     return run_cfg
 
 
+def flow_run_choices(own: dict[str, str], score: dict[str, str] | None) -> dict[str, str]:
+    """The Hydra options of a flow run (stored in its checkpoints): this run's, but the groups the score run decides
+    (``sde``, ``model``, ``data``) named as the score run named them, or not at all (a score model written before
+    its options were stored: the composed default, ``data=digits``, would name data it was not trained on)."""
+    out = {k: v for k, v in own.items() if k not in SCORE_GROUPS}
+    out.update({k: v for k, v in (score or {}).items() if k in SCORE_GROUPS})
+    return out
+
+
 def resumed_score_run(cfg: DictConfig, out: Any) -> dict[str, Any] | None:
     """The ``dequant_run`` of the flow checkpoint this run resumes from when it was trained after another score
     model than ``score_ckpt`` and ``resume_allow_changes`` lets it through: Lightning's restore puts that
@@ -83,8 +93,8 @@ def train_dequant(cfg: DictConfig) -> dict[str, Any]:
     """Train φ with the frozen score model, write ``checkpoints/last.ckpt`` and ``metrics.json``, return the metrics."""
     t0 = time.time()
     # the preflight's check again, before the run starts (multiruns and callers of this function skip the preflight)
-    not_a_flow_checkpoint((read_checkpoint(cfg.score_ckpt, "score_ckpt").get("scoreflow") or {}).get("config") or {},
-                          cfg.score_ckpt)
+    score_meta = read_checkpoint(cfg.score_ckpt, "score_ckpt").get("scoreflow") or {}
+    not_a_flow_checkpoint(score_meta.get("config") or {}, cfg.score_ckpt)
     if cfg.get("ckpt_path"):  # a flow of the same score model (a rerun in the run folder: fit's resume_path checks)
         flow_resume(cfg)
     out = start_run(cfg)
@@ -99,6 +109,7 @@ def train_dequant(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"dequantization={type(module.dequantizer).__name__} has nothing to train after the score "
                           "model: use dequantization=variational")
     module.score_model.load_state_dict(score.score_model.state_dict())  # the frozen EMA weights
+    module.config_choices = flow_run_choices(hydra_choices(), score_meta.get("choices"))
     module.output_dir = str(out)
 
     metrics, _ = fit(cfg, module, source, out, t0, run_cfg=run_cfg)

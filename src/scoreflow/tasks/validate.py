@@ -895,9 +895,10 @@ def train_dequant(cfg: DictConfig) -> None:
         raise CheckpointError(f"score_ckpt is {a_kind(kind)} checkpoint, not a train.py score model", key="score_ckpt",
                               value=path, fix="score_ckpt=outputs/train/<run>/checkpoints/last.ckpt (a train.py run)")
     stored = ckpt["scoreflow"].get("config") or {}
+    named = ckpt["scoreflow"].get("choices") or {}
     not_a_flow_checkpoint(stored, path)
-    score_model_settings(cfg, stored, path)
-    table2_flow_step(cfg, stored, path)
+    score_model_settings(cfg, stored, path, named)
+    table2_flow_step(cfg, stored, path, named)
     data_root(cfg)  # after the checks above: data the score model never saw are refused whether found or not
     variational_dequantizer(cfg, (stored.get("data") or {}).get("shape"))
     if get(cfg, "ckpt_path"):
@@ -940,11 +941,20 @@ def _option_of(group: str, value: dict[str, Any]) -> str | None:
     return same_class[0] if len(same_class) == 1 else None
 
 
-def score_model_settings(cfg: DictConfig, stored: dict[str, Any], path: Any) -> None:
+def _choices() -> dict[str, str]:
+    from scoreflow.tasks.console import hydra_choices
+
+    return hydra_choices()
+
+
+def score_model_settings(cfg: DictConfig, stored: dict[str, Any], path: Any,
+                         named: dict[str, str] | None = None) -> None:
     """train_dequant.py trains the flow on the score checkpoint's sde, network and data (``flow_run_config`` merges
     what the command line sets over them): a setting of those groups that changes them (``+data=mnist5k`` on a
     digits model: a flow for data the score model never saw) is refused, naming both. ``data.root`` / ``data.path``
-    (where the same data are read from) may change."""
+    (where the same data are read from) may change. ``named``: the options the score run was composed of (stored in
+    its checkpoints since 2026-11-29); earlier checkpoints' options are found by their values in ``conf/``."""
+    named, mine_named = named or {}, _choices()
     for group in SCORE_GROUPS:
         mine, theirs = get(cfg, group), stored.get(group)
         if mine is None or not isinstance(theirs, dict):
@@ -958,8 +968,8 @@ def score_model_settings(cfg: DictConfig, stored: dict[str, Any], path: Any) -> 
         if not diff:
             continue
         shown = diff[:4] + ([f"... and {len(diff) - 4} more"] if len(diff) > 4 else [])
-        have = _option_of(group, theirs)
-        want = _option_of(group, requested) if isinstance(requested, dict) else None
+        have = named.get(group) or _option_of(group, theirs)
+        want = mine_named.get(group) or (_option_of(group, requested) if isinstance(requested, dict) else None)
         fix = (f"drop the {group} override(s) ({group}=... / {group}.<key>=...): the flow is trained with the score "
                f"model's {group}" + (f" ({group}={have})" if have else ""))
         if group == "data":
@@ -975,12 +985,16 @@ def score_model_settings(cfg: DictConfig, stored: dict[str, Any], path: Any) -> 
 
 def _flow_preset(cfg: DictConfig) -> str | None:
     """The dataset of the ``conf/dequantization/variational_<dataset>.yaml`` flow preset whose every setting the
-    composed ``dequantization`` has (``cifar10``, ``imagenet32``), or None."""
+    composed ``dequantization`` has (``cifar10``, ``imagenet32``), or None. Named by the Hydra option the run chose
+    (``dequantization=variational_<dataset>``, its sizes overridden or not); outside a Hydra job, by its values."""
     import yaml
 
     deq = get(cfg, "dequantization")
     if not isinstance(deq, DictConfig):
         return None
+    option = _choices().get("dequantization", "")
+    if option.startswith("variational_") and str(deq.get("_target_", "")).endswith("VariationalDequantizer"):
+        return option.removeprefix("variational_")
     have = OmegaConf.to_container(deq, resolve=True)
     for f in sorted((Path(__file__).resolve().parents[3] / "conf" / "dequantization").glob("variational_*.yaml")):
         try:
@@ -992,17 +1006,17 @@ def _flow_preset(cfg: DictConfig) -> str | None:
     return None
 
 
-def _score_dataset(stored: dict[str, Any]) -> str:
-    """The score model's data set: its Table-2 row's ``table2.dataset``, else the ``conf/data`` option of its data
-    (else their class name)."""
+def _score_dataset(stored: dict[str, Any], named: dict[str, str] | None = None) -> str:
+    """The score model's data set: its Table-2 row's ``table2.dataset``, else its ``data`` option (``named``, stored
+    since 2026-11-29, else the ``conf/data`` file equal to its data; else their class name)."""
     row = stored.get("table2")
     if isinstance(row, dict) and row.get("dataset"):
         return str(row["dataset"])
     data = stored.get("data") if isinstance(stored.get("data"), dict) else {}
-    return _option_of("data", data) or str(data.get("_target_", "?")).rsplit(".", 1)[-1]
+    return (named or {}).get("data") or _option_of("data", data) or str(data.get("_target_", "?")).rsplit(".", 1)[-1]
 
 
-def table2_flow_step(cfg: DictConfig, stored: dict[str, Any], path: Any) -> None:
+def table2_flow_step(cfg: DictConfig, stored: dict[str, Any], path: Any, named: dict[str, str] | None = None) -> None:
     """``+experiment=table2/dequant_<dataset>`` (task ``table2_dequant``) is Table 2's flow step for the score models
     of that data set (its flow preset ``variational_<dataset>``; a Table-2 row records it as ``table2.dequantization``):
     refused on a score model of other data."""
@@ -1010,7 +1024,7 @@ def table2_flow_step(cfg: DictConfig, stored: dict[str, Any], path: Any) -> None
         return
     flow = _flow_preset(cfg)
     row = stored.get("table2") if isinstance(stored.get("table2"), dict) else {}
-    want = str(row.get("dequantization") or "").removeprefix("variational_") or _score_dataset(stored)
+    want = str(row.get("dequantization") or "").removeprefix("variational_") or _score_dataset(stored, named)
     if flow is None or flow == want:
         return
     conf = Path(__file__).resolve().parents[3] / "conf" / "experiment" / "table2"
@@ -1133,9 +1147,9 @@ def score_weights_digest(ckpt: dict[str, Any]) -> str | None:
     """SHA-256 of the score network's weights a flow trained after ``ckpt`` uses: the ``score_model.*`` entries of
     its state dict with the EMA shadow substituted (a train.py checkpoint: its EMA weights; a train_dequant.py one:
     its frozen score weights, which the flow's EMA does not track). None when it holds no score weights."""
-    import hashlib
-
     import torch
+
+    from scoreflow.utils import tensors_digest
 
     state = ckpt.get("state_dict")
     if not isinstance(state, dict):
@@ -1148,12 +1162,7 @@ def score_weights_digest(ckpt: dict[str, Any]) -> str | None:
     weights = {k: v for k, v in weights.items() if isinstance(v, torch.Tensor)}
     if not weights:
         return None
-    h = hashlib.sha256()
-    for name in sorted(weights):
-        t = weights[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
+    return tensors_digest(weights, "sha256", sep="|")
 
 
 def not_a_flow_checkpoint(stored: dict[str, Any], path: Any) -> None:
