@@ -410,7 +410,18 @@ def test_an_optuna_search_minimises_the_trials_metric_and_a_failed_trial_ends_on
     q = subprocess.run([*base, "data=cifar10", f"data.root={tmp_path / 'none'}", f"hydra.sweep.dir={failed}"],
                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     out = q.stdout + q.stderr
-    assert q.returncode == 1 and "Traceback" not in out, out[-3000:]
+    assert q.returncode == 2 and "Traceback" not in out, out[-3000:]  # the job's own exit code (usage error)
     assert "usage error: CIFAR-10 not found" in q.stderr  # the job's own screen
     assert re.search(r"^\[scoreflow\] train\.py -m: job #0 failed: CIFAR-10 not found.*\(job folder: ", q.stderr,
                      re.M), q.stderr[-3000:]
+    # ... and ends there: no "Error executing job with overrides" lines, no HYDRA_FULL_ERROR hint after it
+    assert q.stderr.rstrip().splitlines()[-1].startswith("[scoreflow] train.py -m: job #0 failed: CIFAR-10 not found")
+    assert "Error executing job" not in out and "HYDRA_FULL_ERROR=1 for a complete" not in out
+
+    # a search that lets its trials fail (max_failure_rate=1) and has none left: one line, not Optuna's traceback
+    r = subprocess.run([*base, "hydra.sweeper.max_failure_rate=1.0", "data=cifar10", f"data.root={tmp_path / 'none'}",
+                        f"hydra.sweep.dir={tmp_path / 'all_failed'}"], cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "Traceback" not in out, out[-3000:]
+    assert "no trial of the search finished: 2 failed" in r.stderr and "job #0 failed: CIFAR-10" in r.stderr

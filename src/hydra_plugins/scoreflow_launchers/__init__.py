@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra.errors import CompactHydraException
 from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
+from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as _HydraOptunaSweeper
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -90,7 +92,59 @@ def not_started(num: int, overrides: Sequence[str]) -> tuple[JobOutcome, JobRetu
 class TrialFailed(CompactHydraException):
     """A job that failed with an anticipated error (or was stopped) under a sweeper that handles failed jobs itself
     (Optuna): what the sweeper sees instead of the job's exception, so that Hydra, when the sweeper gives up on it,
-    prints this message rather than a traceback."""
+    prints this message rather than a traceback (:class:`OptunaSweeper`: this message alone, exit ``exit_code``,
+    the job's own)."""
+
+    def __init__(self, text: str, exit_code: int = 1):
+        super().__init__(text)
+        self.exit_code = exit_code
+
+
+class FailedTrialReturn(JobReturn):
+    """A failed job's return as a sweeper reads it: raises its :class:`TrialFailed` without Hydra's "Error executing
+    job with overrides: [...]" line before it (the job's screen and the sweeper's line already name the job)."""
+
+    @property
+    def return_value(self) -> Any:
+        if self.status == JobStatus.FAILED:
+            raise self._return_value
+        return self._return_value
+
+    @return_value.setter
+    def return_value(self, value: Any) -> None:
+        self._return_value = value
+
+
+class OptunaSweeper(_HydraOptunaSweeper):
+    """Hydra's Optuna sweeper (``hparams_search=optuna_lr_ema`` selects this one), ending a search that gave up on a
+    failed trial with that trial's one line and its exit code, not Hydra's "Set the environment variable
+    HYDRA_FULL_ERROR=1" line after it. ``HYDRA_FULL_ERROR=1`` keeps Hydra's own report."""
+
+    def sweep(self, arguments: list[str]) -> None:
+        FAILED_TRIALS.clear()
+        try:
+            return super().sweep(arguments)
+        except TrialFailed as e:
+            if full_error():
+                raise
+            self._exit(str(e), e.exit_code)
+        except ValueError as e:  # hydra.sweeper.max_failure_rate let every trial fail: Optuna has no best trial
+            if "No trials are completed" not in str(e) or not FAILED_TRIALS or full_error():
+                raise
+            first = FAILED_TRIALS[0]
+            lines = [f"[scoreflow] {command_name()} -m: no trial of the search finished: "
+                     f"{len(FAILED_TRIALS)} failed (hydra.sweeper.max_failure_rate let the search go on); the first:",
+                     "  " + str(first).splitlines()[0]]
+            self._exit("\n".join(lines), first.exit_code)
+
+    @staticmethod
+    def _exit(text: str, code: int) -> None:
+        sys.stdout.flush()
+        print(text, file=sys.stderr, flush=True)
+        sys.exit(code)
+
+
+FAILED_TRIALS: list[TrialFailed] = []  # this search's failed trials, in order (OptunaSweeper's last line)
 
 
 def for_sweeper(config: Any, outcomes: Sequence[JobOutcome], returns: list[JobReturn], screens: bool
@@ -100,14 +154,17 @@ def for_sweeper(config: Any, outcomes: Sequence[JobOutcome], returns: list[JobRe
     this terminal and go into the sweeper's failure message whole."""
     if basic_sweep(config) or full_error():
         return returns
-    for outcome, ret in zip(outcomes, returns):
+    out = list(returns)
+    for i, (outcome, ret) in enumerate(zip(outcomes, returns)):
         if outcome.status in ("failed", "stopped", "not started") and ret.status == JobStatus.FAILED:
             where = f" (job folder: {outcome.folder})" if outcome.folder else ""
             text = f"[scoreflow] {command_name()} -m: job #{outcome.num} {outcome.status}: {outcome.detail}{where}"
             if screens and outcome.screen:
                 text += "\n" + outcome.screen
-            ret._return_value = TrialFailed(text)
-    return returns
+            out[i] = FailedTrialReturn(**{f.name: getattr(ret, f.name) for f in fields(ret)})
+            out[i]._return_value = TrialFailed(text, outcome.code or 1)
+            FAILED_TRIALS.append(out[i]._return_value)
+    return out
 
 
 def signal_name(signum: int) -> str:
