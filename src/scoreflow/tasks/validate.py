@@ -909,16 +909,6 @@ SCORE_GROUPS = ("sde", "model", "data")  # train_dequant.py takes these from the
 _WHERE_NOT_WHAT = ("data.root", "data.path")  # where the same data are read from: may change
 
 
-def _with_added_keys(group: str, value: dict[str, Any]) -> dict[str, Any]:
-    """``value`` (a stored ``group``) with the identity keys configs gained later (:data:`ADDED_SINCE_RELEASES`)."""
-    out = dict(value)
-    for key, default in ADDED_SINCE_RELEASES.items():
-        g, _, rest = key.partition(".")
-        if g == group and "." not in rest:
-            out.setdefault(rest, default)
-    return out
-
-
 def _option_of(group: str, value: dict[str, Any]) -> str | None:
     """The ``conf/<group>`` option ``value`` is: the file equal to it, else the only one of its class (a model's
     network class), or None."""
@@ -959,7 +949,6 @@ def score_model_settings(cfg: DictConfig, stored: dict[str, Any], path: Any,
         mine, theirs = get(cfg, group), stored.get(group)
         if mine is None or not isinstance(theirs, dict):
             continue
-        theirs = _with_added_keys(group, theirs)
         requested = OmegaConf.to_container(mine, resolve=True) if isinstance(mine, DictConfig) else mine
         if isinstance(requested, dict):  # what flow_run_config will build: the command's keys over the score run's
             requested = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(theirs), OmegaConf.create(requested)),
