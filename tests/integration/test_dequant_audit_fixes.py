@@ -248,6 +248,19 @@ def test_the_score_models_stored_options_name_it_in_the_error(runs, tmp_path, mo
     assert "(data=digits)" not in e.value.fix
 
 
+def test_a_score_model_of_an_earlier_release_passes_and_is_named(tmp_path):
+    # release 53daf68 stored no model._target_ (and no options): its own settings pass, another network is refused
+    old = Path(__file__).resolve().parents[1] / "data" / "release-53daf68_digits_tiny.ckpt"
+    stored = torch.load(old, map_location="cpu", weights_only=True)["scoreflow"]
+    assert "_target_" not in stored["config"]["model"] and "choices" not in stored
+    validate.score_model_settings(compose_cfg([f"score_ckpt={old}"], tmp_path / "a", "train_dequant"),
+                                  stored["config"], old)
+    with pytest.raises(ConfigError, match="another model") as e:
+        validate.score_model_settings(compose_cfg([f"score_ckpt={old}", "+model=mlp"], tmp_path / "b", "train_dequant"),
+                                      stored["config"], old)
+    assert "(model=unet_small)" in e.value.fix
+
+
 # 4. the flow's sizes
 
 def test_zero_mixture_components_are_refused_by_both_entry_points(runs):
