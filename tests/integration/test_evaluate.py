@@ -135,6 +135,7 @@ def test_interrupted_evaluation_resumes_without_double_counting(digits_ckpt, mak
     assert np.load(tmp_path / "resumed" / "per_example.npz")["bpd_ode"].shape == (10, 3) and more["complete"]
 
 
+@pytest.mark.slow  # 10-110 s on 2 cores: `make test-all` runs it
 def test_raising_num_images_under_an_adaptive_solver_equals_an_uninterrupted_run(digits_ckpt, make_cfg, tmp_path):
     """num_images=3 at batch 2 solves [0, 1] and [2]; raised to 5 the batches are [0, 1], [2, 3], [4]: image 2 was
     solved as a batch of one, while an uninterrupted run solves it with image 3 (an adaptive solver shares its

@@ -151,6 +151,7 @@ def test_a_sweep_with_failed_jobs_prints_one_table_and_no_traceback(tmp_path):
     assert f"#0 folder (log, config): {sweep}/0_" in p.stderr
 
 
+@pytest.mark.slow  # 10-110 s on 2 cores: `make test-all` runs it
 def test_a_local_sweep_job_stopped_by_sigterm_is_reported_then_resumed_by_the_same_command(tmp_path):
     """Job #0 (2 steps) finishes, job #1 gets SIGTERM once training: the submitting command prints the table and
     exits 143 (was: submitit's UncompletedJobError traceback, exit 1); the same command again resumes job #1 from
@@ -242,6 +243,7 @@ def test_machine_gpus_follows_cuda_visible_devices(monkeypatch):
     assert machine_gpus() == []
 
 
+@pytest.mark.slow  # 10-110 s on 2 cores: `make test-all` runs it
 def test_a_local_sweep_shares_out_the_gpus_one_job_per_gpu_at_a_time(tmp_path):
     """Three one-GPU jobs on a machine with "GPUs" 0 and 1 (hydra.launcher.gpus; CPU training here): the first two
     start on GPU 0 and GPU 1, the third when one of them has ended, on the GPU it freed."""
@@ -265,6 +267,7 @@ def test_a_local_sweep_shares_out_the_gpus_one_job_per_gpu_at_a_time(tmp_path):
     assert visible[2] in {visible[k] for k in (0, 1) if end[k] <= start[2] + 0.5}, (start, end, visible)
 
 
+@pytest.mark.slow  # 10-110 s on 2 cores: `make test-all` runs it
 def test_a_rerun_sweep_skips_the_jobs_that_finished_and_keeps_the_numbering(tmp_path):
     sweep = tmp_path / "sweep"
     base = [sys.executable, "train.py", "-m", "debug=fast", "trainer.accelerator=cpu", "val_every=1000", "test=false",
@@ -313,6 +316,7 @@ def _ctrl_c_once_two_jobs_train(launcher: list[str], sweep: Path) -> tuple[int, 
     return proc.returncode, out, err
 
 
+@pytest.mark.slow  # 10-110 s on 2 cores: `make test-all` runs it
 def test_ctrl_c_on_a_local_sweep_stops_every_job_at_a_checkpoint_and_prints_the_table(tmp_path):
     """Ctrl-C in a terminal (SIGINT to the whole process group: the submitting command, submitit's controllers and
     the jobs): each training job writes its checkpoint, the command lists them and exits 130. Was: three
@@ -342,6 +346,7 @@ def test_ctrl_c_on_a_parallel_sweep_is_one_line_that_does_not_promise_checkpoint
             "this stop") in err and f"hydra.sweep.dir={sweep}" in err
 
 
+@pytest.mark.slow  # 10-110 s on 2 cores: `make test-all` runs it
 def test_sigterm_on_a_sequential_sweep_lists_the_done_stopped_and_unstarted_jobs(tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "train.py", "-m", "debug=fast", "trainer.accelerator=cpu", "test=false", "callbacks=minimal",
@@ -390,6 +395,7 @@ def test_an_evaluate_sweep_ends_with_its_results_table(tmp_path):
     assert len(rows) == 2 and all(ln.endswith("| - | - |") for ln in rows)  # no training steps or time: evaluations
 
 
+@pytest.mark.slow  # 10-110 s on 2 cores: `make test-all` runs it
 def test_an_optuna_search_minimises_the_trials_metric_and_a_failed_trial_ends_on_one_line(tmp_path):
     """hparams_search=optuna_lr_ema end to end: Optuna's best value is the smallest val/bpd_bound the trials wrote. A
     trial that fails with an anticipated error (no data) ends the search with the job's message and one line from

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "sample_kid.py"
@@ -18,6 +19,7 @@ def run(*args):
                           timeout=300, cwd=ROOT)
 
 
+@pytest.mark.slow  # 10-110 s on 2 cores: `make test-all` runs it
 def test_kid_of_a_checkpoint_then_reused(tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
