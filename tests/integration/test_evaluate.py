@@ -4,6 +4,7 @@ counting, batch-independent per-image seeds, protocol checks, score_sde_pytorch 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,25 +137,51 @@ def test_interrupted_evaluation_resumes_without_double_counting(digits_ckpt, mak
 
 
 @pytest.mark.slow  # 10-110 s on 2 cores: `make test-all` runs it
-def test_raising_num_images_under_an_adaptive_solver_equals_an_uninterrupted_run(digits_ckpt, make_cfg, tmp_path):
+def test_changing_num_images_under_an_adaptive_solver_equals_an_uninterrupted_run(digits_ckpt, make_cfg, tmp_path):
     """num_images=3 at batch 2 solves [0, 1] and [2]; raised to 5 the batches are [0, 1], [2, 3], [4]: image 2 was
     solved as a batch of one, while an uninterrupted run solves it with image 3 (an adaptive solver shares its
-    steps across a batch). The batch is solved whole again and its values replace the earlier ones, so every
-    value, the mean NFE and the solver check equal an uninterrupted run's, to the bit."""
+    steps across a batch). That batch is solved whole again, so every value, the mean NFE and the solver check
+    equal an uninterrupted run's, to the bit. Lowered again to 3, image 2's value of the batch [2] counts again;
+    lowered to 1, image 0 (solved with image 1 so far) is solved alone."""
     adaptive = ["evaluation.method=dopri5", "evaluation.rtol=1e-2", "evaluation.atol=1e-2", "evaluation.test_num_t=4",
                 "progress=false", "device=cpu", "solver_check_images=3", "batch_size=2", "evaluation.bound_plan=none"]
-    run_eval(make_cfg, digits_ckpt, [*adaptive, "num_images=3"], sub="raised")
-    short = np.load(tmp_path / "raised" / "per_example.npz")["bpd_ode"][2, 0]
-    done = run_eval(make_cfg, digits_ckpt, [*adaptive, "num_images=5"], sub="raised")
+    three = run_eval(make_cfg, digits_ckpt, [*adaptive, "num_images=3"], sub="changed")
+    short = np.load(tmp_path / "changed" / "per_example.npz")["bpd_ode"][2, 0]
+    done = run_eval(make_cfg, digits_ckpt, [*adaptive, "num_images=5"], sub="changed")
     full = run_eval(make_cfg, digits_ckpt, [*adaptive, "num_images=5"], sub="straight")
-    a, b = np.load(tmp_path / "raised" / "per_example.npz"), np.load(tmp_path / "straight" / "per_example.npz")
+    a, b = np.load(tmp_path / "changed" / "per_example.npz"), np.load(tmp_path / "straight" / "per_example.npz")
     for q in ("bpd_ode", "bpd_bound"):
         np.testing.assert_array_equal(a[q], b[q])
-    assert a["bpd_ode"][2, 0] != short  # the earlier value (image 2 alone) was replaced, not kept
-    for key in ("test/bpd_ode", "test/bpd_ode_se", "test/nfe", "test/nfe_max", "test/ode_solver_error_max"):
+    assert a["bpd_ode"][2, 0] != short  # the earlier value (image 2 alone) does not count in the batch [2, 3]
+    keys = ("test/bpd_ode", "test/bpd_ode_se", "test/nfe", "test/nfe_max", "test/ode_solver_error_max")
+    for key in keys:
         assert done[key] == full[key], key
-    replaced = [rec for rec in jsonl(tmp_path / "raised" / "partial.jsonl") if rec.get("replace")]
-    assert [(rec["q"], rec["i"]) for rec in replaced] == [("bpd_ode", [2, 3])]  # the check's batches were whole
+    solved = [rec["i"] for rec in jsonl(tmp_path / "changed" / "partial.jsonl") if rec.get("q") == "bpd_ode"]
+    assert solved == [[0, 1], [2], [2, 3], [4]]  # the check's batches ([0, 1], [2]) were whole: not solved again
+
+    lowered = run_eval(make_cfg, digits_ckpt, [*adaptive, "num_images=3"], sub="changed")
+    for key in keys:
+        assert lowered[key] == three[key], key
+    one = run_eval(make_cfg, digits_ckpt, [*adaptive, "num_images=1", "solver_check_images=1"], sub="changed")
+    alone = run_eval(make_cfg, digits_ckpt, [*adaptive, "num_images=1", "solver_check_images=1"], sub="alone")
+    for key in keys:
+        np.testing.assert_equal(one[key], alone[key], err_msg=key)  # the s.e. of one image is NaN in both
+
+
+def test_a_folder_compares_the_settings_of_the_quantities_computed(digits_ckpt, make_cfg, tmp_path):
+    """A bound-only run leaves the ODE's settings open, an ODE-only run the bound's (its plan, fitted on the first
+    min(32, num_images) images, too), but the ODE's batch size stays tied to the ODE values once there are any."""
+    dopri = ["evaluation.method=dopri5", "evaluation.rtol=1e-2", "evaluation.atol=1e-2", "evaluation.test_num_t=4",
+             "progress=false", "device=cpu", "solver_check_images=0"]
+    run_eval(make_cfg, digits_ckpt, [*dopri, "ode=false", "num_images=4", "batch_size=4"], sub="f")
+    run_eval(make_cfg, digits_ckpt, [*dopri, "bound=false", "num_images=4", "batch_size=4"], sub="f")
+    with pytest.raises(ProtocolMismatchError, match="(?s)ode_batch_size: 4 -> 2.*rerun with batch_size=4"):
+        run_eval(make_cfg, digits_ckpt, [*dopri, "bound=false", "num_images=4", "batch_size=2"], sub="f")
+    raised = run_eval(make_cfg, digits_ckpt, [*dopri, "bound=false", "num_images=8", "batch_size=4"], sub="f")
+    assert raised["test/bpd_ode_num_images"] == 8  # the bound plan's image count changed: no matter, no bound
+    with pytest.raises(ProtocolMismatchError, match="(?s)ode.rtol: 0.01 -> 0.02"):
+        run_eval(make_cfg, digits_ckpt, [*dopri, "bound=false", "num_images=8", "batch_size=4",
+                                         "evaluation.rtol=2e-2"], sub="f")
 
 
 def test_per_image_values_do_not_depend_on_batch_boundaries(digits_ckpt, make_cfg, tmp_path):
@@ -197,6 +224,32 @@ def test_score_sde_pytorch_checkpoint(make_cfg, tmp_path):
         run_eval(make_cfg, path, [*RK4, "sde=vp"], sub="e1")
     with pytest.raises(CheckpointMismatchError):
         run_eval(make_cfg, path, [*RK4, *TINY_NCSNPP, "model.net.nf=8", "sde=vp", "data=digits"], sub="e2")
+    # a .pth takes its SDE and data scaling from the command line: another one in the same folder is refused, not
+    # averaged with the values of the first (the folder's fingerprint holds them)
+    for other, key in (("module.scale=1", "scale"), ("sde=subvp", "sde._target_")):
+        with pytest.raises(ProtocolMismatchError, match=f"(?s)other settings.*  {key}: "):
+            run_eval(make_cfg, path, [*RK4, *TINY_NCSNPP, "sde=vp", "data=digits", "num_images=3", other])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("seed=abc", "seed"),
+    ("ode=maybe", "ode"),
+    ("evaluation.method=rk4", "evaluation.steps"),  # the checkpoint's steps: null
+    ("evaluation.test_num_t=3", "evaluation.test_num_t"),  # debug=fast's checkpoint draws antithetic pairs
+    ("evaluation.bound_plan_images=0", "evaluation.bound_plan_images"),
+])
+def test_settings_that_failed_inside_the_evaluation_are_refused_before_it(digits_ckpt, make_cfg, override, key):
+    from scoreflow.tasks import validate
+
+    validate.evaluate(make_cfg([f"ckpt_path={digits_ckpt}", "evaluation.method=rk4", "evaluation.steps=2",
+                                "evaluation.test_num_t=4"], config_name="evaluate"))  # usable: no error
+    with pytest.raises(ConfigError) as e:
+        validate.evaluate(make_cfg([f"ckpt_path={digits_ckpt}", override], config_name="evaluate"))
+    assert e.value.key == key
+    if key.startswith("evaluation."):  # train.py's settings get the same checks
+        with pytest.raises(ConfigError) as e:
+            validate.train(make_cfg(["debug=fast", override.replace("evaluation.", "module.evaluation.")]))
+        assert e.value.key == "module." + key
 
 
 def test_clear_errors(digits_ckpt, make_cfg, tmp_path):
@@ -275,6 +328,29 @@ def test_fid_samples_resume_and_reference_cache(digits_ckpt, make_cfg, tmp_path,
     assert m["protocol_text"].endswith(
         "; FID: 12 samples, ode_sample euler steps=3, against the train split (40 images)")
     assert "ODE " not in m["protocol_text"] and "bound num_t" not in m["protocol_text"]
+
+
+def test_fid_waits_for_the_likelihoods_and_says_so(digits_ckpt, make_cfg, tmp_path, fid_draws, capsys):
+    args = ["ode=false", "progress=false", "device=cpu", "fid.num_samples=4", "fid.batch_size=4", "sampler=ode",
+            "sampler.method=euler", "sampler.steps=3", f"fid.cache_dir={tmp_path / 'cache'}", "fid.ref_num_images=20",
+            "evaluation.test_num_t=4", "num_images=2", "batch_size=1"]
+    m = run_eval(make_cfg, digits_ckpt, [*args, "max_batches=1"], sub="wait")
+    assert not m["complete"] and fid_draws == [] and "test/fid" not in m
+    assert re.search(r"^  FID +deferred: FID runs once the likelihoods are complete \(rerun the same command\)$",
+                     capsys.readouterr().out, re.M)
+    done = run_eval(make_cfg, digits_ckpt, args, sub="wait")
+    assert done["complete"] and np.isfinite(done["test/fid"]) and "fid_status" not in done
+
+
+def test_metrics_json_is_strict_json_with_null_for_a_non_finite_value(digits_ckpt, make_cfg, tmp_path):
+    m = run_eval(make_cfg, digits_ckpt, [*RK4, "ode=false", "num_images=1"], sub="one")
+    assert np.isnan(m["test/bpd_bound_se"])  # the standard error of one image
+
+    def refuse(token: str):
+        raise ValueError(f"not JSON: {token}")
+
+    saved = json.loads((tmp_path / "one" / "metrics.json").read_text(), parse_constant=refuse)
+    assert saved["test/bpd_bound_se"] is None and saved["test/bpd_bound"] == m["test/bpd_bound"]
 
 
 def test_fid_reference_cache_belongs_to_the_images_not_only_their_config(digits_ckpt, make_cfg, tmp_path, fid_draws,

@@ -314,11 +314,24 @@ def is_global_zero() -> bool:
     return int(getattr(rank_zero_only, "rank", 0) or 0) == 0
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (the standard error of one image, a diverged run's loss) as None:
+    ``NaN``/``Infinity`` are not JSON, and strict readers (JavaScript, jq, many dashboards) refuse the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_metrics(path: str | Path, metrics: dict[str, Any]) -> Path:
-    """Write ``metrics.json`` atomically (a temporary file of this process, renamed)."""
+    """Write ``metrics.json`` atomically (a temporary file of this process, renamed), as strict JSON (non-finite
+    numbers as null: :func:`json_safe`)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    tmp.write_text(json.dumps(json_safe(metrics), indent=2, sort_keys=True, allow_nan=False))
     tmp.replace(path)
     return path
 

@@ -47,6 +47,7 @@ from scoreflow.tasks.likelihood_eval import (
     is_complete,
     run_likelihoods,
     save_per_example,
+    solve_batches,
     summarize,
 )
 
@@ -97,9 +98,11 @@ def images_digest(dataset) -> str:
 
 def fingerprint(lm: LoadedModel, split: str, seed: int, ode_tc: bool, *, data_digest: str | None = None,
                 ode_batch_size: int | None = None) -> dict[str, Any]:
-    """Everything a per-image value depends on (not the number of images or repeats): the images themselves
-    (``data_digest``) and, for an adaptive ODE solver, the batch size (a batch is solved as one system, so its
-    step sizes depend on every image in it: ``ode_batch_size``)."""
+    """Everything a per-image value depends on (not the number of images or repeats): the checkpoint's weights,
+    its SDE, network settings and data scaling, the images themselves (``data_digest``), the ODE's and the
+    bound's settings and, for an adaptive ODE solver, the batch size (a batch is solved as one system, so its
+    step sizes depend on every image in it: ``ode_batch_size``). A rerun compares the settings of the quantities
+    it computes (:class:`~scoreflow.tasks.likelihood_eval.PartialResults`)."""
     e, m = lm.module.eval_cfg, lm.module
     data = {k: v for k, v in to_container(lm.cfg.data).items() if k != "root"}  # the data may move, not change
     ode = {"method": e.method, "rtol": e.rtol, "atol": e.atol, "divergence": e.divergence,
@@ -109,6 +112,8 @@ def fingerprint(lm: LoadedModel, split: str, seed: int, ode_tc: bool, *, data_di
     return {
         "checkpoint": lm.info["path"], "step": lm.info["step"], "weights": lm.info["weights"],
         "weights_digest": lm.info.get("weights_digest"), "data": data,
+        # the network's settings and the map into its space: a score_sde .pth takes them from the command line
+        "sde": to_container(lm.cfg.sde), "model": to_container(lm.cfg.model), "scale": m.scale, "shift": m.shift,
         **({"data_digest": data_digest} if data_digest else {}),
         **({"ode_batch_size": ode_batch_size} if ode_batch_size and e.method not in FIXED_GRID_METHODS else {}),
         "split": split,
@@ -197,7 +202,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         progress=bool(cfg.progress), solver_check_images=min(int(cfg.solver_check_images or 0), n),
     )
     fp = fingerprint(lm, split, s.seed, s.ode_truncation_correction, data_digest=images_digest(dataset),
-                     ode_batch_size=s.batch_size if s.ode else None)
+                     ode_batch_size=s.batch_size)
     if "plan" in fp["bound"]:  # the plan is fitted on the first min(bound_plan_images, n) images evaluated: a run
         used = min(int(e.bound_plan_images), n, len(dataset))  # with more images may fit another plan, not mixed
         fp["bound"] = {**fp["bound"], "plan": f"fit on {used} images"}
@@ -219,11 +224,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if main and not resume:
             discard_partial(out)
         fabric.barrier()
-        store = PartialResults(out, fp, rank=rank, resume=resume)
+        batches = solve_batches(n, s, adaptive=e.method not in FIXED_GRID_METHODS)
+        store = PartialResults(out, fp, rank=rank, resume=resume, quantities=tuple(quantities), batches=batches)
         fabric.barrier()  # every rank has read what is done before any rank appends: they agree on the shares
         run_likelihoods(module, dataset, n, store, s, rank=rank, world_size=world)
         fabric.barrier()  # the one wait for the other ranks, after all local work
-        merged = PartialResults(out, fp, rank=rank) if world > 1 else store  # reads every rank's file
+        merged = PartialResults(out, fp, rank=rank, quantities=tuple(quantities), batches=batches) \
+            if world > 1 else store  # reads every rank's file
         complete = is_complete(merged, n, s)
         metrics.update(summarize(merged, split, n, s.repeats, quantities, s.solver_check_images))
         if main:
@@ -234,7 +241,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if not main:
         return metrics
     fid_cfg = cfg.get("fid")
-    if complete and fid_cfg is not None and int(fid_cfg.get("num_samples") or 0) > 0:
+    fid_asked = fid_cfg is not None and int(fid_cfg.get("num_samples") or 0) > 0
+    if fid_asked and not complete:  # the samples wait for the likelihoods: the rerun that completes them runs FID
+        metrics["fid_status"] = "deferred: FID runs once the likelihoods are complete (rerun the same command)"
+    if complete and fid_asked:
         fid = run_fid(lm, fid_cfg, cfg.sampler, out, bool(cfg.progress))
         metrics.update({f"{split}/{k}": v for k, v in fid.items()})
         protocol["fid"] = {"sampler": to_container(cfg.sampler), "num_samples": int(fid_cfg.num_samples),
@@ -273,6 +283,8 @@ def format_table(metrics: dict[str, Any], split: str, lm: LoadedModel, out: Path
     check = metrics["protocol"].get("solver_check")
     if check is not None:
         extra["solver error (ODE)"] = solver_error_text(metrics, split, check)
+    if "fid_status" in metrics:
+        extra["FID"] = metrics["fid_status"]
     if f"{p}fid" in metrics:
         extra["FID samples / NFE"] = f"{int(metrics[p + 'fid_num_samples'])} / {metrics[p + 'fid_nfe']:.0f}"
     if f"{p}bpd_bound_se_mc" in metrics:

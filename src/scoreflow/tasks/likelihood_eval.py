@@ -53,6 +53,20 @@ def discard_partial(folder: Path) -> None:
         p.unlink()
 
 
+ODE_KEYS = ("ode", "ode_batch_size")  # the fingerprint's keys the ODE values depend on
+BOUND_KEYS = ("bound",)  # ... and the bound's
+LEGACY_ABSENT = ("weights_digest", "data_digest", "ode_batch_size", "sde", "model", "scale", "shift")
+
+
+def _leaves(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict) and d:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_leaves(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): d}
+
+
 class PartialResults:
     """Append-only JSON lines of per-image values, so an interrupted evaluation resumes without double counting.
 
@@ -60,26 +74,44 @@ class PartialResults:
     number of processes skips what any process computed before. Line 1 of a file is ``{"protocol": {...}}``;
     every other line is one batch of one quantity:
     ``{"q": "bpd_ode", "r": repeat, "i": [image indices], "v": [values], "nfe": solver evaluations}``.
-    A line is written and ``fsync``-ed in one go; a torn last line (a kill mid-write) is ignored. Values are
-    merged in file order and the first value of an ``(image, repeat)`` wins: each is counted once. A line with
-    ``"replace": true`` (a whole batch of an adaptive ODE solve, re-solved because an earlier run solved part
-    of it as a shorter batch) wins over the lines without it, in any file and any order, and the solves it
-    supersedes leave the NFE statistics.
+    A line is written and ``fsync``-ed in one go; a torn last line (a kill mid-write) is ignored.
+
+    A rerun compares the settings of the quantities it computes (``quantities``) and those every value shares
+    (checkpoint, data, seed, ...) with each file's header, so values of other settings are never mixed: a
+    bound-only run does not tie the ODE's settings, nor an ODE-only run the bound's.
+
+    Values of the bound and of a fixed-grid ODE do not depend on the batch: the first value of an
+    ``(image, repeat)`` counts. An adaptive ODE solver (``batches`` given) solves a batch as one system, so its
+    values count only when solved in the batch the current run forms for that image (``batches``: image,
+    repeat -> its batch): after ``num_images`` was raised (the last batch was shorter) or lowered (a longer
+    one), those images are solved again, and the earlier values are kept in the files but not counted.
     """
 
     QUANTITIES = ("bpd_ode", "bpd_bound", "bpd_ode_tight", "bpd_bound_mcse")  # the last rides on bpd_bound lines
+    BATCHED = ("bpd_ode", "bpd_ode_tight", "nfe")  # their values depend on the batch under an adaptive solver
 
-    def __init__(self, folder: Path, fingerprint: dict[str, Any], rank: int = 0, resume: bool = True):
+    def __init__(self, folder: Path, fingerprint: dict[str, Any], rank: int = 0, resume: bool = True,
+                 quantities: tuple[str, ...] = ("bpd_ode", "bpd_bound"),
+                 batches: dict[str, dict[tuple[int, int], tuple[int, ...]]] | None = None):
         self.path = partial_path(folder, rank)
         self.fingerprint = fingerprint
-        self.values: dict[str, dict[tuple[int, int], float]] = {q: {} for q in (*self.QUANTITIES, "nfe")}
-        self._solves: list[tuple[list[tuple[int, int]], int]] = []  # (its (image, repeat)s, NFE) per bpd_ode line
-        self._replaced: dict[str, set[tuple[int, int]]] = {q: set() for q in self.values}
+        self.quantities = tuple(quantities)
+        self.batches = batches  # quantity -> (image, repeat) -> the batch this run solves it in; None: any batch
+        # quantity -> (image, repeat) -> {batch: value}; batch () for the batch-independent quantities
+        self._values: dict[str, dict[tuple[int, int], dict[tuple[int, ...], float]]] = {
+            q: {} for q in (*self.QUANTITIES, "nfe")}
+        self._solves: dict[tuple[int, tuple[int, ...]], int] = {}  # (repeat, batch) -> NFE of its bpd_ode solve
         self._has_header = False
         folder.mkdir(parents=True, exist_ok=True)
         if resume:
             for p in partial_files(folder):
                 self._read(p, own=p == self.path)
+
+    def _compared(self, fp: dict[str, Any]) -> dict[str, Any]:
+        """The part of a fingerprint this run's values must share with the stored ones."""
+        skip = (() if "bpd_ode" in self.quantities else ODE_KEYS) + (() if "bpd_bound" in self.quantities
+                                                                       else BOUND_KEYS)
+        return {k: v for k, v in fp.items() if k not in skip}
 
     def _read(self, path: Path, own: bool) -> None:
         text = path.read_text()
@@ -93,53 +125,69 @@ class PartialResults:
             return
         stored = json.loads(lines[0]).get("protocol")
         now = json.loads(json.dumps(self.fingerprint))
-        for key in ("weights_digest", "data_digest", "ode_batch_size"):
+        for key in LEGACY_ABSENT:
             if isinstance(stored, dict) and key not in stored:  # an earlier release's folder: trusted as then
                 now.pop(key, None)  # (checkpoint path, step, EMA or raw; the data config; any batch size)
-        if stored != now:
-            diff = {k: (stored.get(k) if stored else None, v) for k, v in now.items()
-                    if not stored or stored.get(k) != v}
+        stored_cmp, now_cmp = self._compared(stored or {}), self._compared(now)
+        if not isinstance(stored, dict) or stored_cmp != now_cmp:
+            a, b = _leaves(stored_cmp), _leaves(now_cmp)
+            diff = [f"  {k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b))
+                    if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+            shown = diff[:6] + ([f"  ... and {len(diff) - 6} more"] if len(diff) > 6 else [])
             why = ""
-            if "data_digest" in diff:
-                why += " They were computed on other images (data_root / data.root now points at other data)."
-            if "ode_batch_size" in diff and stored:
-                why += (f" The adaptive ODE solves a batch as one system: rerun with batch_size="
+            if any(d.startswith("  data_digest:") for d in diff):
+                why += "\nThey were computed on other images (data_root / data.root now points at other data)."
+            if any(d.startswith("  ode_batch_size:") for d in diff) and stored:
+                why += (f"\nThe adaptive ODE solves a batch as one system: rerun with batch_size="
                         f"{stored.get('ode_batch_size')} to continue.")
             raise ProtocolMismatchError(
-                f"{path} holds values of another protocol (stored vs now: {diff}).{why} Evaluate in another "
-                "directory (hydra.run.dir=...) or pass resume=false to discard them."
+                f"{path} holds values of other settings (stored -> now):\n" + "\n".join(shown) + why +
+                "\nEvaluate in another folder (hydra.run.dir=...), or pass resume=false to discard them."
             )
         self._has_header |= own
         for line in lines[1:]:
             self._add(json.loads(line))
 
-    def _put(self, quantity: str, key: tuple[int, int], value: float, replace: bool) -> None:
-        """First value wins, except that the first ``replace`` line's value wins over every other."""
-        store, replaced = self.values[quantity], self._replaced[quantity]
-        if replace and key not in replaced:
-            store[key] = value
-            replaced.add(key)
-        elif key not in replaced:
-            store.setdefault(key, value)
-
     def _add(self, rec: dict[str, Any]) -> None:
-        r, replace = int(rec["r"]), bool(rec.get("replace", False))
-        keys = [(int(i), r) for i in rec["i"]]
+        q, r = rec["q"], int(rec["r"])
+        batch = tuple(int(i) for i in rec["i"])
+        keys = [(i, r) for i in batch]
+        tag = batch if q in self.BATCHED else ()
         for key, v in zip(keys, rec["v"]):
-            self._put(rec["q"], key, float(v), replace)  # each counted once
+            self._values[q].setdefault(key, {}).setdefault(tag, float(v))
         for key, se in zip(keys, rec.get("se", ())):  # the bound's per-image Monte-Carlo standard errors
-            self._put("bpd_bound_mcse", key, float(se), replace)
-        if rec["q"] == "bpd_ode":
+            self._values["bpd_bound_mcse"].setdefault(key, {}).setdefault((), float(se))
+        if q == "bpd_ode":
             for key in keys:
-                self._put("nfe", key, float(rec["nfe"]), replace)
-            self._solves.append((keys, int(rec["nfe"])) if not replace else ([], int(rec["nfe"])))
+                self._values["nfe"].setdefault(key, {}).setdefault(batch, float(rec["nfe"]))
+            self._solves.setdefault((r, batch), int(rec["nfe"]))
+
+    def value(self, quantity: str, key: tuple[int, int]) -> float | None:
+        """The value of ``key`` that counts for this run (None if there is none)."""
+        got = self._values[quantity].get(key)
+        if not got:
+            return None
+        want = (self.batches or {}).get("bpd_ode" if quantity == "nfe" else quantity)
+        if quantity in self.BATCHED and want is not None:
+            return got.get(want.get(key, ()))
+        return next(iter(got.values()))
+
+    @property
+    def values(self) -> dict[str, dict[tuple[int, int], float]]:
+        """``{quantity: {(image, repeat): value}}``: the values that count (:meth:`value`)."""
+        out: dict[str, dict[tuple[int, int], float]] = {}
+        for q, stored in self._values.items():
+            out[q] = {key: v for key in stored if (v := self.value(q, key)) is not None}
+        return out
 
     @property
     def solves(self) -> list[int]:
-        """NFE of every ODE solve whose values count (one per batch): a solve whose images were all re-solved
-        as a whole batch later is left out."""
-        gone = self._replaced["bpd_ode"]
-        return [nfe for keys, nfe in self._solves if not keys or not set(keys) <= gone]
+        """NFE of every ODE solve whose values count (one per batch), in the order they were first written."""
+        want = (self.batches or {}).get("bpd_ode")
+        if want is None:
+            return list(self._solves.values())
+        current = {(r, b) for (_, r), b in want.items()}
+        return [nfe for rb, nfe in self._solves.items() if rb in current]
 
     def _write_line(self, rec: dict[str, Any]) -> None:
         if not self._has_header:  # written lazily: a file is never seen half-created by a reading process
@@ -153,13 +201,11 @@ class PartialResults:
             os.fsync(f.fileno())
 
     def done(self, quantity: str, index: int, repeat: int) -> bool:
-        return (index, repeat) in self.values[quantity]
+        return self.value(quantity, (index, repeat)) is not None
 
     def append(self, quantity: str, repeat: int, indices: list[int], values: Tensor, nfe: int | None = None,
-               se: Tensor | None = None, replace: bool = False) -> None:
+               se: Tensor | None = None) -> None:
         rec = {"q": quantity, "r": repeat, "i": indices, "v": [float(v) for v in values.double().cpu()]}
-        if replace:
-            rec["replace"] = True
         if nfe is not None:
             rec["nfe"] = int(nfe)
         if se is not None:
@@ -170,10 +216,13 @@ class PartialResults:
     def table(self, quantity: str, n: int, repeats: int) -> np.ndarray:
         """``[n, repeats]`` values, NaN where not computed yet."""
         out = np.full((n, repeats), np.nan)
-        for (i, r), v in self.values[quantity].items():
-            if i < n and r < repeats:
+        for (i, r) in self._values[quantity]:
+            if i < n and r < repeats and (v := self.value(quantity, (i, r))) is not None:
                 out[i, r] = v
         return out
+
+
+_ABSENT = object()
 
 
 @dataclass
@@ -236,6 +285,18 @@ def work_units(n: int, s: LikelihoodSettings) -> list[tuple[int, list[int], tupl
     return units
 
 
+def solve_batches(n: int, s: LikelihoodSettings, adaptive: bool) -> dict[str, dict[tuple[int, int], tuple[int, ...]]]:
+    """``{quantity: {(image, repeat): its batch}}`` for the quantities whose values depend on the batch they were
+    solved in: the ODE's under an adaptive solver (``adaptive``) and the solver check's (always adaptive), with the
+    batches of :func:`work_units` (for :class:`PartialResults`)."""
+    out: dict[str, dict[tuple[int, int], tuple[int, ...]]] = {}
+    for r, b, quantities in work_units(n, s):
+        for q in quantities:
+            if q == "bpd_ode_tight" or (q == "bpd_ode" and adaptive):
+                out.setdefault(q, {}).update({(i, r): tuple(b) for i in b})
+    return out
+
+
 def run_likelihoods(module: ScoreLitModule, dataset, n: int, store: PartialResults, s: LikelihoodSettings,
                     rank: int = 0, world_size: int = 1) -> bool:
     """Evaluate this process's share of images ``0..n-1`` of ``dataset``, ``s.repeats`` times, skipping what
@@ -267,18 +328,17 @@ def run_likelihoods(module: ScoreLitModule, dataset, n: int, store: PartialResul
             idx = pending(q, r, b)
             if not idx:
                 continue
-            # an adaptive solver solves a batch as one system (shared steps): a batch an earlier run solved in
-            # part (its last batch was shorter then: num_images was raised) is solved whole again, so that every
-            # value equals an uninterrupted run's; its new values replace the earlier ones
-            replace = q != "bpd_bound" and len(idx) < len(b) and (q == "bpd_ode_tight" or adaptive)
-            idx = b if replace else idx
+            # an adaptive solver solves a batch as one system (shared steps): the whole batch, as an uninterrupted
+            # run forms it (values of another batch, from before num_images changed, do not count: PartialResults)
+            if q != "bpd_bound" and (q == "bpd_ode_tight" or adaptive):
+                idx = b
             k = torch.stack([torch.as_tensor(dataset[i][0]) for i in idx]).to(dev)
             if q == "bpd_bound":
                 v, mcse = bound_bpd(module, k, idx, r, s, plan)
                 store.append(q, r, idx, v, se=mcse)  # se: for the between-image / Monte-Carlo split
             else:
                 v, nfe = ode_bpd(module, k, idx, r, s, check_solver(module.eval_cfg) if q == "bpd_ode_tight" else None)
-                store.append(q, r, idx, v, nfe if q == "bpd_ode" else None, replace=replace)
+                store.append(q, r, idx, v, nfe if q == "bpd_ode" else None)
         bar.update(1)
         bar.set_postfix({q.removeprefix("bpd_"): f"{np.nanmean(store.table(q, n, s.repeats)):.4f}" for q in shown})
     bar.close()

@@ -269,6 +269,7 @@ def train(cfg: DictConfig) -> None:
     for k in ("nll_every", "nll_subset"):
         integer(cfg, ev + k, low=0)
     tolerances(cfg, "module.evaluation")
+    evaluation_values(cfg, ev)
     choice(cfg, "module.loss", ("dsm", "ism"))
     if get(cfg, "module.loss", "dsm") == "ism" and get(cfg, "module.compile", False):
         raise ConfigError("module.loss=ism cannot be combined with module.compile: the Hutchinson divergence's "
@@ -290,6 +291,35 @@ def train(cfg: DictConfig) -> None:
     if get(cfg, "ckpt_path"):
         resume(cfg)
     evaluation_names(cfg, "module.evaluation.")  # last: it imports torch, which the checks above do not need
+
+
+def evaluation_values(cfg: DictConfig, prefix: str, base: dict[str, Any] | None = None) -> None:
+    """The likelihood settings that otherwise fail inside the first evaluation (after training, or after the model
+    is rebuilt): a fixed-grid ODE solver without ``steps``, an odd number of bound times with antithetic pairs, a
+    plan fitted on no images. The settings in effect are ``cfg``'s keys under ``prefix`` over ``base`` (the
+    checkpoint's, for evaluate.py's overrides; null keeps them)."""
+    from scoreflow.likelihood.ode import FIXED_GRID_METHODS
+
+    base = base or {}
+
+    def now(key: str) -> Any:
+        v = get(cfg, prefix + key)
+        return base.get(key) if v is None else v
+
+    integer(cfg, prefix + "steps", low=1, allow_none=True)
+    integer(cfg, prefix + "bound_plan_images", low=1, allow_none=True)
+    method, steps = now("method"), now("steps")
+    if method in FIXED_GRID_METHODS and steps is None:
+        raise ConfigError(f"{prefix}method={method} is a fixed-step ODE solver: it needs {prefix}steps",
+                          key=prefix + "steps", value=None,
+                          fix=f"{prefix}steps=100 (steps on its grid), or an adaptive solver: {prefix}method=dopri5")
+    if now("bound_antithetic") is True:
+        for key in ("val_num_t", "test_num_t"):
+            n = now(key)
+            if isinstance(n, int) and not isinstance(n, bool) and n % 2:
+                raise ConfigError(f"{prefix}{key}={n} is odd, but the bound draws its times in antithetic pairs "
+                                  f"({prefix}bound_antithetic=true)", key=prefix + key, value=n,
+                                  fix=f"{prefix}{key}={n + 1}, or {prefix}bound_antithetic=false")
 
 
 def evaluation_names(cfg: DictConfig, prefix: str) -> None:
@@ -454,6 +484,11 @@ def evaluate(cfg: DictConfig) -> None:
     tolerances(cfg, "evaluation")  # overrides of the checkpoint's evaluation settings; null keeps them
     number(cfg, "evaluation.eps", low=0, allow_none=True)
     integer(cfg, "evaluation.test_num_t", low=1, allow_none=True)
+    integer(cfg, "seed", allow_none=True, fix="seed=<an integer> (the per-image seed), or null (the checkpoint's)")
+    for k in ("ode", "bound", "ode_truncation_correction", "progress", "resume"):
+        boolean(cfg, k)
+    stored_eval = ((_stored_config(ckpt, cfg).get("module") or {}).get("evaluation") or {})
+    evaluation_values(cfg, "evaluation.", {k: v for k, v in stored_eval.items() if k != "val_num_t"})
     integer(cfg, "fid.num_samples", low=0)
     if get(cfg, "fid.num_samples") == 1:  # found after the likelihoods and the sampling otherwise
         raise ConfigError("fid.num_samples=1: FID needs at least 2 samples (their covariance)", key="fid.num_samples",
