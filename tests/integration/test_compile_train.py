@@ -15,9 +15,13 @@ FAST = ["debug=fast", "trainer.accelerator=cpu", "module.compile=true", "trainer
 SMALL = ["model.net.nf=16", "model.net.num_res_blocks=1"]  # the paper's networks, narrow (8x8 digits)
 
 
-@pytest.mark.parametrize("overrides", [["sde=vp"], ["sde=subvp"], ["sde=ve"], ["model=ddpmpp", *SMALL],
-                                       ["sde=ve", "model=ncsnpp", *SMALL]], ids=["vp", "subvp", "ve", "ddpmpp",
-                                                                                 "ncsnpp-ve"])
+SLOW = pytest.mark.slow  # 10-15 s each on 2 cores: one SDE and one paper network stay in the default suite
+
+
+@pytest.mark.parametrize("overrides", [["sde=vp"], pytest.param(["sde=subvp"], marks=SLOW),
+                                       pytest.param(["sde=ve"], marks=SLOW), ["model=ddpmpp", *SMALL],
+                                       pytest.param(["sde=ve", "model=ncsnpp", *SMALL], marks=SLOW)],
+                         ids=["vp", "subvp", "ve", "ddpmpp", "ncsnpp-ve"])
 def test_train_compiles_the_training_loss_once(make_cfg, graphs, caplog, overrides):
     """One graph also means no graph break, in the score model's wrapper (time label, output scaling) for each SDE
     and in the paper's networks."""

@@ -108,6 +108,7 @@ def test_rerunning_a_finished_folder_keeps_its_logs_and_metrics(make_cfg, tmp_pa
     assert "test/bpd_bound" in second and again["val/bpd_bound"] == first["val/bpd_bound"]
 
 
+@pytest.mark.slow  # 13-15 s on 2 cores: `make test-all` runs it
 def test_ckpt_path_of_another_folder_starts_with_the_source_rows(uninterrupted, make_cfg, tmp_path):
     source = tmp_path / "source"
     train(make_cfg([*BASE, "trainer.max_steps=15"], sub="source"))
@@ -139,6 +140,7 @@ def test_a_finished_checkpoint_into_a_new_folder_goes_to_the_test_phase(uninterr
     assert not (new / "checkpoints" / "last.ckpt").exists()
 
 
+@pytest.mark.slow  # 13-15 s on 2 cores: `make test-all` runs it
 def test_training_time_adds_up_over_segments(make_cfg, tmp_path, capsys):
     """``train/wall_time_s`` of a resumed run is the time of every segment's training, not the last segment's
     alone: each checkpoint holds the training time of its weights (``TrainingClock``) and the next segment adds
