@@ -283,3 +283,30 @@ def test_held_out_splits_larger_than_the_data_are_a_usage_error():
     assert classify(e.value) == (2, "data.val_size")
     assert "fix: hold out fewer examples: data.val_size=" in format_error(e.value, "train.py")
     assert len(image_splits(x, y, False, holdout=(100, 49), seed=0)["train"]) == 1
+
+
+def test_the_test_split_does_not_move_with_val_size(tmp_path):
+    """Runs that differ only in ``val_size`` (``val_size=0`` trains on more) are tested on the same images; the
+    default splits are those of earlier releases (digests pinned), so earlier runs' test sets stay the same."""
+    default = {"train": "d12fa49d64bc87cd9ca5e291a8700445", "val": "3a6100421118cbd316220788c725ab4d",
+               "test": "abf6af3a33edee9def7a93e927ddb05f"}
+    assert {k: v.digest() for k, v in Digits().load().items()} == default
+    for val_size in (0, 50, 300):
+        s = Digits(val_size=val_size).load()
+        assert s["test"].digest() == default["test"] and len(s["val"]) == val_size
+        seen = torch.cat([s[k].index for k in ("train", "val", "test")])
+        assert sorted(seen.tolist()) == list(range(1797))  # still a partition
+    m5k = {"train": "7428e8cad22bf82cf1210ea10b647dff", "val": "b32bf08cab83df518b45aed54f0e3b7f",
+           "test": "f76ebb7603988402475a3aa91e6870c7"}
+    assert {k: v.digest() for k, v in MNIST5k().load().items()} == m5k
+    assert MNIST5k(val_size=0).load()["test"].digest() == m5k["test"]
+    # an image folder (one folder: val and test held out of it), and with its own val folder
+    from PIL import Image
+
+    from scoreflow.data.image_folder import ImageFolder
+
+    for i in range(30):
+        Image.fromarray((torch.rand(8, 8) * 255).byte().numpy()).save(tmp_path / f"{i:02d}.png")
+    tests = {v: ImageFolder(str(tmp_path), shape=[1, 8, 8], val_size=v, test_size=5).load()["test"].digest()
+             for v in (0, 3, 10)}
+    assert len(set(tests.values())) == 1

@@ -243,11 +243,16 @@ def image_splits(
     holdout: tuple[int, int],
     seed: int,
     test: tuple[Tensor, Tensor] | None = None,
+    test_at: int | None = None,
 ) -> dict[str, Dataset]:
     """Build the three splits of in-memory images; only ``train`` flips.
 
     ``holdout = (val_size, test_size)`` examples are drawn from ``x`` with a stratified seeded split (``test_size``
-    must be 0 when an official ``test`` set is given); the rest is ``train``.
+    must be 0 when an official ``test`` set is given); the rest is ``train``. The test block is taken at position
+    ``test_at`` of the seeded order (a source passes its default ``val_size``), so the test images depend on
+    ``(len(x), test_size, seed, labels)`` only: another ``val_size`` (``val_size=0`` to train on more) keeps the
+    test set, so runs that differ in it are still compared on the same images. With ``val_size == test_at`` the
+    splits are those of releases that took ``val`` first, then ``test``. ``None``: ``val_size`` (that older rule).
     """
     val_size, test_size = holdout
     if test is not None and test_size:
@@ -256,7 +261,11 @@ def image_splits(
         raise DatasetSplitError(
             f"the data hold {len(x)} examples: holding out val_size={val_size} + test_size={test_size} leaves "
             f"{max(len(x) - val_size - test_size, 0)} to train on")
-    val_idx, test_idx, train_idx = seeded_split(len(x), [val_size, test_size], seed, labels=y)
+    order = seeded_split(len(x), [], seed, labels=y)[0]  # the stratified seeded order of every example
+    at = val_size if test_at is None else max(0, min(int(test_at), len(x) - test_size))
+    test_idx = order[at : at + test_size]
+    rest = torch.cat([order[:at], order[at + test_size :]])
+    val_idx, train_idx = rest[:val_size], rest[val_size:]
     out = {
         "train": ArrayDataset(x, y, train_idx, hflip=hflip),
         "val": ArrayDataset(x, y, val_idx),

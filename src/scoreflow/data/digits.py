@@ -53,4 +53,5 @@ class Digits(DataSource):
         d = load_digits()
         x = torch.from_numpy(d.images).round().to(torch.uint8).reshape(-1, *DIGITS_SHAPE)
         y = torch.from_numpy(d.target).long()
-        return image_splits(x, y, self.hflip, holdout=(self.val_size, self.test_size), seed=self.seed)
+        return image_splits(x, y, self.hflip, holdout=(self.val_size, self.test_size), seed=self.seed,
+                            test_at=100)  # the default val_size: test independent of val_size

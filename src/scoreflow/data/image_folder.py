@@ -73,6 +73,9 @@ def fit_image(im: Image.Image, channels: int, height: int, width: int) -> np.nda
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 
 
+
+DEFAULT_VAL_SIZE = 100  # also where the held-out test block sits in the seeded order (image_splits test_at)
+
 class ImageFolder(DataSource):
     """Every image under ``root`` (recursively; extensions in ``IMAGE_EXTENSIONS``), levels ``0..255``.
 
@@ -106,7 +109,7 @@ class ImageFolder(DataSource):
         root: str,
         shape: Sequence[int] = (3, 32, 32),
         num_levels: int | None = 256,
-        val_size: int = 100,
+        val_size: int = DEFAULT_VAL_SIZE,
         test_size: int = 100,
         seed: int = 0,
         hflip: bool = False,
@@ -188,7 +191,8 @@ class ImageFolder(DataSource):
             x, kept = self._read(self.files())
             y = self._labels({"all": [f.relative_to(self.root).parts for f in kept]})["all"]
             self._report(len(kept))
-            return image_splits(x, y, self.hflip, holdout=(self.val_size, self.test_size), seed=self.seed)
+            return image_splits(x, y, self.hflip, holdout=(self.val_size, self.test_size), seed=self.seed,
+                                test_at=DEFAULT_VAL_SIZE)  # the test images do not move with val_size
         xs, rel = {}, {}
         for split, folder in folders.items():
             xs[split], kept = self._read(self.files(folder))
@@ -197,7 +201,8 @@ class ImageFolder(DataSource):
         self._report(sum(len(v) for v in xs.values()), folders)
         # splits without a folder are held out of train (stratified, seeded), as in the one-folder layout
         holdout = (0 if "val" in folders else self.val_size, 0 if "test" in folders else self.test_size)
-        held = image_splits(xs["train"], ys["train"], self.hflip, holdout=holdout, seed=self.seed)
+        held = image_splits(xs["train"], ys["train"], self.hflip, holdout=holdout, seed=self.seed,
+                            test_at=DEFAULT_VAL_SIZE if holdout[0] else 0)
         out = {"train": held["train"]}
         for split in ("val", "test"):
             out[split] = ArrayDataset(xs[split], ys[split]) if split in folders else held[split]

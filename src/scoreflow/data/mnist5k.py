@@ -93,4 +93,5 @@ class MNIST5k(DataSource):
         x = torch.from_numpy(rows[:, :784].astype(np.uint8)).reshape(-1, 1, 28, 28)
         y = torch.from_numpy(rows[:, 784])
         check_shape(self.name, self.shape, x.shape[1:])
-        return image_splits(x, y, self.hflip, holdout=(self.val_size, self.test_size), seed=self.seed)
+        return image_splits(x, y, self.hflip, holdout=(self.val_size, self.test_size), seed=self.seed,
+                            test_at=500)  # the default val_size: test independent of val_size

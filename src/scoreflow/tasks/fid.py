@@ -130,7 +130,8 @@ def reference_stats(lm: LoadedModel, fid_cfg: DictConfig, extractor, progress: b
     split is the whole of it: the images a run held out of training for its validation bound (``data.val_size``)
     are training images too, and FID's reference is every one of them (CIFAR-10: all 50000, as ScoreFlow and every
     published FID), whatever the hold-out of the run that made the checkpoint. Not where the test split is carved
-    from the same pool (``data.test_size``: digits, mnist5k): there another hold-out would move test images into it."""
+    from the same pool (``data.test_size``: digits, mnist5k): there the run's own training split is the reference,
+    as in earlier releases (whose FID numbers it keeps)."""
     from scoreflow.metrics import FeatureStats, load_or_compute_ref_stats, ref_stats_path
 
     if fid_cfg.get("ref_stats"):
