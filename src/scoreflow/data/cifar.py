@@ -19,6 +19,7 @@ from scoreflow.data.base import (
     DatasetNotFoundError,
     DataSource,
     check_shape,
+    corrupt,
     image_splits,
     not_found,
 )
@@ -36,7 +37,8 @@ def read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         try:
             d = pickle.load(fh, encoding="bytes")
         except Exception as e:  # noqa: BLE001 - any unpickling failure means a malformed batch
-            raise DatasetFormatError(f"{path} is not a CIFAR python pickle batch: {e}") from e
+            raise corrupt(path, e, "re-extract it from cifar-10-python.tar.gz (or re-download that: an interrupted "
+                                   "download or copy leaves a truncated file)") from e
     if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
         keys = list(d) if isinstance(d, dict) else type(d).__name__
         raise DatasetFormatError(f"{path}: expected a dict with keys b'data' and b'labels', got {keys}")

@@ -128,7 +128,9 @@ def _read_pngs(folder: Path, side: int) -> np.ndarray:
                 a = np.asarray(im.convert("RGB"))
         except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError (OSError), truncated data
             raise corrupt(f, e, f"re-extract it from {folder.name}.tar (or re-download that)") from e
-        check_shape(str(f), (3, side, side), (3, *a.shape[:2]))
+        if a.shape[:2] != (side, side):  # one image of another size in the release's folder: a damaged file
+            raise corrupt(f, ValueError(f"a {a.shape[1]}x{a.shape[0]} image in a {side}x{side} release"),
+                          f"re-extract it from {folder.name}.tar (or re-download that)")
         out[i] = a.transpose(2, 0, 1)
         if (i + 1) % 200_000 == 0:
             log.info("read %d / %d PNGs from %s", i + 1, len(files), folder)
@@ -208,6 +210,17 @@ class DownsampledImageNet(DataSource):
                 return train, val
         return None
 
+    def _npz_gap(self, train_files: list[Path]) -> list[str]:
+        """The batches missing before the last one present in the folder set ``train_files`` were read from (a
+        batch removed or not yet extracted: the read stops at it, so every later batch would be dropped)."""
+        ext = train_files[0].suffix
+        sets, _ = self._npz_dirs(ext)
+        dirs = next((ds for ds in sets if train_files[0].parent in ds), [train_files[0].parent])
+        have = {n for n in range(1, NPZ_TRAIN_BATCHES + 1)
+                if any((d / f"train_data_batch_{n}{ext}").is_file() for d in dirs)}
+        last = max(have, default=0)
+        return [f"train_data_batch_{n}{ext}" for n in range(1, last + 1) if n not in have]
+
     def _npz_missing(self) -> list[str]:
         """The files missing from an npz (or pickled) layout that is partly there; ``[]`` if none of it is."""
         every = range(1, NPZ_TRAIN_BATCHES + 1)
@@ -261,6 +274,11 @@ class DownsampledImageNet(DataSource):
         # auto: van den Oord's release (the likelihood papers') when it is there, else the npz one
         png = self._png_dirs() if self.layout in ("auto", "png") else None
         npz = self._npz_files() if self.layout == "npz" or (self.layout == "auto" and png is None) else None
+        half = self._png_missing() if self.layout == "auto" and png is None and npz is not None else []
+        if half:  # van den Oord's release half there (an extraction in progress): not read in silence
+            log.warning("%s: van den Oord et al.'s release (png, the likelihood papers') is incomplete under %s "
+                        "(missing %s): reading the npz release instead, whose bits/dim are not comparable; complete "
+                        "it, or set data.layout=chrabaszcz to mean the npz one", self.name, self.root, ", ".join(half))
         if png is not None and self.layout == "auto" and self._npz_files() is not None:
             log.warning("%s: both releases are under %s: reading van den Oord et al.'s (png, the likelihood papers'; "
                         "no labels); data.layout=chrabaszcz reads the npz one (labelled, bits/dim not comparable)",
@@ -275,6 +293,9 @@ class DownsampledImageNet(DataSource):
                 self.root,
                 RELEASE_OF_LAYOUT["npz"],
             )
+            gap = self._npz_gap(train_files)
+            if gap:  # batches after the gap are on disk: a silent fraction of the data would be read
+                raise incomplete(f"{self.name} npz layout", self.root, gap, self._not_found())
             if len(train_files) < NPZ_TRAIN_BATCHES:
                 log.warning("%s: only %d of the release's %d train batches (train_data_batch_1..%d) are under %s: "
                             "training on that fraction of the training set", self.name, len(train_files),

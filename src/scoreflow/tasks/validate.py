@@ -203,6 +203,8 @@ def common_training(cfg: DictConfig, *, check_data_root: bool = True) -> None:
         if not (OmegaConf.is_list(s) and len(s) > 0 and all(isinstance(i, int) and i > 0 for i in s)):
             raise ConfigError(f"data.shape must be a list of positive integers, got {s!r}", key="data.shape", value=s,
                               fix="e.g. data.shape=[3,32,32]")
+    for k in ("data.val_size", "data.test_size"):  # hold-outs: a negative one failed inside the loader
+        integer(cfg, k, low=0, fix=f"{k}=<images held out, >= 0>")
     if check_data_root:
         data_root(cfg)
     wandb_login(cfg)
