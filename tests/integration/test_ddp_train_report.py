@@ -10,11 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from scoreflow.tasks.common import write_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # about 20 s (2 processes): `make test-all` runs it
 def test_ddp_train_reports_once_from_rank_zero(tmp_path):
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "WANDB_SERVICE", "_WANDB"))}

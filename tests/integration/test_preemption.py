@@ -137,7 +137,8 @@ def test_each_signal_checkpoints_and_only_usr1_under_slurm_requeues(tmp_path, si
         assert not record.exists() and "run the same command again" in line
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=["sigterm", "ctrl-c", "usr1"])
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, marks=pytest.mark.slow), signal.SIGINT, signal.SIGUSR1],
+                         ids=["sigterm", "ctrl-c", "usr1"])  # sigterm: 25 s, and test_sigterm_then_same_command...
 def test_a_signal_to_the_process_group_with_dataloader_workers_checkpoints_and_resumes_exactly(make_cfg, tmp_path,
                                                                                                 sig):
     """SLURM signals every process of the job step, and Ctrl-C in a terminal reaches the whole foreground group:

@@ -62,6 +62,7 @@ def test_resume_in_place_continues_the_csv_log_and_keeps_tensorboard(uninterrupt
     assert set(events) < set((run / "tensorboard").glob("events.out.tfevents.*"))  # appended, not wiped
 
 
+@pytest.mark.slow  # about 25 s on 2 cores: `make test-all` runs it
 def test_rows_logged_after_the_checkpoint_are_dropped(uninterrupted, make_cfg, tmp_path):
     """An interrupted run whose log went past its last checkpoint (a periodic checkpoint, then a crash): the
     resumed run logs those steps again, so the log keeps only the rows before the checkpoint's step."""
@@ -93,6 +94,7 @@ def test_columns_that_differ_between_segments_keep_every_row(make_cfg, tmp_path)
     assert rows(run)[:4] == second and rows(run)[-1]["train/loss"]
 
 
+@pytest.mark.slow  # about 20 s on 2 cores: `make test-all` runs it
 def test_rerunning_a_finished_folder_keeps_its_logs_and_metrics(make_cfg, tmp_path):
     run = tmp_path / "run"
     train(make_cfg([*BASE, f"trainer.max_steps={STEPS}"]))
