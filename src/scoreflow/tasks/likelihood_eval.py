@@ -29,6 +29,7 @@ from scoreflow.likelihood.ode import FIXED_GRID_METHODS
 from scoreflow.lit import per_image
 from scoreflow.lit.module import ScoreLitModule
 from scoreflow.lit.settings import EvalConfig
+from scoreflow.tasks.validate import _ABSENT, _flat  # the flattening the config checks use
 
 
 class ProtocolMismatchError(RuntimeError):
@@ -56,15 +57,6 @@ def discard_partial(folder: Path) -> None:
 ODE_KEYS = ("ode", "ode_batch_size")  # the fingerprint's keys the ODE values depend on
 BOUND_KEYS = ("bound",)  # ... and the bound's
 LEGACY_ABSENT = ("weights_digest", "data_digest", "ode_batch_size", "sde", "model", "scale", "shift")
-
-
-def _leaves(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict) and d:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_leaves(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): d}
 
 
 class PartialResults:
@@ -130,7 +122,7 @@ class PartialResults:
                 now.pop(key, None)  # (checkpoint path, step, EMA or raw; the data config; any batch size)
         stored_cmp, now_cmp = self._compared(stored or {}), self._compared(now)
         if not isinstance(stored, dict) or stored_cmp != now_cmp:
-            a, b = _leaves(stored_cmp), _leaves(now_cmp)
+            a, b = _flat(stored_cmp), _flat(now_cmp)
             diff = [f"  {k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b))
                     if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
             shown = diff[:6] + ([f"  ... and {len(diff) - 6} more"] if len(diff) > 6 else [])
@@ -173,14 +165,6 @@ class PartialResults:
         return next(iter(got.values()))
 
     @property
-    def values(self) -> dict[str, dict[tuple[int, int], float]]:
-        """``{quantity: {(image, repeat): value}}``: the values that count (:meth:`value`)."""
-        out: dict[str, dict[tuple[int, int], float]] = {}
-        for q, stored in self._values.items():
-            out[q] = {key: v for key in stored if (v := self.value(q, key)) is not None}
-        return out
-
-    @property
     def solves(self) -> list[int]:
         """NFE of every ODE solve whose values count (one per batch), in the order they were first written."""
         want = (self.batches or {}).get("bpd_ode")
@@ -220,9 +204,6 @@ class PartialResults:
             if i < n and r < repeats and (v := self.value(quantity, (i, r))) is not None:
                 out[i, r] = v
         return out
-
-
-_ABSENT = object()
 
 
 @dataclass
