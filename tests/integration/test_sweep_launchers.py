@@ -30,9 +30,11 @@ from scoreflow.tasks.launchers import (
     machine_gpus,
     outcome_of_lost_job,
     outcome_of_return,
+    parallel_job,
     run_queue,
     summary,
     varying,
+    worker_thread_env,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -293,11 +295,12 @@ def test_a_rerun_sweep_skips_the_jobs_that_finished_and_keeps_the_numbering(tmp_
     assert len(job0) == 1 and job0[0].stat().st_mtime_ns != stamps[job0[0]]
 
 
-def _ctrl_c_once_two_jobs_train(launcher: list[str], sweep: Path) -> tuple[int, str, str]:
-    """A 2-job sweep (``launcher`` picks the launcher), SIGINT to its whole process group (a terminal's Ctrl-C)
-    once both jobs are in their training loop; its exit code, stdout and stderr."""
+def _ctrl_c_once_two_jobs_train(launcher: list[str], sweep: Path, max_steps: str = "100000,100001"
+                                ) -> tuple[int, str, str]:
+    """A sweep over ``max_steps`` (``launcher`` picks the launcher), SIGINT to its whole process group (a terminal's
+    Ctrl-C) once jobs #0 and #1 are in their training loop; its exit code, stdout and stderr."""
     cmd = [sys.executable, "train.py", "-m", *launcher, "debug=fast", "trainer.accelerator=cpu", "test=false",
-           "callbacks=minimal", "val_every=100000", "checkpoint_every=100000", "trainer.max_steps=100000,100001",
+           "callbacks=minimal", "val_every=100000", "checkpoint_every=100000", f"trainer.max_steps={max_steps}",
            f"hydra.sweep.dir={sweep}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -334,16 +337,82 @@ def test_ctrl_c_on_a_local_sweep_stops_every_job_at_a_checkpoint_and_prints_the_
     assert not left, left
 
 
-@pytest.mark.slow
-def test_ctrl_c_on_a_parallel_sweep_is_one_line_that_does_not_promise_checkpoints(tmp_path):
-    """joblib ends its workers when the command is interrupted, so a job may stop before the checkpoint its handler
-    began: the line says so (it said every job had written its checkpoint; measured: one of two had not)."""
+def test_a_parallel_job_queued_before_a_stop_does_not_start_and_workers_get_their_share_of_threads(tmp_path,
+                                                                                                 monkeypatch):
+    stop = tmp_path / ".scoreflow_stop"
+    stop.write_text("2")
+    assert parallel_job(str(stop), 0, ["a=1"], None, None, None, {}) == ("not started", 2)  # no Hydra job run
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("joblib.cpu_count", lambda: 8)
+    env = worker_thread_env(2)
+    assert env["OMP_NUM_THREADS"] == "4" and env["MKL_NUM_THREADS"] == "3"  # joblib's rule: a set variable is kept
+
+
+def test_ctrl_c_on_a_parallel_sweep_stops_every_job_at_a_checkpoint_and_prints_the_table(tmp_path):
+    """hydra/launcher=parallel, 2 workers, 3 jobs: Ctrl-C (SIGINT to the whole process group) once jobs #0 and #1
+    train. Each writes its checkpoint, the queued job #2 does not start, the command lists them and exits 130. Was:
+    joblib ended its workers at once, and one of two jobs had not written its checkpoint; no table."""
     sweep = tmp_path / "sweep"
-    code, out, err = _ctrl_c_once_two_jobs_train(["hydra/launcher=parallel", "hydra.launcher.n_jobs=2"], sweep)
+    code, out, err = _ctrl_c_once_two_jobs_train(["hydra/launcher=parallel", "hydra.launcher.n_jobs=2"], sweep,
+                                                 max_steps="100000,100001,100002")
     assert code == 130, err[-3000:]
     assert "Traceback" not in out + err, err[-3000:]
-    assert ("[scoreflow] train.py -m: interrupted; joblib stopped the jobs, some perhaps before the checkpoint of "
-            "this stop") in err and f"hydra.sweep.dir={sweep}" in err
+    assert "[scoreflow] train.py -m: SIGINT: stopping the jobs of 2 worker process(es)" in err
+    assert "[scoreflow] train.py -m: 3 jobs: 2 stopped, 1 not started" in err
+    rows = {ln.split()[0]: ln for ln in err.splitlines() if ln.startswith("  #")}
+    assert "SIGINT at step" in rows["#0"] and "checkpoint written to" in rows["#1"], rows
+    assert "not started: the sweep was stopped" in rows["#2"]
+    for job in sweep.glob("[01]_*"):
+        assert (job / "checkpoints" / "last.ckpt").is_file()
+    assert not list(sweep.glob("2_*")) and not (sweep / ".scoreflow_stop").exists()
+
+
+@pytest.mark.slow  # ~10 s
+def test_sigterm_to_a_parallel_sweep_starting_up_stops_its_jobs_and_a_signal_to_one_worker_stops_its_job_alone(
+        tmp_path):
+    """SIGTERM to the command while its jobs start up (before or in their training loop): every job ends (stopped,
+    with or without a checkpoint), the third never starts, exit 143. Then SIGTERM to the only worker of a
+    1-worker sweep while job #0 trains: #0 is stopped at a checkpoint, #1 still runs in that worker and finishes."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "train.py", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "debug=fast",
+           "trainer.accelerator=cpu", "test=false", "callbacks=minimal", "val_every=100000",
+           "checkpoint_every=100000", "trainer.max_steps=100000,100001,100002", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    try:
+        while not list(sweep.glob("0_*")):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143 and "Traceback" not in out + err, err[-3000:]
+    assert "[scoreflow] train.py -m: 3 jobs: 2 stopped, 1 not started" in err, err[-3000:]
+    rows = {ln.split()[0]: ln for ln in err.splitlines() if ln.startswith("  #")}
+    for n in ("#0", "#1"):
+        assert ("SIGTERM: stopped outside the training loop" in rows[n]
+                or "SIGTERM at step" in rows[n] and "checkpoint written to" in rows[n]), rows
+
+    one = tmp_path / "one"
+    cmd = [*cmd[:4], "hydra.launcher.n_jobs=1", *cmd[5:-2], "trainer.max_steps=100000,3", f"hydra.sweep.dir={one}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not ((log := next(iter(one.glob("0_*/train.log")), None)) and READY in log.read_text()):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "popen_loky"], capture_output=True, text=True)
+        assert len(workers.stdout.split()) == 1, workers.stdout
+        os.kill(int(workers.stdout.split()[0]), signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143 and "Traceback" not in out + err, err[-3000:]
+    assert "[scoreflow] train.py -m: 2 jobs: 1 done, 1 stopped" in err, err[-3000:]
+    assert json.loads(next(one.glob("1_*/metrics.json")).read_text())["train/steps"] == 3
 
 
 @pytest.mark.slow  # 10-110 s on 2 cores: `make test-all` runs it

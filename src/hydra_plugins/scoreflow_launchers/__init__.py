@@ -40,7 +40,10 @@ from scoreflow.tasks.launchers import (
     optimized_metric,
     outcome_of_lost_job,
     outcome_of_return,
+    parallel_job,
+    parallel_worker_signals,
     run_queue,
+    worker_thread_env,
 )
 
 log = logging.getLogger(__name__)
@@ -243,42 +246,102 @@ class SummaryBasicLauncher(BasicLauncher):
 
 
 class SummaryJoblibLauncher(JoblibLauncher):
-    """Hydra's joblib launcher: the jobs in parallel worker processes, each numbered as in the full sweep. A job
-    stopped by a signal sent to its worker is listed as stopped, and the others go on."""
+    """Hydra's joblib launcher: the jobs in parallel worker processes (loky's, as joblib's default backend; of the
+    joblib keys, ``n_jobs`` applies), each numbered as in the full sweep. Ctrl-C or SIGTERM to the submitting
+    command stops every running job the way ``local`` does (each in training writes its checkpoint; the queued ones
+    do not start), waits for them, lists them and exits with the signal's code. A signal sent to one worker stops
+    its job alone."""
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         if full_error():
             return super().launch(job_overrides, initial_job_idx)
-        from hydra_plugins.hydra_joblib_launcher._core import execute_job, process_joblib_cfg
-        from joblib import Parallel, delayed
+        from joblib import effective_n_jobs
+        from joblib.externals.loky import ProcessPoolExecutor
 
         sweep_dir, outcomes, returns = start_in_process(self, job_overrides, initial_job_idx)
         nums = [initial_job_idx + k for k in range(len(job_overrides))]
         todo = [(num, list(o)) for num, o in zip(nums, job_overrides) if num not in outcomes]
-        joblib_cfg = dict(self.joblib)
-        joblib_cfg["backend"] = "loky"  # as the plugin: the threading backend does not work with Hydra
-        process_joblib_cfg(joblib_cfg)
-        log.info(f"Joblib.Parallel({', '.join(f'{k}={v}' for k, v in joblib_cfg.items())}) is launching {len(todo)} "
-                 f"jobs; sweep output dir: {sweep_dir}")
-        for num, overrides in todo:
-            log.info(f"\t#{num} : {' '.join(filter_overrides(overrides))}")
-        task, state = StopsAsResults(self.task_function), Singleton.get_state()
-        try:
-            runs = Parallel(**joblib_cfg)(delayed(execute_job)(num, overrides, self.hydra_context, self.config, task,
-                                                               state) for num, overrides in todo) if todo else []
-        except KeyboardInterrupt:
-            # joblib ends its workers at once: a job may stop before the checkpoint its own handler began (the one it
-            # wrote last stays intact: writes are atomic); hydra/launcher=local waits for every job's checkpoint
-            print(f"\n[scoreflow] {command_name()} -m: interrupted; joblib stopped the jobs, some perhaps before "
-                  "the checkpoint of this stop (each job's last.ckpt is its last complete one; hydra/launcher=local "
-                  f"waits for them); to go on, run the same command again with hydra.sweep.dir={sweep_dir}",
-                  file=sys.stderr, flush=True)
-            sys.exit(130)
-        command = command_name()
-        for (num, _), ret in zip(todo, runs):
-            returns[num], outcomes[num] = ret, outcome_of_return(num, ret, command)
-        finish_launch(self.config, [outcomes[n] for n in nums], screens=False)
+        stopped_by = None
+        if todo:
+            workers = min(effective_n_jobs(self.joblib.get("n_jobs", -1)), len(todo))
+            log.info(f"{workers} worker process(es) are launching {len(todo)} jobs; sweep output dir: {sweep_dir}")
+            for num, overrides in todo:
+                log.info(f"\t#{num} : {' '.join(filter_overrides(overrides))}")
+            task, state = StopsAsResults(self.task_function), Singleton.get_state()
+            executor = ProcessPoolExecutor(max_workers=workers, initializer=parallel_worker_signals,
+                                           env=worker_thread_env(workers))
+            futures: dict[int, Any] = {}
+            stop_file = sweep_dir / ".scoreflow_stop"  # tells the queued jobs not to start
+            stop_file.unlink(missing_ok=True)
+            try:
+                with stop_requests():
+                    for num, overrides in todo:
+                        futures[num] = executor.submit(parallel_job, str(stop_file), num, overrides,
+                                                       self.hydra_context, self.config, task, state)
+                    while not all(f.done() for f in futures.values()):
+                        time.sleep(0.2)
+            except (KeyboardInterrupt, StopRequested) as e:
+                stopped_by = e.signum if isinstance(e, StopRequested) else int(signal.SIGINT)
+                self._stop_workers(executor, futures, stopped_by, stop_file)
+            executor.shutdown(wait=True)
+            stop_file.unlink(missing_ok=True)
+            command = command_name()
+            for num, overrides in todo:
+                returns[num], outcomes[num] = self._result(num, overrides, futures.get(num), command)
+        finish_launch(self.config, [outcomes[n] for n in nums], screens=False, stopped_by=stopped_by)
         return for_sweeper(self.config, [outcomes[n] for n in nums], [returns[n] for n in nums], screens=False)
+
+    @staticmethod
+    def _stop_workers(executor: Any, futures: dict[int, Any], signum: int, stop_file: Path) -> None:
+        """The queued jobs are dropped and every worker gets SIGTERM: a job in training writes its checkpoint (one
+        already stopping on the terminal's Ctrl-C goes on with that), one outside its training loop ends. Then wait
+        for them; a second Ctrl-C or SIGTERM stops waiting and ends the workers."""
+        stop_file.write_text(str(signum))
+        for f in futures.values():
+            f.cancel()
+        pids = list(getattr(executor, "_processes", None) or {})
+        print(f"\n[scoreflow] {command_name()} -m: {signal_name(signum)}: stopping the jobs of {len(pids)} worker "
+              "process(es); each job in training writes its checkpoint (Ctrl-C again: stop waiting)",
+              file=sys.stderr, flush=True)
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+        try:
+            with stop_requests():
+                while not all(f.done() for f in futures.values()):
+                    time.sleep(0.2)
+        except (KeyboardInterrupt, StopRequested):
+            print(f"[scoreflow] stopped waiting; the worker processes {' '.join(map(str, pids))} are ended now, "
+                  "perhaps before their checkpoints (each job's last.ckpt is its last complete one)", file=sys.stderr,
+                  flush=True)
+            executor.shutdown(wait=False, kill_workers=True)
+            stop_file.unlink(missing_ok=True)
+            sys.exit(128 + signum)
+
+    def _result(self, num: int, overrides: list[str], future: Any, command: str) -> tuple[JobReturn, JobOutcome]:
+        if future is None or future.cancelled():
+            outcome, ret = not_started(num, overrides)
+            return ret, outcome
+        try:
+            ret = future.result()
+        except BaseException as e:  # the worker died (killed, out of memory: loky's TerminatedWorkerError)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            detail = f"its worker process ended without a result: {type(e).__name__}: {first}".rstrip(": ")
+            return (JobReturn(overrides=overrides, status=JobStatus.FAILED, _return_value=RuntimeError(detail)),
+                    JobOutcome(num, overrides, "failed", 1, detail, self._job_folder(overrides, num)))
+        if isinstance(ret, tuple):
+            what, signum = ret
+            if what == "not started":
+                detail = "not started: the sweep was stopped"
+                outcome = JobOutcome(num, overrides, "not started", 1, detail)
+            else:
+                detail = f"{signal_name(signum)}: stopped outside the training loop (no checkpoint of this stop)"
+                outcome = JobOutcome(num, overrides, "stopped", 128 + signum, detail, self._job_folder(overrides, num))
+            return JobReturn(overrides=overrides, status=JobStatus.FAILED, _return_value=RuntimeError(detail)), outcome
+        return ret, outcome_of_return(num, ret, command)
+
+    def _job_folder(self, overrides: Sequence[str], num: int) -> str | None:
+        return job_folder(job_config(self, overrides, num))
 
 
 class StopRequested(Exception):

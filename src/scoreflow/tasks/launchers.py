@@ -90,6 +90,71 @@ class StopsAsResults:
             raise
 
 
+class WorkerStopped(SystemExit):
+    """SIGTERM to a ``parallel`` worker whose job is outside its training loop (starting up, evaluating): the job
+    ends there. A ``SystemExit``, so Hydra's ``run_job`` lets it through instead of recording a failed job."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+# The state of this process as a ``parallel`` worker. Here, not in hydra_plugins.scoreflow_launchers: Hydra's plugin
+# scan imports that module again inside each job, and the signal handler must see the job's flag.
+_WORKER: dict[str, Any] = {"job": False}
+
+
+def _worker_stop(signum: int, frame: Any) -> None:
+    if _WORKER["job"]:
+        raise WorkerStopped(signum)
+
+
+def parallel_worker_signals() -> None:
+    """The initializer of a ``parallel`` worker process. A terminal's Ctrl-C reaches the workers too (one process
+    group): they ignore SIGINT outside a training loop, which installs its own handlers while it runs (so a job in
+    training writes its checkpoint), and the submitting command passes SIGTERM on to every worker. SIGTERM ends a job
+    outside its training loop; an idle worker ignores it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_stop)
+
+
+def parallel_job(stop_file: str, num: int, overrides: Sequence[str], hydra_context: Any, config: Any,
+                 task: Any, state: dict[Any, Any]) -> Any:
+    """One job in a ``parallel`` worker (Hydra's joblib ``execute_job``). Returns its ``JobReturn``, or
+    ``("not started", signum)`` when the sweep was stopped before it started (``stop_file`` holds the signal: a job
+    already handed to a worker cannot be cancelled) or ``("stopped", signum)`` for one stopped outside its training
+    loop."""
+    import contextlib
+
+    from hydra_plugins.hydra_joblib_launcher._core import execute_job
+
+    with contextlib.suppress(OSError, ValueError):
+        return ("not started", int(Path(stop_file).read_text()))
+    _WORKER["job"] = True
+    try:
+        return execute_job(num, overrides, hydra_context, config, task, state)
+    except WorkerStopped as e:
+        return ("stopped", e.signum)
+    finally:
+        _WORKER["job"] = False
+
+
+def worker_thread_env(workers: int) -> dict[str, str]:
+    """What joblib's loky backend gives its workers: each thread pool limited to its share of the cores
+    (``cpu_count() // workers``), unless the variable is set here already."""
+    from joblib import cpu_count
+
+    share = str(max(cpu_count() // max(workers, 1), 1))
+    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+             "VECLIB_MAXIMUM_THREADS", "NUMBA_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+    env = {name: os.environ.get(name, share) for name in names}
+    if "ENABLE_IPC" not in os.environ:
+        env["ENABLE_IPC"] = "1"
+    return env
+
+
 def outcome_of_return(num: int, ret: JobReturn, command: str) -> JobOutcome:
     """The outcome of a job that returned to its launcher (the basic launcher, or a submitit job with a result)."""
     overrides = list(ret.overrides or [])
