@@ -98,11 +98,13 @@ if [ "${TRAIN_PY:-0}" != 0 ]; then  # issue 12, two calls of <= 590 s each, back
     # 2806 img/s = 18.5 % MFU, Inductor's default mode 993 img/s, the bf16 check. What is left, each a lever on top of
     # speed=gpu, one run each (the real train.py on CIFAR-10-shaped data: random pixels in the official layout;
     # images/s, TFLOP/s and MFU after 20 warm-up steps; the compile cache under outputs/ is shared by the runs):
-    # TRAIN_PY=1: (a) speed=gpu at batch 128, that machine's baseline; (b) batch 256 (the larger-batch lever);
-    #   (c) channels_last under CUDA graphs.
+    # TRAIN_PY=1: (a) speed=gpu at batch 128, that machine's baseline; (b) cuDNN's convolution autotuning
+    #   (trainer.benchmark=true: Lightning leaves torch.backends.cudnn.benchmark off, bench/train_step.py turns it
+    #   on; the same shapes as (a), so its compilation comes from the cache); (c) batch 256 (the larger-batch lever).
     # TRAIN_PY=2: (d) speed=gpu with the DataLoader (4 workers, pinned copies) instead of on_device (that lever
-    #   alone); (e) the bare step (bench/train_step.py) with CUDA graphs; (f) the host time per batch of both data
-    #   paths (bench/data_loading.py); then the bf16 check again if DEADLINE leaves time (BF16_CHECK=1 runs it alone).
+    #   alone); (e) channels_last under CUDA graphs; (f) the bare step (bench/train_step.py) with CUDA graphs; (g) the
+    #   host time per batch of both data paths (bench/data_loading.py); then the bf16 check again if DEADLINE leaves
+    #   time (BF16_CHECK=1 runs it alone).
     $PY -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from table2_throughput import write_cifar
 write_cifar(Path(sys.argv[1]), 10000)" "$OUT/fakecifar"
     common="experiment=cifar10_table2 data.root=$OUT/fakecifar val_every=100000 sample_every=100000
@@ -111,16 +113,19 @@ write_cifar(Path(sys.argv[1]), 10000)" "$OUT/fakecifar"
     if [ "$TRAIN_PY" = 1 ]; then
         step train_speed_gpu 200 $PY train.py $common trainer.max_steps=400 hydra.run.dir="$OUT/train_speed_gpu"
         speed "$OUT/train_speed_gpu"
+        step train_speed_gpu_cudnn_benchmark 120 $PY train.py $common trainer.max_steps=350 trainer.benchmark=true \
+            hydra.run.dir="$OUT/train_speed_gpu_cudnn_benchmark"
+        speed "$OUT/train_speed_gpu_cudnn_benchmark"
         step train_speed_gpu_b256 175 $PY train.py $common trainer.max_steps=200 datamodule.batch_size=256 \
             hydra.run.dir="$OUT/train_speed_gpu_b256"
         speed "$OUT/train_speed_gpu_b256"
-        step train_speed_gpu_channels_last 175 $PY train.py $common trainer.max_steps=300 module.channels_last=true \
-            hydra.run.dir="$OUT/train_speed_gpu_channels_last"
-        speed "$OUT/train_speed_gpu_channels_last"
     else
         step train_speed_gpu_dataloader 170 $PY train.py $common trainer.max_steps=400 datamodule.on_device=false \
             hydra.run.dir="$OUT/train_speed_gpu_dataloader"
         speed "$OUT/train_speed_gpu_dataloader"
+        step train_speed_gpu_channels_last 175 $PY train.py $common trainer.max_steps=300 module.channels_last=true \
+            hydra.run.dir="$OUT/train_speed_gpu_channels_last"
+        speed "$OUT/train_speed_gpu_channels_last"
         step train_step_bf16_cudagraphs_fused 200 $PY bench/train_step.py --models ddpmpp --batch 128 --steps 20 \
             --warmup 3 --amp bf16 --compile --compile-mode reduce-overhead --fused-adam --ema ${TRAIN_STEP_EXTRA:-}
         step data_loading 40 $PY bench/data_loading.py --batches 200

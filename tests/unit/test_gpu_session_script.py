@@ -29,23 +29,25 @@ def test_syntax():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
 
 
-def test_train_py_1_measures_speed_gpu_then_the_batch_and_channels_last_levers_on_top(tmp_path):
+def test_train_py_1_measures_speed_gpu_then_the_cudnn_autotuning_and_batch_levers_on_top(tmp_path):
     out, calls = _run(tmp_path, TRAIN_PY="1")
     train = [c for c in calls if c.startswith("train.py")]
     assert len(train) == 3 and all("experiment=cifar10_table2" in c and "speed=gpu" in c for c in train)
-    base, b256, cl = train
-    assert "datamodule.batch_size" not in base and "channels_last" not in base
-    assert "datamodule.batch_size=256" in b256 and "module.channels_last=true" in cl
+    base, cudnn, b256 = train
+    assert "datamodule.batch_size" not in base and "benchmark" not in base
+    assert "trainer.benchmark=true" in cudnn and "datamodule.batch_size=256" in b256
     assert not any(c.startswith("bench/compare_runs.py") for c in calls)  # the bf16 check is call 2's last step
 
 
 def test_train_py_2_runs_its_steps_in_order_of_importance(tmp_path):
     out, calls = _run(tmp_path, TRAIN_PY="2")
     steps = [ln.split()[1] for ln in out.splitlines() if ln.startswith("=== ") and "(limit" in ln]
-    assert steps == ["train_speed_gpu_dataloader", "train_step_bf16_cudagraphs_fused", "data_loading"]
+    assert steps == ["train_speed_gpu_dataloader", "train_speed_gpu_channels_last", "train_step_bf16_cudagraphs_fused",
+                     "data_loading"]
     loader = next(c for c in calls if c.startswith("train.py") and "speed=gpu" in c)
     assert "datamodule.on_device=false" in loader  # after speed=gpu on the command line: that lever alone
     assert loader.index("speed=gpu") < loader.index("datamodule.on_device=false")
+    assert any("module.channels_last=true" in c for c in calls if c.startswith("train.py"))
     bare = next(c for c in calls if c.startswith("bench/train_step.py"))
     assert "--compile-mode reduce-overhead" in bare and "--amp bf16" in bare
     bf16 = [c for c in calls if c.startswith("train.py") and "speed=gpu" not in c]
