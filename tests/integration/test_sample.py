@@ -4,6 +4,7 @@ PNG folders, latent round trips, inpainting, colorization, class guidance, a CIF
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import subprocess
 import sys
@@ -125,6 +126,7 @@ def test_inpainting_keeps_known_pixels(digits_ckpt, make_cfg, tmp_path, mask):
     np.testing.assert_array_equal(z["result_levels"][..., known], z["input_levels"][..., known])
     assert not np.allclose(z["result"][..., ~known], z["input"][..., ~known])
     assert m["inpaint/known_pixel_max_error"] < 1e-6 and (out / "inpaint.png").is_file()
+    assert 0 < m["inpaint/known_pixel_sampler_error"] < 0.5  # the sampler's own last state, before the put-back
 
 
 def test_image_indices_pick_the_images(digits_ckpt, make_cfg, tmp_path):
@@ -177,7 +179,7 @@ def test_class_guidance_with_an_analytic_classifier(digits_ckpt, make_cfg, tmp_p
     assert bright > dark + 0.1 and m["conditional/guidance_scale"] == 20
 
 
-def test_class_guidance_with_a_trained_classifier(digits_ckpt, make_cfg, tmp_path):
+def test_class_guidance_with_a_trained_classifier(digits_ckpt, make_cfg, tmp_path, caplog):
     from scoreflow.tasks.train_classifier import train_classifier
 
     train_classifier(make_cfg(["sde=vp", "trainer.accelerator=cpu", "trainer.max_steps=2", "val_every=2", "test=false",
@@ -188,6 +190,16 @@ def test_class_guidance_with_a_trained_classifier(digits_ckpt, make_cfg, tmp_pat
     z = np.load(tmp_path / "s" / "conditional.npz")
     assert z["samples"].shape == (4, 1, 8, 8) and (z["labels"] == 7).all() and np.isfinite(z["samples"]).all()
     assert m["conditional/nfe"] == 11
+    assert "the classifier was trained on t >=" not in caplog.text
+
+    # a classifier trained on t >= 0.5 only: its gradients below that are extrapolated, which the log says
+    train_classifier(make_cfg(["sde=vp", "trainer.accelerator=cpu", "trainer.max_steps=1", "val_every=1", "test=false",
+                               "datamodule.batch_size=16", "+trainer.enable_progress_bar=false", "eps=0.5",
+                               "module.eval_times=[0.5]"], sub="clf_late", config_name="train_classifier"))
+    late = tmp_path / "clf_late" / "checkpoints" / "last.ckpt"
+    with caplog.at_level(logging.WARNING, logger="scoreflow.tasks.sample"):
+        run(make_cfg, digits_ckpt, [*PC, "mode=conditional", f"classifier_ckpt={late}", "num_samples=2"])
+    assert "the classifier was trained on t >= 0.5; the sampler goes down to t = 0.001" in caplog.text
 
 
 def write_fake_cifar(root: Path, per_batch: int = 8) -> Path:
@@ -222,6 +234,7 @@ def test_cifar_shaped_model_evaluates_and_samples(make_cfg, tmp_path):
     # the result keeps the grey level of the input (up to float round-off)
     np.testing.assert_allclose(c["result"].mean(1), c["input"].mean(1), atol=1e-5)
     assert m["colorize/gray_max_error"] < 1e-5
+    assert 0 < m["colorize/gray_sampler_error"] < 0.5
 
 
 @pytest.mark.slow

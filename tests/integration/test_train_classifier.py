@@ -125,6 +125,13 @@ def test_wrn28_10_preset_composes_for_cifar10(make_cfg):
     assert module.classifier.time_label == "log_sigma" and isinstance(module.sde, VESDE)
 
 
+def test_fewer_classes_than_the_data_have_are_refused(make_cfg):
+    """Was: IndexError 'Target 5 is out of bounds' inside the cross-entropy, at the first batch with label 5."""
+    cfg = make_cfg([*DEBUG, "num_classes=5"], config_name=CFG)
+    with pytest.raises(ConfigError, match=r"num_classes=5, but data=Digits has 10 classes \(labels 0 \.\. 9\)"):
+        build_classifier_module(cfg, build_data(cfg))
+
+
 def test_unlabelled_or_learned_dequantization_is_refused(make_cfg):
     toy = ["data=toy2d", "dequantization=none", "data.name=checkerboard", "data.n=100"]
     cfg = make_cfg([*DEBUG, *toy], config_name=CFG)
@@ -170,6 +177,23 @@ def test_short_run_is_far_above_chance_at_small_t(trained):
     # at t = 0.9 (alpha_t = 0.017) the data are gone: accuracy near chance, cross-entropy near log 10
     assert metrics["test/acc_t0.9"] < 0.25 and metrics["test/loss_t0.9"] > 2.0
     assert metrics["test/acc_t0.01"] > metrics["test/acc_t0.5"] > metrics["test/acc_t0.9"] - 0.05
+
+
+def test_a_float64_sampler_can_be_guided_and_labels_must_fit_the_batch(trained):
+    """The classifier runs in its own dtype (a float64 sampler's x is cast; was: 'expected scalar type Double'), the
+    gradient equals float32 guidance's to float32 precision, and [B] labels of another length are named."""
+    _, ckpt, _ = trained
+    clf = load_classifier(ckpt)
+    assert clf.train_eps == pytest.approx(clf.sde.default_eps)  # the training's smallest time, for sample.py's check
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.full((3,), 0.3)
+    zero = lambda x, t: torch.zeros_like(x)  # noqa: E731 - the guidance term alone
+    g64 = classifier_guided_score(zero, clf, 3)(x.double(), t.double())
+    g32 = classifier_guided_score(zero, clf, 3)(x, t)
+    assert g64.dtype == torch.float64 and clf(x.double(), t.double()).dtype == torch.float64
+    torch.testing.assert_close(g64.float(), g32, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="2 labels for a batch of 3"):
+        classifier_guided_score(zero, clf, torch.tensor([1, 2]))(x, t)
 
 
 def test_guided_pc_sampling_with_trained_classifier(trained):

@@ -31,6 +31,11 @@ def ckpts(tmp_path_factory):
     clf = {**stored, "sde": VP}  # train_classifier.py's former default SDE; the score model is subVP
     torch.save({"state_dict": {}, "global_step": 3, "scoreflow": {"config": clf, "kind": "classifier"}},
                d / "clf_vp.ckpt")
+    torch.save({"state_dict": {}, "global_step": 3, "scoreflow": {"config": stored, "kind": "classifier"}},
+               d / "clf_ok.ckpt")
+    other = {**stored, "data": {**stored["data"], "_target_": "scoreflow.data.Photos"}}  # same shape, other data
+    torch.save({"state_dict": {}, "global_step": 3, "scoreflow": {"config": other, "kind": "classifier"}},
+               d / "clf_other_data.ckpt")
     run = d / "run" / "checkpoints"
     run.mkdir(parents=True)
     for name in ("best-20.ckpt", "last.ckpt"):
@@ -57,6 +62,16 @@ CASES = [
     ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=colorize"], ["mode", "colorize", "[1, 8, 8]", "RGB"]),
     ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=conditional", "classifier_ckpt={d}/clf_vp.ckpt"],
      ["classifier_ckpt", "VPSDE", "SubVPSDE", "fix: retrain the classifier with sde=subvp"]),
+    # classifier guidance (audit of controllable generation): were tracebacks, NaN samples or silent mismatches
+    ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=conditional", "classifier_ckpt={d}/clf_ok.ckpt",
+                   "guidance_scale=abc"], ["guidance_scale", "abc", "finite number >= 0"]),
+    ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=conditional", "classifier_ckpt={d}/clf_ok.ckpt",
+                   "guidance_scale=nan"], ["guidance_scale", "nan", "finite number >= 0"]),
+    ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=conditional", "classifier_ckpt={d}/clf_ok.ckpt", "labels=3.0"],
+     ["labels", "3.0", "class index"]),
+    ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=conditional", "classifier_ckpt={d}/clf_other_data.ckpt"],
+     ["classifier_ckpt", "Photos data", "Digits", "train a classifier on the score model's data"]),
+    ("train_classifier.py", ["module.eval_times=[0.0]"], ["module.eval_times", "(0, T]"]),
     ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=latent", "num_images=4", "latent.pair=[0,20]"],
      ["latent.pair", "[0, 20]", "0 .. 3"]),
     ("evaluate.py", ["ckpt_path={d}/run"], ["ckpt_path", "fix: ckpt_path=", "checkpoints/last.ckpt"]),

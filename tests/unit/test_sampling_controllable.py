@@ -59,6 +59,63 @@ def test_inpainting_mixture_picks_the_component_of_the_known_pixels(sde_name):
     assert ((unknown.std(0) / 0.5 - 1).abs() < 0.15).all()
 
 
+def _recording(score_fn, seen):
+    def fn(x, t):
+        seen.append((float(t.flatten()[0]), x.detach().clone()))
+        return score_fn(x, t)
+    return fn
+
+
+def _kernel(sde, t):
+    """Mean factor alpha_t and standard deviation sigma_t of p_0t, read from sde.perturb itself."""
+    one, tt = torch.ones(1, dtype=torch.float64), torch.full((1,), t, dtype=torch.float64)
+    alpha = float(sde.perturb(one, tt, torch.zeros_like(one)))
+    return alpha, float(sde.perturb(torch.zeros_like(one), tt, one))
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+def test_inpainting_feeds_the_score_the_known_entries_freshly_noised_by_the_perturbation_kernel(sde_name):
+    """At every score call the known entries must be a fresh draw of N(alpha_t y, sigma_t^2): the other tests
+    cannot see a wrong noise there for independent pixels (audit: no noise, no alpha_t or twice the noise all
+    passed for VP). Also: NaN in the unknown entries of the input stays out, and known_error is the sampler's own
+    distance from the known entries before they are put back."""
+    sde, n = SDES[sde_name], 4000
+    target = gaussian(torch.zeros(4), 1.0, event_shape=(1, 2, 2))
+    y = torch.full((n, 1, 2, 2), 0.7, dtype=torch.float64)
+    y[..., 1] = float("nan")  # unknown column: never read
+    seen = []
+    res = inpaint(_recording(target.score_fn(sde), seen), sde, y, half_mask(2), corrector="none", steps=20,
+                  generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(res.samples).all() and torch.equal(res.samples[..., 0], y[..., 0])
+    assert len(seen) == 21
+    checked = 0
+    for t, x in seen[::4]:
+        alpha, sigma = _kernel(sde, t)
+        known = x[..., 0].flatten()
+        assert abs(float(known.mean()) - alpha * 0.7) < 5 * sigma / (known.numel() ** 0.5), (t, sde_name)
+        assert abs(float(known.std()) / sigma - 1) < 0.05, (t, sde_name, float(known.std()), sigma)
+        checked += 1
+    assert checked == 6
+    assert res.known_error is not None and 0 < res.known_error < 0.25  # the last state held the condition (~0.04)
+
+
+def test_colorization_feeds_the_score_the_grey_level_freshly_noised():
+    """The same for colorization (VP): the grey level of what the score sees is N(alpha_t g, sigma_t^2 / 3)."""
+    sde, n = SDES["vp"], 4000
+    target = gaussian(torch.zeros(12), 1.0, event_shape=(3, 2, 2))
+    gray = torch.full((n, 1, 2, 2), -0.4, dtype=torch.float64)
+    seen = []
+    res = colorize(_recording(target.score_fn(sde), seen), sde, gray, corrector="none", steps=20,
+                   generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(res.samples.mean(1, keepdim=True), gray, rtol=0, atol=1e-12)
+    for t, x in seen[::5]:
+        alpha, sigma = _kernel(sde, t)
+        g = x.mean(1).flatten()
+        assert abs(float(g.mean()) - alpha * -0.4) < 5 * sigma / (3 * g.numel()) ** 0.5, t
+        assert abs(float(g.std()) / (sigma / 3**0.5) - 1) < 0.05, (t, float(g.std()), sigma)
+    assert res.known_error is not None and 0 < res.known_error < 0.25
+
+
 def test_color_matrix_is_orthogonal_with_a_grey_axis():
     M = COLOR_DECOUPLE
     torch.testing.assert_close(M @ M.T, torch.eye(3, dtype=torch.float64))

@@ -171,10 +171,17 @@ class NoiseConditionalClassifier(nn.Module):
         return time_label(self.time_label, self.sde, t)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """Logits ``[B, K]`` in ``x``'s dtype; the network runs in its own (a float64 sampler's ``x`` is cast, and
+        guidance gradients flow back through the cast)."""
+        out_dtype = x.dtype
         if self.normalize_input:
             alpha, sigma = self.sde.marginal(t)
             x = x * append_dims(torch.rsqrt(alpha**2 + sigma**2), x.ndim).to(x.dtype)
-        return self.net(x, self.label(t))
+        weight = next(self.net.parameters(), None)
+        label = self.label(t)
+        if weight is not None and weight.is_floating_point() and x.is_floating_point():
+            x, label = x.to(weight.dtype), label.to(weight.dtype)
+        return self.net(x, label).to(out_dtype)
 
     def log_prob(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """``log p_t(y | x_t)``, ``[B]``, for labels ``y [B]``."""

@@ -74,6 +74,9 @@ def classifier_guided_score(score_fn: ScoreFn, classifier: Classifier, y: int | 
         if top >= logp.shape[-1]:  # gather would fail with a CUDA assert or an index error far from the cause
             raise ValueError(f"classifier_guided_score: label {top} but the classifier has {logp.shape[-1]} classes "
                              f"(0..{logp.shape[-1] - 1})")
+        if labels_in.numel() not in (1, x.shape[0]):  # expand would fail with a message about tensor sizes
+            raise ValueError(f"classifier_guided_score: {labels_in.numel()} labels for a batch of {x.shape[0]}: "
+                             "pass one label for all or one per example")
         labels = labels_in.to(device=x.device, dtype=torch.long).expand(x.shape[0])
         return logp.gather(1, labels[:, None]).squeeze(1)
 
@@ -85,12 +88,15 @@ def inpaint(score_fn: ScoreFn, sde: SDE, x_known: Tensor, mask: Tensor, **pc_kwa
     """Sample ``p(x_unknown | x_known)`` by PC sampling with the known entries clamped (App. I.2).
 
     Args:
-        x_known: ``[B, ...]`` data; only the entries where ``mask == 1`` are read.
+        x_known: ``[B, ...]`` data; only the entries where ``mask == 1`` are read (the others may hold anything,
+            NaN included).
         mask: 1 = known, 0 = to fill in; broadcastable to ``x_known`` (e.g. ``[1, 1, H, W]``).
         **pc_kwargs: passed to :func:`~scoreflow.sampling.pc.pc_sample` (predictor, corrector, steps, seeds...).
 
     Returns:
-        samples equal to ``x_known`` exactly on the known entries.
+        samples equal to ``x_known`` exactly on the known entries (put back after the last step), and
+        ``known_error``: the largest distance between the sampler's own last state and ``x_known`` on the known
+        entries before that, a measure of how well the sampled trajectory held the condition.
     """
     try:
         fits = torch.broadcast_shapes(mask.shape, x_known.shape) == x_known.shape
@@ -102,17 +108,20 @@ def inpaint(score_fn: ScoreFn, sde: SDE, x_known: Tensor, mask: Tensor, **pc_kwa
     if not bool(((mask == 0) | (mask == 1)).all()):  # a soft mask would blend the clamped and free samples
         raise ValueError("inpaint: the mask must hold only 0 (to fill in) and 1 (known); got values "
                          f"{sorted({float(v) for v in mask.flatten().unique()[:5]})}")
-    mask = mask.to(dtype=x_known.dtype, device=x_known.device)
+    known = mask.to(device=x_known.device).bool()  # selects, so that NaN in the unknown entries stays out
 
     def project(x: Tensor, t: Tensor, rng: NoiseSource) -> Tensor:
         # a fresh sample of the known entries at time t: y_t ~ N(alpha_t y, sigma_t^2 I)
         y_t = sde.perturb(x_known, t, rng.randn(tuple(x.shape), dtype=x.dtype, device=x.device))
-        return mask * y_t + (1 - mask) * x
+        return torch.where(known, y_t, x)
 
     pc_kwargs.setdefault("dtype", x_known.dtype)
     pc_kwargs.setdefault("device", x_known.device)
     res = pc_sample(score_fn, sde, tuple(x_known.shape), project=project, **pc_kwargs)
-    return SampleResult(samples=mask * x_known + (1 - mask) * res.samples, nfe=res.nfe)
+    off = torch.where(known, (res.samples - x_known).abs(), torch.zeros((), dtype=res.samples.dtype,
+                                                                         device=res.samples.device))
+    return SampleResult(samples=torch.where(known, x_known, res.samples), nfe=res.nfe,
+                        known_error=float(off.max()) if off.numel() else 0.0)
 
 
 def decouple(x: Tensor) -> Tensor:
@@ -141,7 +150,9 @@ def colorize(score_fn: ScoreFn, sde: SDE, gray: Tensor, **pc_kwargs: Any) -> Sam
         return decouple(score_fn(couple(u), t))
 
     res = inpaint(score_u, sde, u_known, mask, **pc_kwargs)
-    return SampleResult(samples=couple(res.samples), nfe=res.nfe)
+    # the grey level is u_0 / sqrt(3): the sampler's distance from it in grey-level units
+    error = None if res.known_error is None else res.known_error / math.sqrt(3)
+    return SampleResult(samples=couple(res.samples), nfe=res.nfe, known_error=error)
 
 
 # ----------------------------------------------------------------------------- masks, [1, 1, H, W], 1 = known

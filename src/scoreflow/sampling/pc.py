@@ -23,10 +23,12 @@ Projection = Callable[[Tensor, Tensor, NoiseSource], Tensor]
 
 @dataclass
 class SampleResult:
-    """Samples ``[B, ...]`` and ``nfe``, the number of (batched) score evaluations spent on them."""
+    """Samples ``[B, ...]`` and ``nfe``, the number of (batched) score evaluations spent on them; ``known_error``
+    (imputation only): the sampler's largest distance from the known entries before they were put back."""
 
     samples: Tensor
     nfe: int
+    known_error: float | None = None
 
 
 def time_grid(sde: SDE, steps: int, eps: float, *, dtype: torch.dtype, device: torch.device | str | None) -> Tensor:

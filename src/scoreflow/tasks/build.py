@@ -197,6 +197,11 @@ def build_classifier_module(cfg: DictConfig, source=None) -> ClassifierLitModule
         cfg = cfg.copy()
         with open_dict(cfg):
             cfg.num_classes = n
+    elif source is not None and int(getattr(source, "num_classes", 0)) > int(cfg.num_classes):
+        n = int(source.num_classes)  # a label >= num_classes fails inside the loss, far from the cause
+        raise ConfigError(f"num_classes={cfg.num_classes}, but data={_name(cfg.data._target_)} has {n} classes "
+                          f"(labels 0 .. {n - 1})", key="num_classes", value=cfg.num_classes,
+                          fix=f"num_classes=null (the data's {n}) or num_classes={n}")
     classifier = build_classifier(cfg)
     dequantizer = build_dequantizer(cfg, fix="use dequantization=uniform")
     if dequantizer is not None and any(True for _ in dequantizer.parameters()):

@@ -205,6 +205,7 @@ def load_classifier(
                 f"the classifier {path} saw data with {name}={have}, but the score model uses {name}={want}"
             )
     clf.requires_grad_(False)  # guidance differentiates w.r.t. x only
+    clf.train_eps = float(module.eps)  # the smallest time it was trained on (sampling below it extrapolates)
     return clf.eval().to(device)
 
 

@@ -561,6 +561,14 @@ def sample(cfg: DictConfig) -> None:
                           key="mode", value=mode,
                           fix="use a checkpoint trained on RGB data (data=photos, embedded, or cifar10, imagenet32)")
     if mode == "conditional":
+        number(cfg, "guidance_scale", low=0, low_open=False, fix="guidance_scale=1 (the exact conditional score; "
+                                                                 ">1 sharpens, 0 ignores the classifier)")
+        labels = get(cfg, "labels", None)
+        if labels is not None and not OmegaConf.is_list(labels) and (isinstance(labels, bool)
+                                                                     or not isinstance(labels, int)):
+            raise ConfigError(f"labels must be a class index or a list of them, got {labels!r}", key="labels",
+                              value=str(labels), fix="labels=null (sample i gets class i % num_classes), "
+                                                     "labels=<class> or 'labels=[0,3]'")
         if not get(cfg, "classifier_ckpt"):
             raise ConfigError("mode=conditional needs a classifier", key="classifier_ckpt",
                               fix="classifier_ckpt=outputs/train_classifier/<run>/checkpoints/last.ckpt")
@@ -885,6 +893,13 @@ def _classifier_fits(cfg: DictConfig, score: dict[str, Any], clf: dict[str, Any]
                               "classes", key="classifier_ckpt", value=get(cfg, "classifier_ckpt"),
                               fix="train a classifier on the score model's data (python train_classifier.py "
                                   "data=...), or give one trained on them")
+    if a.get("_target_") and b.get("_target_") and a["_target_"] != b["_target_"]:
+        mine, theirs = (str(d["_target_"]).rsplit(".", 1)[-1] for d in (a, b))
+        raise CheckpointError(f"the classifier was trained on {theirs} data, the score model on {mine}: its gradients "
+                              "would guide towards another data set's classes", key="classifier_ckpt",
+                              value=get(cfg, "classifier_ckpt"),
+                              fix="train a classifier on the score model's data (python train_classifier.py "
+                                  "data=...), or give one trained on them")
     for name, default in (("scale", 2.0), ("shift", -1.0)):
         have = (clf.get("module") or {}).get(name, default)
         want = (score.get("module") or {}).get(name, default)
@@ -1205,6 +1220,16 @@ def not_a_flow_checkpoint(stored: dict[str, Any], path: Any) -> None:
 
 def train_classifier(cfg: DictConfig) -> None:
     common_training(cfg)
+    integer(cfg, "num_classes", low=2, allow_none=True, fix="num_classes=null (the data source's)")
+    times = get(cfg, "module.eval_times", None)
+    if times is not None:
+        values = list(times) if OmegaConf.is_list(times) else [times]
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))
+               or not math.isfinite(v) or not 0 < v <= 1]
+        if bad or not OmegaConf.is_list(times):
+            raise ConfigError(f"module.eval_times must be a list of times in (0, T] (T = 1 for every SDE here), got "
+                              f"{times!r}", key="module.eval_times", value=str(times),
+                              fix="'module.eval_times=[0.01,0.1,0.5,0.9]'")
     shape = get(cfg, "data.shape")
     if OmegaConf.is_list(shape) and len(shape) != 3:
         clf = str(get(cfg, "classifier.net._target_") or get(cfg, "classifier._target_") or "the classifier")
