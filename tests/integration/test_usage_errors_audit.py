@@ -105,6 +105,14 @@ def test_refused_on_one_screen_before_anything_is_written(results, i):
     assert created == set(), "a usage error must not create a run folder"
 
 
+def test_missing_inception_weights_are_reported_before_the_likelihoods(tmp_path, ckpts):
+    """Was: found after the whole likelihood phase (hours under the Table-2 protocol), then the same screen."""
+    ((code, lines),) = cli_batch([("evaluate.py", [f"ckpt_path={ckpts}/score.ckpt", "fid.num_samples=10",
+                                                   f"fid.inception_weights={tmp_path / 'nope.pth'}"])], tmp_path)
+    check_screen(code, lines, 2, "No TF-Inception-v3 weights", "nope.pth", "config key: fid.inception_weights")
+    assert written(tmp_path, set()) == set()  # before the run folder: no likelihood was computed
+
+
 def _clean_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k not in ("HYDRA_FULL_ERROR", "NETRC")}
     env.update(HOME=str(home), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"), **extra)

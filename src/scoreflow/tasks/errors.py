@@ -142,7 +142,8 @@ def classify(exc: BaseException) -> tuple[int, str | None] | None:
         return USAGE, "logger"
     for cls in type(exc).__mro__:
         if cls.__name__ in FOREIGN:
-            return FOREIGN[cls.__name__]
+            code, key = FOREIGN[cls.__name__]
+            return code, getattr(exc, "config_key", None) or key  # the raising source may name its own key
     return None
 
 

@@ -501,6 +501,10 @@ def evaluate(cfg: DictConfig) -> None:
             raise ConfigError(f"fid.ref_stats={ref}: no such file", key="fid.ref_stats", value=str(ref),
                               fix="the .npz an earlier evaluate.py wrote under fid.cache_dir, or fid.ref_stats=null "
                                   "(computed from the training split and cached)")
+    if (get(cfg, "fid.num_samples") or 0) > 0:  # found after the likelihoods otherwise (hours, for Table 2)
+        from scoreflow.metrics.inception import resolve_inception_weights
+
+        resolve_inception_weights(get(cfg, "fid.inception_weights", None) or None)
     integer(cfg, "fid.batch_size", low=1)
     _device(cfg)
     choice(cfg, "accelerator", ("auto", "cpu", "gpu", "cuda"))
