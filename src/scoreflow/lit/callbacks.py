@@ -41,6 +41,12 @@ class SampleGrid(Callback):
         self.dirname = dirname
         self._last = 0
 
+    def state_dict(self) -> dict[str, Any]:  # a resumed run draws its next grid when the uninterrupted one would
+        return {"last": self._last}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last = int(state_dict.get("last", 0))
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not self.every_n_steps:
             return
@@ -89,6 +95,38 @@ class SampleGrid(Callback):
 
                 img = np.asarray(Image.open(path).convert("RGB"))
                 logger.experiment.add_image("samples", img, step, dataformats="HWC")
+
+
+class StepValidation(Callback):
+    """Validate every ``every`` optimizer steps (``trainer.global_step``), not every ``every`` training batches as
+    Lightning counts them: a batch whose step the NaN guard skipped, or a micro-batch of gradient accumulation, is a
+    batch but no step. Counting batches moved every validation after a skipped step one step early and dropped the
+    one at ``trainer.max_steps`` (with it the ODE validation the default run computes there). Lightning has no
+    public hook for this: the training epoch loop's ``_should_check_val_fx`` is replaced for the fit (its other
+    cases, stopping early, are kept)."""
+
+    def __init__(self, every: int):
+        self.every = int(every)
+        self._last: int | None = None  # the step validated last (never twice at one step)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loop = trainer.fit_loop.epoch_loop
+        if self.every < 1 or not hasattr(loop, "_should_check_val_fx"):
+            return
+        self._last = trainer.global_step  # a resumed run: its start step is not validated again
+
+        def should_check(data_fetcher: Any) -> bool:
+            if not loop._should_check_val_epoch():
+                return False
+            if trainer.should_stop and getattr(trainer.fit_loop, "_can_stop_early", False):
+                return True
+            step = trainer.global_step
+            if step == self._last or step % self.every:
+                return False
+            self._last = step
+            return True
+
+        loop._should_check_val_fx = should_check
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

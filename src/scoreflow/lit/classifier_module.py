@@ -168,10 +168,11 @@ class ClassifierLitModule(GuardedOptimization):
         if self.optim_cfg.fused:  # the device's count of skipped steps, exact in the checkpoint
             self.read_bad_steps(stop=False)
         checkpoint["scoreflow"] = {"kind": "classifier", "batches_seen": self.batches_seen,
-                                    "bad_steps_total": self.bad_steps_total, "config": self.config_dict,
-                                    "choices": dict(self.config_choices)}
+                                    "bad_steps_total": self.bad_steps_total, "bad_streak": self.bad_streak(),
+                                    "config": self.config_dict, "choices": dict(self.config_choices)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("scoreflow", {})
         self.batches_seen = state.get("batches_seen", 0)
         self.bad_steps_total = state.get("bad_steps_total", 0)
+        self.restore_bad_streak(int(state.get("bad_streak", 0)))

@@ -157,7 +157,8 @@ class ScoreLitModule(GuardedOptimization):
         self.val_bound, self.val_ode = MeanSE(), MeanSE()
         self._test_values: dict[str, list[Tensor]] = {}  # rows (image index, repeat, value); "nfe": per solve
         self._test_seen = 0  # test images of this rank so far
-        self._last_ode_step, self._ode_now = 0, False
+        self._last_ode_step, self._ode_now = 0, False  # the step of the last ODE validation: checkpointed
+        self._val_seen = 0  # validation images of this rank so far in this validation run
         self.config_dict: dict[str, Any] | None = None  # the run's resolved config, saved in checkpoints
         self.config_choices: dict[str, str] = {}  # the Hydra options it was composed of (model=ddpmpp, ...)
         self.output_dir: str | None = None  # where per-example test values are written
@@ -303,6 +304,7 @@ class ScoreLitModule(GuardedOptimization):
         self._ode_now = (
             bool(every) and not self.trainer.sanity_checking and (self.global_step >= self._last_ode_step + every)
         )
+        self._val_seen = 0
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         k = batch[0]
@@ -310,7 +312,11 @@ class ScoreLitModule(GuardedOptimization):
         y, log_q = self.to_model_space(k, g)
         D = y[0].numel()
         self.val_bound.update(self.to_bpd(self.bound_nll(y, self.eval_cfg.val_num_t, g), log_q, D))
-        seen, subset = batch_idx * k.shape[0], self.eval_cfg.nll_subset
+        seen, subset = self._val_seen, self.eval_cfg.nll_subset  # a count: the last batch may be smaller
+        self._val_seen += k.shape[0]
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:  # ranks hold images rank, rank + world, ...: this rank's share of the first nll_subset
+            subset = len(range(self.global_rank, subset, world))
         if self._ode_now and seen < subset:
             y, log_q = y[: subset - seen], log_q[: subset - seen]
             nll, _ = self.ode_nll(y, g)
@@ -423,6 +429,8 @@ class ScoreLitModule(GuardedOptimization):
         checkpoint["scoreflow"] = {
             "batches_seen": self.batches_seen,
             "bad_steps_total": self.bad_steps_total,
+            "bad_streak": self.bad_streak(),
+            "last_ode_step": self._last_ode_step,
             "config": self.config_dict,
             "choices": dict(self.config_choices),
         }
@@ -431,6 +439,8 @@ class ScoreLitModule(GuardedOptimization):
         state = checkpoint.get("scoreflow", {})
         self.batches_seen = state.get("batches_seen", 0)
         self.bad_steps_total = state.get("bad_steps_total", 0)
+        self.restore_bad_streak(int(state.get("bad_streak", 0)))  # checkpoints of earlier releases: none
+        self._last_ode_step = int(state.get("last_ode_step", 0))
 
 
 def per_image_table(rows: Tensor) -> tuple[np.ndarray, np.ndarray]:

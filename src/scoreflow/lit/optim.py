@@ -80,14 +80,20 @@ def apply_requested_settings(opt: torch.optim.Optimizer, sched: Any, o: OptimCon
     changes: dict[str, str] = {}
     for i, group in enumerate(opt.param_groups):
         base = float(group.get("initial_lr", group["lr"]))
+        factor = sched.lr_lambdas[i](sched.last_epoch) if sched is not None and hasattr(sched, "lr_lambdas") else None
         if not math.isclose(base, o.lr, rel_tol=1e-12, abs_tol=0.0):
             changes["lr"] = f"lr {base:g} -> {o.lr:g}"
             group["initial_lr"] = o.lr
-            factor = sched.lr_lambdas[i](sched.last_epoch) if sched is not None and hasattr(sched, "lr_lambdas") \
-                else 1.0
             if sched is not None and hasattr(sched, "base_lrs"):
                 sched.base_lrs[i] = o.lr
+            group["lr"] = o.lr * (1.0 if factor is None else factor)
+        elif factor is not None and not math.isclose(group["lr"], o.lr * factor, rel_tol=1e-9, abs_tol=1e-15):
+            # the same lr, another warm-up/decay: the stored rate was the old schedule's at this step
+            changes.setdefault("schedule", f"learning rate at this step {group['lr']:g} -> {o.lr * factor:g} "
+                                           "(warm-up/decay settings)")
             group["lr"] = o.lr * factor
+        if sched is not None and hasattr(sched, "_last_lr") and i < len(sched._last_lr):
+            sched._last_lr[i] = group["lr"]
         if not builtin_adam:
             continue
         requested = {"betas": tuple(float(b) for b in o.betas), "eps": float(o.eps),
@@ -253,11 +259,12 @@ class GuardedOptimization(pl.LightningModule):
                 why = "non-finite loss or gradient norm on another rank"
             self._skip(why, batch_index)
             return None
+        lr = sched.get_last_lr()[0]  # the rate of this step (after sched.step() it is the next step's)
         opt.step()
         sched.step()
         self._bad_in_a_row = 0
         self.log_step("train/grad_norm", gnorm.detach())
-        self.log_step("train/lr", sched.get_last_lr()[0])
+        self.log_step("train/lr", lr)
         return gnorm
 
     def _agree(self, flag: Tensor) -> Tensor:
@@ -269,20 +276,33 @@ class GuardedOptimization(pl.LightningModule):
     def _step_on_device(self, opt, sched, bad: Tensor, gnorm: Tensor, batch_index: int) -> Tensor:
         inner = opt.optimizer
         inner.found_inf = bad  # fused Adam: no update of weights, moments or step where 1
+        lr = sched.get_last_lr()[0]  # the rate of this step (after sched.step() it is the next step's)
         opt.step()
         inner.found_inf = None
         sched.step()
         self._count_bad(bad)
         self.log_step("train/grad_norm", gnorm.detach())
-        self.log_step("train/lr", sched.get_last_lr()[0])
+        self.log_step("train/lr", lr)
         every = max(1, getattr(self._trainer, "log_every_n_steps", 50) or 50)
         if self.global_step - self._bad_read_step >= every:
             self.read_bad_steps(batch_index)
         return gnorm
 
+    def bad_streak(self) -> int:
+        """The current run of skipped steps (checkpointed: a resumed run does not start its count again). The
+        fused guard's count is on the device; :meth:`read_bad_steps` ran before a checkpoint is saved."""
+        if self.optim_cfg.fused and self._bad_counts is not None:
+            return int(self._bad_counts[1])
+        return self._bad_in_a_row
+
+    def restore_bad_streak(self, streak: int) -> None:
+        self._bad_in_a_row = streak
+        self._restored_streak = streak
+
     def _count_bad(self, bad: Tensor) -> None:
         if self._bad_counts is None or self._bad_counts.device != bad.device:
-            self._bad_counts = torch.zeros(3, dtype=torch.int64, device=bad.device)
+            streak = getattr(self, "_restored_streak", 0)
+            self._bad_counts = torch.tensor([0, streak, streak], dtype=torch.int64, device=bad.device)
         c, b = self._bad_counts, bad.to(torch.int64)
         c[0] += b
         c[1] = (c[1] + 1) * b

@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from scoreflow.lit import preemption
-from scoreflow.lit.callbacks import AtomicCheckpointIO
+from scoreflow.lit.callbacks import AtomicCheckpointIO, StepValidation
 from scoreflow.lit.preemption import Preempted, PreemptionCheckpoint
 from scoreflow.lit.progress import TerminalProgressBar
 from scoreflow.lit.settings import protocol_string  # noqa: F401  (re-exported: the tasks name it here)
@@ -171,8 +171,10 @@ def fit(cfg: DictConfig, module: pl.LightningModule, source: Any, out: Path, t0:
     overrides = {}
     n = getattr(getattr(module, "optim_cfg", None), "accumulate_grad_batches", 1)
     interval = run_cfg.trainer.get("val_check_interval")
-    if n > 1 and isinstance(interval, int):  # Lightning counts batches; val_every counts optimizer steps
-        overrides["val_check_interval"] = interval * n
+    if isinstance(interval, int) and not isinstance(interval, bool):
+        callbacks.append(StepValidation(interval))  # val_every counts optimizer steps; Lightning counts batches
+        if n > 1:  # what Lightning itself would count (its decision is replaced by StepValidation's)
+            overrides["val_check_interval"] = interval * n
     trainer = make_trainer(run_cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)

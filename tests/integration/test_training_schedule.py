@@ -1,0 +1,123 @@
+"""The training loop's schedules, from the audit of the Lightning glue: validation every ``val_every`` optimizer
+steps (not training batches: a skipped step or a micro-batch is a batch), the ODE validation's and the sample
+grid's schedules and the NaN guard's streak across a resume, the learning rate a step logs, a resume that changes
+the warm-up/decay, and the ODE subset when the last validation batch is smaller."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from scoreflow.lit.callbacks import SampleGrid, StepValidation
+from scoreflow.lit.optim import adam_with_warmup, apply_requested_settings, lr_factor
+from scoreflow.lit.settings import OptimConfig
+from tests.integration.test_fused_guard import _module
+
+
+class _Validations(pl.Callback):
+    def __init__(self):
+        self.at, self.counts = [], []
+
+    def on_validation_epoch_end(self, trainer, pl_module):  # before the module's own hook resets the means
+        self.at.append((trainer.global_step, "ODE" if pl_module.val_ode.count else "bound"))
+        self.counts.append((int(pl_module.val_bound.count), int(pl_module.val_ode.count)))
+
+
+def _fit(module, steps, val_every, callbacks, val_batch=8, n_val=8, logger=False):
+    module.eval_cfg = type(module.eval_cfg).from_mapping({"val_num_t": 4, "nll_every": 6, "nll_subset": 30,
+                                                          "method": "rk4", "steps": 2})
+    torch.manual_seed(0)
+    trainer = pl.Trainer(max_steps=steps, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+                         accelerator="cpu", val_check_interval=val_every, num_sanity_val_steps=0,
+                         enable_model_summary=False, log_every_n_steps=1, check_val_every_n_epoch=None,
+                         callbacks=[*callbacks, StepValidation(val_every)])
+    train = TensorDataset(torch.randint(0, 4, (256, 1, 2, 2)), torch.zeros(256))
+    val = TensorDataset(torch.randint(0, 4, (n_val, 1, 2, 2)), torch.zeros(n_val))
+    trainer.fit(module, DataLoader(train, batch_size=8), DataLoader(val, batch_size=val_batch))
+    return trainer
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_validation_follows_optimizer_steps_through_a_skipped_step(fused):
+    """A NaN at the second network call: the default guard skips that step (no global_step), the fused one takes a
+    no-op step. Either way: validations at steps 3 and 6, the ODE at 6 (was, default guard: at 2 and 5, no ODE)."""
+    rec = _Validations()
+    module = _module(fused, nan_calls=(2,))
+    trainer = _fit(module, 6, 3, [rec])
+    assert trainer.global_step == 6 and module.bad_steps_total == 1
+    assert rec.at == [(3, "bound"), (6, "ODE")]
+
+
+def test_the_ode_subset_counts_images_when_the_last_validation_batch_is_smaller():
+    """32 validation images in batches of 12 (12, 12, 8) with nll_subset=30: 30 ODE values (was 32)."""
+    rec = _Validations()
+    _fit(_module(False), 6, 6, [rec], val_batch=12, n_val=32)
+    assert rec.counts == [(32, 30)]
+
+
+def test_schedules_and_the_guard_streak_survive_a_checkpoint():
+    module = _module(False)
+    module._last_ode_step, module._bad_in_a_row = 15, 3
+    ckpt: dict = {}
+    module.on_save_checkpoint(ckpt)
+    again = _module(False)
+    again.on_load_checkpoint(ckpt)
+    assert (again._last_ode_step, again._bad_in_a_row) == (15, 3)
+    old = _module(False)  # a checkpoint of an earlier release: neither key
+    old.on_load_checkpoint({"scoreflow": {"batches_seen": 4}})
+    assert (old._last_ode_step, old._bad_in_a_row) == (0, 0)
+    fused = _module(True)
+    fused.on_load_checkpoint(ckpt)
+    fused._count_bad(torch.tensor(1))  # the device's streak goes on from the stored one
+    assert int(fused._bad_counts[1]) == 4
+    grid = SampleGrid(every_n_steps=10)
+    grid._last = 20
+    restored = SampleGrid(every_n_steps=10)
+    restored.load_state_dict(grid.state_dict())
+    assert restored._last == 20
+
+
+def test_the_logged_learning_rate_is_the_rate_of_its_step(tmp_path):
+    """lr 1e-2 with 2 warm-up steps: step 0 updates at 0.005 (was logged: 0.01, the next step's)."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = _module(False)
+    _fit(module, 3, 100, [], logger=CSVLogger(tmp_path, name="", version=""))
+    rows = [r for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r.get("train/lr")]
+    logged = {int(r["step"]): float(r["train/lr"]) for r in rows}
+    assert logged[0] == pytest.approx(1e-2 * lr_factor(0, 2)) == pytest.approx(0.005)
+    assert logged[1] == pytest.approx(1e-2)
+
+
+def test_a_resume_with_another_schedule_applies_it_from_its_first_step():
+    """Same lr, decay_steps 10 on a run of 10 steps resumed: its factor at step 10 is 0, so the stored rate (the old
+    schedule's, 6e-3) must not be used (was: one step at 6e-3, nothing logged)."""
+    w = [torch.nn.Parameter(torch.zeros(2))]
+    old = adam_with_warmup(w, {"lr": 6e-3, "warmup_steps": 5})
+    opt, sched = old["optimizer"], old["lr_scheduler"]["scheduler"]
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    state = (opt.state_dict(), sched.state_dict())
+    new_cfg = OptimConfig.from_mapping({"lr": 6e-3, "warmup_steps": 5, "decay_steps": 10})
+    new = adam_with_warmup(w, new_cfg)
+    opt2, sched2 = new["optimizer"], new["lr_scheduler"]["scheduler"]
+    opt2.load_state_dict(state[0])
+    sched2.load_state_dict(state[1])
+    assert opt2.param_groups[0]["lr"] == pytest.approx(6e-3)  # what Lightning's restore leaves
+    changes = apply_requested_settings(opt2, sched2, new_cfg, builtin_adam=True)
+    assert any("warm-up/decay" in c for c in changes), changes
+    assert opt2.param_groups[0]["lr"] == 0.0 and sched2.get_last_lr()[0] == 0.0
+    assert math.isclose(lr_factor(10, 5, 10), 0.0, abs_tol=1e-15)
+    same = adam_with_warmup(w, {"lr": 6e-3, "warmup_steps": 5})  # an exact resume: nothing changes
+    opt3, sched3 = same["optimizer"], same["lr_scheduler"]["scheduler"]
+    opt3.load_state_dict(state[0])
+    sched3.load_state_dict(state[1])
+    assert apply_requested_settings(opt3, sched3, OptimConfig.from_mapping({"lr": 6e-3, "warmup_steps": 5}),
+                                    builtin_adam=True) == []
