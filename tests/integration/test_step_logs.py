@@ -35,10 +35,9 @@ def _rows(path):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
-@pytest.mark.parametrize("extra", [[], ["module.optim.accumulate_grad_batches=2"],
-                                   ["+callbacks.stop._target_=tests.integration.test_step_logs.StopAtStep",
-                                    "+callbacks.stop.step=7"]],
-                         ids=["plain", "accumulation", "stopped-between-log-steps"])
+@pytest.mark.parametrize("extra", [[], ["+callbacks.stop._target_=tests.integration.test_step_logs.StopAtStep",
+                                        "+callbacks.stop.step=7"]],
+                         ids=["plain", "stopped-between-log-steps"])
 def test_loggers_get_what_logging_every_step_gave(make_cfg, tmp_path, monkeypatch, extra):
     calls = []
     real_log = ScoreLitModule.log
@@ -62,3 +61,40 @@ def test_loggers_get_what_logging_every_step_gave(make_cfg, tmp_path, monkeypatc
     if extra and "stop" in extra[0]:
         steps = [int(r["step"]) for r in a if r["train/loss"]]
         assert steps[-1] == 6, steps  # the stopping step (7, logged at 6 as Lightning does) is written, not stale
+
+
+def test_under_accumulation_a_row_holds_its_own_steps_values(make_cfg, tmp_path, monkeypatch):
+    """module.optim.accumulate_grad_batches=2: a logged row of optimizer step s has the mean loss of s's two
+    micro-batches and s's own gradient norm. Was (audit): the loss of s's first micro-batch alone, and the gradient
+    norm and loss variance of step s - 1, because the values went out at whichever micro-batch Lightning logged."""
+    import torch
+
+    losses, norms = {}, {}
+    real_loss, real_step = ScoreLitModule.training_loss, GuardedOptimization.guarded_step
+
+    def record_loss(self, *args, **kwargs):
+        loss, extra = real_loss(self, *args, **kwargs)
+        losses.setdefault(self.global_step, []).append(float(loss))
+        return loss, extra
+
+    def record_step(self, loss, batch_index):
+        step = self.global_step
+        gnorm = real_step(self, loss, batch_index)
+        if gnorm is not None:
+            norms[step] = float(gnorm)
+        return gnorm
+
+    monkeypatch.setattr(ScoreLitModule, "training_loss", record_loss)
+    monkeypatch.setattr(GuardedOptimization, "guarded_step", record_step)
+    train(make_cfg([*BASE, "module.optim.accumulate_grad_batches=2", "trainer.log_every_n_steps=1"], sub="acc"))
+    rows = [r for r in _rows(tmp_path / "acc") if r.get("train/loss")]
+    by_step = {}
+    for r in rows:  # Lightning writes a row at each micro-batch it logs: the step's values again, at the same step
+        assert by_step.setdefault(int(r["step"]), r) == r, (r, by_step[int(r["step"])])
+    assert sorted(by_step) == list(range(12))
+    for r in by_step.values():
+        s = int(r["step"])
+        assert len(losses[s]) == 2
+        assert float(r["train/loss"]) == pytest.approx(sum(losses[s]) / 2, rel=1e-5), (s, r, losses[s])
+        assert float(r["train/grad_norm"]) == pytest.approx(norms[s], rel=1e-5), (s, r, norms[s])
+    assert torch.isfinite(torch.tensor([float(r["train/loss"]) for r in by_step.values()])).all()

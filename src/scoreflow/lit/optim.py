@@ -145,6 +145,7 @@ class GuardedOptimization(pl.LightningModule):
         self._bad_read_step = 0  # global_step of the last read of those counts
         self._micro = 0  # micro-batches of the current optimizer step so far (optim.accumulate_grad_batches)
         self._loss_ok: Tensor | None = None  # every loss of those micro-batches finite
+        self._loss_sum: Tensor | None = None  # their losses summed (train/loss logs the mean)
         self._trainable: list[Tensor] | None = None  # the optimizer's parameters (configure_optimizers), clipped
         self._step_logs: dict[str, tuple[Any, dict[str, Any]]] = {}  # log_step: the latest value of each name
 
@@ -167,7 +168,8 @@ class GuardedOptimization(pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # after the callbacks' on_train_batch_end (which may stop training: Lightning then writes this step's logs)
         # and right before Lightning decides, with the same test, whether to write this step's logs
-        if self._step_logs and self._step_logs_written_now():
+        # only at an optimizer step's end (its last micro-batch): its own values, not the previous step's
+        if self._step_logs and not self.accumulating and self._step_logs_written_now():
             for name, (value, kwargs) in self._step_logs.items():
                 self.log(name, value, on_step=True, on_epoch=False, **kwargs)
             self.log_optimizer_step_axis(on_step=True, on_epoch=False)
@@ -235,10 +237,12 @@ class GuardedOptimization(pl.LightningModule):
         self.manual_backward(loss / n if n > 1 else loss)
         ok = torch.isfinite(loss.detach())
         self._loss_ok = ok if self._loss_ok is None else self._loss_ok & ok
-        self.log_step("train/loss", loss.detach(), prog_bar=True)  # NaN in the logs when it is NaN
+        self._loss_sum = loss.detach() if self._micro == 0 else self._loss_sum + loss.detach()
         self._micro = (self._micro + 1) % n
         if self._micro:
             return None
+        # the step's loss: the mean over its micro-batches (NaN in the logs when one is NaN)
+        self.log_step("train/loss", self._loss_sum / n if n > 1 else self._loss_sum, prog_bar=True)
         loss_ok = self._loss_ok
         clip = self.optim_cfg.grad_clip
         params = self._trainable  # set with the optimizer: walking the modules every step cost up to ~0.4 ms
