@@ -121,3 +121,58 @@ def test_a_resume_with_another_schedule_applies_it_from_its_first_step():
     sched3.load_state_dict(state[1])
     assert apply_requested_settings(opt3, sched3, OptimConfig.from_mapping({"lr": 6e-3, "warmup_steps": 5}),
                                     builtin_adam=True) == []
+
+
+def test_a_resume_on_another_number_of_processes_says_it_is_not_a_continuation(caplog):
+    """DDP audit: 2 processes -> 1 resumed silently; the data stream repeated images of the epoch and the global
+    batch halved. The checkpoint now records the world size and per-process batch, and the resume warns."""
+    import logging
+    from types import SimpleNamespace
+
+    module = _module(False)
+    module._trainer = SimpleNamespace(world_size=1, is_global_zero=True, datamodule=SimpleNamespace(batch_size=32))
+    with caplog.at_level(logging.WARNING, logger="scoreflow.lit.module"):
+        module.on_load_checkpoint({"scoreflow": {"world_size": 2, "batch_size": 32}})
+    assert ("trained on 2 process(es), this run has 1; the global batch changes from 64 to 32 images "
+            "(datamodule.batch_size=32 per process)") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="scoreflow.lit.module"):
+        module.on_load_checkpoint({"scoreflow": {"world_size": 1, "batch_size": 32}})  # the same: nothing said
+        module.on_load_checkpoint({"scoreflow": {}})  # an earlier release's checkpoint: unknown, nothing said
+    assert "process(es)" not in caplog.text
+    ckpt: dict = {}
+    module.on_save_checkpoint(ckpt)
+    assert (ckpt["scoreflow"]["world_size"], ckpt["scoreflow"]["batch_size"]) == (1, 32)
+
+
+def test_fewer_validation_or_test_images_than_processes_are_refused(make_cfg):
+    """DDP audit: test_subset=1 on 2 processes died after training with Lightning's 'zero length' traceback."""
+    from scoreflow.tasks import validate
+    from scoreflow.tasks.errors import ConfigError
+
+    cfg = make_cfg(["trainer.devices=4", "trainer.accelerator=cpu", "datamodule.test_subset=3"])
+    with pytest.raises(ConfigError, match=r"datamodule.test_subset=3 is fewer images than the run's 4 processes"):
+        validate.common_training(cfg, check_data_root=False)
+    validate.common_training(make_cfg(["trainer.devices=4", "trainer.accelerator=cpu", "datamodule.test_subset=4"]),
+                             check_data_root=False)
+
+
+@pytest.mark.slow  # ~30 s: two processes
+def test_an_ode_subset_smaller_than_the_processes_validates_on_every_rank(tmp_path):
+    """DDP audit: nll_subset=1 on 2 processes left rank 1 without ODE values; it skipped the synced compute that
+    rank 0 entered, and gloo aborted ('collective mismatch'; NCCL would hang). Every rank now computes at least one."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "train.py", "debug=fast", "trainer=ddp_cpu", "trainer.max_steps=4", "test=false",
+           "val_every=2", "module.evaluation.nll_every=2", "module.evaluation.nll_subset=1",
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert math.isfinite(metrics["val/bpd_ode"])

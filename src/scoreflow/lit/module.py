@@ -315,8 +315,9 @@ class ScoreLitModule(GuardedOptimization):
         seen, subset = self._val_seen, self.eval_cfg.nll_subset  # a count: the last batch may be smaller
         self._val_seen += k.shape[0]
         world = self.trainer.world_size if self._trainer is not None else 1
-        if world > 1:  # ranks hold images rank, rank + world, ...: this rank's share of the first nll_subset
-            subset = len(range(self.global_rank, subset, world))
+        if world > 1:  # ranks hold images rank, rank + world, ...: this rank's share of the first nll_subset,
+            # at least one: every rank computes (and syncs) the ODE validation, or the collectives would mismatch
+            subset = max(1, len(range(self.global_rank, subset, world)))
         if self._ode_now and seen < subset:
             y, log_q = y[: subset - seen], log_q[: subset - seen]
             nll, _ = self.ode_nll(y, g)
@@ -325,7 +326,7 @@ class ScoreLitModule(GuardedOptimization):
     def on_validation_epoch_end(self) -> None:
         m, se = self.val_bound.compute()
         self.log_dict({"val/bpd_bound": m.float(), "val/bpd_bound_se": se.float()}, sync_dist=False)
-        if self.val_ode.count > 0:
+        if self._ode_now and self.val_ode.count > 0:  # every rank alike (each holds at least one ODE value)
             self._last_ode_step = self.global_step
             m, se = self.val_ode.compute()
             self.log_dict({"val/bpd_ode": m.float(), "val/bpd_ode_se": se.float()}, sync_dist=False)
@@ -431,6 +432,8 @@ class ScoreLitModule(GuardedOptimization):
             "bad_steps_total": self.bad_steps_total,
             "bad_streak": self.bad_streak(),
             "last_ode_step": self._last_ode_step,
+            "world_size": self.trainer.world_size if self._trainer is not None else 1,
+            "batch_size": self._per_rank_batch(),
             "config": self.config_dict,
             "choices": dict(self.config_choices),
         }
@@ -441,6 +444,27 @@ class ScoreLitModule(GuardedOptimization):
         self.bad_steps_total = state.get("bad_steps_total", 0)
         self.restore_bad_streak(int(state.get("bad_streak", 0)))  # checkpoints of earlier releases: none
         self._last_ode_step = int(state.get("last_ode_step", 0))
+        self._warn_if_world_changed(state)
+
+    def _per_rank_batch(self) -> int | None:
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        size = getattr(dm, "batch_size", None)
+        return int(size) if isinstance(size, int) else None
+
+    def _warn_if_world_changed(self, state: dict[str, Any]) -> None:
+        """A resume on another number of processes (a requeue onto another GPU count) is not a continuation of the
+        same run: the global batch changes, and each rank's data stream restarts at its count of batches in a
+        shard of another size (images of the epoch are repeated or skipped). Said once, at the resume."""
+        before, now = state.get("world_size"), self.trainer.world_size if self._trainer is not None else 1
+        if before is None or int(before) == int(now) or not self.trainer.is_global_zero:
+            return
+        per = state.get("batch_size")
+        batch = (f"; the global batch changes from {int(before) * per} to {int(now) * per} images "
+                 f"(datamodule.batch_size={per} per process)") if isinstance(per, int) else ""
+        log.warning("resume: this checkpoint was trained on %d process(es), this run has %d%s, and the data order "
+                    "does not continue the interrupted run's (images of the current epoch are repeated or skipped): "
+                    "the result is not the uninterrupted run's. Resume on %d process(es) for an exact continuation.",
+                    int(before), int(now), batch, int(before))
 
 
 def per_image_table(rows: Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -198,6 +198,15 @@ def common_training(cfg: DictConfig, *, check_data_root: bool = True) -> None:
     integer(cfg, "sample_every", low=0)
     devices(cfg)
     precision(cfg)
+    d, nodes = get(cfg, "trainer.devices", 1), get(cfg, "trainer.num_nodes", 1)
+    if isinstance(d, int) and not isinstance(d, bool) and d > 1 and isinstance(nodes, int):
+        world = d * nodes  # each process evaluates its own shard: an empty one failed after training (or hung)
+        for k in ("datamodule.val_subset", "datamodule.test_subset"):
+            v = get(cfg, k, None)
+            if isinstance(v, int) and not isinstance(v, bool) and 0 < v < world:
+                raise ConfigError(f"{k}={v} is fewer images than the run's {world} processes (trainer.devices={d} x "
+                                  f"trainer.num_nodes={nodes}): a process would have none", key=k, value=v,
+                                  fix=f"{k}={world} or more, or {k}=null (the whole split)")
     if has(cfg, "data.shape"):
         s = get(cfg, "data.shape")
         if not (OmegaConf.is_list(s) and len(s) > 0 and all(isinstance(i, int) and i > 0 for i in s)):
