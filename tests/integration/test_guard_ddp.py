@@ -40,6 +40,20 @@ class _SaveWeights(pl.Callback):
                     "bad": pl_module.bad_steps_total}, f"{self.where}/rank{trainer.global_rank}.pt")
 
 
+def _fit_on_two_ranks(module: ScoreLitModule, steps: int, tmp_path) -> tuple[dict, dict]:
+    """Train ``module`` on 2 CPU processes for ``steps`` optimizer steps; each rank's final state."""
+    data = TensorDataset(torch.randint(0, 4, (256, 1, 2, 2)), torch.zeros(256))
+    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         default_root_dir=tmp_path, accelerator="cpu", devices=2, log_every_n_steps=4,
+                         strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)),
+                         callbacks=[_SaveWeights(str(tmp_path))])
+    trainer.fit(module, DataLoader(data, batch_size=8))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for k in r0["state"]:  # the replicas stay identical
+        torch.testing.assert_close(r0["state"][k], r1["state"][k], rtol=0, atol=0, msg=k)
+    return r0, r1
+
+
 @pytest.mark.parametrize("fused", [pytest.param(False, marks=pytest.mark.slow), True],  # slow: 11 s (2 processes)
                          ids=["host-guard", "fused-guard"])
 def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, fused):
@@ -47,15 +61,7 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, fused):
     module = ScoreLitModule(ScoreModel(_Net(nan_calls=(3, 4), rank=1), sde), ImportanceSampledLikelihood(sde),
                             UniformDequantizer(), num_levels=4, data_shape=(1, 2, 2),
                             optim={"warmup_steps": 1, "lr": 1e-2, "fused": fused})
-    data = TensorDataset(torch.randint(0, 4, (256, 1, 2, 2)), torch.zeros(256))
-    trainer = pl.Trainer(max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         default_root_dir=tmp_path, accelerator="cpu", devices=2, log_every_n_steps=4,
-                         strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)),
-                         callbacks=[_SaveWeights(str(tmp_path))])
-    trainer.fit(module, DataLoader(data, batch_size=8))
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    for k in r0["state"]:
-        torch.testing.assert_close(r0["state"][k], r1["state"][k], rtol=0, atol=0, msg=k)
+    r0, r1 = _fit_on_two_ranks(module, 8, tmp_path)
     assert r0["bad"] == r1["bad"] == 2
     assert r0["step"] == r1["step"] == 8  # skipped steps count with the fused guard only: 8 batches vs 10
 
@@ -64,13 +70,5 @@ def test_a_nan_loss_with_finite_gradients_on_one_rank_skips_the_step_on_every_ra
     sde = VPSDE()
     module = _NanLossOnRank1(ScoreModel(_Net(), sde), ImportanceSampledLikelihood(sde), UniformDequantizer(),
                              num_levels=4, data_shape=(1, 2, 2), optim={"warmup_steps": 1, "lr": 1e-2})
-    data = TensorDataset(torch.randint(0, 4, (256, 1, 2, 2)), torch.zeros(256))
-    trainer = pl.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         default_root_dir=tmp_path, accelerator="cpu", devices=2, log_every_n_steps=4,
-                         strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)),
-                         callbacks=[_SaveWeights(str(tmp_path))])
-    trainer.fit(module, DataLoader(data, batch_size=8))
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    for k in r0["state"]:
-        torch.testing.assert_close(r0["state"][k], r1["state"][k], rtol=0, atol=0, msg=k)
+    r0, r1 = _fit_on_two_ranks(module, 6, tmp_path)
     assert r0["bad"] == r1["bad"] == 1 and r0["step"] == r1["step"] == 6
