@@ -295,6 +295,29 @@ def test_a_rerun_sweep_skips_the_jobs_that_finished_and_keeps_the_numbering(tmp_
     assert len(job0) == 1 and job0[0].stat().st_mtime_ns != stamps[job0[0]]
 
 
+def _ready(folder: Path, pattern: str) -> bool:
+    """The job log matching ``pattern`` under ``folder`` says its training loop runs."""
+    log = next(iter(folder.glob(pattern)), None)
+    return log is not None and READY in log.read_text()
+
+
+def _sigterm_when(cmd: list[str], ready, target=None) -> tuple[int, str, str]:
+    """Run ``cmd``; once ``ready()`` holds, SIGTERM to ``target(proc)`` (a pid; default: the command itself); its exit
+    code, stdout and stderr."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    try:
+        while not ready():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        os.kill(target(proc) if target else proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, err
+
+
 def _ctrl_c_once_two_jobs_train(launcher: list[str], sweep: Path, max_steps: str = "100000,100001"
                                 ) -> tuple[int, str, str]:
     """A sweep over ``max_steps`` (``launcher`` picks the launcher), SIGINT to its whole process group (a terminal's
@@ -378,18 +401,8 @@ def test_sigterm_to_a_parallel_sweep_starting_up_stops_its_jobs_and_a_signal_to_
     cmd = [sys.executable, "train.py", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "debug=fast",
            "trainer.accelerator=cpu", "test=false", "callbacks=minimal", "val_every=100000",
            "checkpoint_every=100000", "trainer.max_steps=100000,100001,100002", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    try:
-        while not list(sweep.glob("0_*")):
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143 and "Traceback" not in out + err, err[-3000:]
+    code, out, err = _sigterm_when(cmd, lambda: bool(list(sweep.glob("0_*"))))
+    assert code == 143 and "Traceback" not in out + err, err[-3000:]
     assert "[scoreflow] train.py -m: 3 jobs: 2 stopped, 1 not started" in err, err[-3000:]
     rows = {ln.split()[0]: ln for ln in err.splitlines() if ln.startswith("  #")}
     for n in ("#0", "#1"):
@@ -398,19 +411,14 @@ def test_sigterm_to_a_parallel_sweep_starting_up_stops_its_jobs_and_a_signal_to_
 
     one = tmp_path / "one"
     cmd = [*cmd[:4], "hydra.launcher.n_jobs=1", *cmd[5:-2], "trainer.max_steps=100000,3", f"hydra.sweep.dir={one}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        while not ((log := next(iter(one.glob("0_*/train.log")), None)) and READY in log.read_text()):
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-            time.sleep(0.1)
+
+    def the_worker(proc) -> int:
         workers = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "popen_loky"], capture_output=True, text=True)
         assert len(workers.stdout.split()) == 1, workers.stdout
-        os.kill(int(workers.stdout.split()[0]), signal.SIGTERM)
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143 and "Traceback" not in out + err, err[-3000:]
+        return int(workers.stdout.split()[0])
+
+    code, out, err = _sigterm_when(cmd, lambda: _ready(one, "0_*/train.log"), target=the_worker)
+    assert code == 143 and "Traceback" not in out + err, err[-3000:]
     assert "[scoreflow] train.py -m: 2 jobs: 1 done, 1 stopped" in err, err[-3000:]
     assert json.loads(next(one.glob("1_*/metrics.json")).read_text())["train/steps"] == 3
 
@@ -420,18 +428,8 @@ def test_sigterm_on_a_sequential_sweep_lists_the_done_stopped_and_unstarted_jobs
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "train.py", "-m", "debug=fast", "trainer.accelerator=cpu", "test=false", "callbacks=minimal",
            "val_every=100000", "checkpoint_every=100000", "trainer.max_steps=2,100000,3", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    try:
-        while not ((log := next(iter(sweep.glob("1_*/train.log")), None)) and READY in log.read_text()):
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143, err[-3000:]
+    code, out, err = _sigterm_when(cmd, lambda: _ready(sweep, "1_*/train.log"))
+    assert code == 143, err[-3000:]
     assert "Traceback" not in out + err and "[scoreflow] train.py -m: 3 jobs: 1 done, 1 stopped, 1 not started" in err
     rows = {ln.split()[0]: ln for ln in err.splitlines() if ln.startswith("  #")}
     assert "checkpoint written to" in rows["#1"] and "not started" in rows["#2"]
