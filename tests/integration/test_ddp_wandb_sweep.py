@@ -24,18 +24,49 @@ def test_ranks_draw_different_noise():
     assert step_seed(0, 0, 5) != step_seed(0, 0, 6)
 
 
-def test_ddp_two_cpu_processes(make_cfg, tmp_path):
-    cfg = make_cfg([*FAST, "trainer=ddp_cpu", "datamodule.test_subset=15", "datamodule.val_subset=9"])
+def ddp_test_phase_against_one_process(make_cfg, tmp_path, test_subset: int, eval_batch_size: int):
+    """Train 4 steps on 2 gloo processes, then evaluate the run's checkpoint on one process (evaluate.py with no
+    other argument: the run's test images, batches, seeds and protocol); both per-image tables."""
+    from scoreflow.tasks.evaluate import evaluate
+
+    cfg = make_cfg([*FAST, "trainer=ddp_cpu", f"datamodule.test_subset={test_subset}", "datamodule.val_subset=9",
+                    f"datamodule.eval_batch_size={eval_batch_size}"])
     metrics = train(cfg)
     run = tmp_path / "run"
     assert metrics["train/steps"] == 4
-    saved = json.loads((run / "metrics.json").read_text())
+    one = evaluate(make_cfg([f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "progress=false", "device=cpu",
+                             "solver_check_images=0"], sub="one", config_name="evaluate"))
+    return (json.loads((run / "metrics.json").read_text()), np.load(run / "test_per_example.npz"), one,
+            np.load(tmp_path / "one" / "per_example.npz"))
+
+
+def test_ddp_two_cpu_processes(make_cfg, tmp_path):
+    """The test phase on 2 processes takes the batches of one process, dealt out whole (4, 4, 4, 3 images: ranks
+    0, 1, 0, 1), so the adaptive dopri5 of debug=fast gives each image its one-process value, bit for bit (dealt
+    out image by image, values were up to 0.07 bits/dim apart)."""
+    saved, per, one, alone = ddp_test_phase_against_one_process(make_cfg, tmp_path, 15, 4)
     assert np.isfinite(saved["test/bpd_ode"]) and np.isfinite(saved["test/bpd_bound"])
-    per = np.load(run / "test_per_example.npz")
-    # every test image exactly once across the two ranks (15 is odd: no padding, no duplicates)
+    # every test image exactly once across the two ranks (15 is odd: no padding, no duplicates), in image order
+    np.testing.assert_array_equal(per["index"], np.arange(15))
     assert per["bpd_ode"].shape == (15,) and per["bpd_bound"].shape == (15,)
     # the mean logged (synced over ranks) is the mean over all 15 images
     assert saved["test/bpd_bound"] == pytest.approx(float(per["bpd_bound"].mean()), rel=1e-5)
+    assert one["protocol"]["num_images"] == 15 and one["protocol"]["batch_size"] == 4
+    for q in ("bpd_ode", "bpd_bound"):
+        np.testing.assert_array_equal(per[q], alone[q][:, 0])
+        assert saved[f"test/{q}"] == pytest.approx(one[f"test/{q}"], rel=1e-6)  # logged as float32
+    assert saved["test/nfe"] == one["test/nfe"]
+
+
+@pytest.mark.slow  # ~40 s: two processes
+def test_ddp_test_phase_with_fewer_batches_than_processes(make_cfg, tmp_path):
+    """3 test images in one batch of 4: rank 1 has no batch and runs a padding batch instead (its loop would be
+    skipped and rank 0's gather would wait for it); nothing of the padding reaches the table."""
+    saved, per, one, alone = ddp_test_phase_against_one_process(make_cfg, tmp_path, 3, 4)
+    np.testing.assert_array_equal(per["index"], np.arange(3))
+    for q in ("bpd_ode", "bpd_bound"):
+        np.testing.assert_array_equal(per[q], alone[q][:, 0])
+    assert saved["test/nfe"] == one["test/nfe"]
 
 
 def test_wandb_offline(make_cfg, tmp_path, monkeypatch):

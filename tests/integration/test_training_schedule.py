@@ -146,15 +146,19 @@ def test_a_resume_on_another_number_of_processes_says_it_is_not_a_continuation(c
 
 
 def test_fewer_validation_or_test_images_than_processes_are_refused(make_cfg):
-    """DDP audit: test_subset=1 on 2 processes died after training with Lightning's 'zero length' traceback."""
+    """DDP audit: test_subset=1 on 2 processes died after training with Lightning's 'zero length' traceback. The
+    score model's test phase now takes whole batches with a padding batch (test_ddp_test_phase.py): only validation,
+    and the classifier's test phase, which deal images out one by one, still need one image per process."""
     from scoreflow.tasks import validate
     from scoreflow.tasks.errors import ConfigError
 
-    cfg = make_cfg(["trainer.devices=4", "trainer.accelerator=cpu", "datamodule.test_subset=3"])
-    with pytest.raises(ConfigError, match=r"datamodule.test_subset=3 is fewer images than the run's 4 processes"):
-        validate.common_training(cfg, check_data_root=False)
-    validate.common_training(make_cfg(["trainer.devices=4", "trainer.accelerator=cpu", "datamodule.test_subset=4"]),
-                             check_data_root=False)
+    ddp = ["trainer.devices=4", "trainer.accelerator=cpu"]
+    for k in ("val_subset", "test_subset"):
+        cfg = make_cfg([*ddp, f"datamodule.{k}=3"])
+        with pytest.raises(ConfigError, match=rf"datamodule.{k}=3 is fewer images than the run's 4 processes"):
+            validate.common_training(cfg, check_data_root=False, test_batches_whole=k == "val_subset")
+        validate.common_training(make_cfg([*ddp, f"datamodule.{k}=4"]), check_data_root=False)
+    validate.common_training(make_cfg([*ddp, "datamodule.test_subset=1"]), check_data_root=False)  # train.py's
 
 
 @pytest.mark.slow  # ~30 s: two processes

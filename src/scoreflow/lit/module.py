@@ -92,6 +92,10 @@ class ScoreLitModule(GuardedOptimization):
             automatic dynamic-shape recompilation slows the training graph.
     """
 
+    # the test loader deals out the batches of one process whole (datamodule.BatchShardSampler): an adaptive ODE
+    # solver gives each image the value of a one-process run (evaluate.py's) on any number of processes
+    test_batches_whole = True
+
     def __init__(
         self,
         score_model: ScoreModel,
@@ -340,9 +344,13 @@ class ScoreLitModule(GuardedOptimization):
         self._test_values, self._test_seen = {}, 0
 
     def _test_indices(self, n: int) -> list[int]:
-        """Split indices of this rank's next ``n`` test images: the order of the loader's sampler (``indices``
-        of ``ShardSampler``), else that of ``ShardSampler`` (``rank, rank + world, ...``)."""
-        order = getattr(getattr(self.trainer.test_dataloaders, "sampler", None), "indices", None)
+        """Split indices of this rank's next ``n`` test images: the order of the loader's batch sampler or
+        sampler (``indices`` of ``BatchShardSampler`` / ``ShardSampler``; empty for a padding batch), else that of
+        ``ShardSampler`` (``rank, rank + world, ...``)."""
+        loader = self.trainer.test_dataloaders
+        order = getattr(getattr(loader, "batch_sampler", None), "indices", None)
+        if order is None:
+            order = getattr(getattr(loader, "sampler", None), "indices", None)
         start, self._test_seen = self._test_seen, self._test_seen + n
         if order is not None:
             return list(order[start : start + n])
@@ -354,6 +362,8 @@ class ScoreLitModule(GuardedOptimization):
         one process, with the same batches, ``evaluate.py ckpt_path=<this run's checkpoint>`` gives these values."""
         k, e = batch[0], self.eval_cfg
         idx = self._test_indices(k.shape[0])
+        if not idx:  # the padding batch of a rank without test images: it only joins the others' gather
+            return
         seed = e.seed
         plan = bound_plan(self, self.trainer.test_dataloaders.dataset, seed) if e.test_bound else None
         for r in range(e.test_repeats):
@@ -410,9 +420,13 @@ class ScoreLitModule(GuardedOptimization):
         return {"data": data, "split": "test", "seed": int(self.eval_cfg.seed), "protocol": protocol}
 
     def per_example_test_values(self) -> dict[str, Tensor]:
-        """The test rows of all ranks (ranks may hold different counts): ``{key: [M, C]}`` on the CPU."""
-        out = {}
-        for key, rows in self._test_values.items():
+        """The test rows of all ranks (ranks may hold different counts, a rank none): ``{key: [M, C]}`` on the
+        CPU. Every rank gathers the quantities the settings compute, whether it holds rows of them or not."""
+        e, out = self.eval_cfg, {}
+        expected = {"bpd_bound": 3} if e.test_bound else {}
+        expected |= {"bpd_ode": 3, "nfe": 1} if e.test_ode else {}
+        for key in [*expected, *(k for k in self._test_values if k not in expected)]:
+            rows = self._test_values.get(key) or [torch.empty(0, expected[key], dtype=torch.float64)]
             local = torch.cat(rows).to(self.device, torch.float64)
             if self.trainer.world_size > 1:
                 n = self.all_gather(torch.tensor([local.shape[0]], device=self.device)).reshape(-1)
@@ -420,7 +434,8 @@ class ScoreLitModule(GuardedOptimization):
                 padded[: local.shape[0]] = local
                 everyone = self.all_gather(padded).reshape(-1, local.shape[1])
                 local = everyone[~torch.isnan(everyone).all(dim=1)]
-            out[key] = local.cpu()
+            if local.shape[0]:  # the same on every rank: each holds every row now
+                out[key] = local.cpu()
         return out
 
     # ------------------------------------------------------------------ checkpoint state
