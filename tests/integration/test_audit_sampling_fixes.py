@@ -216,3 +216,64 @@ def test_train_dequant_takes_the_extras_of_train_py():
     cfg = compose("train_dequant", ["score_ckpt=x.ckpt", "extras.print_config=false"])
     assert cfg.extras.print_config is False
     assert compose("train_dequant", ["score_ckpt=x.ckpt"]).extras.print_config is True  # the tree, as train.py
+
+
+# the authors' VP/subVP NCSN++ (configs/vp/cifar10_ncsnpp_continuous.py): FIR, residual input pyramid, but the
+# sinusoidal embedding of 999 t and score = -net / sigma_t (models/utils.get_score_fn), not model=ncsnpp's VE choices
+TINY_VP_NCSN = dict(TINY, attn_resolutions=[4], fir=True, progressive_input="residual", embedding_type="positional")
+
+
+@pytest.mark.parametrize("sde", ["vp", "subvp"])
+def test_the_fix_for_their_vp_ncsnpp_computes_their_score(tmp_path, sde):
+    """Nets audit: the fix for their VP NCSN++ was `model=ncsnpp model.net.embedding_type=positional`, rated an
+    exact fit, which fed log sigma to a net trained on 999 t and returned +net/sigma (relative error 1.94 against
+    their score). The fix now sets the score function, and a model that loads but computes another score is
+    refused before the run."""
+    from scoreflow.tasks.checkpoint import load_model
+    from scoreflow.tasks.errors import ConfigError
+
+    pth = sp_checkpoint(tmp_path / "vp_ncsn.pth", **TINY_VP_NCSN)
+    args = [f"ckpt_path={pth}", f"sde={sde}", "data=digits", "device=cpu"]
+    fix, exact = validate.sp_model_fix(compose_cfg([*args, "model=ddpmpp"], tmp_path / "c", "sample"),
+                                       torch.load(pth, weights_only=True))
+    assert exact and fix == ("model=ncsnpp model.net.embedding_type=positional" + NCSN_FIX.removeprefix("model=ncsnpp")
+                             + " model.parametrization=eps model.time_label=t999")
+    wrong = compose_cfg([*args, *fix_overrides(fix)[:-2]], tmp_path / "wrong", "sample")  # the old fix
+    with pytest.raises(ConfigError, match="score_sde_pytorch computes its") as err:
+        validate.sample(wrong)
+    assert err.value.fix == "model.parametrization=eps model.time_label=t999"
+    good = compose_cfg([*args, *fix_overrides(fix)], tmp_path / "good", "sample")
+    validate.sample(good)
+    model = load_model(good).module.score_model
+    x, t = torch.rand(3, 1, 8, 8) * 2 - 1, torch.tensor([1e-3, 0.3, 1.0])
+    with torch.no_grad():
+        theirs = -model.net(x, 999 * t) / model.sde.sigma(t).view(-1, 1, 1, 1)  # get_score_fn(continuous=True)
+        torch.testing.assert_close(model(x, t), theirs, rtol=0, atol=0)
+
+
+def test_a_time_label_that_does_not_fit_the_embedding_is_refused(make_cfg):
+    from scoreflow.nets import ScoreModel
+    from scoreflow.sde import VPSDE
+    from scoreflow.tasks.errors import ConfigError
+
+    for model, label in (("ncsnpp", "t999"), ("ddpmpp", "log_sigma")):
+        with pytest.raises(ConfigError, match=f"does not fit model.time_label={label}") as err:
+            validate.train(make_cfg([f"model={model}", f"model.time_label={label}"]))
+        assert err.value.key == "model.time_label"
+        with pytest.raises(ValueError, match="does not fit"):
+            ScoreModel(NCSNpp((1, 8, 8), **dict(TINY, embedding_type="fourier" if model == "ncsnpp" else
+                                                "positional")), VPSDE(), time_label=label)
+
+
+def test_loading_their_ve_ncsnpp_on_centered_data_warns(tmp_path, caplog):
+    """Nets audit: every VE config of score_sde_pytorch trains on [0, 1] data; model=ncsnpp's default centers."""
+    from scoreflow.tasks.checkpoint import load_model
+
+    pth = sp_checkpoint(tmp_path / "ve.pth", **TINY_NCSN)
+    args = [f"ckpt_path={pth}", "sde=ve", "data=digits", "device=cpu", *fix_overrides(NCSN_FIX)]
+    load_model(compose_cfg(args, tmp_path / "a", "sample"))
+    assert "model.net.centered=false module.scale=1 module.shift=0" in caplog.text
+    caplog.clear()
+    load_model(compose_cfg([*args, "model.net.centered=false", "module.scale=1", "module.shift=0"], tmp_path / "b",
+                           "sample"))
+    assert "centered" not in caplog.text

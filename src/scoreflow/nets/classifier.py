@@ -18,13 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scoreflow.nets.layers import GaussianFourierProjection, group_norm, sinusoidal_embedding
-from scoreflow.nets.score_model import TIME_LABELS, TimeLabel, time_label
+from scoreflow.nets.score_model import INCOMPATIBLE_LABELS, TIME_LABELS, TimeLabel, time_label
 from scoreflow.sde import SDE
 from scoreflow.utils import append_dims
-
-# an embedding fed the label it was not designed for: 999 t through N(0, 16^2) Fourier features is noise,
-# and log sigma (|.| < 10) barely moves the sinusoidal features, whose top frequency is 1
-_INCOMPATIBLE = {("fourier", "t999"), ("positional", "log_sigma")}
 
 
 class WideBlock(nn.Module):
@@ -157,7 +153,7 @@ class NoiseConditionalClassifier(nn.Module):
         if time_label not in TIME_LABELS:
             raise ValueError(f"unknown time_label {time_label!r}; choose from {TIME_LABELS}")
         emb = getattr(net, "embedding_type", None)
-        if (emb, time_label) in _INCOMPATIBLE:
+        if (emb, time_label) in INCOMPATIBLE_LABELS:
             raise ValueError(f"embedding_type={emb!r} does not fit time_label={time_label!r}: use fourier with "
                              "log_sigma (or t), positional with t999 (or t)")
         self.net, self.sde = net, sde

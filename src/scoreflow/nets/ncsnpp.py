@@ -113,6 +113,7 @@ class NCSNpp(nn.Module):
             raise ValueError(f"unknown embedding_type {embedding_type!r}")
         self.nf, self.conditional, self.centered, self.skip_rescale = nf, conditional, centered, skip_rescale
         self.progressive, self.progressive_input = progressive, progressive_input
+        self.embedding_type = embedding_type  # ScoreModel checks that its time label fits
         resolutions = [H // 2**i for i in range(n_levels)]
         order: list[nn.Module] = []  # modules in score_sde_pytorch's all_modules order
 

@@ -12,6 +12,9 @@ from scoreflow.utils import append_dims
 Parametrization = Literal["eps", "score_over_sigma", "score"]
 TimeLabel = Literal["t999", "log_sigma", "t"]
 TIME_LABELS = ("t999", "log_sigma", "t")
+# an embedding fed the label it was not designed for: 999 t through N(0, 16^2) Fourier features is noise,
+# and log sigma (|.| < 10) barely moves the sinusoidal features, whose top frequency is 1
+INCOMPATIBLE_LABELS = {("fourier", "t999"), ("positional", "log_sigma")}
 
 
 def time_label(kind: TimeLabel, sde: SDE, t: Tensor) -> Tensor:
@@ -51,6 +54,10 @@ class ScoreModel(nn.Module):
             raise ValueError(f"unknown parametrization {parametrization!r}")
         if time_label not in TIME_LABELS:
             raise ValueError(f"unknown time_label {time_label!r}; choose from {TIME_LABELS}")
+        emb = getattr(net, "embedding_type", None)
+        if (emb, time_label) in INCOMPATIBLE_LABELS:
+            raise ValueError(f"embedding_type={emb!r} does not fit time_label={time_label!r}: use fourier with "
+                             "log_sigma (or t), positional with t999 (or t)")
         self.net = net
         self.sde = sde
         self.parametrization = parametrization

@@ -263,6 +263,10 @@ def load_model(cfg: DictConfig, *, device: torch.device | None = None) -> Loaded
                 "model.net.centered=false (a score_sde_pytorch model trained on [0, 1] data) needs "
                 "module.scale=1 module.shift=0"
             )
+        if centered is not False and str(mcfg.sde.get("_target_", "")).endswith("VESDE"):
+            log.warning("%s: score_sde_pytorch's VE configs train on [0, 1] data (data.centered=False); this model "
+                        "sees [-1, 1] data. For one of their VE checkpoints add model.net.centered=false "
+                        "module.scale=1 module.shift=0", path.name)
         module = build_module(mcfg)
         from scoreflow.nets.sp_checkpoint import CheckpointMismatchError, load_score_sde_checkpoint
         from scoreflow.tasks.validate import explain_sp_mismatch

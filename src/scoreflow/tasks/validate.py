@@ -269,6 +269,7 @@ def _netrc_has(host: str) -> bool:
 def train(cfg: DictConfig) -> None:
     """Everything ``train.py`` can check before building anything; also the resume checkpoint."""
     common_training(cfg)
+    time_label_fits(cfg)
     eps = get(cfg, "eps")
     if eps is not None:
         T = float(get(cfg, "sde.T", 1.0) or 1.0)
@@ -598,6 +599,49 @@ def sample(cfg: DictConfig) -> None:
         data_root_exists(cfg, stored.get("data"))
 
 
+def time_label_fits(cfg: DictConfig) -> None:
+    """``model.net.embedding_type`` and ``model.time_label`` that do not fit (999 t through Fourier features of
+    std 16, log sigma through sinusoidal features) are refused naming both (``ScoreModel`` refuses them too)."""
+    from scoreflow.nets.score_model import INCOMPATIBLE_LABELS
+
+    emb, label = get(cfg, "model.net.embedding_type", None), get(cfg, "model.time_label", None)
+    if (emb, label) in INCOMPATIBLE_LABELS:
+        right = "log_sigma" if emb == "fourier" else "t999"
+        why = ("Fourier features (std 16) of 999 t are noise" if emb == "fourier"
+               else "log sigma barely moves sinusoidal features")
+        raise ConfigError(f"model.net.embedding_type={emb} does not fit model.time_label={label}: {why}",
+                          key="model.time_label", value=label,
+                          fix=f"model.time_label={right}, or model.net.embedding_type="
+                              f"{'positional' if emb == 'fourier' else 'fourier'}")
+
+
+def sp_score_settings(cfg: DictConfig, embedding: str | None) -> dict[str, str]:
+    """The ``model.parametrization`` / ``model.time_label`` that compute score_sde_pytorch's score for the chosen
+    SDE (its ``models/utils.get_score_fn``, continuous): VP and subVP ``-net(x, 999 t) / sigma_t``; VE with Fourier
+    features ``net(x, sigma_t)`` (log sigma_t inside the net) divided by sigma_t (``scale_by_sigma``, every VE
+    config of theirs). Empty when the SDE or embedding is not one of these."""
+    target = str(get(cfg, "sde._target_", "") or "")
+    if target.endswith(("VPSDE", "SubVPSDE")) and embedding in (None, "positional"):
+        return {"parametrization": "eps", "time_label": "t999"}
+    if target.endswith("VESDE") and embedding == "fourier":
+        return {"parametrization": "score_over_sigma", "time_label": "log_sigma"}
+    return {}
+
+
+def sp_score_function(cfg: DictConfig) -> None:
+    """A ``.pth`` whose architecture loads can still compute another score than its authors' (e.g. their VP NCSN++
+    under ``model=ncsnpp``: log sigma fed to a net trained on 999 t, score = +net/sigma instead of -net/sigma)."""
+    want = sp_score_settings(cfg, get(cfg, "model.net.embedding_type", None))
+    now = {k: get(cfg, f"model.{k}", None) for k in want}
+    wrong = [k for k in want if now[k] != want[k]]
+    if wrong:
+        sde = str(get(cfg, "sde._target_")).rsplit(".", 1)[-1]
+        raise ConfigError(f"{get(cfg, 'ckpt_path')}: score_sde_pytorch computes its {sde} score with "
+                          f"{', '.join(f'{k}={want[k]}' for k in want)}; the model chosen has "
+                          f"{', '.join(f'{k}={now[k]}' for k in wrong)}", key=f"model.{wrong[0]}", value=now[wrong[0]],
+                          fix=" ".join(f"model.{k}={want[k]}" for k in wrong))
+
+
 SP_NET_KEYS = ("embedding_type", "nf", "ch_mult", "num_res_blocks", "attn_resolutions", "progressive_input", "fir",
                "progressive", "conditional")  # model.net settings a score_sde_pytorch state dict shows
 
@@ -631,6 +675,8 @@ def score_sde_fits(cfg: DictConfig, ckpt: dict[str, Any]) -> None:
         check_score_sde_checkpoint(ckpt, net, use_ema=bool(get(cfg, "use_ema", True)))
     except CheckpointMismatchError as e:
         raise explain_sp_mismatch(e, ckpt, cfg) from None
+    sp_score_function(cfg)  # first: it names the whole score function theirs computes
+    time_label_fits(cfg)
 
 
 def _sp_arch(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -709,7 +755,10 @@ def sp_model_fix(cfg: DictConfig, ckpt: dict[str, Any], arch: dict[str, Any] | N
         return [k for k in want if value(options[name]["net"], k) != want[k]]
 
     best = min(options, key=lambda n: (len(diffs(n)), len(n), n))  # ties: the plain option before its _deep
-    fix = " ".join([f"model={best}", *(_override(f"model.net.{k}", want[k]) for k in diffs(best))])
+    score = sp_score_settings(cfg, want.get("embedding_type", options[best]["net"].get("embedding_type")))
+    score = {k: v for k, v in score.items() if options[best].get(k) != v}  # e.g. their VP NCSN++: eps, 999 t
+    fix = " ".join([f"model={best}", *(_override(f"model.net.{k}", want[k]) for k in diffs(best)),
+                    *(_override(f"model.{k}", v) for k, v in score.items())])
     exact = False
     if shape is not None:
         from scoreflow.nets.sp_checkpoint import CheckpointMismatchError, check_score_sde_checkpoint
