@@ -266,6 +266,13 @@ def work_units(n: int, s: LikelihoodSettings) -> list[tuple[int, list[int], tupl
     return units
 
 
+def solved_whole(q: str, adaptive: bool) -> bool:
+    """Whether quantity ``q``'s values depend on the batch they are solved in, which is then solved whole: the
+    ODE's under an adaptive solver (``adaptive``; it shares its steps across a batch) and the solver check's (its
+    solver is adaptive always); never the bound's (per-image noise, no shared steps)."""
+    return q == "bpd_ode_tight" or (q == "bpd_ode" and adaptive)
+
+
 def solve_batches(n: int, s: LikelihoodSettings, adaptive: bool) -> dict[str, dict[tuple[int, int], tuple[int, ...]]]:
     """``{quantity: {(image, repeat): its batch}}`` for the quantities whose values depend on the batch they were
     solved in: the ODE's under an adaptive solver (``adaptive``) and the solver check's (always adaptive), with the
@@ -273,7 +280,7 @@ def solve_batches(n: int, s: LikelihoodSettings, adaptive: bool) -> dict[str, di
     out: dict[str, dict[tuple[int, int], tuple[int, ...]]] = {}
     for r, b, quantities in work_units(n, s):
         for q in quantities:
-            if q == "bpd_ode_tight" or (q == "bpd_ode" and adaptive):
+            if solved_whole(q, adaptive):
                 out.setdefault(q, {}).update({(i, r): tuple(b) for i in b})
     return out
 
@@ -311,7 +318,7 @@ def run_likelihoods(module: ScoreLitModule, dataset, n: int, store: PartialResul
                 continue
             # an adaptive solver solves a batch as one system (shared steps): the whole batch, as an uninterrupted
             # run forms it (values of another batch, from before num_images changed, do not count: PartialResults)
-            if q != "bpd_bound" and (q == "bpd_ode_tight" or adaptive):
+            if solved_whole(q, adaptive):
                 idx = b
             k = torch.stack([torch.as_tensor(dataset[i][0]) for i in idx]).to(dev)
             if q == "bpd_bound":
