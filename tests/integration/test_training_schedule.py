@@ -52,6 +52,27 @@ def test_validation_follows_optimizer_steps_through_a_skipped_step(fused):
     assert rec.at == [(3, "bound"), (6, "ODE")]
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_loggers_x_axis_is_the_optimizer_step_through_a_skipped_step(tmp_path, fused):
+    """A NaN at the second network call. The default guard skips that step: its row is logged at the step it
+    attempted (1), the step taken with the next batch at 1 too, and everything after as without the skip (was: one
+    step late, the validations after 3 and 6 steps at 3 and 6 instead of 2 and 5). The fused guard's no-op step is
+    a step: Lightning's axis."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    _fit(_module(fused, nan_calls=(2,)), 6, 3, [], logger=CSVLogger(tmp_path, name="", version=""))
+    rows = [(int(r["step"]), "val" if r.get("val/bpd_bound") else "nan" if r["train/loss"] == "nan" else "loss")
+            for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r.get("val/bpd_bound") or r.get("train/loss")]
+    taken = [(k, "loss") for k in range(6)]
+    if fused:  # the no-op step is step 1; six steps in all
+        taken[1] = (1, "nan")
+    else:
+        taken.insert(1, (1, "nan"))
+    assert rows == [*taken[: 3 + (not fused)], (2, "val"), *taken[3 + (not fused):], (5, "val")]
+
+
 def test_the_ode_subset_counts_images_when_the_last_validation_batch_is_smaller():
     """32 validation images in batches of 12 (12, 12, 8) with nll_subset=30: 30 ODE values (was 32)."""
     rec = _Validations()

@@ -144,6 +144,7 @@ class GuardedOptimization(pl.LightningModule):
         self._bad_counts: Tensor | None = None  # fused guard, on the device: (skipped since last read, streak, max)
         self._bad_read_step = 0  # global_step of the last read of those counts
         self._micro = 0  # micro-batches of the current optimizer step so far (optim.accumulate_grad_batches)
+        self._skipped = False  # the default guard skipped the step of the current batch (no global_step)
         self._loss_ok: Tensor | None = None  # every loss of those micro-batches finite
         self._loss_sum: Tensor | None = None  # their losses summed (train/loss logs the mean)
         self._trainable: list[Tensor] | None = None  # the optimizer's parameters (configure_optimizers), clipped
@@ -175,13 +176,18 @@ class GuardedOptimization(pl.LightningModule):
             self.log_optimizer_step_axis(on_step=True, on_epoch=False)
 
     def optimizer_step_axis(self) -> int | None:
-        """Under gradient accumulation while fitting, the loggers' x axis: the optimizer step this batch belongs to
-        (0-based: step ``k``'s values at ``k``, as without accumulation), instead of Lightning's count of batches,
-        which under manual optimization counts micro-batches. ``None`` otherwise: Lightning's own axis."""
-        if self.optim_cfg.accumulate_grad_batches == 1 or self._trainer is None or self.trainer.state.fn != "fit":
+        """While fitting, the loggers' x axis: the optimizer step this batch belongs to (0-based: step ``k``'s values
+        at ``k``, and a validation after ``k + 1`` steps at ``k``, as Lightning logs them), instead of Lightning's
+        count of batches, which under manual optimization counts micro-batches and the batches whose step the
+        default guard skipped. A skipped step's row is at the step it attempted, which the next batch takes again.
+        ``None`` (Lightning's own axis, the same numbers) without accumulation until a step is skipped."""
+        if self._trainer is None or self.trainer.state.fn != "fit":
             return None
-        # inside an optimizer step (micro-batches left): that step, global_step; its last micro-batch stepped
-        return self.global_step if self._micro else max(self.global_step - 1, 0)
+        if self.optim_cfg.accumulate_grad_batches == 1 and not self.bad_steps_total:
+            return None
+        # inside an optimizer step (micro-batches left) or after a skipped one: that step, global_step; after a
+        # step: global_step - 1
+        return self.global_step if self._micro or self._skipped else max(self.global_step - 1, 0)
 
     def log_optimizer_step_axis(self, **kwargs: Any) -> None:
         """Log :meth:`optimizer_step_axis` as ``step``, Lightning's documented override of the logged step; called
@@ -234,6 +240,7 @@ class GuardedOptimization(pl.LightningModule):
         if self._micro == 0:
             opt.zero_grad(set_to_none=True)
             self._loss_ok = None
+            self._skipped = False
         self.manual_backward(loss / n if n > 1 else loss)
         ok = torch.isfinite(loss.detach())
         self._loss_ok = ok if self._loss_ok is None else self._loss_ok & ok
@@ -262,6 +269,7 @@ class GuardedOptimization(pl.LightningModule):
             else:
                 why = "non-finite loss or gradient norm on another rank"
             self._skip(why, batch_index)
+            self._skipped = True  # this batch's row is logged at the step it attempted (optimizer_step_axis)
             return None
         lr = sched.get_last_lr()[0]  # the rate of this step (after sched.step() it is the next step's)
         opt.step()
