@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from scoreflow.lit.module import step_seed
 from scoreflow.tasks.sweep_table import collect, format_table
@@ -103,3 +104,34 @@ def test_three_by_three_sweep(tmp_path):
     sweep_dir = _sweep(tmp_path, ["debug=fast", "sde=vp,subvp,ve", "weighting=original,likelihood,lw_is"])
     rows = collect(sweep_dir)
     assert len(rows) == 9 and all(np.isfinite(r["test/bpd_ode"]) for r in rows)
+
+
+def _validate(cfg, devices: int) -> dict[str, float]:
+    """One validation of the same freshly built module (ODE due) on ``devices`` gloo processes (spawned)."""
+    import lightning.pytorch as pl
+
+    from scoreflow.tasks.build import build_data, build_datamodule, build_module
+
+    torch.manual_seed(0)
+    module = build_module(cfg)
+    module._last_ode_step = -1000  # the ODE validation is due at step 0
+    dm = build_datamodule(cfg, build_data(cfg))
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         inference_mode=False, use_distributed_sampler=False)  # as conf/trainer/default.yaml
+    (out,) = trainer.validate(module, datamodule=dm)
+    return out
+
+
+@pytest.mark.parametrize("val_subset, nll_subset", [(9, 6), (3, 2)], ids=["3-batches", "padding"])
+def test_validation_on_two_processes_gives_the_values_of_one(make_cfg, val_subset, nll_subset):
+    """The validation bound and ODE likelihood on 2 processes equal one process's (the batches of one process,
+    dealt out whole; the noise drawn per batch number, not per rank and local batch): 9 images in batches of 4
+    (ranks 0, 1, 0; ODE images in batches 0 and 1 of the first), and 3 images in one batch (rank 1 pads). Were: other
+    noise on every rank but 0, the ODE on each rank's share of the first nll_subset (at least one image each)."""
+    cfg = make_cfg(["debug=fast", f"datamodule.val_subset={val_subset}", "datamodule.eval_batch_size=4",
+                    f"module.evaluation.nll_subset={nll_subset}", "module.evaluation.nll_every=1"])
+    one, two = _validate(cfg, 1), _validate(cfg, 2)
+    assert set(one) == set(two) >= {"val/bpd_bound", "val/bpd_ode", "val/bpd_bound_se", "val/bpd_ode_se"}
+    for key in one:
+        assert two[key] == pytest.approx(one[key], rel=1e-6), key

@@ -166,10 +166,10 @@ def test_a_resume_on_another_number_of_processes_says_it_is_not_a_continuation(c
     assert (ckpt["scoreflow"]["world_size"], ckpt["scoreflow"]["batch_size"]) == (1, 32)
 
 
-def test_fewer_validation_or_test_images_than_processes_are_refused(make_cfg):
+def test_fewer_validation_or_test_images_than_processes_are_refused_for_the_classifier_only(make_cfg):
     """DDP audit: test_subset=1 on 2 processes died after training with Lightning's 'zero length' traceback. The
-    score model's test phase now takes whole batches with a padding batch (test_ddp_test_phase.py): only validation,
-    and the classifier's test phase, which deal images out one by one, still need one image per process."""
+    score model's validation and test now take whole batches with a padding batch (test_ddp_wandb_sweep.py): only
+    the classifier, which deals its images out one by one, still needs one image per process."""
     from scoreflow.tasks import validate
     from scoreflow.tasks.errors import ConfigError
 
@@ -177,15 +177,17 @@ def test_fewer_validation_or_test_images_than_processes_are_refused(make_cfg):
     for k in ("val_subset", "test_subset"):
         cfg = make_cfg([*ddp, f"datamodule.{k}=3"])
         with pytest.raises(ConfigError, match=rf"datamodule.{k}=3 is fewer images than the run's 4 processes"):
-            validate.common_training(cfg, check_data_root=False, test_batches_whole=k == "val_subset")
-        validate.common_training(make_cfg([*ddp, f"datamodule.{k}=4"]), check_data_root=False)
-    validate.common_training(make_cfg([*ddp, "datamodule.test_subset=1"]), check_data_root=False)  # train.py's
+            validate.common_training(cfg, check_data_root=False, eval_batches_whole=False)
+        validate.common_training(make_cfg([*ddp, f"datamodule.{k}=4"]), check_data_root=False,
+                                 eval_batches_whole=False)
+        validate.common_training(make_cfg([*ddp, f"datamodule.{k}=1"]), check_data_root=False)  # train.py's
 
 
 @pytest.mark.slow  # ~30 s: two processes
 def test_an_ode_subset_smaller_than_the_processes_validates_on_every_rank(tmp_path):
     """DDP audit: nll_subset=1 on 2 processes left rank 1 without ODE values; it skipped the synced compute that
-    rank 0 entered, and gloo aborted ('collective mismatch'; NCCL would hang). Every rank now computes at least one."""
+    rank 0 entered, and gloo aborted ('collective mismatch'; NCCL would hang). Rank 1 now enters it with an empty
+    list (and the value is one process's: test_ddp_wandb_sweep.py)."""
     import json
     import os
     import subprocess

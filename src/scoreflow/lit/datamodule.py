@@ -4,9 +4,9 @@ The training sampler is an infinite stream whose order is a function of ``(seed,
 started at the number of batches the module has already drawn, so a resumed run sees exactly the
 batches the uninterrupted run would have seen. Validation and test loaders shard by rank without
 padding: every image is evaluated exactly once (Lightning's DistributedSampler would repeat some). A module
-that declares ``test_batches_whole = True`` (the score model's) gets its test images in the batches of one
-process, dealt out whole (:class:`BatchShardSampler`): an adaptive ODE solver shares its steps across a batch,
-so the same batches make every per-image value the same on any number of processes.
+that declares ``eval_batches_whole = True`` (the score model's) gets its validation and test images in the
+batches of one process, dealt out whole (:class:`BatchShardSampler`): an adaptive ODE solver shares its steps
+across a batch, so the same batches make every per-image value the same on any number of processes.
 
 ``on_device=True`` keeps the training split on the training device instead (CIFAR-10's 49000 images are
 150 MB of ``uint8``) and gathers each batch there (:class:`DeviceBatches`): the same batches in the same
@@ -109,12 +109,14 @@ class BatchShardSampler(Sampler[list[int]]):
     A rank left without a batch (fewer batches than ranks) gets one *padding* batch, ``[0]``, so that its
     evaluation loop runs and enters the collectives of the others; ``indices`` (this rank's real images, in the
     order of its batches) does not contain it, and the module skips a batch that has no indices left.
+    ``numbers``: the number of each of this rank's batches among the batches of one process.
     """
 
     def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         every = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+        self.numbers = list(range(rank, len(every), world_size))
         self.batches = every[rank::world_size]
         self.indices = [i for b in self.batches for i in b]
         self.padding = n > 0 and not self.batches
@@ -220,7 +222,7 @@ class ScoreDataModule(pl.LightningDataModule):
             ds = Subset(ds, range(subset))
         rank, world = self._rank_world()
         module = self.trainer.lightning_module if self.trainer is not None else None
-        if name == "test" and getattr(module, "test_batches_whole", False):
+        if getattr(module, "eval_batches_whole", False):
             return DataLoader(ds, batch_sampler=BatchShardSampler(len(ds), self.eval_batch_size, rank, world),
                               num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
                               worker_init_fn=ignore_stop_signals)

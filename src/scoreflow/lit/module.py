@@ -92,9 +92,10 @@ class ScoreLitModule(GuardedOptimization):
             automatic dynamic-shape recompilation slows the training graph.
     """
 
-    # the test loader deals out the batches of one process whole (datamodule.BatchShardSampler): an adaptive ODE
-    # solver gives each image the value of a one-process run (evaluate.py's) on any number of processes
-    test_batches_whole = True
+    # the validation and test loaders deal out the batches of one process whole (datamodule.BatchShardSampler): the
+    # values are those of one process on any number of processes (an adaptive ODE solver shares its steps across
+    # a batch; the validation noise is drawn per batch), and a rank without a batch runs a padding batch
+    eval_batches_whole = True
 
     def __init__(
         self,
@@ -306,31 +307,51 @@ class ScoreLitModule(GuardedOptimization):
         # decide once per validation run whether the (expensive) ODE likelihood is due
         every = self.eval_cfg.nll_every
         self._ode_now = (
-            bool(every) and not self.trainer.sanity_checking and (self.global_step >= self._last_ode_step + every)
+            bool(every) and self.eval_cfg.nll_subset > 0 and not self.trainer.sanity_checking
+            and (self.global_step >= self._last_ode_step + every)
         )
         self._val_seen = 0
+        # every rank holds a value list, maybe empty (a rank without validation images or without ODE images), so
+        # that every rank enters the metrics' synced compute with the same gathers
+        empty = torch.empty(0, dtype=torch.float64, device=self.device)
+        self.val_bound.update(empty)
+        if self._ode_now:
+            self.val_ode.update(empty)
+
+    def _val_batch(self, batch_idx: int, n: int) -> tuple[int, int] | None:
+        """``(number, first)`` of this rank's validation batch ``batch_idx``: the batch's number among the batches
+        of one process and the split index of its first image, from the loader's batch sampler
+        (:class:`~scoreflow.lit.datamodule.BatchShardSampler`); ``None`` for its padding batch. A loader given by
+        hand: ``batch_idx`` and this rank's count of images so far."""
+        sampler = getattr(self.trainer.val_dataloaders, "batch_sampler", None)
+        if getattr(sampler, "numbers", None) is not None:
+            return None if sampler.padding else (sampler.numbers[batch_idx], sampler.batches[batch_idx][0])
+        first, self._val_seen = self._val_seen, self._val_seen + n
+        return batch_idx, first
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """The bound of every validation image and, when due, the ODE likelihood of the first ``nll_subset``. The
+        batches are those of one process and the noise is a function of the batch's number among them, so the
+        values are those of one process on any number of processes."""
         k = batch[0]
-        g = self._generator(batch_idx, 2)  # fixed per batch: the same noise at every validation
+        where = self._val_batch(batch_idx, k.shape[0])
+        if where is None:  # a padding batch: this rank holds no validation image
+            return
+        number, first = where
+        g = torch.Generator(device=self.device)  # fixed per batch: the same noise at every validation
+        g.manual_seed(step_seed(self.seed, 0, number, 2))  # as rank 0 of one process draws it
         y, log_q = self.to_model_space(k, g)
         D = y[0].numel()
         self.val_bound.update(self.to_bpd(self.bound_nll(y, self.eval_cfg.val_num_t, g), log_q, D))
-        seen, subset = self._val_seen, self.eval_cfg.nll_subset  # a count: the last batch may be smaller
-        self._val_seen += k.shape[0]
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if world > 1:  # ranks hold images rank, rank + world, ...: this rank's share of the first nll_subset,
-            # at least one: every rank computes (and syncs) the ODE validation, or the collectives would mismatch
-            subset = max(1, len(range(self.global_rank, subset, world)))
-        if self._ode_now and seen < subset:
-            y, log_q = y[: subset - seen], log_q[: subset - seen]
-            nll, _ = self.ode_nll(y, g)
-            self.val_ode.update(self.to_bpd(nll, log_q, D))
+        m = min(k.shape[0], self.eval_cfg.nll_subset - first)  # the first nll_subset images of the split
+        if self._ode_now and m > 0:
+            nll, _ = self.ode_nll(y[:m], g)
+            self.val_ode.update(self.to_bpd(nll, log_q[:m], D))
 
     def on_validation_epoch_end(self) -> None:
-        m, se = self.val_bound.compute()
+        m, se = self.val_bound.compute()  # synced: every rank computes, with the values of every rank
         self.log_dict({"val/bpd_bound": m.float(), "val/bpd_bound_se": se.float()}, sync_dist=False)
-        if self._ode_now and self.val_ode.count > 0:  # every rank alike (each holds at least one ODE value)
+        if self._ode_now:
             self._last_ode_step = self.global_step
             m, se = self.val_ode.compute()
             self.log_dict({"val/bpd_ode": m.float(), "val/bpd_ode_se": se.float()}, sync_dist=False)

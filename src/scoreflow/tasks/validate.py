@@ -162,11 +162,11 @@ def no_adam_settings_beside(optim: Any, target: Any) -> None:
                           fix=f"drop module.optim.{adam_only[0]}, or add it to module.optimizer")
 
 
-def common_training(cfg: DictConfig, *, check_data_root: bool = True, test_batches_whole: bool = True) -> None:
+def common_training(cfg: DictConfig, *, check_data_root: bool = True, eval_batches_whole: bool = True) -> None:
     """Types and ranges shared by train, train_dequant and train_classifier (``check_data_root=False``: the caller
-    checks ``data.root`` itself, after what decides whether the data are wanted at all; ``test_batches_whole``: the
-    module's test phase takes whole batches, with a padding batch on a rank left without one, so any test subset
-    works on any number of processes, as the score model's does)."""
+    checks ``data.root`` itself, after what decides whether the data are wanted at all; ``eval_batches_whole``: the
+    module's validation and test take whole batches, with a padding batch on a rank left without one, so any subset
+    works on any number of processes, as the score model's do)."""
     integer(cfg, "seed")
     for k in ("datamodule.batch_size", "datamodule.eval_batch_size"):
         integer(cfg, k, low=1)
@@ -203,7 +203,7 @@ def common_training(cfg: DictConfig, *, check_data_root: bool = True, test_batch
     d, nodes = get(cfg, "trainer.devices", 1), get(cfg, "trainer.num_nodes", 1)
     if isinstance(d, int) and not isinstance(d, bool) and d > 1 and isinstance(nodes, int):
         world = d * nodes  # each process evaluates its own shard: an empty one failed after training (or hung)
-        for k in ("datamodule.val_subset", *(() if test_batches_whole else ("datamodule.test_subset",))):
+        for k in () if eval_batches_whole else ("datamodule.val_subset", "datamodule.test_subset"):
             v = get(cfg, k, None)
             if isinstance(v, int) and not isinstance(v, bool) and 0 < v < world:
                 raise ConfigError(f"{k}={v} is fewer images than the run's {world} processes (trainer.devices={d} x "
@@ -1283,7 +1283,7 @@ def not_a_flow_checkpoint(stored: dict[str, Any], path: Any) -> None:
 
 
 def train_classifier(cfg: DictConfig) -> None:
-    common_training(cfg, test_batches_whole=False)  # the classifier's test images are dealt out one by one
+    common_training(cfg, eval_batches_whole=False)  # the classifier's images are dealt out one by one
     integer(cfg, "num_classes", low=2, allow_none=True, fix="num_classes=null (the data source's)")
     times = get(cfg, "module.eval_times", None)
     if times is not None:
