@@ -156,6 +156,23 @@ def test_a_resume_on_another_number_of_processes_says_it_is_not_a_continuation(c
         module.on_load_checkpoint({"scoreflow": {"world_size": 2, "batch_size": 32}})
     assert ("trained on 2 process(es), this run has 1; the global batch changes from 64 to 32 images "
             "(datamodule.batch_size=32 per process)") in caplog.text
+    assert "keep the global batch" not in caplog.text  # the training split's size is unknown here
+    caplog.clear()
+    dm = SimpleNamespace(batch_size=64, splits={"train": range(96)})
+    module._trainer = SimpleNamespace(world_size=1, is_global_zero=True, datamodule=dm)
+    with caplog.at_level(logging.WARNING, logger="scoreflow.lit.module"):
+        module.on_load_checkpoint({"scoreflow": {"world_size": 2, "batch_size": 32}})  # 2 x 32 -> 1 x 64
+    assert "the same global batch of 64 images" in caplog.text and "not bit for bit" in caplog.text
+    caplog.clear()
+    dm.splits = {"train": range(97)}  # 2 processes used 96 images an epoch, 1 uses 97: the epochs differ
+    with caplog.at_level(logging.WARNING, logger="scoreflow.lit.module"):
+        module.on_load_checkpoint({"scoreflow": {"world_size": 2, "batch_size": 32}})
+    assert "data order does not continue" in caplog.text and "global batch changes" not in caplog.text
+    caplog.clear()
+    dm.batch_size, dm.splits = 32, {"train": range(96)}
+    with caplog.at_level(logging.WARNING, logger="scoreflow.lit.module"):
+        module.on_load_checkpoint({"scoreflow": {"world_size": 2, "batch_size": 32}})
+    assert "keep the global batch of 64 images (datamodule.batch_size=64)" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="scoreflow.lit.module"):
         module.on_load_checkpoint({"scoreflow": {"world_size": 1, "batch_size": 32}})  # the same: nothing said
@@ -164,6 +181,22 @@ def test_a_resume_on_another_number_of_processes_says_it_is_not_a_continuation(c
     ckpt: dict = {}
     module.on_save_checkpoint(ckpt)
     assert (ckpt["scoreflow"]["world_size"], ckpt["scoreflow"]["batch_size"]) == (1, 32)
+
+
+@pytest.mark.parametrize("n, start", [(96, 0), (96, 5), (100, 3), (101, 7)])
+def test_a_step_takes_the_same_images_on_any_number_of_processes_with_the_same_global_batch(n, start):
+    """Step g of W processes with B images each takes the images at positions [g W B, (g + 1) W B) of the stream,
+    so 4 x 4, 2 x 8 and 1 x 16 take the same images at every step, across epoch boundaries and from a resume at
+    step `start`, as long as their epochs use as many images (n = 101: 4 processes use 100, 1 uses 101)."""
+    from scoreflow.lit.datamodule import ResumableSampler
+
+    def steps(world: int, count: int = 20) -> list[list[int]]:  # each step's images, sorted
+        b = 16 // world
+        streams = [iter(ResumableSampler(n, 7, r, world, start=start * b)) for r in range(world)]
+        return [sorted(next(s) for s in streams for _ in range(b)) for _ in range(count)]
+
+    one, two, four = steps(1), steps(2), steps(4)  # 20 steps of 16 > 101: an epoch boundary is crossed
+    assert two == four == one if n % 4 == 0 else two == four != one
 
 
 def test_fewer_validation_or_test_images_than_processes_are_refused_for_the_classifier_only(make_cfg):

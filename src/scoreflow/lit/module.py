@@ -487,20 +487,46 @@ class ScoreLitModule(GuardedOptimization):
         size = getattr(dm, "batch_size", None)
         return int(size) if isinstance(size, int) else None
 
+    def _train_size(self) -> int | None:
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        splits = getattr(dm, "splits", None)
+        return len(splits["train"]) if isinstance(splits, dict) and "train" in splits else None
+
     def _warn_if_world_changed(self, state: dict[str, Any]) -> None:
-        """A resume on another number of processes (a requeue onto another GPU count) is not a continuation of the
-        same run: the global batch changes, and each rank's data stream restarts at its count of batches in a
-        shard of another size (images of the epoch are repeated or skipped). Said once, at the resume."""
+        """A resume on another number of processes (a requeue onto another GPU count), said once, at the resume.
+
+        Step ``g`` of ``W`` processes with ``B`` images each takes the images at positions ``[g W B, (g + 1) W B)``
+        of the run's stream (each epoch's permutation, of which ``W`` processes use the first ``W (n // W)``;
+        :class:`~scoreflow.lit.datamodule.ResumableSampler`). So with the same global batch ``W B`` and the same
+        epoch length, every step takes the images the interrupted run's would have: the data order continues, and
+        only the noise each process draws for its images (dequantization, times, flips) differs, which makes it the
+        same run in distribution, not bit for bit. Otherwise the global batch changes or images of the epoch are
+        repeated or skipped."""
         before, now = state.get("world_size"), self.trainer.world_size if self._trainer is not None else 1
         if before is None or int(before) == int(now) or not self.trainer.is_global_zero:
             return
-        per = state.get("batch_size")
-        batch = (f"; the global batch changes from {int(before) * per} to {int(now) * per} images "
-                 f"(datamodule.batch_size={per} per process)") if isinstance(per, int) else ""
+        before, now = int(before), int(now)
+        per_before, per_now, n = state.get("batch_size"), self._per_rank_batch(), self._train_size()
+        sizes = isinstance(per_before, int) and isinstance(per_now, int)
+        same_epoch = n is not None and before * (n // before) == now * (n // now)
+        if sizes and before * per_before == now * per_now and same_epoch:
+            log.warning("resume: this checkpoint was trained on %d process(es) x %d images, this run has %d x %d: the "
+                        "same global batch of %d images, so every step takes the images the interrupted run's would "
+                        "have; the noise each process draws for its images (dequantization, times, flips) differs, so "
+                        "the run continues in distribution, not bit for bit. Resume on %d process(es) for an exact "
+                        "continuation.", before, per_before, now, per_now, now * per_now, before)
+            return
+        batch = ""
+        if sizes and before * per_before != now * per_now:
+            per = f"={per_now}" if per_before == per_now else f" {per_before} -> {per_now}"
+            batch = (f"; the global batch changes from {before * per_before} to {now * per_now} images "
+                     f"(datamodule.batch_size{per} per process)")
+        keep = (f", or keep the global batch of {before * per_before} images (datamodule.batch_size="
+                f"{before * per_before // now})" if sizes and same_epoch and (before * per_before) % now == 0 else "")
         log.warning("resume: this checkpoint was trained on %d process(es), this run has %d%s, and the data order "
                     "does not continue the interrupted run's (images of the current epoch are repeated or skipped): "
-                    "the result is not the uninterrupted run's. Resume on %d process(es) for an exact continuation.",
-                    int(before), int(now), batch, int(before))
+                    "the result is not the uninterrupted run's. Resume on %d process(es) for an exact continuation%s.",
+                    before, now, batch, before, keep)
 
 
 def per_image_table(rows: Tensor) -> tuple[np.ndarray, np.ndarray]:
