@@ -106,16 +106,21 @@ def test_three_by_three_sweep(tmp_path):
     assert len(rows) == 9 and all(np.isfinite(r["test/bpd_ode"]) for r in rows)
 
 
-def _validate(cfg, devices: int) -> dict[str, float]:
-    """One validation of the same freshly built module (ODE due) on ``devices`` gloo processes (spawned)."""
+def _validate(cfg, devices: int, classifier: bool = False) -> dict[str, float]:
+    """One validation of the same freshly built module (score model: ODE due) on ``devices`` gloo processes
+    (spawned)."""
     import lightning.pytorch as pl
 
-    from scoreflow.tasks.build import build_data, build_datamodule, build_module
+    from scoreflow.tasks.build import build_classifier_module, build_data, build_datamodule, build_module
 
     torch.manual_seed(0)
-    module = build_module(cfg)
-    module._last_ode_step = -1000  # the ODE validation is due at step 0
-    dm = build_datamodule(cfg, build_data(cfg))
+    source = build_data(cfg)
+    if classifier:
+        module = build_classifier_module(cfg, source)
+    else:
+        module = build_module(cfg)
+        module._last_ode_step = -1000  # the ODE validation is due at step 0
+    dm = build_datamodule(cfg, source)
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
                          logger=False, enable_progress_bar=False, enable_model_summary=False,
                          inference_mode=False, use_distributed_sampler=False)  # as conf/trainer/default.yaml
@@ -133,5 +138,16 @@ def test_validation_on_two_processes_gives_the_values_of_one(make_cfg, val_subse
                     f"module.evaluation.nll_subset={nll_subset}", "module.evaluation.nll_every=1"])
     one, two = _validate(cfg, 1), _validate(cfg, 2)
     assert set(one) == set(two) >= {"val/bpd_bound", "val/bpd_ode", "val/bpd_bound_se", "val/bpd_ode_se"}
+    for key in one:
+        assert two[key] == pytest.approx(one[key], rel=1e-6), key
+
+
+def test_classifier_validation_on_two_processes_gives_the_values_of_one(make_cfg):
+    """The classifier's validation (cross-entropy and accuracy, also at its fixed times) on 2 processes, 3 images
+    in one batch of 4 (rank 1 pads), equals one process's (was: other noise per rank, and 3 images refused)."""
+    cfg = make_cfg(["trainer.accelerator=cpu", "datamodule.val_subset=3", "datamodule.eval_batch_size=4"],
+                   config_name="train_classifier")
+    one, two = _validate(cfg, 1, classifier=True), _validate(cfg, 2, classifier=True)
+    assert set(one) == set(two) >= {"val/loss", "val/acc", "val/acc_t0.5"}
     for key in one:
         assert two[key] == pytest.approx(one[key], rel=1e-6), key

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from scoreflow.data.base import random_hflip
 from scoreflow.dequantization import Dequantizer, to_model_space
+from scoreflow.lit.datamodule import batch_number
 from scoreflow.lit.module import seed_global_rngs, step_seed
 from scoreflow.lit.optim import GuardedOptimization, OptimizerFactory
 from scoreflow.lit.settings import OptimConfig
@@ -46,6 +47,10 @@ class ClassifierLitModule(GuardedOptimization):
         max_bad_steps: consecutive non-finite steps tolerated before the run stops.
         seed: base seed of the per-step generators.
     """
+
+    # validation and test take the batches of one process, dealt out whole, with the noise drawn per batch number
+    # (datamodule.BatchShardSampler): the same values on any number of processes, any subset on any number of them
+    eval_batches_whole = True
 
     def __init__(
         self,
@@ -123,9 +128,21 @@ class ClassifierLitModule(GuardedOptimization):
             self.log_step("train/acc", correct.mean())
 
     # ------------------------------------------------------------------ evaluation
+    def _start_eval(self, split: str) -> None:
+        """Every metric of ``split`` at zero on every rank (a rank may hold no image: its padding batch), so that
+        every rank reduces the same sums."""
+        keys = [f"{split}/loss", f"{split}/acc", *(fixed_time_key(split, n, t) for t in self.eval_times
+                                                   for n in ("acc", "loss"))]
+        self._sums = {k: [torch.zeros((), device=self.device), torch.zeros((), device=self.device)] for k in keys}
+
     def _eval_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, split: str, salt: int) -> None:
         k, y = batch
-        g = self._generator(batch_idx, salt)  # fixed per batch: the same noise at every validation
+        loader = self.trainer.val_dataloaders if split == "val" else self.trainer.test_dataloaders
+        number = batch_number(loader, batch_idx)
+        if number is None:  # a padding batch: this rank holds no image
+            return
+        g = torch.Generator(device=self.device)  # fixed per batch: the same noise at every validation,
+        g.manual_seed(step_seed(self.seed, 0, number, salt))  # as rank 0 of one process draws it
         ce, correct = self.cross_entropy(k, y, None, g)
         self._accumulate(f"{split}/loss", ce)
         self._accumulate(f"{split}/acc", correct)
@@ -148,6 +165,9 @@ class ClassifierLitModule(GuardedOptimization):
         self.log_dict({k: (s / n).float() for k, (s, n) in zip(keys, stacked)}, sync_dist=False)
         self._sums = {}
 
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval("val")
+
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "val", salt=2)
 
@@ -155,6 +175,9 @@ class ClassifierLitModule(GuardedOptimization):
         if self._sums:
             self._log_means()
             self.log_optimizer_step_axis()
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval("test")
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "test", salt=3)

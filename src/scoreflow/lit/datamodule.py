@@ -4,9 +4,10 @@ The training sampler is an infinite stream whose order is a function of ``(seed,
 started at the number of batches the module has already drawn, so a resumed run sees exactly the
 batches the uninterrupted run would have seen. Validation and test loaders shard by rank without
 padding: every image is evaluated exactly once (Lightning's DistributedSampler would repeat some). A module
-that declares ``eval_batches_whole = True`` (the score model's) gets its validation and test images in the
-batches of one process, dealt out whole (:class:`BatchShardSampler`): an adaptive ODE solver shares its steps
-across a batch, so the same batches make every per-image value the same on any number of processes.
+that declares ``eval_batches_whole = True`` (the score model's and the classifier's) gets its validation and test
+images in the batches of one process, dealt out whole (:class:`BatchShardSampler`): an adaptive ODE solver shares
+its steps across a batch, and the noise is drawn per batch, so the same batches make every value the same on any
+number of processes.
 
 ``on_device=True`` keeps the training split on the training device instead (CIFAR-10's 49000 images are
 150 MB of ``uint8``) and gathers each batch there (:class:`DeviceBatches`): the same batches in the same
@@ -126,6 +127,15 @@ class BatchShardSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return 1 if self.padding else len(self.batches)
+
+
+def batch_number(loader, batch_idx: int) -> int | None:
+    """The number, among the batches of one process, of this rank's batch ``batch_idx`` of ``loader`` (from its
+    :class:`BatchShardSampler`; ``None`` for its padding batch); ``batch_idx`` for a loader without one."""
+    sampler = getattr(loader, "batch_sampler", None)
+    if getattr(sampler, "numbers", None) is None:
+        return batch_idx
+    return None if sampler.padding else sampler.numbers[batch_idx]
 
 
 class ScoreDataModule(pl.LightningDataModule):

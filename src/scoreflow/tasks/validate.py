@@ -162,11 +162,10 @@ def no_adam_settings_beside(optim: Any, target: Any) -> None:
                           fix=f"drop module.optim.{adam_only[0]}, or add it to module.optimizer")
 
 
-def common_training(cfg: DictConfig, *, check_data_root: bool = True, eval_batches_whole: bool = True) -> None:
+def common_training(cfg: DictConfig, *, check_data_root: bool = True) -> None:
     """Types and ranges shared by train, train_dequant and train_classifier (``check_data_root=False``: the caller
-    checks ``data.root`` itself, after what decides whether the data are wanted at all; ``eval_batches_whole``: the
-    module's validation and test take whole batches, with a padding batch on a rank left without one, so any subset
-    works on any number of processes, as the score model's do)."""
+    checks ``data.root`` itself, after what decides whether the data are wanted at all). Any ``val_subset`` and
+    ``test_subset`` works on any number of processes: a rank left without an image runs a padding batch."""
     integer(cfg, "seed")
     for k in ("datamodule.batch_size", "datamodule.eval_batch_size"):
         integer(cfg, k, low=1)
@@ -200,15 +199,6 @@ def common_training(cfg: DictConfig, *, check_data_root: bool = True, eval_batch
     integer(cfg, "sample_every", low=0)
     devices(cfg)
     precision(cfg)
-    d, nodes = get(cfg, "trainer.devices", 1), get(cfg, "trainer.num_nodes", 1)
-    if isinstance(d, int) and not isinstance(d, bool) and d > 1 and isinstance(nodes, int):
-        world = d * nodes  # each process evaluates its own shard: an empty one failed after training (or hung)
-        for k in () if eval_batches_whole else ("datamodule.val_subset", "datamodule.test_subset"):
-            v = get(cfg, k, None)
-            if isinstance(v, int) and not isinstance(v, bool) and 0 < v < world:
-                raise ConfigError(f"{k}={v} is fewer images than the run's {world} processes (trainer.devices={d} x "
-                                  f"trainer.num_nodes={nodes}): a process would have none", key=k, value=v,
-                                  fix=f"{k}={world} or more, or {k}=null (the whole split)")
     if has(cfg, "data.shape"):
         s = get(cfg, "data.shape")
         if not (OmegaConf.is_list(s) and len(s) > 0 and all(isinstance(i, int) and i > 0 for i in s)):
@@ -1283,7 +1273,7 @@ def not_a_flow_checkpoint(stored: dict[str, Any], path: Any) -> None:
 
 
 def train_classifier(cfg: DictConfig) -> None:
-    common_training(cfg, eval_batches_whole=False)  # the classifier's images are dealt out one by one
+    common_training(cfg)
     integer(cfg, "num_classes", low=2, allow_none=True, fix="num_classes=null (the data source's)")
     times = get(cfg, "module.eval_times", None)
     if times is not None:
