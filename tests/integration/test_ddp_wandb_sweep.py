@@ -25,12 +25,14 @@ def test_ranks_draw_different_noise():
     assert step_seed(0, 0, 5) != step_seed(0, 0, 6)
 
 
-def ddp_test_phase_against_one_process(make_cfg, tmp_path, test_subset: int, eval_batch_size: int):
+def ddp_test_phase_against_one_process(make_cfg, tmp_path, test_subset: int, eval_batch_size: int,
+                                       val_subset: int = 9):
     """Train 4 steps on 2 gloo processes, then evaluate the run's checkpoint on one process (evaluate.py with no
     other argument: the run's test images, batches, seeds and protocol); both per-image tables."""
     from scoreflow.tasks.evaluate import evaluate
 
-    cfg = make_cfg([*FAST, "trainer=ddp_cpu", f"datamodule.test_subset={test_subset}", "datamodule.val_subset=9",
+    cfg = make_cfg([*FAST, "trainer=ddp_cpu", f"datamodule.test_subset={test_subset}",
+                    f"datamodule.val_subset={val_subset}",
                     f"datamodule.eval_batch_size={eval_batch_size}"])
     metrics = train(cfg)
     run = tmp_path / "run"
@@ -62,8 +64,10 @@ def test_ddp_two_cpu_processes(make_cfg, tmp_path):
 @pytest.mark.slow  # ~40 s: two processes
 def test_ddp_test_phase_with_fewer_batches_than_processes(make_cfg, tmp_path):
     """3 test images in one batch of 4: rank 1 has no batch and runs a padding batch instead (its loop would be
-    skipped and rank 0's gather would wait for it); nothing of the padding reaches the table."""
-    saved, per, one, alone = ddp_test_phase_against_one_process(make_cfg, tmp_path, 3, 4)
+    skipped and rank 0's gather would wait for it); nothing of the padding reaches the table. The validations
+    during training (3 images) pad likewise."""
+    saved, per, one, alone = ddp_test_phase_against_one_process(make_cfg, tmp_path, 3, 4, val_subset=3)
+    assert np.isfinite(saved["val/bpd_bound"])
     np.testing.assert_array_equal(per["index"], np.arange(3))
     for q in ("bpd_ode", "bpd_bound"):
         np.testing.assert_array_equal(per[q], alone[q][:, 0])
