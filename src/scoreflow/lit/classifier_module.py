@@ -48,10 +48,6 @@ class ClassifierLitModule(GuardedOptimization):
         seed: base seed of the per-step generators.
     """
 
-    # validation and test take the batches of one process, dealt out whole, with the noise drawn per batch number
-    # (datamodule.BatchShardSampler): the same values on any number of processes, any subset on any number of them
-    eval_batches_whole = True
-
     def __init__(
         self,
         classifier: NoiseConditionalClassifier,

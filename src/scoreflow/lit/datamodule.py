@@ -2,12 +2,10 @@
 
 The training sampler is an infinite stream whose order is a function of ``(seed, epoch, rank)`` only,
 started at the number of batches the module has already drawn, so a resumed run sees exactly the
-batches the uninterrupted run would have seen. Validation and test loaders shard by rank without
-padding: every image is evaluated exactly once (Lightning's DistributedSampler would repeat some). A module
-that declares ``eval_batches_whole = True`` (the score model's and the classifier's) gets its validation and test
-images in the batches of one process, dealt out whole (:class:`BatchShardSampler`): an adaptive ODE solver shares
-its steps across a batch, and the noise is drawn per batch, so the same batches make every value the same on any
-number of processes.
+batches the uninterrupted run would have seen. Validation and test loaders deal the batches of one process out
+to the ranks whole (:class:`BatchShardSampler`): every image is evaluated exactly once (Lightning's
+DistributedSampler would repeat some), and since an adaptive ODE solver shares its steps across a batch and the
+modules draw their evaluation noise per batch number, every value is the same on any number of processes.
 
 ``on_device=True`` keeps the training split on the training device instead (CIFAR-10's 49000 images are
 150 MB of ``uint8``) and gathers each batch there (:class:`DeviceBatches`): the same batches in the same
@@ -90,19 +88,6 @@ class DeviceBatches:
             pending = pending[n_full * b :]
 
 
-class ShardSampler(Sampler[int]):
-    """Indices ``rank, rank + world, ...`` in order: each example on exactly one rank."""
-
-    def __init__(self, n: int, rank: int = 0, world_size: int = 1):
-        self.indices = list(range(rank, n, world_size))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
 class BatchShardSampler(Sampler[list[int]]):
     """A batch sampler over ``range(n)``: the batches of one process (``batch_size`` consecutive images, the last
     one smaller), batch ``j`` to rank ``j mod world_size`` (as ``evaluate.py`` deals them).
@@ -182,15 +167,15 @@ class ScoreDataModule(pl.LightningDataModule):
         t = self.trainer
         return (t.global_rank, t.world_size) if t is not None else (0, 1)
 
-    def _loader(self, ds: Dataset, sampler: Sampler, batch_size: int, *, train: bool = False) -> DataLoader:
-        """Training: full batches only (one shape for the compiled step); evaluation: every example, and workers
-        kept between the periodic evaluations."""
+    def _loader(self, ds: Dataset, sampler: Sampler, batch_size: int | None, *, train: bool = False) -> DataLoader:
+        """Training: full batches only (one shape for the compiled step); evaluation (``sampler`` a batch sampler,
+        ``batch_size=None``): every example, and workers kept between the periodic evaluations."""
+        batching = {"batch_size": batch_size, "sampler": sampler, "drop_last": train} if train else \
+            {"batch_sampler": sampler}
         return DataLoader(
             ds,
-            batch_size=batch_size,
-            sampler=sampler,
+            **batching,
             num_workers=self.num_workers,
-            drop_last=train,
             pin_memory=torch.cuda.is_available(),
             worker_init_fn=ignore_stop_signals,
             persistent_workers=self.num_workers > 0 and not train,
@@ -231,12 +216,7 @@ class ScoreDataModule(pl.LightningDataModule):
         if subset is not None and subset < len(ds):
             ds = Subset(ds, range(subset))
         rank, world = self._rank_world()
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        if getattr(module, "eval_batches_whole", False):
-            return DataLoader(ds, batch_sampler=BatchShardSampler(len(ds), self.eval_batch_size, rank, world),
-                              num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                              worker_init_fn=ignore_stop_signals)
-        return self._loader(ds, ShardSampler(len(ds), rank, world), self.eval_batch_size)
+        return self._loader(ds, BatchShardSampler(len(ds), self.eval_batch_size, rank, world), None)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_split("val", self.val_subset)

@@ -23,6 +23,7 @@ from scoreflow.data.base import random_hflip
 from scoreflow.dequantization import Dequantizer, to_model_space
 from scoreflow.likelihood import likelihood_bound, nats_to_bpd, ode_log_likelihood
 from scoreflow.likelihood.ode import FIXED_GRID_METHODS
+from scoreflow.lit.datamodule import batch_number
 from scoreflow.lit.metrics import MeanSE
 from scoreflow.lit.optim import (  # noqa: F401 (NonFiniteLossError: API)
     GuardedOptimization,
@@ -91,11 +92,6 @@ class ScoreLitModule(GuardedOptimization):
             other batch sizes, sampling, the EMA copy) runs it eagerly, so nothing is compiled twice and no
             automatic dynamic-shape recompilation slows the training graph.
     """
-
-    # the validation and test loaders deal out the batches of one process whole (datamodule.BatchShardSampler): the
-    # values are those of one process on any number of processes (an adaptive ODE solver shares its steps across
-    # a batch; the validation noise is drawn per batch), and a rank without a batch runs a padding batch
-    eval_batches_whole = True
 
     def __init__(
         self,
@@ -323,11 +319,13 @@ class ScoreLitModule(GuardedOptimization):
         of one process and the split index of its first image, from the loader's batch sampler
         (:class:`~scoreflow.lit.datamodule.BatchShardSampler`); ``None`` for its padding batch. A loader given by
         hand: ``batch_idx`` and this rank's count of images so far."""
-        sampler = getattr(self.trainer.val_dataloaders, "batch_sampler", None)
-        if getattr(sampler, "numbers", None) is not None:
-            return None if sampler.padding else (sampler.numbers[batch_idx], sampler.batches[batch_idx][0])
-        first, self._val_seen = self._val_seen, self._val_seen + n
-        return batch_idx, first
+        loader = self.trainer.val_dataloaders
+        number = batch_number(loader, batch_idx)
+        batches = getattr(getattr(loader, "batch_sampler", None), "batches", None)
+        if batches is None:  # a loader given by hand
+            first, self._val_seen = self._val_seen, self._val_seen + n
+            return number, first
+        return None if number is None else (number, batches[batch_idx][0])
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """The bound of every validation image and, when due, the ODE likelihood of the first ``nll_subset``. The
@@ -365,13 +363,10 @@ class ScoreLitModule(GuardedOptimization):
         self._test_values, self._test_seen = {}, 0
 
     def _test_indices(self, n: int) -> list[int]:
-        """Split indices of this rank's next ``n`` test images: the order of the loader's batch sampler or
-        sampler (``indices`` of ``BatchShardSampler`` / ``ShardSampler``; empty for a padding batch), else that of
-        ``ShardSampler`` (``rank, rank + world, ...``)."""
-        loader = self.trainer.test_dataloaders
-        order = getattr(getattr(loader, "batch_sampler", None), "indices", None)
-        if order is None:
-            order = getattr(getattr(loader, "sampler", None), "indices", None)
+        """Split indices of this rank's next ``n`` test images: the order of the loader's batch sampler
+        (``indices`` of ``BatchShardSampler``; empty for a padding batch), else (a loader given by hand) images
+        ``rank, rank + world, ...``."""
+        order = getattr(getattr(self.trainer.test_dataloaders, "batch_sampler", None), "indices", None)
         start, self._test_seen = self._test_seen, self._test_seen + n
         if order is not None:
             return list(order[start : start + n])
