@@ -101,10 +101,12 @@ if [ "${TRAIN_PY:-0}" != 0 ]; then  # issue 12, two calls of <= 590 s each, back
     # TRAIN_PY=1: (a) speed=gpu at batch 128, that machine's baseline; (b) cuDNN's convolution autotuning
     #   (trainer.benchmark=true: Lightning leaves torch.backends.cudnn.benchmark off, bench/train_step.py turns it
     #   on; the same shapes as (a), so its compilation comes from the cache); (c) batch 256 (the larger-batch lever).
-    # TRAIN_PY=2: (d) speed=gpu with the DataLoader (4 workers, pinned copies) instead of on_device (that lever
-    #   alone); (e) channels_last under CUDA graphs; (f) the bare step (bench/train_step.py) with CUDA graphs; (g) the
-    #   host time per batch of both data paths (bench/data_loading.py); then the bf16 check again if DEADLINE leaves
-    #   time (BF16_CHECK=1 runs it alone).
+    # TRAIN_PY=2: (p) where the compiled step's device time goes (bench/profile_step.py: the kernels of speed=gpu's
+    #   bare step, by kind, and the ceiling if all but the convolutions and GEMMs were fused away: which lever is left);
+    #   (d) speed=gpu with the DataLoader (4 workers, pinned copies) instead of on_device (that lever alone); (e)
+    #   channels_last under CUDA graphs; (f) the bare step (bench/train_step.py) with CUDA graphs; (g) the host time
+    #   per batch of both data paths (bench/data_loading.py); then the bf16 check again if DEADLINE leaves time
+    #   (BF16_CHECK=1 runs it alone).
     $PY -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from table2_throughput import write_cifar
 write_cifar(Path(sys.argv[1]), 10000)" "$OUT/fakecifar"
     common="experiment=cifar10_table2 data.root=$OUT/fakecifar val_every=100000 sample_every=100000
@@ -120,6 +122,8 @@ write_cifar(Path(sys.argv[1]), 10000)" "$OUT/fakecifar"
             hydra.run.dir="$OUT/train_speed_gpu_b256"
         speed "$OUT/train_speed_gpu_b256"
     else
+        step profile_compiled 240 $PY bench/profile_step.py --model ddpmpp --batch 128 --amp bf16 --compile \
+            --fused-adam --ema --rows 30
         step train_speed_gpu_dataloader 170 $PY train.py $common trainer.max_steps=400 datamodule.on_device=false \
             hydra.run.dir="$OUT/train_speed_gpu_dataloader"
         speed "$OUT/train_speed_gpu_dataloader"

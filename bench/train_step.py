@@ -31,7 +31,10 @@ def build(name: str, shape: tuple[int, ...]) -> torch.nn.Module:
     return hydra.utils.instantiate(cfg.net, shape=shape)
 
 
-def bench(name: str, batch: int, device: torch.device, args: argparse.Namespace) -> dict[str, float]:
+def make_step(name: str, batch: int, device: torch.device, args: argparse.Namespace):
+    """The training step of ``name`` at ``batch`` with the options of ``args`` (``amp``, ``channels_last``, ``compile``,
+    ``compile_mode``, ``fused_adam``, ``ema``): returns ``(step, net, flops)``, ``flops`` those of one forward +
+    backward counted by ``FlopCounterMode`` (2 per multiply-add). ``bench/profile_step.py`` profiles the same step."""
     shape = SHAPES.get(name, (3, 32, 32))
     torch.manual_seed(0)
     net = build(name, shape).to(device)
@@ -59,7 +62,12 @@ def bench(name: str, batch: int, device: torch.device, args: argparse.Namespace)
             loss = (net(x, label).float() - noise).square().mean()
         loss.backward()
     opt.zero_grad(set_to_none=True)
-    flops = counter.get_total_flops()
+    return step, net, counter.get_total_flops()
+
+
+def bench(name: str, batch: int, device: torch.device, args: argparse.Namespace) -> dict[str, float]:
+    shape = SHAPES.get(name, (3, 32, 32))
+    step, net, flops = make_step(name, batch, device, args)
     for _ in range(args.warmup):
         step()
     if device.type == "cuda":
