@@ -3,7 +3,7 @@ step's device time by kind of kernel, and what the step would run at if everythi
 products took no time (the ceiling that fusing the memory-bound rest can approach).
 
     python bench/profile_step.py --model ddpmpp --batch 128 --amp bf16 --channels-last
-    python bench/profile_step.py --model ddpmpp --batch 128 --amp bf16 --compile --fused-adam --ema   # speed=gpu's kernels
+    python bench/profile_step.py --model ddpmpp --batch 128 --amp bf16 --compile --fused-adam --ema  # speed=gpu
 
 The step is ``bench/train_step.py``'s (the same options). ``--compile`` profiles Inductor's default mode: the kernels
 of ``--compile-mode reduce-overhead`` are the same, replayed as CUDA graphs (which the profiler may not break down).
@@ -22,13 +22,14 @@ from train_step import make_step  # the script directory (bench/) is on sys.path
 
 from scoreflow.lit.throughput import peak_flops
 
-# Kinds of kernel (CUDA names) or operator (CPU), first match wins: what fusing can remove (layout, copy, norm,
-# elementwise) against what it cannot (matmul: cuDNN/CUTLASS convolutions, cuBLAS GEMMs, attention).
+# Kinds of kernel (CUDA names) or operator (CPU), first match wins (Inductor's names list the ops they fuse): what
+# fusing can remove (layout, copy, norm, elementwise) against what it cannot (matmul: cuDNN/CUTLASS convolutions,
+# cuBLAS GEMMs, attention, and max-autotune's triton templates, triton_tem_*).
 KINDS = (
+    ("Inductor-fused (triton/cpp)", r"^triton_(?!tem)|^cpp_fused|compiledfxgraph"),
     ("layout (NCHW<->NHWC)", r"nchwtonhwc|nhwctonchw|transpose|permute|convert.*layout"),
     ("matmul (conv, GEMM, attention)",
-     r"xmma|gemm|conv|cutlass|wgrad|dgrad|fprop|implicit|cudnn|flash|fmha|attention|aten::mm|aten::bmm|aten::addmm"),
-    ("Inductor-fused (triton/cpp)", r"^triton_|^cpp_fused|compiledfxgraph"),
+     r"^triton_tem|xmma|gemm|conv|cutlass|wgrad|dgrad|fprop|implicit|cudnn|flash|fmha|attention|aten::mm|aten::bmm|aten::addmm"),
     ("optimizer / EMA", r"adam|multi_tensor|foreach|lerp"),
     ("normalization", r"norm|moments|welford|computeinternalgr"),
     ("copy / cast", r"copy|cast|^aten::to$|catarray"),
@@ -109,9 +110,9 @@ def main() -> None:
     if mm > 0:
         peak = peak_flops(dev, torch.bfloat16 if args.amp == "bf16" else torch.float32)
         rate = flops / mm
+        share = f" ({100 * rate / peak:.1f} % of the dense peak)" if peak else ""
         print(f"  matmul kernels alone: {mm * 1e3:.2f} ms = {args.batch / mm:.1f} img/s, {rate / 1e12:.2f} TFLOP/s on "
-              f"the step's {flops / 1e12:.3f} TFLOP" + (f" ({100 * rate / peak:.1f} % of the dense peak)" if peak else "")
-              + ": the ceiling with every other kernel fused away")
+              f"the step's {flops / 1e12:.3f} TFLOP{share}: the ceiling with every other kernel fused away")
 
 
 if __name__ == "__main__":

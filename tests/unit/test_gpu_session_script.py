@@ -42,8 +42,10 @@ def test_train_py_1_measures_speed_gpu_then_the_cudnn_autotuning_and_batch_lever
 def test_train_py_2_runs_its_steps_in_order_of_importance(tmp_path):
     out, calls = _run(tmp_path, TRAIN_PY="2")
     steps = [ln.split()[1] for ln in out.splitlines() if ln.startswith("=== ") and "(limit" in ln]
-    assert steps == ["train_speed_gpu_dataloader", "train_speed_gpu_channels_last", "train_step_bf16_cudagraphs_fused",
-                     "data_loading"]
+    assert steps == ["profile_compiled", "train_speed_gpu_dataloader", "train_speed_gpu_channels_last",
+                     "train_step_bf16_cudagraphs_fused", "data_loading"]
+    prof = next(c for c in calls if c.startswith("bench/profile_step.py"))
+    assert all(f in prof.split() for f in ("--compile", "--fused-adam", "--ema", "bf16", "128", "ddpmpp"))
     loader = next(c for c in calls if c.startswith("train.py") and "speed=gpu" in c)
     assert "datamodule.on_device=false" in loader  # after speed=gpu on the command line: that lever alone
     assert loader.index("speed=gpu") < loader.index("datamodule.on_device=false")
