@@ -21,7 +21,7 @@ from scoreflow.lit.callbacks import AtomicCheckpointIO
 from scoreflow.lit.preemption import Preempted, slurm_job_id
 from scoreflow.tasks.build import to_container
 from scoreflow.tasks.errors import CheckpointError
-from scoreflow.tasks.resume import resume_path, with_wandb_resume
+from scoreflow.tasks.resume import ORIGIN_KEY, resume_path, with_wandb_resume
 from scoreflow.tasks.train import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -229,6 +229,12 @@ def test_auto_resume_picks_the_run_folders_checkpoint_and_refuses_another_model(
     assert resume_path(cfg, out) == str(ckpt)
     assert resume_path(make_cfg([*BASE, "auto_resume=false"]), out) is None
     assert resume_path(make_cfg([*BASE, "ckpt_path=/elsewhere.ckpt"]), out) == "/elsewhere.ckpt"
+    # the folder's run started from ckpt_path=/elsewhere.ckpt: the same command again continues from the folder's
+    # last.ckpt (it restarted from /elsewhere.ckpt, so a requeued job with ckpt_path= never progressed)
+    torch.save({"global_step": 3, "scoreflow": {"config": to_container(cfg)}, ORIGIN_KEY: "/elsewhere.ckpt"}, ckpt)
+    assert resume_path(make_cfg([*BASE, "ckpt_path=/elsewhere.ckpt"]), out) == str(ckpt)
+    assert resume_path(make_cfg([*BASE, "ckpt_path=/another.ckpt"]), out) == "/another.ckpt"
+    assert resume_path(make_cfg([*BASE, "ckpt_path=/elsewhere.ckpt", "auto_resume=false"]), out) == "/elsewhere.ckpt"
     with pytest.raises(CheckpointError, match=r"another sde/model.*\n  model.net.dropout: 0.1 -> 0.2") as err:
         resume_path(make_cfg([*BASE, "sde=ve", "model.net.dropout=0.2"]), out)
     assert "sde._target_" in str(err.value) and "auto_resume=false" in err.value.fix
@@ -254,6 +260,44 @@ def test_wandb_run_id_is_stored_once_per_run_folder(make_cfg, tmp_path):
     assert "id" not in a.csv and "id" not in group.wandb  # other loggers and the input are untouched
     pinned = with_wandb_resume(make_cfg(["logger=wandb", "+logger.wandb.id=mine"]).logger, tmp_path / "c")
     assert pinned.wandb.id == "mine"
+    # an id set in the config wins over a stored one, and is stored (it was ignored once the file existed)
+    pinned = with_wandb_resume(make_cfg(["logger=wandb", "+logger.wandb.id=mine"]).logger, tmp_path / "a")
+    assert pinned.wandb.id == "mine" and with_wandb_resume(group, tmp_path / "a").wandb.id == "mine"
+    # a run that starts afresh in a used folder (auto_resume=false) gets a new W&B run, which later resumes keep
+    fresh = with_wandb_resume(group, tmp_path / "b", fresh=True)
+    assert fresh.wandb.id != b.wandb.id and with_wandb_resume(group, tmp_path / "b").wandb.id == fresh.wandb.id
+
+
+def test_auto_resume_refuses_a_classifier_of_another_network(make_cfg, tmp_path):
+    """train_classifier.py: the folder's checkpoint of another classifier network is refused by name (a wider one
+    failed to load with a traceback; normalize_input=false resumed silently with another forward pass)."""
+    base = ["classifier=small", "trainer.accelerator=cpu"]
+    cfg = make_cfg(base, config_name="train_classifier")
+    out = tmp_path / "run"
+    ckpt = out / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"global_step": 3, "scoreflow": {"config": to_container(cfg)}}, ckpt)
+    assert resume_path(cfg, out) == str(ckpt)
+    for change, line in (("classifier.net.widen_factor=1", "classifier.net.widen_factor: 2 -> 1"),
+                         ("classifier.normalize_input=false", "classifier.normalize_input: True -> False")):
+        with pytest.raises(CheckpointError, match="another sde/model/data/dequantization/classifier/seed") as err:
+            resume_path(make_cfg([*base, change], config_name="train_classifier"), out)
+        assert line in str(err.value)
+
+
+def test_an_unreadable_last_ckpt_is_one_screen_naming_it(tmp_path):
+    """A truncated ``last.ckpt`` in the run folder (a full disk during a copy): the rerun says which file and what
+    to do, exit 2, no traceback (it was torch's ``PytorchStreamReader failed`` traceback)."""
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"global_step": 3, "state_dict": {"w": torch.zeros(1000)}}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:2000])
+    done = subprocess.run([sys.executable, "train.py", *BASE, f"hydra.run.dir={run}"], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and f"{ckpt}, which cannot be read as a checkpoint" in done.stderr
+    assert "auto_resume=false" in done.stderr
 
 
 def test_slurm_job_id(monkeypatch):
@@ -290,14 +334,14 @@ def test_one_handler_per_signal_during_training_and_restored_after(make_cfg, mon
     sigs = (*preemption.REQUEUE_SIGNALS, *preemption.STOP_SIGNALS)
     before = {s: signal.getsignal(s) for s in sigs}
     seen = {}
-    original = preemption.PreemptionCheckpoint.on_train_batch_end
+    original = preemption.PreemptionCheckpoint.on_train_batch_start
 
     def probe(self, trainer, *args):
         seen.update(env=trainer._accelerator_connector.cluster_environment, mine=self._handler,
                     handlers={s: signal.getsignal(s) for s in sigs})
         return original(self, trainer, *args)
 
-    monkeypatch.setattr(preemption.PreemptionCheckpoint, "on_train_batch_end", probe)
+    monkeypatch.setattr(preemption.PreemptionCheckpoint, "on_train_batch_start", probe)
     train(make_cfg([*BASE, "trainer.max_steps=2"]))
     assert isinstance(seen["env"], SLURMEnvironment) and not seen["env"].auto_requeue
     assert all(h == seen["mine"] for h in seen["handlers"].values()), seen["handlers"]
@@ -320,3 +364,150 @@ def test_ddp_sigterm_to_rank_zero_stops_both_ranks_at_one_step_and_resumes_exact
                               env=_env(), capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
     assert_same_weights(tmp_path / "uninterrupted" / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+
+
+# A real signal at a chosen point: the module sends it to its own process at the start of the training step of a
+# given global_step (before that step's computation), or of the first test batch, then train.py runs as usual.
+SELF_SIGNAL = """
+import os, runpy, signal, sys
+from scoreflow.lit.module import ScoreLitModule
+where, at, sigs = sys.argv[1], int(sys.argv[2]), [getattr(signal, s) for s in sys.argv[3].split("+")]
+hook = {"train": "training_step", "test": "test_step"}[where]
+original = getattr(ScoreLitModule, hook)
+sent = []
+def patched(self, *args, **kwargs):
+    if not sent and (where == "test" or self.global_step == at):
+        sent.append(1)
+        for s in sigs:
+            os.kill(os.getpid(), s)
+    return original(self, *args, **kwargs)
+setattr(ScoreLitModule, hook, patched)
+sys.argv = ["train.py", *sys.argv[4:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+VAL = ["debug=fast", "trainer.accelerator=cpu", "test=false", "callbacks=minimal", "checkpoint_every=1000",
+       "model.net.dropout=0.1", "val_every=10", "trainer.max_steps=20"]
+
+
+def signal_at(where: str, at: int, sigs: str, args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", SELF_SIGNAL, where, str(at), sigs, *args], cwd=ROOT,
+                          env=env or _env(), capture_output=True, text=True, timeout=600)
+
+
+def csv_rows(run: Path) -> list[dict[str, str]]:
+    """The run's CSV log without its timing columns (images/s and the like differ between runs)."""
+    import csv
+
+    with open(run / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: v for k, v in r.items() if not re.search(r"per_s|tflops|mfu|time", k)} for r in rows]
+
+
+def test_a_signal_before_a_validation_step_stops_after_it_and_the_resumed_log_is_the_uninterrupted_one(tmp_path):
+    """SIGTERM during the step before a validation (global step 9 -> 10, val_every=10): the checkpoint is written
+    after that step's logged values, validation and sample grid, so the resumed run repeats none of them and
+    misses none: its CSV log and weights equal an uninterrupted run's. (Written at the end of the step itself,
+    the checkpoint was restored as if the validation at step 10 and the step's log row had not happened: the
+    resumed log lacked both, and a signal at the last step left the run without its final validation.)"""
+    run, ref = tmp_path / "run", tmp_path / "uninterrupted"
+    stopped = signal_at("train", 9, "SIGTERM", [*VAL, f"hydra.run.dir={run}"])
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert f"SIGTERM at step 10: checkpoint written to {run / 'checkpoints' / 'last.ckpt'}" in stop_line(stopped.stderr)
+    assert any(r["step"] == "9" and r.get("val/bpd_bound") for r in csv_rows(run))
+    for out in (run, ref):
+        done = subprocess.run([sys.executable, "train.py", *VAL, f"hydra.run.dir={out}"], cwd=ROOT, env=_env(),
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert csv_rows(run) == csv_rows(ref)
+    a, b = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True) for d in (run, ref))
+    assert a["global_step"] == b["global_step"] == 20
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+                         ids=["sigterm", "ctrl-c"])
+def test_a_signal_during_the_test_evaluation_exits_with_its_code_and_a_rerun_tests(tmp_path, sig):
+    """The final test evaluation is outside the training loop: a signal there stops the run at once with 128 +
+    signal and one line naming the checkpoint (Lightning's own handler ended it with exit code 0 and no results,
+    so a scheduler recorded success; Ctrl-C with exit code 1); the same command again only tests."""
+    run = tmp_path / "run"
+    args = ["debug=fast", "trainer.accelerator=cpu", "callbacks=minimal", "trainer.max_steps=4",
+            "datamodule.eval_batch_size=8", f"hydra.run.dir={run}"]
+    stopped = signal_at("test", 0, signal.Signals(sig).name, args)
+    name = signal.Signals(sig).name
+    assert stopped.returncode == 128 + sig, stopped.stderr[-3000:]
+    ckpt = run / "checkpoints" / "last.ckpt"
+    lines = [ln for ln in stopped.stderr.splitlines() if ln.startswith("scoreflow: ")]
+    assert lines == [f"scoreflow: {name} during the test evaluation: stopped; {ckpt} (step 4) holds the trained "
+                     f"weights; the same command again with hydra.run.dir={run} takes no training step and evaluates "
+                     f"them (exit code {128 + sig})"], stopped.stderr[-3000:]
+    assert not (run / "metrics.json").exists()
+    again = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "test/bpd_bound" in json.loads((run / "metrics.json").read_text())
+
+
+def test_sigterm_after_sigusr1_stops_without_requeue(tmp_path):
+    """SLURM's time-limit warning (SIGUSR1) then ``scancel`` (SIGTERM): the cancel wins, no ``scontrol requeue``
+    (a requeued job could not be cancelled)."""
+    fake_bin, record = tmp_path / "bin", tmp_path / "scontrol.args"
+    fake_bin.mkdir()
+    (fake_bin / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {record}\n')
+    (fake_bin / "scontrol").chmod(0o755)
+    env = _env(PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}", SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1",
+               SLURM_NNODES="1", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_NODELIST="localhost",
+               SLURM_JOB_NAME="train", SLURM_JOB_ID="4243")
+    run = tmp_path / "run"
+    stopped = signal_at("train", 3, "SIGUSR1+SIGTERM", [*BASE, f"hydra.run.dir={run}"], env=env)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "SIGTERM at step 4: checkpoint written to" in stop_line(stopped.stderr)
+    assert "scoreflow: SIGTERM: stop without requeue" in stopped.stderr
+    assert not record.exists()
+
+
+@pytest.mark.slow
+def test_a_signal_in_the_last_step_stops_after_the_final_validation(tmp_path):
+    """The last step's validation runs before the stop (the signal was announced, then ignored: the run went on to
+    the test phase and exited 0), and the resumed run, which takes no step, reports it (it reported nothing)."""
+    run = tmp_path / "run"
+    stopped = signal_at("train", 19, "SIGUSR1", [*VAL, f"hydra.run.dir={run}"])
+    assert stopped.returncode == 138, stopped.stderr[-3000:]
+    assert "SIGUSR1 at step 20: checkpoint written to" in stop_line(stopped.stderr)
+    logged = [r["val/bpd_bound"] for r in csv_rows(run) if r["step"] == "19" and r.get("val/bpd_bound")]
+    assert len(logged) == 1
+    # the same command again takes no step; its metrics.json and table report that validation (they had none)
+    again = subprocess.run([sys.executable, "train.py", *VAL, f"hydra.run.dir={run}"], cwd=ROOT, env=_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["val/bpd_bound"] == pytest.approx(float(logged[0]), rel=1e-6)
+    assert "last validation (step 20; test=false)" in again.stdout
+
+
+@pytest.mark.slow
+def test_a_run_started_from_ckpt_path_resumes_from_its_folder_when_rerun(tmp_path):
+    """``ckpt_path=`` of another run, SIGTERM, the same command again (as a requeued SLURM job runs it): the run
+    continues from its own folder's checkpoint, and ends with the weights of an uninterrupted run from the same
+    ``ckpt_path`` (it started over from ``ckpt_path``, throwing the steps since away)."""
+    src = tmp_path / "src"
+    first = [*VAL, "trainer.max_steps=10"]
+    done = subprocess.run([sys.executable, "train.py", *first, f"hydra.run.dir={src}"], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    more = [*VAL, f"ckpt_path={src / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=20"]
+    run, ref = tmp_path / "run", tmp_path / "uninterrupted"
+    stopped = signal_at("train", 14, "SIGTERM", [*more, f"hydra.run.dir={run}"])
+    assert stopped.returncode == 143 and "SIGTERM at step 15" in stop_line(stopped.stderr), stopped.stderr[-3000:]
+    for out in (run, ref):
+        done = subprocess.run([sys.executable, "train.py", *more, f"hydra.run.dir={out}"], cwd=ROOT, env=_env(),
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert f"auto_resume: resuming from {run / 'checkpoints' / 'last.ckpt'}, where the run" in (
+        run / "train.log").read_text()
+    assert csv_rows(run) == csv_rows(ref)
+    a, b = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True) for d in (run, ref))
+    assert a["global_step"] == b["global_step"] == 20
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0, msg=k)

@@ -155,6 +155,10 @@ class ScoreLitModule(GuardedOptimization):
         self.max_bad_steps = max_bad_steps
         self.seed = seed
         self.batches_seen = 0  # training batches drawn so far (skipped ones included); checkpointed
+        # the last validation's values and step, checkpointed: a run resumed after it (a stop right after the last
+        # step's validation) reports them as the uninterrupted run does, from Lightning's callback_metrics
+        self.last_val_metrics: dict[str, float] = {}
+        self.last_validation_step: int | None = None
         self.val_bound, self.val_ode = MeanSE(), MeanSE()
         self._test_values: dict[str, list[Tensor]] = {}  # rows (image index, repeat, value); "nfe": per solve
         self._test_seen = 0  # test images of this rank so far
@@ -348,16 +352,18 @@ class ScoreLitModule(GuardedOptimization):
 
     def on_validation_epoch_end(self) -> None:
         m, se = self.val_bound.compute()  # synced: every rank computes, with the values of every rank
-        self.log_dict({"val/bpd_bound": m.float(), "val/bpd_bound_se": se.float()}, sync_dist=False)
+        values = {"val/bpd_bound": m.float(), "val/bpd_bound_se": se.float()}
         if self._ode_now:
             self._last_ode_step = self.global_step
             m, se = self.val_ode.compute()
-            self.log_dict({"val/bpd_ode": m.float(), "val/bpd_ode_se": se.float()}, sync_dist=False)
+            values |= {"val/bpd_ode": m.float(), "val/bpd_ode_se": se.float()}
+        self.log_dict(values, sync_dist=False)
         self.log_optimizer_step_axis()
         self.val_bound.reset()
         self.val_ode.reset()
         if not self.trainer.sanity_checking:
             self.last_validation_step = self.global_step  # the table of a test=false run names it
+            self.last_val_metrics |= {k: float(v) for k, v in values.items()}
 
     def on_test_epoch_start(self) -> None:
         self._test_values, self._test_seen = {}, 0
@@ -463,6 +469,7 @@ class ScoreLitModule(GuardedOptimization):
             "bad_steps_total": self.bad_steps_total,
             "bad_streak": self.bad_streak(),
             "last_ode_step": self._last_ode_step,
+            "last_validation": {"step": self.last_validation_step, "metrics": dict(self.last_val_metrics)},
             "world_size": self.trainer.world_size if self._trainer is not None else 1,
             "batch_size": self._per_rank_batch(),
             "config": self.config_dict,
@@ -475,6 +482,9 @@ class ScoreLitModule(GuardedOptimization):
         self.bad_steps_total = state.get("bad_steps_total", 0)
         self.restore_bad_streak(int(state.get("bad_streak", 0)))  # checkpoints of earlier releases: none
         self._last_ode_step = int(state.get("last_ode_step", 0))
+        last = state.get("last_validation") or {}  # checkpoints of earlier releases: none
+        self.last_validation_step = last.get("step")
+        self.last_val_metrics = dict(last.get("metrics") or {})
         self._warn_if_world_changed(state)
 
     def _per_rank_batch(self) -> int | None:

@@ -6,12 +6,19 @@
   ``scancel`` sends SIGTERM, and a job that requeued itself on it could never be cancelled. SLURM's own
   pre-emption with ``PreemptMode=REQUEUE`` requeues the job by itself.
 
-The handlers only set a flag; the checkpoint is written at the end of the optimizer step in progress
-(``on_train_batch_end``, after the EMA update), through the trainer's checkpoint IO (``AtomicCheckpointIO``:
-temporary file + ``os.replace``). Under DDP the ranks agree on the step with one max-reduction per step, so a
-signal that reached one rank only still stops all of them at the same step. Then :class:`Preempted` (a
-``SystemExit`` with code 128 + signal number, as a shell reports a process killed by that signal) leaves
-``Trainer.fit``; the caller requeues and prints :meth:`Preempted.message` (see ``tasks/train.py:fit``).
+The handlers only set a flag; the checkpoint is written once the optimizer step in progress is complete: its
+logged values written, its validation and sample grid done when one is due at that step, i.e. at the start of the
+next training batch (``on_train_batch_start``, before it is used) or, after the last step, in ``on_train_end``
+(where the final checkpoint has just been written). So a resumed run neither repeats nor misses a validation and
+its log lacks no row. Checkpoints go through the trainer's checkpoint IO (``AtomicCheckpointIO``: temporary file +
+``os.replace``). Under DDP the ranks agree on the step with one max-reduction per step, so a signal that reached one
+rank only still stops all of them at the same step. Then :class:`Preempted` (a ``SystemExit`` with code 128 +
+signal number, as a shell reports a process killed by that signal) leaves ``Trainer.fit``; the caller requeues and
+prints :meth:`Preempted.message` (see ``tasks/common.py:fit``). A stop signal (SIGTERM, SIGINT) overrides an earlier
+requeue signal: ``scancel`` after SLURM's time-limit warning cancels the job.
+
+Outside the training loop, during the final test evaluation, :func:`stop_on_signals` ends the run at once with the
+same exit codes (requeue included): ``last.ckpt`` is on disk, and the same command again only tests it.
 
 SLURM, ``timeout`` and a terminal's Ctrl-C signal the whole process group: the DataLoader workers ignore these
 signals (``scoreflow.lit.datamodule.ignore_stop_signals``), so that only the main process acts on them.
@@ -30,6 +37,7 @@ import signal
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -42,7 +50,7 @@ log = logging.getLogger(__name__)
 
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_NONE, _STOP, _REQUEUE = 0, 1, 2  # reduced with max across ranks: a requeue request wins
+_NONE, _REQUEUE, _STOP = 0, 1, 2  # reduced with max across ranks: a stop request wins (scancel must cancel)
 
 
 class Preempted(SystemExit):
@@ -52,31 +60,65 @@ class Preempted(SystemExit):
     does not present it as a crash, and no scheduler records the run as successful.
     """
 
-    def __init__(self, signum: int, step: int, ckpt_path: Path, *, requeue: bool, is_global_zero: bool):
+    def __init__(self, signum: int, step: int, ckpt_path: Path, *, requeue: bool, is_global_zero: bool,
+                 during: str | None = None):
         super().__init__(128 + int(signum))
         self.signum = int(signum)
         self.step = step
         self.ckpt_path = Path(ckpt_path)
         self.requeue = requeue
         self.is_global_zero = is_global_zero
+        self.during = during  # None: in the training loop (the checkpoint was written); else what was stopped
 
     def __reduce__(self) -> tuple:  # picklable (a joblib worker sends it back): the keyword arguments too
-        return _rebuild_preempted, (self.signum, self.step, str(self.ckpt_path), self.requeue, self.is_global_zero)
+        return _rebuild_preempted, (self.signum, self.step, str(self.ckpt_path), self.requeue, self.is_global_zero,
+                                    self.during)
 
     @property
     def signal_name(self) -> str:
         return signal.Signals(self.signum).name
 
     def message(self, requeued_job: str | None = None, resume_hint: str = "") -> str:
+        hint = f" with {resume_hint}" if resume_hint else ""
+        if self.during:  # the test phase: nothing to write, the training's checkpoint is on disk
+            head = f"{self.signal_name} during {self.during}: stopped; {self.ckpt_path} (step {self.step}) holds " \
+                   "the trained weights"
+            if requeued_job:
+                return f"{head}; SLURM job {requeued_job} requeued, it evaluates them again"
+            return f"{head}; the same command again{hint} takes no training step and evaluates them " \
+                   f"(exit code {self.code})"
         head = f"{self.signal_name} at step {self.step}: checkpoint written to {self.ckpt_path}"
         if requeued_job:
             return f"{head}; SLURM job {requeued_job} requeued, it resumes from this checkpoint"
-        hint = f" with {resume_hint}" if resume_hint else ""
         return f"{head}; to resume, run the same command again{hint} (exit code {self.code})"
 
 
-def _rebuild_preempted(signum: int, step: int, ckpt_path: str, requeue: bool, is_global_zero: bool) -> Preempted:
-    return Preempted(signum, step, Path(ckpt_path), requeue=requeue, is_global_zero=is_global_zero)
+def _rebuild_preempted(signum: int, step: int, ckpt_path: str, requeue: bool, is_global_zero: bool,
+                       during: str | None = None) -> Preempted:
+    return Preempted(signum, step, Path(ckpt_path), requeue=requeue, is_global_zero=is_global_zero, during=during)
+
+
+@contextmanager
+def stop_on_signals(during: str, ckpt_path: str | Path, step: int | None, *, is_global_zero: bool = True):
+    """Outside the training loop (the final test evaluation): SIGUSR1/SIGUSR2/SIGTERM/SIGINT raise
+    :class:`Preempted` at once (``during`` names the phase; exit code 128 + signal; the caller's :func:`finish`
+    requeues on a SIGUSR under SLURM and prints the message). Nothing is written: ``ckpt_path`` holds the trained
+    weights. Without it Lightning's own SIGTERM handler ended ``Trainer.test`` with exit code 0 and no results, and
+    Ctrl-C with its "graceful shutdown" and exit code 1."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Preempted(signum, -1 if step is None else step, Path(ckpt_path), requeue=signum in REQUEUE_SIGNALS,
+                        is_global_zero=is_global_zero, during=during)
+
+    previous = {s: signal.signal(s, handler) for s in (*REQUEUE_SIGNALS, *STOP_SIGNALS)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 def slurm_job_id() -> str | None:
@@ -123,17 +165,23 @@ def _to_log_files(level: int, text: str) -> None:
 
 
 class PreemptionCheckpoint(Callback):
-    """Turns SIGUSR1/SIGUSR2/SIGTERM/SIGINT during the training loop into a checkpoint at ``ckpt_path`` at the
-    end of the current step, then raises :class:`Preempted`. A second Ctrl-C exits at once (130), without one."""
+    """Turns SIGUSR1/SIGUSR2/SIGTERM/SIGINT during the training loop into a checkpoint at ``ckpt_path`` once the
+    current step is complete (its logs, validation and sample grid), then raises :class:`Preempted`. A second
+    Ctrl-C exits at once (130), without one. ``written_at_train_end``: another callback, listed before this one,
+    writes ``ckpt_path`` in ``on_train_end`` (``FinalCheckpoint``), so a signal pending then needs no second write."""
 
-    def __init__(self, ckpt_path: str | Path):
+    def __init__(self, ckpt_path: str | Path, *, written_at_train_end: bool = False):
         self.ckpt_path = Path(ckpt_path)
+        self.written_at_train_end = written_at_train_end
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             self.quit_now()
+        if self.signum in REQUEUE_SIGNALS and signum in STOP_SIGNALS:  # scancel after the time-limit warning
+            self.signum = signum
+            os.write(2, f"\nscoreflow: {signal.Signals(signum).name}: stop without requeue\n".encode())
         if self.signum is None:
             self.signum = signum
             hint = " (Ctrl-C again stops without one)" if signum == signal.SIGINT else ""
@@ -181,22 +229,32 @@ class PreemptionCheckpoint(Callback):
         if trainer.is_global_zero:
             log.info("pre-emption: SIGUSR1/SIGUSR2/SIGTERM/SIGINT write %s at the end of the step", self.ckpt_path)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if getattr(pl_module, "accumulating", False):  # mid-step (accumulate_grad_batches): gradients are partial
-            return
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        # the previous step is complete: its values logged, its validation and sample grid done (Lightning runs them
+        # after on_train_batch_end, where a checkpoint would be restored as if neither had happened: a resumed run
+        # lost that step's log row and validation); this batch is fetched but unused (a restore takes it again)
+        if not getattr(pl_module, "accumulating", False):  # mid-step (accumulate_grad_batches): gradients partial
+            self._stop_if_signalled(trainer, pl_module, write=True)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after the last step's validation and sample grid: without this a signal then was announced, then ignored
+        self._stop_if_signalled(trainer, pl_module, write=not self.written_at_train_end)
+        self._restore()
+
+    def _stop_if_signalled(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, write: bool) -> None:
         code = _NONE if self.signum is None else _REQUEUE if self.signum in REQUEUE_SIGNALS else _STOP
         if trainer.world_size > 1:  # every rank must stop at the same step (save_checkpoint has a barrier)
             code = int(trainer.strategy.reduce(torch.tensor(code, device=pl_module.device), reduce_op="max"))
         if code == _NONE:
             return
-        signum = self.signum or (signal.SIGUSR1 if code == _REQUEUE else signal.SIGTERM)  # another rank's
-        trainer.save_checkpoint(self.ckpt_path)
+        signum = self.signum  # another rank's request: its kind
+        if signum is None or (code == _STOP) != (signum in STOP_SIGNALS):
+            signum = signal.SIGUSR1 if code == _REQUEUE else signal.SIGTERM
+        if write:
+            trainer.save_checkpoint(self.ckpt_path)
         self._restore()
         raise Preempted(signum, trainer.global_step, self.ckpt_path, requeue=code == _REQUEUE,
                         is_global_zero=trainer.is_global_zero)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore()

@@ -34,7 +34,14 @@ from scoreflow.lit.throughput import SUMMARY_KEYS as THROUGHPUT_KEYS
 from scoreflow.tasks.build import build_data, build_datamodule
 from scoreflow.tasks.checkpoint import module_from_checkpoint, task_dir
 from scoreflow.tasks.launchers import optimized_metric  # noqa: F401  (re-exported: train.py names it here)
-from scoreflow.tasks.resume import last_checkpoint, rerun_hint, resume_path, with_wandb_resume
+from scoreflow.tasks.resume import (
+    ORIGIN_KEY,
+    last_checkpoint,
+    rerun_hint,
+    resume_path,
+    run_origin,
+    with_wandb_resume,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +109,20 @@ class TrainingClock(Callback):
         checkpoint[TRAINING_TIME_KEY] = {"seconds": self.seconds(), "segments": self.segments}
 
 
+class RunOrigin(Callback):
+    """Puts the ``ckpt_path=`` the run started from (resolved; carried over by its resumes) into every checkpoint,
+    so that the same command run again in the run folder, after a stop or a SLURM requeue, resumes from the folder's
+    ``last.ckpt`` rather than from ``ckpt_path`` again (``scoreflow.tasks.resume.resume_candidate``)."""
+
+    def __init__(self, origin: str | None):
+        self.origin = origin
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if self.origin:
+            checkpoint[ORIGIN_KEY] = self.origin
+
+
 class ResumedLogStep(Callback):
     """The loggers' step after a resume, as in an uninterrupted run. Lightning's restore adds 1 to its count of
     batches (``_batches_that_stepped``, the loggers' x axis) on the assumption that the checkpoint was written in
@@ -160,14 +181,16 @@ def fit(cfg: DictConfig, module: pl.LightningModule, source: Any, out: Path, t0:
     if start is not None and max_steps is not None and 0 <= int(max_steps) <= start:
         log.warning("resume: %s is already at step %d, trainer.max_steps=%d: no training step to take (raise "
                     "trainer.max_steps to train further)", ckpt_path, start, int(max_steps))
-    loggers = instantiate_all(with_wandb_resume(cfg.get("logger"), out))
+    loggers = instantiate_all(with_wandb_resume(cfg.get("logger"), out, fresh=ckpt_path is None))
     continue_csv_logs(loggers, out, ckpt_path, start)
     for lg in loggers:
         choices = getattr(module, "config_choices", None)
         lg.log_hyperparams({**(module.config_dict or {}), **({"choices": choices} if choices else {})})
     clock = TrainingClock(t0, checkpoint_training_time(ckpt_path))
-    callbacks = instantiate_all(cfg.get("callbacks")) + [clock, ResumedLogStep(), FinalCheckpoint(out / "checkpoints"),
-                                                         PreemptionCheckpoint(last_checkpoint(out))]
+    final = FinalCheckpoint(out / "checkpoints")  # before PreemptionCheckpoint: a signal at the end waits for it
+    callbacks = instantiate_all(cfg.get("callbacks")) + [
+        clock, RunOrigin(run_origin(cfg, ckpt_path)), ResumedLogStep(), final,
+        PreemptionCheckpoint(last_checkpoint(out), written_at_train_end=final.path == last_checkpoint(out))]
     overrides = {}
     n = getattr(getattr(module, "optim_cfg", None), "accumulate_grad_batches", 1)
     interval = run_cfg.trainer.get("val_check_interval")
@@ -185,6 +208,8 @@ def fit(cfg: DictConfig, module: pl.LightningModule, source: Any, out: Path, t0:
     last = out / "checkpoints" / "last.ckpt"
     steps = trainer.global_step or checkpoint_step(last if last.is_file() or not ckpt_path else ckpt_path) or 0
     metrics = {"train/steps": float(steps), "train/wall_time_s": train_time, "train/segments": float(clock.segments)}
+    # a run resumed after its last validation (stopped right after it) reports it, as the uninterrupted run does
+    metrics.update(getattr(module, "last_val_metrics", None) or {})
     # Throughput puts its summary in callback_metrics: the one place a ddp_spawn run sends back to this process
     metrics.update({k: v for k, v in scalar_metrics(trainer.callback_metrics).items()
                     if k.startswith("val/") or k in THROUGHPUT_KEYS})
@@ -284,7 +309,12 @@ def test_checkpoint(cfg: DictConfig, ckpt_path: Path, out: Path, *, kind: str = 
     progress = (cfg.get("callbacks") or {}).get("progress")  # the run's progress settings (log_every_s, force)
     callbacks = [hydra.utils.instantiate(progress)] if progress and progress.get("_target_") else []
     trainer = make_trainer(cfg.trainer, callbacks=callbacks, logger=logger, enable_checkpointing=False)
-    results = trainer.test(module, datamodule=dm, verbose=False)
+    try:  # a signal stops the evaluation at once (exit 128 + signal): the checkpoint is on disk, a rerun tests it
+        with preemption.stop_on_signals("the test evaluation", ckpt_path, checkpoint_step(ckpt_path),
+                                        is_global_zero=is_global_zero()):
+            results = trainer.test(module, datamodule=dm, verbose=False)
+    except Preempted as stop:
+        preemption.finish(stop, rerun_hint(out))
     return scalar_metrics(results[0] if results else trainer.callback_metrics)
 
 
