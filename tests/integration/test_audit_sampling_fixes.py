@@ -78,6 +78,10 @@ CASES = [
     ("train_dequant.py", ["score_ckpt={d}/flow.ckpt"],
      ["score_ckpt", "is a train_dequant.py checkpoint", "not a train.py score model",
       "fix: score_ckpt=outputs/train/x/checkpoints/last.ckpt"]),
+    # train.py resuming a flow (new-user audit: the resume_allow_changes=true it suggested then crashed on its keys)
+    ("train.py", ["ckpt_path={d}/flow.ckpt", "debug=fast"],
+     ["ckpt_path is a train_dequant.py checkpoint", "config key: ckpt_path", "fix: resume it with python "
+      "train_dequant.py"]),
 ]
 
 

@@ -51,6 +51,9 @@ def written(cwd: Path, inputs: set[str]) -> set[str]:
 
 # (overrides, names the output must contain): all fail in the preflight, before torch is imported
 USAGE_CASES = [
+    # a group train.py does not have (new-user audit: Hydra's hint, +sampler=ode, trained with the key unread)
+    (["sampler=ode"], ["train.py has no config group 'sampler' (its groups: sde, weighting, model",
+                       "fix: the sample grids' sampler is callbacks.samples.sampler"]),
     (["datamodule.batch_size=0"], ["datamodule.batch_size", "0"]),
     (["datamodule.batch_size=-3"], ["datamodule.batch_size", "-3"]),
     (["module.optim.lr=-1"], ["module.optim.lr", "-1"]),
@@ -235,6 +238,36 @@ def test_diverging_run_is_one_screen_logs_nan_and_keeps_no_best_checkpoint(tmp_p
     assert "nan" in [row[col].lower() for row in losses[1:] if len(row) > col], "NaN losses not logged as NaN"
     assert text.count("optimizer step skipped") <= 2  # one warning per streak, then the error
     assert "├──" not in text  # extras.print_config=false
+
+
+@pytest.mark.parametrize("script, args, shown", [
+    ("train.py", [*FAST_RUN[1:], "+module.foo=1"], ["module.foo: not a setting of ScoreLitModule (its settings: scale, shift, loss",
+                                     "config key: module.foo", "fix: remove module.foo"]),
+    ("train.py", [*FAST_RUN[1:], "experiment=toy2d", "data.name=checkerboad"],
+     ["data: toy2d: unknown name 'checkerboad'; choose one of ('checkerboard'", "config key: data"]),
+    ("train_classifier.py", ["+debug=fast", "extras.print_config=false"], ["module.evaluation: not a setting of ClassifierLitModule"]),
+], ids=["module-key", "toy2d-name", "classifier-debug"])
+def test_a_value_or_key_a_constructor_refuses_is_one_screen(tmp_path, script, args, shown):
+    """New-user audit: these were Hydra's "Error executing job" or a TypeError traceback, exit 1. The objects are
+    built after the run folder exists (the data are read there), so the folder is there."""
+    code, lines = cli(script, args, tmp_path)
+    text = check_screen(code, lines, 2, *shown)
+    assert "Error executing job" not in text
+
+
+def test_train_classifier_has_no_debug_group(tmp_path):
+    code, lines = cli("train_classifier.py", ["debug=fast"], tmp_path)
+    check_screen(code, lines, 2, "train_classifier.py has no config group 'debug'", "trainer.max_steps=50")
+    assert written(tmp_path, set()) == set()
+
+
+def test_a_batch_larger_than_the_training_split_is_one_screen(tmp_path):
+    """New-user audit: datamodule.batch_size=100000 on digits' 1297 training images was killed for memory (exit
+    137, no message); every batch would have repeated images."""
+    code, lines = cli("train.py", [*FAST_RUN, "datamodule.batch_size=100000"], tmp_path)
+    check_screen(code, lines, 2, "datamodule.batch_size=100000 images per process is more than one process's share",
+                 "(1297 images over 1 process(es): 1297 each)", "config key: datamodule.batch_size",
+                 "fix: datamodule.batch_size=128 (at most 1297)")
 
 
 def test_corrupt_image_is_named_or_skipped(tmp_path):

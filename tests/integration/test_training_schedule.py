@@ -231,3 +231,37 @@ def test_an_ode_subset_smaller_than_the_processes_validates_on_every_rank(tmp_pa
     assert p.returncode == 0, p.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert math.isfinite(metrics["val/bpd_ode"])
+
+
+@pytest.mark.parametrize("old, new", [((1, 32), (1, 64)), ((1, 64), (1, 16)), ((2, 16), (1, 32)), ((1, 32), (2, 8))])
+def test_a_resume_with_another_batch_size_continues_at_the_next_image(old, new):
+    """(processes, per-process batch) before and after a resume: the resumed stream starts at the first image the
+    interrupted run had not taken, so the epoch's images are each taken once (counting batches of the new size,
+    10 batches of 32 resumed at 64 started at image 640: images 320-639 of the epoch were never used). A checkpoint
+    of an earlier release (no ``samples_seen``) is placed from its stored batch size and process count."""
+    from types import SimpleNamespace
+
+    from scoreflow.lit.datamodule import ScoreDataModule
+
+    n, steps = 1000, 10
+    (w0, b0), (w1, b1) = old, new
+
+    module = _module(False)
+    module._trainer = SimpleNamespace(world_size=w0, is_global_zero=True, datamodule=SimpleNamespace(batch_size=b0))
+    module.batches_seen = steps
+    ckpt: dict = {}
+    module.on_save_checkpoint(ckpt)
+    assert ckpt["scoreflow"]["samples_seen"] == steps * w0 * b0
+    for state in (ckpt["scoreflow"], {k: v for k, v in ckpt["scoreflow"].items() if k != "samples_seen"}):
+        resumed = _module(False)
+        dm = ScoreDataModule(None, batch_size=b1)
+        dm.splits = {"train": range(n)}
+        resumed._trainer = SimpleNamespace(world_size=w1, is_global_zero=False, datamodule=dm, lightning_module=resumed)
+        resumed.on_load_checkpoint({"scoreflow": state})
+        assert resumed.samples_seen == steps * w0 * b0
+        dm.trainer = resumed._trainer
+        dm._rank_world = lambda: (0, w1)
+        sampler = dm.train_dataloader().sampler
+        assert sampler.start == steps * w0 * b0 // w1  # this rank's position: the images taken so far / processes
+        resumed.batches_seen += 3  # three more steps at the new size
+        assert resumed.samples_seen == steps * w0 * b0 + 3 * w1 * b1

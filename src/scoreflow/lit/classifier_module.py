@@ -18,7 +18,7 @@ from torch import Tensor
 
 from scoreflow.data.base import random_hflip
 from scoreflow.dequantization import Dequantizer, to_model_space
-from scoreflow.lit.datamodule import batch_number
+from scoreflow.lit.datamodule import StreamPosition, batch_number
 from scoreflow.lit.module import seed_global_rngs, step_seed
 from scoreflow.lit.optim import GuardedOptimization, OptimizerFactory
 from scoreflow.lit.settings import OptimConfig
@@ -30,7 +30,7 @@ def fixed_time_key(split: str, name: str, t: float) -> str:
     return f"{split}/{name}_t{t:g}"
 
 
-class ClassifierLitModule(GuardedOptimization):
+class ClassifierLitModule(StreamPosition, GuardedOptimization):
     """Training and evaluation of a noise-conditional classifier.
 
     Args:
@@ -186,12 +186,12 @@ class ClassifierLitModule(GuardedOptimization):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.optim_cfg.fused:  # the device's count of skipped steps, exact in the checkpoint
             self.read_bad_steps(stop=False)
-        checkpoint["scoreflow"] = {"kind": "classifier", "batches_seen": self.batches_seen,
+        checkpoint["scoreflow"] = {"kind": "classifier", **self.stream_state(),
                                     "bad_steps_total": self.bad_steps_total, "bad_streak": self.bad_streak(),
                                     "config": self.config_dict, "choices": dict(self.config_choices)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("scoreflow", {})
-        self.batches_seen = state.get("batches_seen", 0)
+        self.load_stream_state(state)
         self.bad_steps_total = state.get("bad_steps_total", 0)
         self.restore_bad_streak(int(state.get("bad_streak", 0)))

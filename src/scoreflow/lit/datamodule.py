@@ -39,6 +39,48 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
+class BatchSizeError(ValueError):
+    """A training batch larger than one process's share of the training split (each batch would repeat images;
+    ``datamodule.batch_size=100000`` on digits was killed for memory with no message). ``fix``: what to set."""
+
+    def __init__(self, message: str, fix: str):
+        super().__init__(message)
+        self.fix = fix
+
+
+class StreamPosition:
+    """A training module's place in the training stream, for a resume: ``batches_seen``, this process's training
+    batches (which every per-batch seed is a function of), and :attr:`samples_seen`, the images all processes have
+    taken together. The latter places the stream when a resume changes the per-process batch size or the number of
+    processes: counting batches of the new size skipped or repeated images of the epoch (10 batches of 32, resumed
+    at 64, started at image 640). Mixed into the modules; checkpoint keys ``batches_seen`` and ``samples_seen``."""
+
+    batches_seen: int = 0
+    _samples_base: tuple[int | None, int] = (0, 0)  # samples_seen when this segment started, and batches_seen then
+
+    def _per_rank_batch(self) -> int | None:
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        size = getattr(dm, "batch_size", None)
+        return int(size) if isinstance(size, int) else None
+
+    @property
+    def samples_seen(self) -> int | None:
+        base, at = self._samples_base
+        per, world = self._per_rank_batch(), self.trainer.world_size if self._trainer is not None else 1
+        return None if base is None or per is None else base + (self.batches_seen - at) * per * world
+
+    def stream_state(self) -> dict[str, int | None]:
+        return {"batches_seen": self.batches_seen, "samples_seen": self.samples_seen}
+
+    def load_stream_state(self, state: dict) -> None:
+        self.batches_seen = int(state.get("batches_seen", 0))
+        seen = state.get("samples_seen")
+        per, world = state.get("batch_size"), state.get("world_size")
+        if seen is None and isinstance(per, int) and isinstance(world, int):  # checkpoints of earlier releases
+            seen = self.batches_seen * per * world
+        self._samples_base = (None if seen is None else int(seen), self.batches_seen)
+
+
 class ResumableSampler(Sampler[int]):
     """Infinite shuffled indices for one rank, starting at position ``start`` (in samples of this rank)."""
 
@@ -184,9 +226,18 @@ class ScoreDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader | DeviceBatches:
         rank, world = self._rank_world()
         ds = self.splits["train"]
+        if self.batch_size > len(ds) // world:
+            most = len(ds) // world
+            raise BatchSizeError(
+                f"datamodule.batch_size={self.batch_size} images per process is more than one process's share of "
+                f"the training split ({len(ds)} images over {world} process(es): {most} each); every batch would "
+                "repeat images", fix=f"datamodule.batch_size={min(128, most) if most else 1} (at most {most})")
         start = 0
-        if self.trainer is not None and hasattr(self.trainer.lightning_module, "batches_seen"):
-            start = self.trainer.lightning_module.batches_seen * self.batch_size
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if (seen := getattr(module, "samples_seen", None)) is not None:  # the images of every process so far
+            start = seen // world
+        elif hasattr(module, "batches_seen"):  # a module without StreamPosition, a checkpoint without the count
+            start = module.batches_seen * self.batch_size
         sampler = ResumableSampler(len(ds), self.seed, rank, world, start)
         if self.on_device:
             device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")

@@ -23,7 +23,7 @@ from scoreflow.data.base import random_hflip
 from scoreflow.dequantization import Dequantizer, to_model_space
 from scoreflow.likelihood import likelihood_bound, nats_to_bpd, ode_log_likelihood
 from scoreflow.likelihood.ode import FIXED_GRID_METHODS
-from scoreflow.lit.datamodule import batch_number
+from scoreflow.lit.datamodule import StreamPosition, batch_number
 from scoreflow.lit.metrics import MeanSE
 from scoreflow.lit.optim import (  # noqa: F401 (NonFiniteLossError: API)
     GuardedOptimization,
@@ -63,7 +63,7 @@ def seed_global_rngs(seed: int, device: torch.device) -> None:
         torch.manual_seed(seed)
 
 
-class ScoreLitModule(GuardedOptimization):
+class ScoreLitModule(StreamPosition, GuardedOptimization):
     """Training and evaluation of a score model.
 
     Args:
@@ -465,7 +465,7 @@ class ScoreLitModule(GuardedOptimization):
         if self.optim_cfg.fused:  # the device's count of skipped steps, exact in the checkpoint
             self.read_bad_steps(stop=False)
         checkpoint["scoreflow"] = {
-            "batches_seen": self.batches_seen,
+            **self.stream_state(),
             "bad_steps_total": self.bad_steps_total,
             "bad_streak": self.bad_streak(),
             "last_ode_step": self._last_ode_step,
@@ -478,7 +478,7 @@ class ScoreLitModule(GuardedOptimization):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("scoreflow", {})
-        self.batches_seen = state.get("batches_seen", 0)
+        self.load_stream_state(state)
         self.bad_steps_total = state.get("bad_steps_total", 0)
         self.restore_bad_streak(int(state.get("bad_streak", 0)))  # checkpoints of earlier releases: none
         self._last_ode_step = int(state.get("last_ode_step", 0))
@@ -486,11 +486,6 @@ class ScoreLitModule(GuardedOptimization):
         self.last_validation_step = last.get("step")
         self.last_val_metrics = dict(last.get("metrics") or {})
         self._warn_if_world_changed(state)
-
-    def _per_rank_batch(self) -> int | None:
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        size = getattr(dm, "batch_size", None)
-        return int(size) if isinstance(size, int) else None
 
     def _train_size(self) -> int | None:
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None

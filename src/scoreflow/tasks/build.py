@@ -79,12 +79,29 @@ def build_module(cfg: DictConfig) -> ScoreLitModule:
         need = "scoreflow.lit.dequant_module.DequantLitModule" if learnable else "scoreflow.lit.module.ScoreLitModule"
         raise ConfigError(f"module._target_={module_cls.__name__} does not fit dequantization="
                           f"{type(dequantizer).__name__}: that needs module._target_={need}")
-    module = module_cls(
-        score_model, time_sampler, dequantizer, num_levels=num_levels, data_shape=shape, seed=int(cfg.seed),
-        **_with_optimizer(mcfg)
-    )
+    module = _construct(module_cls, score_model, time_sampler, dequantizer, num_levels=num_levels, data_shape=shape,
+                        seed=int(cfg.seed), **_with_optimizer(mcfg))
     module.config_dict = to_container(cfg)
     return module
+
+
+def _construct(module_cls: type, *args: Any, **settings: Any) -> Any:
+    """``module_cls(*args, **settings)``, ``settings`` from the ``module`` group: a key its constructor does not take
+    (``+module.foo=1``, or a train.py key given to train_classifier.py) is a usage error naming it, not a
+    ``TypeError`` traceback."""
+    import inspect
+
+    params = inspect.signature(module_cls).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(k for k in settings if k not in params)
+        if unknown:
+            # the constructor's keywords that the module group sets (the rest come from other groups)
+            skip = ("num_levels", "data_shape", "seed", "eps")
+            known = ", ".join(k for k in list(params)[len(args):] if k not in skip)
+            raise ConfigError(f"{', '.join(f'module.{k}' for k in unknown)}: not a setting of {module_cls.__name__}"
+                              f" (its settings: {known})", key=f"module.{unknown[0]}",
+                              fix=f"remove {' '.join(f'module.{k}' for k in unknown)}")
+    return module_cls(*args, **settings)
 
 
 def _with_optimizer(mcfg: dict[str, Any]) -> dict[str, Any]:
@@ -213,7 +230,7 @@ def build_classifier_module(cfg: DictConfig, source=None) -> ClassifierLitModule
     module_cls = hydra.utils.get_class(target) if isinstance(target, str) else target
     if not issubclass(module_cls, ClassifierLitModule):
         raise ConfigError(f"module._target_={target} is not a ClassifierLitModule (scoreflow.lit.classifier_module)")
-    module = module_cls(classifier, dequantizer, num_levels=cfg.data.get("num_levels"), eps=cfg.get("eps"),
+    module = _construct(module_cls, classifier, dequantizer, num_levels=cfg.data.get("num_levels"), eps=cfg.get("eps"),
                         seed=int(cfg.seed), **_with_optimizer(mcfg))
     module.config_dict = to_container(cfg)
     return module

@@ -27,7 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from scoreflow.tasks.errors import ConfigError, UsageError, classify, format_error, full_error
+from scoreflow.tasks.errors import ConfigError, UsageError, classify, format_error, from_instantiation, full_error
 
 CONF = Path(__file__).resolve().parents[3] / "conf"
 
@@ -221,6 +221,18 @@ def explain_composition(exc: Exception, config_name: str, overrides: list[str]) 
         known_keys = f"see the known keys: python {config_name}.py --cfg job"
         fix = f"did you mean {' or '.join(close)}?" if close else known_keys
         return ConfigError(f"unknown config key {key!r}", key=key, value=value, fix=fix)
+    m = re.search(r"Could not override '([^']+)'\. No match in the defaults list", text)
+    if m:  # a group this command does not have: Hydra's hint, +group=option, would add it unread or break the run
+        group = m.group(1)
+        defaults = OmegaConf.to_container(OmegaConf.load(CONF / f"{config_name}.yaml")).get("defaults") or []
+        groups = [k.split()[-1] for d in defaults if isinstance(d, dict) for k in d
+                  if "@" not in k and "/" not in k and k.split()[-1] != "hydra"]
+        fix = {("train", "sampler"): "the sample grids' sampler is callbacks.samples.sampler (e.g. "
+                                     "callbacks.samples.sampler.steps=100); sampler= is sample.py's group",
+               ("train_classifier", "debug"): "train_classifier.py has no debug presets: a short run is "
+                                              "trainer.max_steps=50"}.get((config_name, group))
+        return ConfigError(f"{config_name}.py has no config group {group!r} (its groups: {', '.join(groups)})",
+                           key=group, fix=fix or f"drop the {group}=... override")
     m = re.search(r"Could not find '([^'/]+)/([^']*)'", text)
     key = m.group(1) if m else None
     lines = [ln for ln in str(exc).split("Config search path")[0].splitlines() if ln.strip()]
@@ -281,6 +293,8 @@ def run(cfg: DictConfig, command: str, task: Callable[[DictConfig], Any],
         _interrupted(command, out)
     except Exception as e:
         from scoreflow.tasks.console import is_multirun
+
+        e = from_instantiation(e) or e  # a value or key a constructor refused: a usage error
 
         if classify(e) is None and is_multirun() and not full_error():
             # a bug in a sweep's job: its traceback into the job's log, and onto the exception as text, which the

@@ -59,6 +59,7 @@ FOREIGN = {
     "ProtocolMismatchError": (USAGE, None),
     "MissingInceptionWeightsError": (USAGE, "fid.inception_weights"),
     "NonFiniteLossError": (RUNTIME, "module.optim.lr"),
+    "BatchSizeError": (USAGE, "datamodule.batch_size"),  # scoreflow.lit.datamodule: a batch above the split
 }
 
 
@@ -72,7 +73,7 @@ def _is_wandb_usage(exc: BaseException) -> bool:
 
 def foreign_fix(exc: BaseException) -> str | None:
     """The fix of a classified error type defined elsewhere (it has no ``fix`` attribute of ours)."""
-    if type(exc).__name__ == "CheckpointMismatchError":  # validate.explain_sp_mismatch names the model that fits
+    if type(exc).__name__ in ("CheckpointMismatchError", "BatchSizeError"):  # they carry their own fix
         return getattr(exc, "fix", None)
     if type(exc).__name__ == "DatasetSplitError":
         return "hold out fewer examples: data.val_size=<N> data.test_size=<M> (their sum below the data's size)"
@@ -132,6 +133,32 @@ def unknown_key_fix(key: str, value: Any = None, config_name: str | None = None)
     shown = " or ".join(options[:3]) + (" or ..." if len(options) > 3 else "")
     return (f"{rest} is a key of {shown}, not of the {group} chosen: "
             f"{options[0]} {key}={'<value>' if value is None else value}")
+
+
+def from_instantiation(exc: BaseException) -> ConfigError | None:
+    """Hydra's ``InstantiationException`` around a ``ValueError`` or ``TypeError`` of a scoreflow class's constructor:
+    a config value it refuses (``data.name=checkerboad``), or a key it does not take (``+module.foo=1``), as the
+    usage error it is, naming the config key (Hydra's ``full_key``) instead of Hydra's "Error executing job" with
+    exit code 1. ``None`` for anything else."""
+    import re
+
+    cause = exc.__cause__
+    text = str(exc)
+    if type(exc).__name__ != "InstantiationException" or not isinstance(cause, (ValueError, TypeError)):
+        return None
+    target = re.search(r"target '(scoreflow\.[\w.]+)'", text)
+    if target is None:
+        return None
+    full_key = re.search(r"full_key: (\S+)", text)
+    key = full_key.group(1) if full_key else None
+    extra = re.search(r"unexpected keyword argument '(\w+)'", str(cause)) if isinstance(cause, TypeError) else None
+    if extra:
+        name = f"{key}.{extra.group(1)}" if key else extra.group(1)
+        return ConfigError(f"{name} is not a setting of {target.group(1)}", key=name,
+                           fix=f"remove {name} (python <command> --cfg job lists the settings)")
+    if isinstance(cause, TypeError):
+        return None  # a bug rather than a value: keep its traceback
+    return ConfigError(f"{key or target.group(1)}: {cause}", key=key)
 
 
 def classify(exc: BaseException) -> tuple[int, str | None] | None:

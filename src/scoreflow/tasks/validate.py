@@ -460,6 +460,12 @@ def resume(cfg: DictConfig) -> None:
                               "checkpoints", key="ckpt_path", value=get(cfg, "ckpt_path"),
                               fix="give <run>/checkpoints/last.ckpt of a train.py run")
     stored = ckpt["scoreflow"].get("config") or {}
+    if isinstance(stored.get("dequant_run"), dict):  # its state holds a flow train.py's module has no place for
+        raise CheckpointError("ckpt_path is a train_dequant.py checkpoint (a dequantization flow trained after a score "
+                              "model); train.py resumes only its own checkpoints", key="ckpt_path",
+                              value=get(cfg, "ckpt_path"),
+                              fix="resume it with python train_dequant.py ckpt_path=..., or give train.py the score "
+                                  "model's own checkpoint (its score_ckpt)")
     requested = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [g for g in IDENTITY_GROUPS if g in cfg]),
                                        resolve=True)
     diff = config_differences(stored, requested)
