@@ -33,7 +33,7 @@ import torch
 from scipy import integrate
 
 from scoreflow.likelihood import draw_probe, ode_log_likelihood
-from scoreflow.likelihood.ode import power_grid
+from scoreflow.likelihood.ode import FIXED_GRID_METHODS, ode_methods, power_grid
 from scoreflow.utils import flat_dim
 
 LN2 = math.log(2.0)
@@ -137,13 +137,11 @@ def load_random_network(args):
     return score_fn, sde, 1e-5, y, probe, 7.0, f"{args.gpu_model} (random weights, non-zero output conv)"
 
 
-def parse_ours(spec: str) -> dict:
-    """One setting of ours.
+OURS_SYNTAX = ("METHOD@TOL (adaptive), METHOD#STEPS (fixed power grid), METHOD#STEPS^RHO (its rho) or METHOD#N>KNEE:M "
+               "(two-piece grid), comma-separated, e.g. dopri5@1e-5,rk4#40")
 
-    ``dopri5@1e-5``: adaptive, rtol=atol. ``rk4#40``: fixed power grid with 40 steps (the SDE's rho).
-    ``rk4#40^2.5``: the same with rho = 2.5. ``rk4#50>0.1:19``: two-piece grid, the 50-step power grid's times
-    below t = 0.1, then 19 even steps from 0.1 to T (passed as ``grid=``).
-    """
+
+def _parse_ours(spec: str) -> dict:
     if "#" in spec:
         method, rest = spec.split("#")
         if ">" in rest:
@@ -156,6 +154,41 @@ def parse_ours(spec: str) -> dict:
         return {"method": method, "steps": int(rest)}
     method, tol = spec.split("@")
     return {"method": method, "rtol": float(tol), "atol": float(tol)}
+
+
+def parse_ours(spec: str) -> dict:
+    """One setting of ours; ``ValueError`` naming the syntax if ``spec`` is malformed.
+
+    ``dopri5@1e-5``: adaptive, rtol=atol. ``rk4#40``: fixed power grid with 40 steps (the SDE's rho).
+    ``rk4#40^2.5``: the same with rho = 2.5. ``rk4#50>0.1:19``: two-piece grid, the 50-step power grid's times
+    below t = 0.1, then 19 even steps from 0.1 to T (passed as ``grid=``).
+    """
+    try:
+        kw = _parse_ours(spec)
+    except ValueError:  # a missing or extra separator, a number that is not one
+        raise ValueError(f"malformed setting {spec!r}: expected {OURS_SYNTAX}") from None
+    method, fixed = kw["method"], "rtol" not in kw
+    if method not in ode_methods():
+        raise ValueError(f"setting {spec!r}: unknown method {method!r}; known: {', '.join(ode_methods())}")
+    if fixed != (method in FIXED_GRID_METHODS):
+        want = "adaptive: give METHOD@TOL" if fixed else "a fixed-grid method: give METHOD#STEPS"
+        raise ValueError(f"setting {spec!r}: {method!r} is {want} (expected {OURS_SYNTAX})")
+    n_steps = [kw["two_piece"][0], kw["two_piece"][2]] if "two_piece" in kw else [kw.get("steps", 1)]
+    if min(n_steps) < 1 or not kw.get("rtol", 1.0) > 0 or not kw.get("grid_rho", 1.0) > 0:  # nan too
+        raise ValueError(f"setting {spec!r}: step counts must be at least 1, TOL and RHO positive")
+    return kw
+
+
+def parse_tols(spec: str) -> list[float]:
+    """``--ref-tols``: comma-separated positive tolerances; ``ValueError`` if not."""
+    try:
+        tols = [float(s) for s in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"malformed tolerances {spec!r}: expected positive numbers, comma-separated, "
+                         "e.g. 1e-5,1e-4") from None
+    if not all(t > 0 for t in tols):
+        raise ValueError(f"tolerances {spec!r} must be positive")
+    return tols
 
 
 def two_piece_grid(sde, eps: float, n_power: int, knee: float, n_even: int) -> torch.Tensor:
@@ -195,6 +228,14 @@ def main() -> None:
     p.add_argument("--cache", default="outputs/bench_cache",
                    help="folder where the tight solve is kept between runs (keyed by model, images and tolerance)")
     args = p.parse_args()
+    try:  # the settings first: a malformed one would otherwise fail only after the tight and reference solves
+        ours_settings = [parse_ours(spec) for spec in args.ours.split(",")]
+    except ValueError as e:
+        p.error(f"--ours: {e}")
+    try:
+        ref_tols = parse_tols(args.ref_tols)
+    except ValueError as e:
+        p.error(f"--ref-tols: {e}")
     if (args.ckpt is None) == (args.gpu_model is None):
         raise SystemExit("give exactly one of --ckpt (a train.py checkpoint) or --gpu-model (e.g. ddpmpp)")
     torch.set_num_threads(args.threads)
@@ -264,12 +305,12 @@ def main() -> None:
         print(f"# tight solve: dopri5 rtol=atol={args.tight:g}: {r.nfe} NFE, {seconds:.1f} s", flush=True)
     tight = Row("scoreflow", "tight", float(np.mean(tight_nfe)), 0.0, np.concatenate(tight_bpd))
     rows: list[Row] = []
-    for tol in [float(s) for s in args.ref_tols.split(",")]:
+    for tol in ref_tols:
         rows.append(pooled("reference", f"RK45 rtol=atol={tol:g}",
                            lambda yb, pb, tol=tol: reference_nll(score_fn, sde, yb, pb, eps, tol, tol)))
         print(_fmt(rows[-1], tight, B), flush=True)
-    for spec in args.ours.split(","):
-        rows.append(ours(**parse_ours(spec)))
+    for kw in ours_settings:
+        rows.append(ours(**kw))
         print(_fmt(rows[-1], tight, B), flush=True)
 
     ref = rows[0]

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from scoreflow.tasks.reproduce import data_num_levels, kid, sample_cmd, sample_features, samples_done, test_images
 
+KID_BLOCKS = 10  # disjoint blocks the KID is averaged over (its ± is their standard error)
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -27,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-levels", type=int, default=None,
                    help="the samples' quantization levels; default: the --data preset's (digits 17, mnist5k 256)")
     args = p.parse_args(argv)
+    if args.num_samples < 2 * KID_BLOCKS:  # else a block of 0-1 samples: 0/0 in its unbiased MMD², KID nan ± nan
+        p.error(f"--num-samples must be at least {2 * KID_BLOCKS} (got {args.num_samples}): KID is averaged over "
+                f"{KID_BLOCKS} disjoint blocks and its unbiased MMD² needs at least 2 samples per block")
     missing = [str(r) for r in args.runs if not (r / "checkpoints" / "last.ckpt").is_file()]
     if missing:
         print(f"error: no checkpoints/last.ckpt in {', '.join(missing)}", file=sys.stderr)
@@ -40,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         if not samples_done(folder):
             print(f"[sample_kid] sampling {args.num_samples} from {run} ...", flush=True)
             subprocess.run(sample_cmd(run, folder, args.num_samples), check=True, stdout=subprocess.DEVNULL)
-        rows.append((run, kid(sample_features(folder, args.num_levels), ref)))
+        rows.append((run, kid(sample_features(folder, args.num_levels), ref, n_blocks=KID_BLOCKS)))
     width = max(len(str(r)) for r, _ in rows)
     print(f"{'run':<{width}}  KID x 1e3 (pixels, vs {len(ref)} test images)")
     for run, (m, se) in rows:

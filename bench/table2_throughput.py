@@ -83,9 +83,6 @@ def timed(task, config_name: str, overrides: list[str], run_dir: Path, warmup: i
 
 
 def main() -> None:
-    from scoreflow.tasks.train import train
-    from scoreflow.tasks.train_dequant import train_dequant
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=10)
@@ -93,6 +90,14 @@ def main() -> None:
     ap.add_argument("--extra", nargs="*", default=[], help="extra overrides of the score runs (tests)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if args.steps < 2:  # StepTimer: the mean interval between the ends of the timed steps, steps - 1 of them
+        ap.error(f"--steps must be at least 2 (got {args.steps}): the time per step is measured between the ends of "
+                 "the first and the last timed step")
+    if args.warmup < 0:
+        ap.error(f"--warmup must be at least 0 (got {args.warmup})")
+    from scoreflow.tasks.train import train
+    from scoreflow.tasks.train_dequant import train_dequant
+
     n = args.warmup + args.steps
     cpu = not torch.cuda.is_available()
     common = [f"trainer.max_steps={n}", "val_every=1000000", "sample_every=0", "checkpoint_every=1000000",

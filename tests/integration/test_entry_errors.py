@@ -191,6 +191,14 @@ CKPT_CASES = [
     ("train.py", ["ckpt_path={d}/classifier.ckpt"], ["ckpt_path", "classifier"]),
     ("train.py", ["ckpt_path={d}/notes.txt"], ["ckpt_path", "notes.txt"]),
     ("train_dequant.py", ["score_ckpt={d}/notes.txt"], ["score_ckpt", "notes.txt"]),
+    # new-user audit: each was found after the run folder existed, or not at all
+    ("evaluate.py", ["ckpt_path={d}/score.ckpt", "num_images=0"],
+     ["num_images=0 leaves no image for the likelihoods", "fix: num_images=<N> or all; for FID alone: ode=false"]),
+    ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=latent", "sampler=pc", "sampler.steps=10"],
+     ["mode=latent encodes and decodes with the probability-flow ODE of latent.*",
+      "sampler=pc sampler.steps=10 would not be used"]),
+    ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=inpaint", "sampler=ode"],
+     ["mode=inpaint clamps the known part inside a predictor-corrector sampler", "fix: sampler=pc"]),
 ]
 
 
@@ -241,11 +249,13 @@ def test_diverging_run_is_one_screen_logs_nan_and_keeps_no_best_checkpoint(tmp_p
 
 
 @pytest.mark.parametrize("script, args, shown", [
-    ("train.py", [*FAST_RUN[1:], "+module.foo=1"], ["module.foo: not a setting of ScoreLitModule (its settings: scale, shift, loss",
-                                     "config key: module.foo", "fix: remove module.foo"]),
+    ("train.py", [*FAST_RUN[1:], "+module.foo=1"],
+     ["module.foo: not a setting of ScoreLitModule (its settings: scale, shift, loss", "config key: module.foo",
+      "fix: remove module.foo"]),
     ("train.py", [*FAST_RUN[1:], "experiment=toy2d", "data.name=checkerboad"],
      ["data: toy2d: unknown name 'checkerboad'; choose one of ('checkerboard'", "config key: data"]),
-    ("train_classifier.py", ["+debug=fast", "extras.print_config=false"], ["module.evaluation: not a setting of ClassifierLitModule"]),
+    ("train_classifier.py", ["+debug=fast", "extras.print_config=false"],
+     ["module.evaluation: not a setting of ClassifierLitModule"]),
 ], ids=["module-key", "toy2d-name", "classifier-debug"])
 def test_a_value_or_key_a_constructor_refuses_is_one_screen(tmp_path, script, args, shown):
     """New-user audit: these were Hydra's "Error executing job" or a TypeError traceback, exit 1. The objects are
@@ -344,3 +354,29 @@ def test_a_refused_resume_leaves_the_folders_config_untouched(tmp_path, fake_ckp
                  "VESDE", "resume_allow_changes=true")
     assert {p.name: p.read_text() for p in (run / ".hydra").iterdir()} == before
     assert sorted(p.name for p in run.iterdir()) == [".hydra", "checkpoints"]  # no log file, nothing else
+
+
+def test_a_truncated_checkpoint_says_so(tmp_path):
+    path = tmp_path / "cut.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:1500])
+    code, lines = cli("evaluate.py", [f"ckpt_path={path}"], tmp_path)
+    check_screen(code, lines, 2, "cut.ckpt is a truncated or corrupt PyTorch checkpoint", "fix: copy it again")
+
+
+def test_plots_refuses_a_folder_that_is_not_a_run(tmp_path):
+    """It drew an empty plot into any folder, and created a missing one (exit 0)."""
+    missing = tmp_path / "nonexist"
+    done = subprocess.run([sys.executable, "-m", "scoreflow.tasks.plots", str(missing)], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "is not a training run folder: it has no csv/metrics.csv" in done.stderr
+    assert "Traceback" not in done.stderr and not missing.exists()
+
+
+def test_the_table_says_when_no_validation_ran(tmp_path):
+    """test=false with val_every beyond the run: the title said "last validation (step 5)" over values of '-'."""
+    code, lines = cli("train.py", ["debug=fast", "test=false", "trainer.max_steps=5", "extras.print_config=false"],
+                      tmp_path)
+    assert code == 0
+    assert any("== no validation ran in 5 steps (val_every=10; test=false)" in ln for ln in lines), lines[-20:]

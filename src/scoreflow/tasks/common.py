@@ -390,6 +390,18 @@ def train_speed(metrics: dict[str, float]) -> str | None:
     return ", ".join(parts)
 
 
+def results_title(tested: bool, module: Any, metrics: dict[str, Any], steps: int, val_every: Any) -> str:
+    """The results table's title: the test split, or with ``test=false`` the last validation and its step, or that
+    none ran (``val_every`` beyond the run's steps: the table showed "last validation (step 5)" with every value
+    ``-``)."""
+    if tested:
+        return "test split"
+    if not any(k.startswith("val/") for k in metrics):
+        return f"no validation ran in {steps} steps (val_every={val_every}; test=false)"
+    val_step = getattr(module, "last_validation_step", None)  # None under ddp_spawn (its module stayed here)
+    return f"validation subset, last validation (step {steps if val_step is None else val_step}; test=false)"
+
+
 def results_table(metrics: dict[str, float], title: str = "results", extra: dict[str, Any] | None = None) -> str:
     """A short plain-text table of the headline numbers."""
     rows = [

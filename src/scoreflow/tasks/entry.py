@@ -123,6 +123,10 @@ def preflight(config_name: str, validator: Callable[[DictConfig], None] | None =
         checks = [validator] if validator is not None else []
         if config_name in RESUMING_TASKS:
             checks.append(lambda c: check_folder_resume(c, overrides))
+        if config_name == "sample":  # what the command line sets, which the composed config does not tell
+            from scoreflow.tasks.validate import unused_sampler
+
+            checks.append(lambda c: unused_sampler(c, overrides))
         for check in checks:
             try:
                 check(cfg)

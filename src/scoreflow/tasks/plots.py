@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     import json
 
+    if not (Path(args.run_dir) / "csv" / "metrics.csv").is_file():  # it drew an empty plot into any folder
+        p.error(f"{args.run_dir} is not a training run folder: it has no csv/metrics.csv (the folder train.py "
+                "prints, e.g. outputs/train/<date>/)")
     metrics_path = Path(args.run_dir) / "metrics.json"
     final = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     print(bpd_plot(args.run_dir, {k: v for k, v in final.items() if isinstance(v, (int, float))}))

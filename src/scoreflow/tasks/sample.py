@@ -416,7 +416,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
 def format_table(mode: str, result: dict[str, float], paths: dict[str, Path], cfg: DictConfig, elapsed: float) -> str:
     rows = [("mode", mode), ("sampler", sampler_text(cfg))]
     for k, v in result.items():
-        rows.append((k.replace("_", " "), f"{v:.0f}" if float(v).is_integer() else f"{v:.4g}"))
+        unit = " (data units: [0, 1] for images)" if k.endswith("_error") and k != "roundtrip_rel_error" else ""
+        rows.append((k.replace("_", " "), (f"{v:.0f}" if float(v).is_integer() else f"{v:.4g}") + unit))
     rows.append(("time", f"{elapsed:.1f} s"))
     rows += [(f"output ({k})", str(p)) for k, p in paths.items()]
     w = max(len(a) for a, _ in rows)

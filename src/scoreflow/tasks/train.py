@@ -20,6 +20,7 @@ from scoreflow.tasks.common import (
     is_global_zero,
     protocol_string,
     results_table,
+    results_title,
     start_run,
     test_checkpoint,
     train_speed,
@@ -79,9 +80,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     weights = "EMA weights" if ema else "raw weights (no EMA)"
     # test=false: the last validation (bound on val_subset images, ODE on nll_subset) under its own title
     shown = metrics if tested else {"test/" + k[4:]: v for k, v in metrics.items() if k.startswith("val/")}
-    val_step = getattr(module, "last_validation_step", None)  # None under ddp_spawn (its module stayed here)
-    title = "test split" if tested else \
-        f"validation subset, last validation (step {int(steps) if val_step is None else val_step}; test=false)"
+    title = results_title(tested, module, metrics, int(steps), cfg.get("val_every"))
     extra = {"steps": int(metrics["train/steps"]), "wall time": f"{metrics['wall_time_s']:.0f} s"}
     if (segments := int(metrics.get("train/segments", 1))) > 1:  # resumed: the time of every segment's training
         extra = {"steps": extra["steps"], "wall time": f"{metrics['wall_time_s']:.0f} s (this command)",

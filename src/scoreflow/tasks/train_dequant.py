@@ -22,6 +22,7 @@ from scoreflow.tasks.common import (
     is_global_zero,
     protocol_string,
     results_table,
+    results_title,
     start_run,
     test_checkpoint,
     write_metrics,
@@ -123,10 +124,8 @@ def train_dequant(cfg: DictConfig) -> dict[str, Any]:
     # as train.py: test=false shows the last validation (bound on val_subset images, ODE on nll_subset) as such
     tested = bool(cfg.get("test", True))
     shown = metrics if tested else {"test/" + k[4:]: v for k, v in metrics.items() if k.startswith("val/")}
-    val_step = getattr(module, "last_validation_step", None)  # None under ddp_spawn (its module stayed here)
     steps = int(metrics["train/steps"])
-    title = "test split" if tested else \
-        f"validation subset, last validation (step {steps if val_step is None else val_step}; test=false)"
+    title = results_title(tested, module, metrics, steps, run_cfg.get("val_every"))
     echo(results_table(shown, title=f"{title}, frozen score model + EMA flow ({out})", extra={
         "dequantization": metrics["dequantization"], "score model": str(run_cfg.dequant_run.score_ckpt),
         "flow steps": steps, "wall time": f"{metrics['wall_time_s']:.0f} s",

@@ -378,6 +378,12 @@ def read_checkpoint(path_value: Any, key: str = "ckpt_path") -> dict[str, Any]:
         with open(path, "rb") as f:
             head = f.read(64)
         what = "a text file" if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "not a torch file"
+        if head.startswith(b"PK\x03\x04"):  # torch's zip format, cut short (a full disk, an interrupted copy)
+            why = str(e).split(". ")[0].splitlines()[0][:120] if str(e) else ""
+            raise CheckpointError(f"{path} is a truncated or corrupt PyTorch checkpoint (torch.load: "
+                                  f"{type(e).__name__}: {why})", key=key, value=str(path_value),
+                                  fix="copy it again, or give another checkpoint (e.g. one of checkpoints/snapshots/)"
+                                  ) from e
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({what}; torch.load: {type(e).__name__})",
                               key=key, value=str(path_value),
                               fix="give a .ckpt written by train.py (or a score_sde_pytorch .pth)") from e
@@ -488,6 +494,11 @@ def evaluate(cfg: DictConfig) -> None:
     choice(cfg, "split", ("test", "val", "train"))
     if get(cfg, "num_images") != "all":
         integer(cfg, "num_images", low=0, allow_none=True, fix="num_images=<N>, all, or null (the test phase's)")
+    if get(cfg, "num_images") == 0 and (get(cfg, "ode", True) or get(cfg, "bound", True)):  # found after the run
+        # folder was made and the data read, otherwise
+        raise ConfigError("num_images=0 leaves no image for the likelihoods (ode / bound are on)", key="num_images",
+                          value=0, fix="num_images=<N> or all; for FID alone: ode=false bound=false "
+                                       "fid.num_samples=<N>")
     for k in ("repeats", "batch_size", "max_batches"):
         integer(cfg, k, low=1, allow_none=True)
     integer(cfg, "bound_chunk_size", low=1)
@@ -554,6 +565,7 @@ def sample(cfg: DictConfig) -> None:
     if mode != "latent":
         sampler(cfg)
         sampler_method(cfg)
+    _sampler_fits_mode(cfg, mode)
     stored = _stored_config(ckpt, cfg)
     shape = (stored.get("data") or {}).get("shape")
     if mode in ("latent", "inpaint", "colorize"):
@@ -794,6 +806,36 @@ def _stored_config(ckpt: dict[str, Any], cfg: DictConfig) -> dict[str, Any]:
         if isinstance(v, DictConfig):
             out[k] = OmegaConf.to_container(v, resolve=True)
     return out
+
+
+def _sampler_fits_mode(cfg: DictConfig, mode: str) -> None:
+    """``inpaint``/``colorize`` clamp the known part inside a predictor-corrector sampler (refused after the run
+    folder was made, otherwise); ``latent`` runs the probability-flow ODE of ``latent.*`` both ways, so a
+    ``sampler`` given on the command line would be ignored (``mode=latent sampler=pc sampler.steps=10`` used
+    dopri5 without a word)."""
+    if mode in ("inpaint", "colorize") and isinstance(get(cfg, "sampler"), DictConfig):
+        from scoreflow.sampling import sampler_options
+
+        kind, _ = sampler_options(OmegaConf.to_container(get(cfg, "sampler"), resolve=True))
+        if kind != "pc":
+            raise ConfigError(f"mode={mode} clamps the known part inside a predictor-corrector sampler; sampler= is "
+                              f"the {kind} sampler", key="sampler", value=kind, fix="sampler=pc")
+    if mode == "latent":
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            unused_sampler(cfg, list(HydraConfig.get().overrides.task))
+        except ValueError:  # not in a Hydra job: the preflight checks the command line (entry.preflight)
+            pass
+
+
+def unused_sampler(cfg: DictConfig, overrides: list[str]) -> None:
+    """``sample.py mode=latent`` with ``sampler`` overrides, which it would not use (its ODE is ``latent.*``)."""
+    given = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] == "sampler"]
+    if get(cfg, "mode") == "latent" and given:
+        raise ConfigError("mode=latent encodes and decodes with the probability-flow ODE of latent.* (latent.method, "
+                          f"latent.rtol, latent.steps); {' '.join(given)} would not be used", key="sampler",
+                          fix="drop the sampler overrides; e.g. latent.method=rk4 latent.steps=100")
 
 
 def sampler(cfg: DictConfig, key: str = "sampler") -> None:
