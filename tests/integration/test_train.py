@@ -29,6 +29,7 @@ def test_debug_fast_runs_whole_pipeline(make_cfg, tmp_path, capsys):
     assert list((run / "samples").glob("*.png"))
     per = dict(__import__("numpy").load(run / "test_per_example.npz"))
     assert per["bpd_ode"].shape == (16,) and per["bpd_bound"].shape == (16,)  # debug=fast: test_subset=16
+    assert saved["test/num_images"] == 16 and "  images            16" in table  # said in the table
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["scoreflow"]["config"]["sde"]["_target_"] == "scoreflow.sde.SubVPSDE"  # the default run's SDE
     assert "ema" in ckpt and ckpt["global_step"] == 20

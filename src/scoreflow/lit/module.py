@@ -417,6 +417,8 @@ class ScoreLitModule(StreamPosition, GuardedOptimization):
             arrays |= {"index": index, q: table[:, 0] if table.shape[1] == 1 else table}
         if "nfe" in values:
             out["test/nfe"] = values["nfe"].mean().float()
+        if "index" in arrays:  # how many images the means are over (debug=fast tests 16 of digits' 400)
+            out["test/num_images"] = torch.tensor(float(len(arrays["index"])))
         self.log_dict(out, sync_dist=False)  # every rank holds every value: nothing left to reduce
         if self.output_dir and self.global_rank == 0 and arrays:
             arrays["meta"] = np.asarray(json.dumps(self.test_meta()))

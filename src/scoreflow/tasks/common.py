@@ -409,6 +409,8 @@ def results_table(metrics: dict[str, float], title: str = "results", extra: dict
         ("bits/dim (bound)", _fmt(metrics.get("test/bpd_bound"), metrics.get("test/bpd_bound_se"))),
         ("mean NFE (ODE)", f"{metrics['test/nfe']:.0f}" if "test/nfe" in metrics else "-"),
     ]
+    if "test/num_images" in metrics:  # the test phase's (test_subset: debug=fast tests 16 images, not the split)
+        rows.append(("images", f"{metrics['test/num_images']:.0f}"))
     if "test/fid" in metrics:
         rows.append(("FID", f"{metrics['test/fid']:.2f}"))
     for k, v in (extra or {}).items():
