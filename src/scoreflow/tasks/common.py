@@ -187,10 +187,10 @@ def fit(cfg: DictConfig, module: pl.LightningModule, source: Any, out: Path, t0:
         choices = getattr(module, "config_choices", None)
         lg.log_hyperparams({**(module.config_dict or {}), **({"choices": choices} if choices else {})})
     clock = TrainingClock(t0, checkpoint_training_time(ckpt_path))
-    final = FinalCheckpoint(out / "checkpoints")  # before PreemptionCheckpoint: a signal at the end waits for it
+    # FinalCheckpoint writes last.ckpt in on_train_end before PreemptionCheckpoint's, which then only stops
     callbacks = instantiate_all(cfg.get("callbacks")) + [
-        clock, RunOrigin(run_origin(cfg, ckpt_path)), ResumedLogStep(), final,
-        PreemptionCheckpoint(last_checkpoint(out), written_at_train_end=final.path == last_checkpoint(out))]
+        clock, RunOrigin(run_origin(cfg, ckpt_path)), ResumedLogStep(), FinalCheckpoint(out / "checkpoints"),
+        PreemptionCheckpoint(last_checkpoint(out), written_at_train_end=True)]
     overrides = {}
     n = getattr(getattr(module, "optim_cfg", None), "accumulate_grad_batches", 1)
     interval = run_cfg.trainer.get("val_check_interval")

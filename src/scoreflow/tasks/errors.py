@@ -12,6 +12,7 @@ Only ``HYDRA_FULL_ERROR=1`` shows the traceback of an anticipated error; unexpec
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -140,8 +141,6 @@ def from_instantiation(exc: BaseException) -> ConfigError | None:
     a config value it refuses (``data.name=checkerboad``), or a key it does not take (``+module.foo=1``), as the
     usage error it is, naming the config key (Hydra's ``full_key``) instead of Hydra's "Error executing job" with
     exit code 1. ``None`` for anything else."""
-    import re
-
     cause = exc.__cause__
     text = str(exc)
     if type(exc).__name__ != "InstantiationException" or not isinstance(cause, (ValueError, TypeError)):
