@@ -54,6 +54,9 @@ USAGE_CASES = [
     # a group train.py does not have (new-user audit: Hydra's hint, +sampler=ode, trained with the key unread)
     (["sampler=ode"], ["train.py has no config group 'sampler' (its groups: sde, weighting, model",
                        "fix: the sample grids' sampler is callbacks.samples.sampler"]),
+    # + of a key no command has: Hydra added it, nothing read it, the run went on (new-user audit)
+    (["+foo=1"], ["+foo: no scoreflow command has a setting 'foo'", "python train.py --cfg job"]),
+    (["+val_evry=5"], ["+val_evry: no scoreflow command", "did you mean val_every"]),
     (["datamodule.batch_size=0"], ["datamodule.batch_size", "0"]),
     (["datamodule.batch_size=-3"], ["datamodule.batch_size", "-3"]),
     (["module.optim.lr=-1"], ["module.optim.lr", "-1"]),
@@ -256,7 +259,11 @@ def test_diverging_run_is_one_screen_logs_nan_and_keeps_no_best_checkpoint(tmp_p
      ["data: toy2d: unknown name 'checkerboad'; choose one of ('checkerboard'", "config key: data"]),
     ("train_classifier.py", ["+debug=fast", "extras.print_config=false"],
      ["module.evaluation: not a setting of ClassifierLitModule"]),
-], ids=["module-key", "toy2d-name", "classifier-debug"])
+    ("train.py", [*FAST_RUN[1:], "+trainer.foo=1"], ["trainer.foo: not a setting of Trainer", "config key: trainer.foo",
+                                                    "fix: remove trainer.foo (python train.py --cfg job"]),
+    ("train.py", [*FAST_RUN[1:], "+datamodule.foo=1"], ["datamodule.foo: not a setting of ScoreDataModule",
+                                                        "config key: datamodule.foo"]),
+], ids=["module-key", "toy2d-name", "classifier-debug", "trainer-key", "datamodule-key"])
 def test_a_value_or_key_a_constructor_refuses_is_one_screen(tmp_path, script, args, shown):
     """New-user audit: these were Hydra's "Error executing job" or a TypeError traceback, exit 1. The objects are
     built after the run folder exists (the data are read there), so the folder is there."""

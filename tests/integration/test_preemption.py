@@ -367,12 +367,13 @@ def test_ddp_sigterm_to_rank_zero_stops_both_ranks_at_one_step_and_resumes_exact
 
 
 # A real signal at a chosen point: the module sends it to its own process at the start of the training step of a
-# given global_step (before that step's computation), or of the first test batch, then train.py runs as usual.
+# given global_step (before that step's computation), of the validation after that many steps, or of the first test
+# batch, then train.py runs as usual.
 SELF_SIGNAL = """
 import os, runpy, signal, sys
 from scoreflow.lit.module import ScoreLitModule
 where, at, sigs = sys.argv[1], int(sys.argv[2]), [getattr(signal, s) for s in sys.argv[3].split("+")]
-hook = {"train": "training_step", "test": "test_step"}[where]
+hook = {"train": "training_step", "val": "validation_step", "test": "test_step"}[where]
 original = getattr(ScoreLitModule, hook)
 sent = []
 def patched(self, *args, **kwargs):
@@ -509,5 +510,26 @@ def test_a_run_started_from_ckpt_path_resumes_from_its_folder_when_rerun(tmp_pat
     assert csv_rows(run) == csv_rows(ref)
     a, b = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True) for d in (run, ref))
     assert a["global_step"] == b["global_step"] == 20
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0, msg=k)
+
+
+def test_a_kill_during_the_validation_of_a_periodic_checkpoints_step_loses_nothing(tmp_path):
+    """SIGKILL (no handler: out of memory, a lost node) during the validation at step 20, a step of the periodic
+    checkpoint too: that checkpoint waits for the validation, so the rerun resumes from step 10 and validates at 20
+    again, and its CSV log and weights equal an uninterrupted run's (Lightning's ModelCheckpoint wrote it before the
+    validation: the rerun resumed at 20 and the validation of step 20 was never run)."""
+    args = [*VAL, "checkpoint_every=10", "trainer.max_steps=30"]
+    run, ref = tmp_path / "run", tmp_path / "uninterrupted"
+    killed = signal_at("val", 20, "SIGKILL", [*args, f"hydra.run.dir={run}"])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["global_step"] == 10
+    for out in (run, ref):
+        done = subprocess.run([sys.executable, "train.py", *args, f"hydra.run.dir={out}"], cwd=ROOT, env=_env(),
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert csv_rows(run) == csv_rows(ref)
+    assert sum(1 for r in csv_rows(run) if r.get("val/bpd_bound")) == 3  # steps 10, 20 and 30
+    a, b = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True) for d in (run, ref))
     for k in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0, msg=k)

@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from scoreflow.sampling import sample, sampler_options
@@ -127,6 +127,39 @@ class StepValidation(Callback):
             return True
 
         loop._should_check_val_fx = should_check
+
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` (``every_n_train_steps``: ``checkpoints/last.ckpt`` every ``checkpoint_every``
+    steps, the Table-2 snapshots) whose save at step s waits until that step is complete: its logged values, and its
+    validation and sample grid when one is due, i.e. until the start of the next training batch or the end of
+    training. Written at the end of the step itself, as Lightning writes it, the checkpoint is restored as if that
+    step's validation had not happened, so a run killed during that validation (SIGKILL, out of memory, a lost node)
+    and resumed from it never ran it. The pre-emption checkpoint waits the same way and calls :meth:`flush` before it
+    stops the run. The decision (which steps, which file) is Lightning's, unchanged."""
+
+    _pending: int | None = None  # the batch index whose end asked for a save
+
+    def _generate_state_key(self, **kwargs: Any) -> str:  # ModelCheckpoint's: checkpoints of earlier releases,
+        return f"ModelCheckpoint{kwargs!r}"  # which it wrote, restore its state without a missing-callback warning
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._pending = batch_idx
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self.flush(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.flush(trainer, pl_module)
+        super().on_train_end(trainer, pl_module)
+
+    def flush(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Lightning's save decision for the last completed step, now that it is complete."""
+        if self._pending is not None:
+            batch_idx, self._pending = self._pending, None
+            super().on_train_batch_end(trainer, pl_module, None, None, batch_idx)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

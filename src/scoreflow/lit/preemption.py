@@ -250,6 +250,9 @@ class PreemptionCheckpoint(Callback):
         signum = self.signum  # another rank's request: its kind
         if signum is None or (code == _STOP) != (signum in STOP_SIGNALS):
             signum = signal.SIGUSR1 if code == _REQUEUE else signal.SIGTERM
+        for cb in trainer.callbacks:  # a periodic save (a Table-2 snapshot) this step asked for, before stopping
+            if callable(getattr(cb, "flush", None)):
+                cb.flush(trainer, pl_module)
         if write:
             trainer.save_checkpoint(self.ckpt_path)
         self._restore()

@@ -85,10 +85,10 @@ def build_module(cfg: DictConfig) -> ScoreLitModule:
     return module
 
 
-def _construct(module_cls: type, *args: Any, **settings: Any) -> Any:
-    """``module_cls(*args, **settings)``, ``settings`` from the ``module`` group: a key its constructor does not take
-    (``+module.foo=1``, or a train.py key given to train_classifier.py) is a usage error naming it, not a
-    ``TypeError`` traceback."""
+def _construct(module_cls: type, *args: Any, group: str = "module", **settings: Any) -> Any:
+    """``module_cls(*args, **settings)``, ``settings`` from the ``group`` config node: a key its constructor does not
+    take (``+module.foo=1``, a train.py key given to train_classifier.py, ``+datamodule.foo=1``) is a usage error
+    naming it, not a ``TypeError`` traceback."""
     import inspect
 
     params = inspect.signature(module_cls).parameters
@@ -98,9 +98,9 @@ def _construct(module_cls: type, *args: Any, **settings: Any) -> Any:
             # the constructor's keywords that the module group sets (the rest come from other groups)
             skip = ("num_levels", "data_shape", "seed", "eps")
             known = ", ".join(k for k in list(params)[len(args):] if k not in skip)
-            raise ConfigError(f"{', '.join(f'module.{k}' for k in unknown)}: not a setting of {module_cls.__name__}"
-                              f" (its settings: {known})", key=f"module.{unknown[0]}",
-                              fix=f"remove {' '.join(f'module.{k}' for k in unknown)}")
+            names = [f"{group}.{k}" for k in unknown]
+            raise ConfigError(f"{', '.join(names)}: not a setting of {module_cls.__name__} (its settings: {known})",
+                              key=names[0], fix=f"remove {' '.join(names)}")
     return module_cls(*args, **settings)
 
 
@@ -161,7 +161,7 @@ def _deq_kwargs(deq_cfg: DictConfig, shape: tuple[int, ...], num_levels: int) ->
 
 
 def build_datamodule(cfg: DictConfig, source) -> ScoreDataModule:
-    return ScoreDataModule(source, seed=int(cfg.seed), **to_container(cfg.datamodule))
+    return _construct(ScoreDataModule, source, group="datamodule", seed=int(cfg.seed), **to_container(cfg.datamodule))
 
 
 def check_shapes(module: ScoreLitModule | ClassifierLitModule, shape: tuple[int, ...]) -> None:

@@ -123,6 +123,7 @@ def preflight(config_name: str, validator: Callable[[DictConfig], None] | None =
         checks = [validator] if validator is not None else []
         if config_name in RESUMING_TASKS:
             checks.append(lambda c: check_folder_resume(c, overrides))
+        checks.append(lambda c: unread_additions(overrides, command))
         if config_name == "sample":  # what the command line sets, which the composed config does not tell
             from scoreflow.tasks.validate import unused_sampler
 
@@ -134,6 +135,22 @@ def preflight(config_name: str, validator: Callable[[DictConfig], None] | None =
                 if classify(e) is None:
                     raise
                 _report_and_exit(e, command)
+
+
+def unread_additions(overrides: list[str], command: str = "train.py") -> None:
+    """``+key=value`` of a top-level key that no scoreflow command has (``+lr=1e-3``): Hydra adds it, nothing reads
+    it, and the run went on without it. Keys of any command's config stay allowed (``+resume_allow_changes=true``,
+    which only train.py's config has, is read by the others' resume check too)."""
+    known = {p.name for p in CONF.iterdir() if p.is_dir()}  # groups: +debug=fast and the like are Hydra's
+    for name in ("train", "evaluate", "sample", "train_dequant", "train_classifier"):
+        known |= set(OmegaConf.load(CONF / f"{name}.yaml").keys())
+    for o in overrides:
+        key = o[1:].split("=", 1)[0] if o.startswith("+") and not o.startswith("++") else ""
+        if key and not any(c in key for c in "./@") and key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
+            raise ConfigError(f"+{key}: no scoreflow command has a setting {key!r}; + adds it and nothing reads it",
+                              key=key, fix=f"did you mean {' or '.join(close)}?" if close else
+                              f"see the settings: python {command} --cfg job")
 
 
 def sweep_variants(overrides: list[str]) -> list[list[str]]:
@@ -298,7 +315,7 @@ def run(cfg: DictConfig, command: str, task: Callable[[DictConfig], Any],
     except Exception as e:
         from scoreflow.tasks.console import is_multirun
 
-        e = from_instantiation(e) or e  # a value or key a constructor refused: a usage error
+        e = from_instantiation(e, command) or e  # a value or key a constructor refused: a usage error
 
         if classify(e) is None and is_multirun() and not full_error():
             # a bug in a sweep's job: its traceback into the job's log, and onto the exception as text, which the

@@ -136,7 +136,7 @@ def unknown_key_fix(key: str, value: Any = None, config_name: str | None = None)
             f"{options[0]} {key}={'<value>' if value is None else value}")
 
 
-def from_instantiation(exc: BaseException) -> ConfigError | None:
+def from_instantiation(exc: BaseException, command: str = "train.py") -> ConfigError | None:
     """Hydra's ``InstantiationException`` around a ``ValueError`` or ``TypeError`` of a scoreflow class's constructor:
     a config value it refuses (``data.name=checkerboad``), or a key it does not take (``+module.foo=1``), as the
     usage error it is, naming the config key (Hydra's ``full_key``) instead of Hydra's "Error executing job" with
@@ -145,16 +145,18 @@ def from_instantiation(exc: BaseException) -> ConfigError | None:
     text = str(exc)
     if type(exc).__name__ != "InstantiationException" or not isinstance(cause, (ValueError, TypeError)):
         return None
-    target = re.search(r"target '(scoreflow\.[\w.]+)'", text)
+    target = re.search(r"target '([\w.]+)'", text)
     if target is None:
         return None
     full_key = re.search(r"full_key: (\S+)", text)
     key = full_key.group(1) if full_key else None
     extra = re.search(r"unexpected keyword argument '(\w+)'", str(cause)) if isinstance(cause, TypeError) else None
-    if extra:
+    if not extra and not target.group(1).startswith("scoreflow."):
+        return None  # another library's value error may be a bug of ours: its traceback stays
+    if extra:  # any class (+trainer.foo=1: Lightning's Trainer)
         name = f"{key}.{extra.group(1)}" if key else extra.group(1)
-        return ConfigError(f"{name} is not a setting of {target.group(1)}", key=name,
-                           fix=f"remove {name} (python <command> --cfg job lists the settings)")
+        return ConfigError(f"{name}: not a setting of {target.group(1).rsplit('.', 1)[-1]}", key=name,
+                           fix=f"remove {name} (python {command} --cfg job lists the settings)")
     if isinstance(cause, TypeError):
         return None  # a bug rather than a value: keep its traceback
     return ConfigError(f"{key or target.group(1)}: {cause}", key=key)
