@@ -107,7 +107,7 @@ def test_preemption_waits_for_the_end_of_the_optimizer_step(tmp_path):
     saved = []
 
     class Trainer:  # what the callback touches
-        world_size, global_step, is_global_zero = 1, 3, True
+        world_size, global_step, is_global_zero, callbacks = 1, 3, True, []
 
         def save_checkpoint(self, path):
             saved.append(path)
@@ -117,11 +117,11 @@ def test_preemption_waits_for_the_end_of_the_optimizer_step(tmp_path):
 
     cb = PreemptionCheckpoint(tmp_path / "last.ckpt")
     cb.signum = 10  # SIGUSR1 received
-    cb.on_train_batch_end(Trainer(), Module())  # mid-step: nothing written, the run goes on
+    cb.on_train_batch_start(Trainer(), Module())  # mid-step: nothing written, the run goes on
     assert saved == []
-    Module.accumulating = False  # the step's last micro-batch: the checkpoint is written and the run stops
+    Module.accumulating = False  # after the step's last micro-batch: the checkpoint is written and the run stops
     with pytest.raises(Preempted):
-        cb.on_train_batch_end(Trainer(), Module())
+        cb.on_train_batch_start(Trainer(), Module())
     assert saved == [tmp_path / "last.ckpt"]
 
 
