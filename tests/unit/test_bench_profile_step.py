@@ -1,5 +1,5 @@
 """``bench/profile_step.py``: kernel names from a real H200 profile land in the right kind, and the script runs on
-a CPU and prints its table by kind, whose shares add up to the total (timings themselves are not judged)."""
+a CPU and prints its table by kind, where an MLP's matrix products are found (timings themselves are not judged)."""
 
 import re
 import subprocess
@@ -38,6 +38,7 @@ def test_runs_on_cpu_and_the_kinds_add_up():
                         "--rows", "3", "--ema"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     part = r.stdout.split("by kind", 1)[1]
-    shares = [float(m) for m in re.findall(r"ms\s+([\d.]+) %", part)]
-    assert shares and abs(sum(shares) - 100) < 0.5, part
-    assert "matmul (conv, GEMM, attention)" in part and "matmul kernels alone" in part
+    shares = dict(re.findall(r"^  (\S.*?)\s+[\d.]+ ms\s+([\d.]+) %$", part, flags=re.M))
+    # an MLP's step is mostly its matrix products (aten::addmm/mm): a classification that missed them shows 0
+    assert float(shares["matmul (conv, GEMM, attention)"]) > 20, part
+    assert "matmul kernels alone" in part

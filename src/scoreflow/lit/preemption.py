@@ -250,8 +250,10 @@ class PreemptionCheckpoint(Callback):
         signum = self.signum  # another rank's request: its kind
         if signum is None or (code == _STOP) != (signum in STOP_SIGNALS):
             signum = signal.SIGUSR1 if code == _REQUEUE else signal.SIGTERM
+        from scoreflow.lit.callbacks import PeriodicCheckpoint  # (it imports the samplers; this module stays light)
+
         for cb in trainer.callbacks:  # a periodic save (a Table-2 snapshot) this step asked for, before stopping
-            if callable(getattr(cb, "flush", None)):
+            if isinstance(cb, PeriodicCheckpoint):
                 cb.flush(trainer, pl_module)
         if write:
             trainer.save_checkpoint(self.ckpt_path)
