@@ -4,9 +4,12 @@ counting, batch-independent per-image seeds, protocol checks, score_sde_pytorch 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -554,3 +557,71 @@ def test_other_images_or_another_ode_batch_size_are_refused_not_mixed(digits_ckp
     assert digest(ArrayDataset(changed, y)) != d
     assert digest(ArrayDataset(x, y, torch.arange(12).flip(0))) != d  # order matters
     assert digest(ArrayDataset(x, y, torch.arange(11))) != d
+
+
+def _eval_until_signal(cmd: list[str], folder: Path, sig: int, env: dict[str, str], *, group: bool = False,
+                       min_lines: int = 3) -> subprocess.CompletedProcess:
+    """Start ``evaluate.py``, wait until ``partial.jsonl`` holds ``min_lines`` lines (its header and finished
+    batches), send ``sig`` (to the process, or to its process group as SLURM does), wait for the exit."""
+    proc = subprocess.Popen(cmd, cwd=folder.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=group)
+    partial, deadline = folder / "partial.jsonl", time.time() + 300
+    while not (partial.is_file() and len(partial.read_text().splitlines()) >= min_lines):
+        if proc.poll() is not None or time.time() > deadline:
+            out, err = proc.communicate()
+            pytest.fail(f"evaluate.py ended (rc={proc.returncode}) before its batches:\n{err[-3000:]}")
+        time.sleep(0.05)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("sig", ["SIGUSR1", pytest.param("SIGTERM", marks=pytest.mark.slow)])
+def test_a_signal_stops_evaluate_py_with_one_line_and_the_same_command_continues(digits_ckpt, make_cfg, tmp_path,
+                                                                                 sig):
+    """Under SLURM (fake: its variables and an ``scontrol`` on PATH that records its arguments) the time-limit
+    warning SIGUSR1 requeues the job and SIGTERM (``scancel``, pre-emption) stops it: one line naming the folder,
+    exit 128 + signal. Before, SIGUSR1 killed the job without a requeue and without a word (and submitit's own
+    handler ignored SIGTERM). The finished batches stay; the same command finishes the job with each (image,
+    repeat) counted once and the values of an uninterrupted evaluation."""
+    signum = getattr(signal, sig)
+    fake_bin, record = tmp_path / "bin", tmp_path / "scontrol.args"
+    fake_bin.mkdir()
+    (fake_bin / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {record}\n')
+    (fake_bin / "scontrol").chmod(0o755)
+    slurm = dict(SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1", SLURM_NNODES="1", SLURM_PROCID="0", SLURM_LOCALID="0",
+                 SLURM_NODEID="0", SLURM_NODELIST="localhost", SLURM_JOB_NAME="evaluate", SLURM_JOB_ID="77")
+    base = {"OMP_NUM_THREADS": "1", "HOME": str(tmp_path), "PATH": f"{fake_bin}{os.pathsep}/usr/bin:/bin"}
+    folder = tmp_path / "eval"
+    args = [*RK4, "num_images=24", "batch_size=2", "evaluation.test_num_t=8"]  # 12 batches
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), f"ckpt_path={digits_ckpt}", *args, f"hydra.run.dir={folder}"]
+
+    stopped = _eval_until_signal(cmd, folder, signum, {**base, **slurm}, group=True)
+    assert stopped.returncode == 128 + signum, stopped.stderr[-3000:]
+    lines = [ln for ln in stopped.stderr.splitlines() if ln.startswith("scoreflow: ")]
+    head = f"scoreflow: {sig} during the evaluation: stopped; the finished batches are kept in {folder}"
+    if sig == "SIGUSR1":
+        assert lines == [f"{head}; SLURM job 77 requeued, it continues from them"], stopped.stderr[-3000:]
+        assert record.read_text().split() == ["requeue", "77"]
+    else:
+        assert lines == [f"{head}; the same command again continues (exit code 143)"], stopped.stderr[-3000:]
+        assert not record.exists()  # scancel must be able to cancel
+    assert "Traceback" not in stopped.stderr and not (folder / "metrics.json").exists()
+    assert lines[0].removeprefix("scoreflow: ") in (folder / "evaluate.log").read_text()
+    kept = counts(folder / "partial.jsonl")
+    assert kept and len(kept) < 2 * 24
+
+    done = subprocess.run(cmd, cwd=tmp_path, env=base, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    c = counts(folder / "partial.jsonl")
+    assert set(c.values()) == {1} and len(c) == 2 * 24 and set(kept) <= set(c)
+    full = run_eval(make_cfg, digits_ckpt, args, sub="uninterrupted")
+    saved = json.loads((folder / "metrics.json").read_text())
+    a, b = np.load(folder / "per_example.npz"), np.load(tmp_path / "uninterrupted" / "per_example.npz")
+    for q in ("bpd_ode", "bpd_bound"):  # another process (1 thread) than pytest's: equal to float rounding
+        np.testing.assert_allclose(a[q], b[q], rtol=1e-6)
+        assert saved[f"test/{q}"] == pytest.approx(full[f"test/{q}"], rel=1e-6)
+    assert saved["complete"] and "bits/dim (ODE)" in done.stdout

@@ -9,8 +9,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +77,33 @@ def test_two_processes_give_the_values_of_one(digits_ckpt, make_cfg, tmp_path):
     for m in (ma, mb):
         del m["wall_time_s"], m["num_processes"], m["protocol"]["checkpoint"]
     assert ma == mb
+
+
+@pytest.mark.slow  # two evaluate.py runs on 2 processes: about a minute on 2 busy cores
+def test_sigterm_to_the_launching_process_stops_both_and_the_same_command_finishes(digits_ckpt, tmp_path):
+    """``kill`` of the command (rank 0, which launched rank 1 through Lightning Fabric) reaches rank 1 too: both
+    stop, the command prints one line and exits 143. Before, rank 0 died alone and rank 1 ran on, orphaned."""
+    from tests.integration.test_evaluate import RK4, _eval_until_signal
+
+    folder = tmp_path / "two"
+    rk4 = [a for a in RK4 if a != "device=cpu"]
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), f"ckpt_path={digits_ckpt}", *rk4, "num_images=24",
+           "batch_size=2", "evaluation.test_num_t=8", "accelerator=cpu", "devices=2", f"hydra.run.dir={folder}"]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    stopped = _eval_until_signal(cmd, folder, signal.SIGTERM, env)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    lines = [ln for ln in stopped.stderr.splitlines() if ln.startswith("scoreflow: ")]
+    assert lines == [f"scoreflow: SIGTERM during the evaluation: stopped; the finished batches are kept in {folder}; "
+                     "the same command again continues (exit code 143)"], stopped.stderr[-3000:]
+    rank1 = folder / "partial.rank1.jsonl"
+    time.sleep(2)
+    size = rank1.stat().st_size if rank1.is_file() else 0
+    time.sleep(8)  # rank 1 has stopped: its file no longer grows
+    assert (rank1.stat().st_size if rank1.is_file() else 0) == size
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    c = counts(folder)
+    assert set(c.values()) == {1} and len(c) == 2 * 24
 
 
 def test_resume_with_another_number_of_processes(digits_ckpt, make_cfg, tmp_path):

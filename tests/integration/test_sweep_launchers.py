@@ -65,6 +65,40 @@ def test_a_lost_job_is_stopped_when_its_error_stream_ends_with_the_checkpoint_li
     assert timeout.detail.endswith("(hydra.launcher.timeout_min reached: raise it to go on)")
 
 
+def test_jobs_stopped_in_the_test_phase_or_in_evaluate_py_are_listed_as_stopped():
+    """The stop lines of the test phase and of ``evaluate.py`` (no checkpoint written then: the trained weights or
+    the finished batches are on disk) make a job ``stopped``, in a submitit sweep (its error stream) and in an
+    in-process one (the exception); before, they were ``failed: ended without a result`` and a wrong
+    "at step -1: checkpoint written to <the evaluation folder>"."""
+    from scoreflow.lit.preemption import EvaluationStopped, Preempted
+    from scoreflow.tasks.launchers import StopsAsResults
+
+    test_phase = ("scoreflow: SIGTERM during the test evaluation: stopped; /s/0/checkpoints/last.ckpt (step 20) holds "
+                  "the trained weights; the same command again with hydra.sweep.dir=/s takes no training step and "
+                  "evaluates them (exit code 143)")
+    o = outcome_of_lost_job(0, [], "/s/0", test_phase)
+    assert (o.status, o.code) == ("stopped", 143)
+    assert o.detail == "SIGTERM during the test evaluation: stopped; /s/0/checkpoints/last.ckpt (step 20) holds " \
+                       "the trained weights"
+    stop = EvaluationStopped(signal.SIGUSR1, "/s/1", requeue=True, is_global_zero=True)
+    o = outcome_of_lost_job(1, [], "/s/1", "noise\nscoreflow: " + stop.message("9_1"))
+    assert (o.status, o.detail) == ("stopped", "SIGUSR1 during the evaluation: stopped; the finished batches are "
+                                               "kept in /s/1")
+    back = pickle.loads(pickle.dumps(stop))  # a joblib worker sends it back
+    assert (type(back), back.code, back.requeue, back.summary()) == (EvaluationStopped, 138, True, stop.summary())
+
+    def stops(exc):
+        def task(cfg):
+            raise exc
+        return task
+
+    for exc in (stop, Preempted(15, 20, Path("/s/0/checkpoints/last.ckpt"), requeue=False, is_global_zero=True,
+                                during="the test evaluation")):
+        with pytest.raises(JobStopped) as got:
+            StopsAsResults(stops(exc))(None)
+        assert (got.value.code, str(got.value)) == (exc.code, exc.summary())
+
+
 def test_outcomes_of_returned_jobs_anticipated_error_crash_and_success():
     hydra_cfg = OmegaConf.create({"hydra": {"runtime": {"output_dir": "/s/3_x"}}})
     ok = outcome_of_return(3, JobReturn(overrides=["a=1"], hydra_cfg=hydra_cfg, status=JobStatus.COMPLETED), "t.py")
@@ -78,7 +112,7 @@ def test_outcomes_of_returned_jobs_anticipated_error_crash_and_success():
                                              _return_value=bug), "t.py")
     assert (crashed.status, crashed.code, crashed.exception) == ("crashed", 1, bug)
     assert crashed.detail == "ZeroDivisionError: division by zero (traceback in /s/3_x/t.log)"
-    stop = JobStopped(15, 7, "/s/3_x/checkpoints/last.ckpt", 143)
+    stop = JobStopped(15, 143, "SIGTERM at step 7: checkpoint written to /s/3_x/checkpoints/last.ckpt")
     stopped = outcome_of_return(6, JobReturn(overrides=["a=4"], status=JobStatus.FAILED,
                                              _return_value=pickle.loads(pickle.dumps(stop))), "t.py")
     assert (stopped.status, stopped.code) == ("stopped", 143)

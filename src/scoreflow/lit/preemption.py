@@ -18,7 +18,8 @@ prints :meth:`Preempted.message` (see ``tasks/common.py:fit``). A stop signal (S
 requeue signal: ``scancel`` after SLURM's time-limit warning cancels the job.
 
 Outside the training loop, during the final test evaluation, :func:`stop_on_signals` ends the run at once with the
-same exit codes (requeue included): ``last.ckpt`` is on disk, and the same command again only tests it.
+same exit codes (requeue included): ``last.ckpt`` is on disk, and the same command again only tests it. ``evaluate.py``
+stops the same way (:class:`EvaluationStopped`): its finished batches are on disk, and the same command continues.
 
 SLURM, ``timeout`` and a terminal's Ctrl-C signal the whole process group: the DataLoader workers ignore these
 signals (``scoreflow.lit.datamodule.ignore_stop_signals``), so that only the main process acts on them.
@@ -37,6 +38,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -78,19 +80,49 @@ class Preempted(SystemExit):
     def signal_name(self) -> str:
         return signal.Signals(self.signum).name
 
+    def summary(self) -> str:
+        """What happened, in one line (a sweep's table of jobs lists it)."""
+        if self.during:  # the test phase: nothing to write, the training's checkpoint is on disk
+            return f"{self.signal_name} during {self.during}: stopped; {self.ckpt_path} (step {self.step}) holds " \
+                   "the trained weights"
+        return f"{self.signal_name} at step {self.step}: checkpoint written to {self.ckpt_path}"
+
     def message(self, requeued_job: str | None = None, resume_hint: str = "") -> str:
         hint = f" with {resume_hint}" if resume_hint else ""
-        if self.during:  # the test phase: nothing to write, the training's checkpoint is on disk
-            head = f"{self.signal_name} during {self.during}: stopped; {self.ckpt_path} (step {self.step}) holds " \
-                   "the trained weights"
+        if self.during:
             if requeued_job:
-                return f"{head}; SLURM job {requeued_job} requeued, it evaluates them again"
-            return f"{head}; the same command again{hint} takes no training step and evaluates them " \
+                return f"{self.summary()}; SLURM job {requeued_job} requeued, it evaluates them again"
+            return f"{self.summary()}; the same command again{hint} takes no training step and evaluates them " \
                    f"(exit code {self.code})"
-        head = f"{self.signal_name} at step {self.step}: checkpoint written to {self.ckpt_path}"
         if requeued_job:
-            return f"{head}; SLURM job {requeued_job} requeued, it resumes from this checkpoint"
-        return f"{head}; to resume, run the same command again{hint} (exit code {self.code})"
+            return f"{self.summary()}; SLURM job {requeued_job} requeued, it resumes from this checkpoint"
+        return f"{self.summary()}; to resume, run the same command again{hint} (exit code {self.code})"
+
+
+class EvaluationStopped(Preempted):
+    """``evaluate.py`` stopped by a signal. Nothing is written then: every finished batch is already in
+    ``folder`` (``partial*.jsonl``, ``fid_samples/``), and the same command continues from them (under SLURM the
+    requeued job does). The batch in progress is lost; a line it left half-written is dropped by the rerun."""
+
+    def __init__(self, signum: int, folder: str | Path, *, requeue: bool, is_global_zero: bool):
+        super().__init__(signum, -1, Path(folder), requeue=requeue, is_global_zero=is_global_zero,
+                         during="the evaluation")
+
+    def __reduce__(self) -> tuple:  # picklable, keyword arguments included (see Preempted)
+        return _rebuild_evaluation_stopped, (self.signum, str(self.ckpt_path), self.requeue, self.is_global_zero)
+
+    def summary(self) -> str:
+        return f"{self.signal_name} during the evaluation: stopped; the finished batches are kept in {self.ckpt_path}"
+
+    def message(self, requeued_job: str | None = None, resume_hint: str = "") -> str:
+        if requeued_job:
+            return f"{self.summary()}; SLURM job {requeued_job} requeued, it continues from them"
+        hint = f" with {resume_hint}" if resume_hint else ""
+        return f"{self.summary()}; the same command again{hint} continues (exit code {self.code})"
+
+
+def _rebuild_evaluation_stopped(signum: int, folder: str, requeue: bool, is_global_zero: bool) -> EvaluationStopped:
+    return EvaluationStopped(signum, folder, requeue=requeue, is_global_zero=is_global_zero)
 
 
 def _rebuild_preempted(signum: int, step: int, ckpt_path: str, requeue: bool, is_global_zero: bool,
@@ -99,21 +131,31 @@ def _rebuild_preempted(signum: int, step: int, ckpt_path: str, requeue: bool, is
 
 
 @contextmanager
-def stop_on_signals(during: str, ckpt_path: str | Path, step: int | None, *, is_global_zero: bool = True):
-    """Outside the training loop (the final test evaluation): SIGUSR1/SIGUSR2/SIGTERM/SIGINT raise
-    :class:`Preempted` at once (``during`` names the phase; exit code 128 + signal; the caller's :func:`finish`
-    requeues on a SIGUSR under SLURM and prints the message). Nothing is written: ``ckpt_path`` holds the trained
-    weights. Without it Lightning's own SIGTERM handler ended ``Trainer.test`` with exit code 0 and no results, and
-    Ctrl-C with its "graceful shutdown" and exit code 1."""
+def stop_on_signals(stop: Callable[[int, bool], Preempted], signals: tuple[int, ...] = (*REQUEUE_SIGNALS,
+                                                                                          *STOP_SIGNALS),
+                    forward_to: Callable[[], list[Any]] | None = None):
+    """Outside a training loop (the final test evaluation, ``evaluate.py``): ``signals`` raise ``stop(signum,
+    requeue)`` at once (a :class:`Preempted`: exit code 128 + signal; the caller's :func:`finish` requeues on a SIGUSR
+    under SLURM and prints its message). Nothing is written then: what is finished is on disk. Later signals are
+    ignored while the stop unwinds. Without it Lightning's own SIGTERM handler ended ``Trainer.test`` with exit code
+    0 and no results (Ctrl-C: its "graceful shutdown", exit code 1), and under SLURM ``evaluate.py`` died on SLURM's
+    SIGUSR1 without a requeue, while submitit's handler ignored SIGTERM. ``forward_to``: the child processes
+    (``subprocess.Popen``) this one launched (Lightning Fabric's local launcher), which get the signal too."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    fired: list[int] = []
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        raise Preempted(signum, -1 if step is None else step, Path(ckpt_path), requeue=signum in REQUEUE_SIGNALS,
-                        is_global_zero=is_global_zero, during=during)
+        if fired:
+            return
+        fired.append(signum)
+        for proc in (forward_to() if forward_to else []):
+            if proc.poll() is None:
+                proc.send_signal(signum)
+        raise stop(signum, signum in REQUEUE_SIGNALS)
 
-    previous = {s: signal.signal(s, handler) for s in (*REQUEUE_SIGNALS, *STOP_SIGNALS)}
+    previous = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
     finally:

@@ -309,9 +309,14 @@ def test_checkpoint(cfg: DictConfig, ckpt_path: Path, out: Path, *, kind: str = 
     progress = (cfg.get("callbacks") or {}).get("progress")  # the run's progress settings (log_every_s, force)
     callbacks = [hydra.utils.instantiate(progress)] if progress and progress.get("_target_") else []
     trainer = make_trainer(cfg.trainer, callbacks=callbacks, logger=logger, enable_checkpointing=False)
+    step, zero = checkpoint_step(ckpt_path), is_global_zero()
+
+    def make_stop(signum: int, requeue: bool) -> Preempted:
+        return Preempted(signum, -1 if step is None else step, Path(ckpt_path), requeue=requeue, is_global_zero=zero,
+                         during="the test evaluation")
+
     try:  # a signal stops the evaluation at once (exit 128 + signal): the checkpoint is on disk, a rerun tests it
-        with preemption.stop_on_signals("the test evaluation", ckpt_path, checkpoint_step(ckpt_path),
-                                        is_global_zero=is_global_zero()):
+        with preemption.stop_on_signals(make_stop):
             results = trainer.test(module, datamodule=dm, verbose=False)
     except Preempted as stop:
         preemption.finish(stop, rerun_hint(out))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import signal
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -34,10 +35,13 @@ from omegaconf import DictConfig
 
 from scoreflow.data.base import ArrayDataset
 from scoreflow.likelihood.ode import FIXED_GRID_METHODS, default_grid_rho
+from scoreflow.lit import preemption
 from scoreflow.lit.datamodule import ScoreDataModule
+from scoreflow.lit.preemption import EvaluationStopped
 from scoreflow.tasks.build import ConfigError, to_container
 from scoreflow.tasks.checkpoint import LoadedModel, load_model, resolve_device, task_dir
 from scoreflow.tasks.common import results_table, write_metrics
+from scoreflow.tasks.console import is_multirun
 from scoreflow.tasks.fid import run_fid
 from scoreflow.tasks.likelihood_eval import (
     LikelihoodSettings,
@@ -50,6 +54,7 @@ from scoreflow.tasks.likelihood_eval import (
     solve_batches,
     summarize,
 )
+from scoreflow.tasks.resume import rerun_hint
 
 # Ranks meet at a barrier after their share of the solves; on a long job they may finish hours apart, and the
 # default 30 min timeout of a process group would kill the early ones.
@@ -184,8 +189,25 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """
     t0 = time.time()
     fabric = launch(cfg)
-    rank, world, main = fabric.global_rank, fabric.world_size, fabric.global_rank == 0
     out = task_dir(cfg, "evaluate")
+
+    def make_stop(signum: int, requeue: bool) -> EvaluationStopped:
+        return EvaluationStopped(signum, out, requeue=requeue, is_global_zero=fabric.global_rank == 0)
+
+    def children() -> list[Any]:  # the processes Fabric's local launcher started (rank 0 only): signalled too
+        return list(getattr(getattr(fabric.strategy, "launcher", None), "procs", None) or [])
+
+    # SLURM's time-limit warning (SIGUSR1) requeues the job and SIGTERM stops it, with one line, exit 128 + signal;
+    # Ctrl-C keeps its KeyboardInterrupt path (entry.py: "interrupted ..."). The finished batches are on disk.
+    try:
+        with preemption.stop_on_signals(make_stop, (*preemption.REQUEUE_SIGNALS, signal.SIGTERM), children):
+            return _evaluate(cfg, fabric, out, t0)
+    except EvaluationStopped as stop:
+        preemption.finish(stop, rerun_hint(out) if is_multirun() else "")
+
+
+def _evaluate(cfg: DictConfig, fabric: Any, out: Path, t0: float) -> dict[str, Any]:
+    rank, world, main = fabric.global_rank, fabric.world_size, fabric.global_rank == 0
     lm = load_model(cfg, device=fabric.device)
     module, split = lm.module, str(cfg.split)
     if split not in ("train", "val", "test"):

@@ -40,7 +40,9 @@ from omegaconf import OmegaConf
 
 from scoreflow.tasks.errors import ConfigError, classify, format_error
 
-STOP_LINE = re.compile(r"^scoreflow: (SIG\w+ at step \d+: checkpoint written to .*?)(?:; to resume.*)?$")
+# Preempted.message: its summary (a checkpoint written, or stopped in the test phase or evaluate.py), then the way on
+STOP_LINE = re.compile(r"^scoreflow: (SIG\w+ (?:at step \d+: checkpoint written to |during ).*?)"
+                       r"(?:; (?:to resume|the same command again|SLURM job)\b.*)?$")
 EXIT_CODE = re.compile(r"\(exit code (\d+)\)")
 
 
@@ -59,17 +61,16 @@ class JobOutcome:
 
 
 class JobStopped(Exception):
-    """A job of an in-process or joblib sweep stopped by a signal after writing its checkpoint (scoreflow's
-    ``Preempted``, a ``SystemExit``, turned into an ordinary, picklable result so the launcher can list it)."""
+    """A job of an in-process or joblib sweep stopped by a signal after writing its checkpoint, or during an
+    evaluation (scoreflow's ``Preempted``, a ``SystemExit``, turned into an ordinary, picklable result so the
+    launcher can list it). ``text``: its ``summary()``."""
 
-    def __init__(self, signum: int, step: int, ckpt_path: str, code: int):
-        super().__init__(signum, step, ckpt_path, code)
-        self.signum, self.step, self.ckpt_path, self.code = signum, step, ckpt_path, code
+    def __init__(self, signum: int, code: int, text: str):
+        super().__init__(signum, code, text)
+        self.signum, self.code, self.text = signum, code, text
 
     def __str__(self) -> str:
-        import signal
-
-        return f"{signal.Signals(self.signum).name} at step {self.step}: checkpoint written to {self.ckpt_path}"
+        return self.text
 
 
 class StopsAsResults:
@@ -85,8 +86,8 @@ class StopsAsResults:
         try:
             return self.task(cfg)
         except SystemExit as e:
-            if hasattr(e, "signum") and hasattr(e, "ckpt_path"):  # scoreflow.lit.preemption.Preempted
-                raise JobStopped(e.signum, e.step, str(e.ckpt_path), e.code) from None
+            if hasattr(e, "signum") and hasattr(e, "summary"):  # scoreflow.lit.preemption.Preempted
+                raise JobStopped(e.signum, e.code, e.summary()) from None
             raise
 
 

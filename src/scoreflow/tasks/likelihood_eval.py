@@ -308,28 +308,32 @@ def run_likelihoods(module: ScoreLitModule, dataset, n: int, store: PartialResul
     dev = module.device
     adaptive = module.eval_cfg.method not in FIXED_GRID_METHODS  # the check's solver is adaptive always
     plan = per_image.bound_plan(module, dataset, s.seed, limit=n) if s.bound and mine else None  # same on every rank
-    for done_now, (r, b, quantities) in enumerate(mine):
-        if s.max_batches is not None and done_now >= s.max_batches:
-            bar.close()
-            return False
-        for q in quantities:
-            idx = pending(q, r, b)
-            if not idx:
-                continue
-            # an adaptive solver solves a batch as one system (shared steps): the whole batch, as an uninterrupted
-            # run forms it (values of another batch, from before num_images changed, do not count: PartialResults)
-            if solved_whole(q, adaptive):
-                idx = b
-            k = torch.stack([torch.as_tensor(dataset[i][0]) for i in idx]).to(dev)
-            if q == "bpd_bound":
-                v, mcse = bound_bpd(module, k, idx, r, s, plan)
-                store.append(q, r, idx, v, se=mcse)  # se: for the between-image / Monte-Carlo split
-            else:
-                v, nfe = ode_bpd(module, k, idx, r, s, check_solver(module.eval_cfg) if q == "bpd_ode_tight" else None)
-                store.append(q, r, idx, v, nfe if q == "bpd_ode" else None)
-        bar.update(1)
-        bar.set_postfix({q.removeprefix("bpd_"): f"{np.nanmean(store.table(q, n, s.repeats)):.4f}" for q in shown})
-    bar.close()
+    try:  # closed on any exit (a signal's stop line must not land inside the bar)
+        for done_now, (r, b, quantities) in enumerate(mine):
+            if s.max_batches is not None and done_now >= s.max_batches:
+                return False
+            for q in quantities:
+                idx = pending(q, r, b)
+                if not idx:
+                    continue
+                # an adaptive solver solves a batch as one system (shared steps): the whole batch, as an
+                # uninterrupted run forms it (values of another batch, from before num_images changed, do not
+                # count: PartialResults)
+                if solved_whole(q, adaptive):
+                    idx = b
+                k = torch.stack([torch.as_tensor(dataset[i][0]) for i in idx]).to(dev)
+                if q == "bpd_bound":
+                    v, mcse = bound_bpd(module, k, idx, r, s, plan)
+                    store.append(q, r, idx, v, se=mcse)  # se: for the between-image / Monte-Carlo split
+                else:
+                    check = check_solver(module.eval_cfg) if q == "bpd_ode_tight" else None
+                    v, nfe = ode_bpd(module, k, idx, r, s, check)
+                    store.append(q, r, idx, v, nfe if q == "bpd_ode" else None)
+            bar.update(1)
+            bar.set_postfix({q.removeprefix("bpd_"): f"{np.nanmean(store.table(q, n, s.repeats)):.4f}"
+                             for q in shown})
+    finally:
+        bar.close()
     return True
 
 
