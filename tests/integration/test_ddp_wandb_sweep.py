@@ -96,11 +96,21 @@ def _sweep(tmp_path: Path, overrides: list[str]) -> Path:
 
 
 def test_multirun_sweep_and_table(tmp_path):
-    sweep_dir = _sweep(tmp_path, ["debug=fast", "trainer.max_steps=2", "test=false", "callbacks=minimal", "sde=vp,ve"])
+    """A sequential (in-process) sweep with ``logger=wandb``: the table, and one W&B run per job, with the id the job
+    stored. Before, nothing finished the first job's W&B run, and Lightning's logger reused it: every later job
+    logged into it (its curves, config and test numbers), and the ids the later jobs stored never reached W&B."""
+    sweep_dir = _sweep(tmp_path, ["debug=fast", "trainer.max_steps=2", "test=false", "callbacks=minimal",
+                                  "logger=wandb", "sde=vp,ve"])
     rows = collect(sweep_dir)
     assert len(rows) == 2 and {r["overrides"].split()[-1] for r in rows} == {"sde=vp", "sde=ve"}
     table = format_table(rows)
     assert "sde=vp" in table and "sde=ve" in table
+    jobs = sorted(p for p in sweep_dir.iterdir() if (p / "wandb_run.json").is_file())
+    assert len(jobs) == 2
+    for job in jobs:
+        run_id = json.loads((job / "wandb_run.json").read_text())["id"]
+        runs = list((job / "wandb").glob("offline-run-*"))
+        assert [r.name.rsplit("-", 1)[-1] for r in runs] == [run_id], (job, runs)
 
 
 @pytest.mark.slow

@@ -80,7 +80,7 @@ class SampleGrid(Callback):
             save_image_grid(levels_to_unit(x, pl_module.num_levels), path)
         else:
             save_scatter(x, path, title=f"samples at step {step}")
-        self._log_image(trainer, path, step)
+        self._log_image(trainer, path, logged_step(pl_module, step))
         return path
 
     @staticmethod
@@ -95,6 +95,15 @@ class SampleGrid(Callback):
 
                 img = np.asarray(Image.open(path).convert("RGB"))
                 logger.experiment.add_image("samples", img, step, dataformats="HWC")
+
+
+def logged_step(pl_module: pl.LightningModule, step: int) -> int:
+    """The loggers' x value of what a validation pass logs after ``step`` optimizer steps: the 0-based step its
+    numbers are logged at (Lightning's ``step - 1``, or the module's optimizer-step axis under accumulation or after
+    a skipped step), so a sample grid drawn in that pass sits at its validation's step (it was one to the right)."""
+    axis = getattr(pl_module, "optimizer_step_axis", None)
+    index = axis() if callable(axis) else None
+    return index if index is not None else max(step - 1, 0)
 
 
 class StepValidation(Callback):

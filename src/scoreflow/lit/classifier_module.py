@@ -120,7 +120,7 @@ class ClassifierLitModule(StreamPosition, GuardedOptimization):
             k = random_hflip(k, g)
         ce, correct = self.cross_entropy(k, y, None, g)
         loss = ce.mean()  # Monte-Carlo mixture of cross-entropies over t ~ U[eps, T] (App. I.1)
-        if self.guarded_step(loss, index) is not None:
+        if self.guarded_step(loss, index) is not None or self._skipped:  # a step ended, taken or skipped
             self.log_step("train/acc", correct.mean())
 
     # ------------------------------------------------------------------ evaluation

@@ -253,7 +253,7 @@ class ScoreLitModule(StreamPosition, GuardedOptimization):
         self.batches_seen += 1
         seed_global_rngs(step_seed(self.seed, self.global_rank, index, 1), self.device)  # dropout
         loss, extra = self.training_loss(batch[0], self._generator(index, 0))
-        if self.guarded_step(loss, index) is not None:
+        if self.guarded_step(loss, index) is not None or self._skipped:  # a step ended, taken or skipped: its values
             for name, value in extra.items():
                 self.log_step(name, value)
 

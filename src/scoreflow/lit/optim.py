@@ -112,6 +112,15 @@ def apply_requested_settings(opt: torch.optim.Optimizer, sched: Any, o: OptimCon
     return list(changes.values())
 
 
+def log_every_optimizer_steps(trainer: Any, module: Any) -> int:
+    """``trainer.log_every_n_steps`` in optimizer steps. Lightning counts batches; under gradient accumulation
+    ``tasks.common.fit`` gives the trainer ``log_every_n_steps`` times ``accumulate_grad_batches``, so that it
+    writes once per logged optimizer step (at its last micro-batch), not at each of its micro-batches."""
+    every = int(getattr(trainer, "log_every_n_steps", 50) or 50)
+    n = int(getattr(getattr(module, "optim_cfg", None), "accumulate_grad_batches", 1) or 1)
+    return max(1, every // n)
+
+
 class GuardedOptimization(pl.LightningModule):
     """Manual optimization with the NaN guard, shared by the score, dequantization and classifier modules.
 
@@ -259,6 +268,11 @@ class GuardedOptimization(pl.LightningModule):
         bad = self._agree((~(loss_ok & torch.isfinite(gnorm))).to(torch.float32))
         if self.optim_cfg.fused:
             return self._step_on_device(opt, sched, bad, gnorm, batch_index)
+        lr = sched.get_last_lr()[0]  # the rate of this step (after sched.step() it is the next step's)
+        # this step's own values, also when it is skipped (a skipped row showed the last good step's, so a
+        # diverging run looked normal on the dashboard; audit)
+        self.log_step("train/grad_norm", gnorm.detach())
+        self.log_step("train/lr", lr)
         if bad.item():
             opt.zero_grad(set_to_none=True)
             if not loss_ok:
@@ -271,12 +285,9 @@ class GuardedOptimization(pl.LightningModule):
             self._skip(why, batch_index)
             self._skipped = True  # this batch's row is logged at the step it attempted (optimizer_step_axis)
             return None
-        lr = sched.get_last_lr()[0]  # the rate of this step (after sched.step() it is the next step's)
         opt.step()
         sched.step()
         self._bad_in_a_row = 0
-        self.log_step("train/grad_norm", gnorm.detach())
-        self.log_step("train/lr", lr)
         return gnorm
 
     def _agree(self, flag: Tensor) -> Tensor:
@@ -295,7 +306,7 @@ class GuardedOptimization(pl.LightningModule):
         self._count_bad(bad)
         self.log_step("train/grad_norm", gnorm.detach())
         self.log_step("train/lr", lr)
-        every = max(1, getattr(self._trainer, "log_every_n_steps", 50) or 50)
+        every = log_every_optimizer_steps(self._trainer, self)
         if self.global_step - self._bad_read_step >= every:
             self.read_bad_steps(batch_index)
         return gnorm

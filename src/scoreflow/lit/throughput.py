@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from scoreflow.lit.dequant_module import DequantLitModule
+from scoreflow.lit.optim import log_every_optimizer_steps
 
 # what ``summary()`` may hold; ``tasks/common.fit`` copies these keys into the run's metrics
 SUMMARY_KEYS = ("train/img_per_s", "train/tflops", "train/mfu", "train/throughput_steps", "train/throughput_steady")
@@ -183,7 +184,8 @@ class Throughput(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset()
         self._world_size = trainer.world_size
-        self._window = self.every_n_steps if self.every_n_steps is not None else trainer.log_every_n_steps
+        self._window = self.every_n_steps if self.every_n_steps is not None else \
+            log_every_optimizer_steps(trainer, pl_module)
         if self.count_flops and self.flops_per_image is None and _counted_flops_apply(pl_module):
             self.flops_per_image = training_flops_per_image(
                 pl_module.score_model, tuple(pl_module.data_shape), pl_module.device

@@ -198,6 +198,8 @@ def fit(cfg: DictConfig, module: pl.LightningModule, source: Any, out: Path, t0:
         callbacks.append(StepValidation(interval))  # val_every counts optimizer steps; Lightning counts batches
         if n > 1:  # what Lightning itself would count (its decision is replaced by StepValidation's)
             overrides["val_check_interval"] = interval * n
+    if n > 1:  # Lightning counts batches: logs at every n-th micro-batch wrote each step's row n times (audit)
+        overrides["log_every_n_steps"] = int(run_cfg.trainer.get("log_every_n_steps") or 50) * n
     trainer = make_trainer(run_cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)

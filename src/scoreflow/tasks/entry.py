@@ -305,7 +305,7 @@ def run(cfg: DictConfig, command: str, task: Callable[[DictConfig], Any],
         extras = cfg.get("extras") or {}
         if extras.get("print_config", False):
             print_config(cfg, out)
-        return task(cfg)
+        return _closing_wandb(task, cfg)
     except KeyboardInterrupt:
         # Ctrl-C outside train.py's own handling (scoreflow.lit.preemption turns a first Ctrl-C during training into
         # a checkpoint and a Preempted exit, a SystemExit that passes through here untouched)
@@ -340,3 +340,25 @@ def run(cfg: DictConfig, command: str, task: Callable[[DictConfig], Any],
             to_log_file(text)
             raise
         _report_and_exit(e, command, out)
+
+
+def _closing_wandb(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """``task(cfg)``, then this process's W&B run closed with the exit code the process ends with (a task that
+    finished its run itself, as ``train.py`` does before its table, leaves none open): each job of an in-process
+    sweep gets its own run, and a run stopped by a signal is marked pre-empted with 128 + signal."""
+    from scoreflow.lit.wandb_logger import finish_wandb_run
+
+    try:
+        result = task(cfg)
+    except KeyboardInterrupt:
+        finish_wandb_run(130, preempted=True)
+        raise
+    except SystemExit as e:  # Preempted (128 + signal), or an exit of another kind
+        code = e.code if isinstance(e.code, int) else 1
+        finish_wandb_run(code, preempted=hasattr(e, "signum"))
+        raise
+    except BaseException as e:
+        finish_wandb_run((classify(e) or (1, None))[0] if isinstance(e, Exception) else 1)
+        raise
+    finish_wandb_run(0)
+    return result

@@ -70,8 +70,10 @@ def draw(series: dict[str, list[tuple[int, float]]], final: dict[str, float], pa
     return path
 
 
-def bpd_plot(out: str | Path, final: dict[str, float] | None = None, loggers: list[Any] | None = None) -> str:
-    """Draw ``<out>/plots/bpd_vs_step.png``; log it to W&B / TensorBoard loggers. Returns what to print."""
+def bpd_plot(out: str | Path, final: dict[str, float] | None = None, loggers: list[Any] | None = None,
+             step: int | None = None) -> str:
+    """Draw ``<out>/plots/bpd_vs_step.png``; log it to W&B / TensorBoard loggers (at ``step``, the run's last,
+    where the test values are). Returns what to print."""
     out = Path(out)
     src = out / "csv" / "metrics.csv"
     # no CSV (logger=none, or a run too short to log): the figure holds the final test values only
@@ -85,22 +87,22 @@ def bpd_plot(out: str | Path, final: dict[str, float] | None = None, loggers: li
         return f"none ({type(e).__name__}: {e})"
     for lg in loggers or []:
         try:
-            _log_image(lg, path)
+            _log_image(lg, path, step)
         except Exception as e:  # noqa: BLE001
             log.warning("could not log %s to %s: %s", path.name, type(lg).__name__, e)
     return str(path)
 
 
-def _log_image(lg: Any, path: Path) -> None:
+def _log_image(lg: Any, path: Path, step: int | None = None) -> None:
     name = type(lg).__name__
     if name == "WandbLogger":
-        lg.log_image(key="plots/bpd_vs_step", images=[str(path)])
+        lg.log_image(key="plots/bpd_vs_step", images=[str(path)], step=step)
     elif name == "TensorBoardLogger":
         import numpy as np
         from PIL import Image
 
         img = np.asarray(Image.open(path).convert("RGB"))
-        lg.experiment.add_image("plots/bpd_vs_step", img, dataformats="HWC")
+        lg.experiment.add_image("plots/bpd_vs_step", img, global_step=step, dataformats="HWC")
         lg.experiment.flush()
 
 

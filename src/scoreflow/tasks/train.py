@@ -89,7 +89,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         extra["train speed"] = speed
     # the eps-correction of protocol_string is the bound's; the test phase's ODE NLL never has it (evaluate.py can)
     extra.update({"protocol": protocol_string(cfg) + "; the ODE NLL without eps-correction",
-                  "plot": bpd_plot(out, metrics, loggers)})
+                  "plot": bpd_plot(out, metrics, loggers, step=int(steps))})
+    close_loggers(loggers, {**metrics, "protocol": extra["protocol"]})  # before the table: W&B's lines come first
     echo(results_table(shown, title=f"{title}, {weights} ({out})", extra=extra))
     return metrics
 
@@ -115,7 +116,20 @@ def log_final(loggers: list, metrics: dict[str, float], step: int) -> None:
     """Send the final test metrics to W&B / TensorBoard from the main process. The CSV logger is skipped: its
     file belongs to the training processes (metrics.json holds the test numbers)."""
     for lg in loggers:
-        if isinstance(lg, CSVLogger):
-            continue
-        lg.log_metrics(metrics, step=step)
-        lg.finalize("success")
+        if not isinstance(lg, CSVLogger):
+            lg.log_metrics(metrics, step=step)
+
+
+def close_loggers(loggers: list, metrics: dict[str, object]) -> None:
+    """At the end of the run, after its last image (the plot): TensorBoard's writer closed (once: finalized before
+    the plot, the plot went to a third event file), and the W&B run given the run's numbers (``metrics.json``'s:
+    steps, training time, the run-mean speed the table prints, the protocol; its summary otherwise kept the last
+    speed window) and finished, so that the next job of an in-process sweep starts its own run."""
+    from scoreflow.lit.wandb_logger import finish_wandb_run
+
+    for lg in loggers:
+        if not isinstance(lg, CSVLogger) and type(lg).__name__ != "WandbLogger":
+            lg.finalize("success")
+    summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        finish_wandb_run(0, summary=summary)
