@@ -37,6 +37,16 @@ def test_a_single_run_has_no_wandb_group(tmp_path):
     assert compose_cfg(["logger=wandb", "sweep_group=ablation"], tmp_path / "b").logger.wandb.group == "ablation"
 
 
+def test_the_wandb_run_name_tells_runs_apart(tmp_path):
+    """The W&B name is the command's overrides without ``logger=``/``hydra.*``, ``trainer.max_steps`` and
+    ``ckpt_path`` included (the folder names leave them out, and a sweep over ``trainer.max_steps`` had one name for
+    every job), else the run folder's name (every plain run was named ``logger=wandb``)."""
+    cfg = compose_cfg(["logger=wandb", "trainer.max_steps=10", "sde=vp", "hydra.run.dir=/x"], tmp_path / "a")
+    assert cfg.logger.wandb.name == "trainer.max_steps=10,sde=vp"
+    plain = compose_cfg(["logger=wandb"], tmp_path / "2026-11-29_12-00-00")
+    assert plain.logger.wandb.name == "2026-11-29_12-00-00"
+
+
 def test_template_keys(tmp_path):
     cfg = compose_cfg([], tmp_path)
     assert cfg.optimized_metric == "test/bpd_ode" and list(cfg.tags) == ["dev"]

@@ -60,8 +60,27 @@ def wandb_group(group: Any) -> Any:
     return None if str(group) == str(hc.sweep.dir) else group
 
 
+def run_name() -> str | None:
+    """``${scoreflow_run_name:}`` (``run_name``, the W&B run's name): the command's overrides, the swept values of a
+    sweep's job included, without ``logger=`` and ``hydra.*``; the run folder's name (its date) when none is left.
+    The folder names leave out ``trainer.max_steps``, ``ckpt_path``, ``trainer.devices`` (a rerun with more steps
+    resumes in the same folder), so names made from them were equal across a sweep over ``trainer.max_steps``, and
+    every plain run was named ``logger=wandb``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):  # composed outside a Hydra job
+        return None
+    skip = ("logger=", "+logger", "~logger", "hydra.", "hydra/", "+hydra", "~hydra")
+    parts = [str(o) for o in hc.overrides.task if not str(o).startswith(skip)]
+    return ",".join(parts) or Path(str(hc.runtime.output_dir)).name
+
+
 if not OmegaConf.has_resolver("scoreflow_wandb_group"):  # every training entry point imports this module
     OmegaConf.register_new_resolver("scoreflow_wandb_group", wandb_group)
+if not OmegaConf.has_resolver("scoreflow_run_name"):
+    OmegaConf.register_new_resolver("scoreflow_run_name", run_name)
 
 
 def _report_and_exit(exc: BaseException, command: str, run_dir: str | None = None) -> None:
