@@ -373,7 +373,7 @@ def _closing_wandb(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         finish_wandb_run(130, preempted=True)
         raise
     except SystemExit as e:  # Preempted (128 + signal), or an exit of another kind
-        code = e.code if isinstance(e.code, int) else 1
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1  # as the interpreter exits
         finish_wandb_run(code, preempted=hasattr(e, "signum"))
         raise
     except BaseException as e:
