@@ -533,3 +533,26 @@ def test_a_kill_during_the_validation_of_a_periodic_checkpoints_step_loses_nothi
     a, b = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True) for d in (run, ref))
     for k in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.slow  # 2 processes, about a minute on 2 busy cores
+def test_a_signal_to_rank_zero_in_the_ddp_test_phase_stops_every_rank(tmp_path):
+    """``strategy=ddp`` run as a script (Lightning starts rank 1 from rank 0): SIGTERM to rank 0 alone during the
+    test evaluation reaches rank 1 too, so both stop at once; the command exits 143 with its one line and no
+    process is left. Before, rank 0 exited alone and rank 1 went on into a collective whose peer was gone."""
+    run = tmp_path / "run"
+    args = ["debug=fast", "trainer=ddp_cpu", "trainer.strategy=ddp", "callbacks=minimal", "trainer.max_steps=4",
+            "val_every=4", "module.evaluation.nll_every=0", "datamodule.test_subset=64", "datamodule.eval_batch_size=4",
+            "extras.print_config=false", f"hydra.run.dir={run}"]
+    stopped = signal_at("test", 0, "SIGTERM", args)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    lines = [ln for ln in stopped.stderr.splitlines() if ln.startswith("scoreflow: ")]
+    assert len(lines) == 1 and "SIGTERM during the test evaluation: stopped" in lines[0], stopped.stderr[-3000:]
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        left = subprocess.run(["pgrep", "-f", f"hydra.run.dir={run}"], capture_output=True, text=True).stdout.split()
+        if not left:
+            break
+        time.sleep(0.5)
+    assert not left, f"rank 1 still running: {left}"
+    assert not (run / "metrics.json").exists()

@@ -163,6 +163,22 @@ def stop_on_signals(stop: Callable[[int, bool], Preempted], signals: tuple[int, 
             signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
+_LAUNCHED: list[Any] = []  # the processes of the other ranks this one started (Lightning's local DDP launcher)
+
+
+def remember_launched(trainer: pl.Trainer) -> None:
+    """Keep the processes ``trainer``'s launcher started for the other local ranks (``strategy=ddp`` run as a
+    script: Lightning starts them in ``fit``), so that a signal to this process in the test phase, when the next
+    trainer has none, reaches them too (:func:`launched`)."""
+    procs = getattr(getattr(trainer.strategy, "launcher", None), "procs", None)
+    if procs:
+        _LAUNCHED[:] = list(procs)
+
+
+def launched() -> list[Any]:
+    return list(_LAUNCHED)
+
+
 def slurm_job_id() -> str | None:
     """The id ``scontrol requeue`` takes for this SLURM *batch* job (``<array job>_<task>`` for array jobs), or
     None outside SLURM and in interactive allocations (``srun --pty bash``), which must not be requeued."""

@@ -205,6 +205,8 @@ def fit(cfg: DictConfig, module: pl.LightningModule, source: Any, out: Path, t0:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     except Preempted as stop:  # checkpoint written, loggers closed: requeue (SLURM) or exit 128 + signal
         preemption.finish(stop, rerun_hint(out))
+    finally:
+        preemption.remember_launched(trainer)  # the other local ranks' processes, for the test phase's signals
     train_time = clock.seconds()
     # under ddp_spawn the main process's trainer never stepped: read the step from the final checkpoint
     last = out / "checkpoints" / "last.ckpt"
@@ -318,7 +320,7 @@ def test_checkpoint(cfg: DictConfig, ckpt_path: Path, out: Path, *, kind: str = 
                          during="the test evaluation")
 
     try:  # a signal stops the evaluation at once (exit 128 + signal): the checkpoint is on disk, a rerun tests it
-        with preemption.stop_on_signals(make_stop):
+        with preemption.stop_on_signals(make_stop, forward_to=preemption.launched):  # one signal stops every rank
             results = trainer.test(module, datamodule=dm, verbose=False)
     except Preempted as stop:
         preemption.finish(stop, rerun_hint(out))
@@ -334,7 +336,15 @@ def make_trainer(trainer_cfg: DictConfig, *, callbacks: list | None = None, logg
     if not any(isinstance(c, ProgressBar) for c in callbacks) and trainer_cfg.get("enable_progress_bar", True) \
             and overrides.get("enable_progress_bar", True):
         callbacks.append(TerminalProgressBar())  # one bar style: Lightning's default is Rich when installed
-    return hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=logger, plugins=plugins, **overrides)
+    trainer = hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=logger, plugins=plugins, **overrides)
+    # scoreflow.lit.preemption owns SIGTERM (and SIGUSR1/2, SIGINT): in the training loop (PreemptionCheckpoint) and
+    # in the test phase (stop_on_signals). Lightning's handler, registered at each fit/test, ran first and under DDP
+    # called dist.broadcast inside the handler: with the signal on one rank only (kill of rank 0) the test phase
+    # waited there for ever, and a rank signalled before the training loop died in a collective.
+    connector = getattr(trainer, "_signal_connector", None)
+    if connector is not None and hasattr(connector, "register_signal_handlers"):
+        connector.register_signal_handlers = lambda: None
+    return trainer
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
