@@ -129,3 +129,19 @@ def test_flow_presets_of_the_library_and_the_yaml_agree(name, file):
         base = yaml.safe_load((CONF / "dequantization" / "variational.yaml").read_text())["dequantization"]
         node = {**base, **node}
     assert {k: node[k] for k in PRESETS[name]} == PRESETS[name]
+
+
+def test_the_protocol_names_the_likelihoods_eps():
+    """``module.evaluation.eps`` (the likelihoods' smallest time) wins over the training ``eps`` in the protocol
+    line of ``metrics.json``, the table and ``test_per_example.npz``: it printed ``eps=sde default`` while the
+    numbers were computed from another eps (config-matrix audit)."""
+    from omegaconf import OmegaConf
+
+    from scoreflow.lit.settings import protocol_string
+
+    e = dataclasses.asdict(EvalConfig())
+    base = {"eps": None, "dequantization": None, "module": {"evaluation": e}}
+    assert protocol_string(OmegaConf.create(base)).startswith("eps=sde default,")
+    assert protocol_string(OmegaConf.create({**base, "eps": 1e-3})).startswith("eps=0.001,")
+    own = {**base, "eps": 1e-3, "module": {"evaluation": {**e, "eps": 1e-4}}}
+    assert protocol_string(OmegaConf.create(own)).startswith("eps=0.0001,")

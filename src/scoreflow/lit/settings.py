@@ -178,7 +178,7 @@ def protocol_string(cfg: Any) -> str:
                                                  ("antithetic", e.get("bound_antithetic")),
                                                  ("plan=fit", (e.get("bound_plan") or "none") == "fit")) if on)
     return (
-        f"eps={cfg.get('eps') or 'sde default'}, dequantization={deq_name}, "
+        f"eps={e.get('eps') or cfg.get('eps') or 'sde default'}, dequantization={deq_name}, "  # the likelihoods'
         f"ODE {e.method} {solve} {e.divergence} "
         f"{e.ode_dtype}, bound num_t={e.test_num_t} IS={e.importance_sampling} {e.bound_estimator}{extras} "
         f"eps-correction={e.truncation_correction}, repeats={e.test_repeats}"

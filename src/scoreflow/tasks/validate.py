@@ -291,6 +291,9 @@ def train(cfg: DictConfig) -> None:
     integer(cfg, "module.max_bad_steps", low=1)
     number(cfg, "callbacks.ema.decay", low=0, high=1, low_open=False)
     integer(cfg, "callbacks.samples.num_samples", low=1)
+    grid = get(cfg, "callbacks.samples")
+    if isinstance(grid, DictConfig) and grid.get("_target_") and grid.get("sampler") is not None:
+        sampler(cfg, "callbacks.samples.sampler")  # drawn hundreds of steps in: its settings checked now
     variational_dequantizer(cfg, get(cfg, "data.shape"))
     if get(cfg, "ckpt_path"):
         resume(cfg)
@@ -317,6 +320,16 @@ def evaluation_values(cfg: DictConfig, prefix: str, base: dict[str, Any] | None 
         raise ConfigError(f"{prefix}method={method} is a fixed-step ODE solver: it needs {prefix}steps",
                           key=prefix + "steps", value=None,
                           fix=f"{prefix}steps=100 (steps on its grid), or an adaptive solver: {prefix}method=dopri5")
+    plan, estimator, sampled = now("bound_plan"), now("bound_estimator"), now("importance_sampling")
+    if plan == "fit" and (estimator not in (None, "closed_form") or sampled is False):
+        # the fitted plan (control variate, time density, baseline) is the closed-form estimator's under importance
+        # sampling: this mix trained to the end, then died in the test phase with a ValueError traceback (audit)
+        what = f"{prefix}bound_estimator={estimator}" if estimator not in (None, "closed_form") else \
+            f"{prefix}importance_sampling=false"
+        raise ConfigError(f"{prefix}bound_plan=fit fits its plan for the closed-form bound estimator "
+                          f"under importance sampling; it cannot go with {what}", key=prefix + "bound_plan",
+                          value=plan, fix=f"{prefix}bound_plan=none with {what}, or leave {what.split('=')[0]} at "
+                                          "its default")
     if now("bound_antithetic") is True:
         for key in ("val_num_t", "test_num_t"):
             n = now(key)
@@ -331,8 +344,14 @@ def evaluation_names(cfg: DictConfig, prefix: str) -> None:
     plan), from the modules that define them: a misspelt one would otherwise fail at the first validation."""
     from scoreflow.likelihood.bound import BOUND_ESTIMATORS
     from scoreflow.likelihood.divergence import DIVERGENCES
-    from scoreflow.likelihood.ode import ODE_DTYPES, ode_methods
+    from scoreflow.likelihood.ode import ODE_DTYPES, UNEQUAL_STEP_UNSAFE, ode_methods
 
+    if (method := get(cfg, prefix + "method")) in UNEQUAL_STEP_UNSAFE:
+        raise ConfigError(f"{prefix}method={method}: torchdiffeq's Adams methods weight their steps as if equal, and "
+                          "the likelihood's grid is not (short steps near eps): they diverge there",
+                          key=prefix + "method", value=method,
+                          fix=f"{prefix}method=dopri5 (adaptive, the reference's) or {prefix}method=rk4 "
+                              f"{prefix}steps=100")
     for key, names in (("method", ode_methods()), ("divergence", DIVERGENCES), ("ode_dtype", ODE_DTYPES),
                        ("bound_estimator", BOUND_ESTIMATORS), ("bound_plan", ("none", "fit"))):
         choice(cfg, prefix + key, sorted(names), allow_none=True)
@@ -838,6 +857,28 @@ def unused_sampler(cfg: DictConfig, overrides: list[str]) -> None:
                           fix="drop the sampler overrides; e.g. latent.method=rk4 latent.steps=100")
 
 
+def _sampler_settings(key: str, kind: str, options: dict[str, Any]) -> None:
+    """Every setting of a sampler config is a parameter of its function. A ``_target_`` switched to another family
+    kept the other's keys (``callbacks.samples.sampler._target_=scoreflow.sampling.pc_sample`` kept ``method: rk4``)
+    and the first sample grid, hundreds of steps in, died of a TypeError (audit)."""
+    import inspect
+
+    from scoreflow.sampling.registry import SAMPLERS
+
+    fn = SAMPLERS[kind].fn
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    settable = [n for n in params if n not in ("score_fn", "sde", "shape", "shape_or_z", "generator", "seeds",
+                                               "device", "progress")]
+    for name in options:
+        if name not in params:
+            close = did_you_mean(f"{key}.{name}", name, settable)
+            raise ConfigError(f"{key}.{name} is not a setting of the {kind} sampler ({fn.__module__}.{fn.__name__}; "
+                              f"its settings: {', '.join(settable)})", key=f"{key}.{name}", value=options[name],
+                              fix=close or f"drop it: ~{key}.{name}")
+
+
 def sampler(cfg: DictConfig, key: str = "sampler") -> None:
     """The sampler config names a registered family; a PC sampler's predictor and corrector are known names
     (:data:`scoreflow.sampling.PREDICTORS` / ``CORRECTORS``) and ``lam`` fits its predictor."""
@@ -851,6 +892,7 @@ def sampler(cfg: DictConfig, key: str = "sampler") -> None:
         kind, options = sampler_options(OmegaConf.to_container(s, resolve=True))
     except ValueError as e:
         raise ConfigError(str(e), key=key, fix=f"choose {key}=<a file of conf/sampler>") from None
+    _sampler_settings(key, kind, options)
     end_time(cfg, f"{key}.eps")
     boolean(cfg, f"{key}.denoise")
     if kind != "pc":
