@@ -52,7 +52,8 @@ def test_discrete_data_without_dequantization(make_cfg):
 
 
 def test_wrong_shape_for_model(make_cfg):
-    with pytest.raises(ConfigError, match=r"NCSNpp cannot be built for data Digits of shape \[1, 8, 8\]"):
+    """The refusal says how many levels fit (8x8 halves 3 times: 4 levels; config-matrix audit: no fix line)."""
+    with pytest.raises(ConfigError, match=r"NCSNpp cannot be built for data Digits of shape \[1, 8, 8\]") as e:
         train(
             make_cfg(
                 [
@@ -65,6 +66,7 @@ def test_wrong_shape_for_model(make_cfg):
                 ]
             )
         )
+    assert e.value.fix.startswith("model.net.ch_mult with at most 4 levels (e.g. [1, 2, 2, 2])")
 
 
 class _NaNAfter(nn.Module):

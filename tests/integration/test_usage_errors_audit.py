@@ -255,3 +255,13 @@ def test_ctrl_c_of_evaluate_is_one_line_and_exit_130(untrained_ckpt, tmp_path):
                          "same command to continue"), err
     assert len(lines) <= 3, err
     assert "evaluate.py: interrupted" in "".join(f.read_text() for f in run.glob("*.log"))
+
+
+@pytest.mark.parametrize(("trainer", "fix"), [("gpu", "use trainer=cpu"), ("ddp", "use trainer=ddp_cpu")])
+def test_a_gpu_trainer_without_cuda_names_the_cpu_trainer_that_matches(tmp_path, monkeypatch, trainer, fix):
+    """``trainer=ddp`` on a machine without CUDA points at ``trainer=ddp_cpu`` (DDP over CPU processes), not at the
+    one-process ``trainer=cpu`` (config-matrix audit)."""
+    monkeypatch.setattr(validate, "cuda_available", lambda: False)
+    with pytest.raises(ConfigError) as e:
+        validate.devices(compose_cfg([f"trainer={trainer}"], tmp_path))
+    assert e.value.fix.startswith(fix)

@@ -55,9 +55,18 @@ def build_module(cfg: DictConfig) -> ScoreLitModule:
     try:
         net = hydra.utils.instantiate(cfg.model.net, shape=shape, _convert_="all")
     except InstantiationException as e:
+        cause = str(e.__cause__ or e)
+        fix = None
+        if "is not divisible by 2^" in cause and len(shape) == 3:  # a U-Net halves the image at each ch_mult level
+            side = min(int(shape[1]), int(shape[2]))
+            levels = next(k for k in range(8, 0, -1) if side % 2 ** (k - 1) == 0)
+            fix = (f"model.net.ch_mult with at most {levels} levels (e.g. {[1, *[2] * (levels - 1)]}): "
+                   f"{shape[1]}x{shape[2]} halves {levels - 1} times; or a data.shape divisible by a higher power "
+                   "of 2 (image folders are resized to it)")
         raise ConfigError(
             f"model {cfg.model.net._target_.rsplit('.', 1)[-1]} cannot be built for data "
-            f"{data_cfg._target_.rsplit('.', 1)[-1]} of shape {list(shape)}: {e.__cause__ or e}"
+            f"{data_cfg._target_.rsplit('.', 1)[-1]} of shape {list(shape)}: {cause}", key="model.net.ch_mult",
+            fix=fix,
         ) from e
     score_model = _wrap(cfg.model, ScoreModel, net, sde)
     time_sampler = hydra.utils.instantiate(cfg.weighting, sde=sde, eps=eps)

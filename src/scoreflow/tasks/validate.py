@@ -103,7 +103,9 @@ def devices(cfg: DictConfig, key: str = "trainer.devices", accelerator_key: str 
                           key=key, value=v, fix=f"set {key}=1")
     acc = get(cfg, accelerator_key)
     if acc in ("gpu", "cuda") and not cuda_available():
-        fix = "use trainer=cpu (or trainer.accelerator=auto)" if accelerator_key == "trainer.accelerator" else \
+        several = str(get(cfg, "trainer.strategy") or "").startswith("ddp")  # trainer=ddp: gloo processes on a CPU
+        fix = ("use trainer=ddp_cpu (DDP over CPU processes)" if several else "use trainer=cpu") + \
+            " (or trainer.accelerator=auto)" if accelerator_key == "trainer.accelerator" else \
             f"{accelerator_key}=cpu (or {accelerator_key}=auto)"
         raise ConfigError(f"{accelerator_key}={acc} but no CUDA device is available", key=accelerator_key,
                           value=acc, fix=fix)
