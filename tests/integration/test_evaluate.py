@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from scoreflow.tasks.evaluate import evaluate
 from scoreflow.tasks.likelihood_eval import ProtocolMismatchError
 from scoreflow.tasks.train import train
 from tests.integration.conftest import compose_cfg
+from tests.integration.signals import signal_when_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = ["test/bpd_ode", "test/bpd_ode_se", "test/bpd_bound", "test/bpd_bound_se", "test/nfe"]
@@ -563,20 +563,9 @@ def _eval_until_signal(cmd: list[str], folder: Path, sig: int, env: dict[str, st
                        min_lines: int = 3) -> subprocess.CompletedProcess:
     """Start ``evaluate.py``, wait until ``partial.jsonl`` holds ``min_lines`` lines (its header and finished
     batches), send ``sig`` (to the process, or to its process group as SLURM does), wait for the exit."""
-    proc = subprocess.Popen(cmd, cwd=folder.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=group)
-    partial, deadline = folder / "partial.jsonl", time.time() + 300
-    while not (partial.is_file() and len(partial.read_text().splitlines()) >= min_lines):
-        if proc.poll() is not None or time.time() > deadline:
-            out, err = proc.communicate()
-            pytest.fail(f"evaluate.py ended (rc={proc.returncode}) before its batches:\n{err[-3000:]}")
-        time.sleep(0.05)
-    if group:
-        os.killpg(proc.pid, sig)
-    else:
-        proc.send_signal(sig)
-    out, err = proc.communicate(timeout=300)
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    partial = folder / "partial.jsonl"
+    return signal_when_ready(cmd, cwd=folder.parent, env=env, sig=sig, group=group, what="its batches",
+                             ready=lambda: partial.is_file() and len(partial.read_text().splitlines()) >= min_lines)
 
 
 @pytest.mark.parametrize("sig", ["SIGUSR1", pytest.param("SIGTERM", marks=pytest.mark.slow)])

@@ -23,6 +23,7 @@ from scoreflow.tasks.build import to_container
 from scoreflow.tasks.errors import CheckpointError
 from scoreflow.tasks.resume import ORIGIN_KEY, resume_path, with_wandb_resume
 from scoreflow.tasks.train import train
+from tests.integration.signals import signal_when_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 40
@@ -47,21 +48,10 @@ def run_and_signal(run_dir: Path, sig: int, extra: list[str] = (), env: dict | N
     few steps, send ``sig`` to it, and wait for it to exit. ``group``: send it to the whole process group, its
     DataLoader workers too, as SLURM (every process of the job step), ``timeout`` and a terminal's Ctrl-C do."""
     cmd = [sys.executable, "train.py", *BASE, *extra, f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=group)
-    log_file, deadline = run_dir / "train.log", time.time() + 300
-    while not (log_file.is_file() and READY in log_file.read_text()):
-        if proc.poll() is not None or time.time() > deadline:
-            out, err = proc.communicate()
-            pytest.fail(f"train.py ended (rc={proc.returncode}) before its training loop started:\n{err[-3000:]}")
-        time.sleep(0.05)
-    time.sleep(after_s)
-    if group:
-        os.killpg(proc.pid, sig)
-    else:
-        proc.send_signal(sig)
-    out, err = proc.communicate(timeout=300)
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    log_file = run_dir / "train.log"
+    return signal_when_ready(cmd, cwd=ROOT, env=env or _env(), sig=sig, group=group, after_s=after_s,
+                             ready=lambda: log_file.is_file() and READY in log_file.read_text(),
+                             what="its training loop started")
 
 
 def stop_line(stderr: str) -> str:
