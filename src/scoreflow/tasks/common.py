@@ -343,8 +343,12 @@ def make_trainer(trainer_cfg: DictConfig, *, callbacks: list | None = None, logg
     # waited there for ever, and a rank signalled before the training loop died in a collective.
     connector = getattr(trainer, "_signal_connector", None)
     if connector is not None and hasattr(connector, "register_signal_handlers"):
-        connector.register_signal_handlers = lambda: None
+        connector.register_signal_handlers = _no_lightning_signal_handlers  # picklable: ddp_spawn pickles the trainer
     return trainer
+
+
+def _no_lightning_signal_handlers() -> None:
+    """Registers nothing: in place of Lightning's ``_SignalConnector.register_signal_handlers`` (make_trainer)."""
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
