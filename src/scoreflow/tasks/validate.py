@@ -322,8 +322,11 @@ def evaluation_values(cfg: DictConfig, prefix: str, base: dict[str, Any] | None 
         raise ConfigError(f"{prefix}method={method} is a fixed-step ODE solver: it needs {prefix}steps",
                           key=prefix + "steps", value=None,
                           fix=f"{prefix}steps=100 (steps on its grid), or an adaptive solver: {prefix}method=dopri5")
+    from scoreflow.likelihood.bound import BOUND_ESTIMATORS
+
     plan, estimator, sampled = now("bound_plan"), now("bound_estimator"), now("importance_sampling")
-    if plan == "fit" and (estimator not in (None, "closed_form") or sampled is False):
+    known = estimator is None or estimator in BOUND_ESTIMATORS  # a misspelt one: evaluation_names' "did you mean"
+    if plan == "fit" and known and (estimator not in (None, "closed_form") or sampled is False):
         # the fitted plan (control variate, time density, baseline) is the closed-form estimator's under importance
         # sampling: this mix trained to the end, then died in the test phase with a ValueError traceback (audit)
         what = f"{prefix}bound_estimator={estimator}" if estimator not in (None, "closed_form") else \
