@@ -11,7 +11,6 @@ import types
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from scoreflow.dequantization import UniformDequantizer
@@ -23,6 +22,7 @@ from scoreflow.sde import VPSDE
 from scoreflow.tasks.entry import _closing_wandb
 from scoreflow.tasks.train import train
 from scoreflow.weighting import ImportanceSampledLikelihood
+from tests.integration.test_train_errors import _NaNAfter
 
 
 class _FakeRun:
@@ -77,20 +77,6 @@ def test_finish_adds_the_run_numbers_to_the_summary(fake_wandb):
     assert run.summary == {"train/img_per_s": 498.0, "protocol": "eps=1e-5"} and run.calls == [("finish", 0)]
 
 
-class _NaNFrom(nn.Module):
-    """An eps-net whose output is NaN from its ``first``-th call on."""
-
-    def __init__(self, first: int):
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-        self.calls, self.first = 0, first
-
-    def forward(self, x, label):
-        self.calls += 1
-        out = self.lin(x.reshape(x.shape[0], -1)).reshape(x.shape)
-        return out * float("nan") if self.calls >= self.first else out
-
-
 def test_a_skipped_step_logs_its_own_values_not_the_last_good_steps(monkeypatch):
     """A step skipped for a non-finite loss logs its own gradient norm (NaN) and loss variance next to its NaN loss.
     Before (audit), its row repeated the last finite step's ``train/grad_norm``, ``train/lr`` and
@@ -105,7 +91,7 @@ def test_a_skipped_step_logs_its_own_values_not_the_last_good_steps(monkeypatch)
 
     monkeypatch.setattr(ScoreLitModule, "log", spy)
     sde = VPSDE()
-    module = ScoreLitModule(ScoreModel(_NaNFrom(4), sde), ImportanceSampledLikelihood(sde), UniformDequantizer(),
+    module = ScoreLitModule(ScoreModel(_NaNAfter(3), sde), ImportanceSampledLikelihood(sde), UniformDequantizer(),
                             num_levels=4, data_shape=(1, 2, 2), max_bad_steps=3, optim={"warmup_steps": 1})
     data = TensorDataset(torch.randint(0, 4, (64, 1, 2, 2)), torch.zeros(64))
     trainer = pl.Trainer(max_steps=50, logger=False, enable_checkpointing=False, enable_progress_bar=False,
