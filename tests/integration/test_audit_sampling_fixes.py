@@ -191,7 +191,7 @@ def test_conditional_sampling_counts_classifier_gradients(ckpts, tmp_path, monke
     from scoreflow.tasks.sample import sample
 
     clf = CountingClassifier()
-    monkeypatch.setattr("scoreflow.tasks.checkpoint.load_classifier", lambda path: clf)
+    monkeypatch.setattr("scoreflow.tasks.checkpoint.load_classifier", lambda path, **checks: clf)
     (tmp_path / "clf.ckpt").write_bytes(b"")
     cfg = compose_cfg([f"ckpt_path={ckpts / 'fake' / 'checkpoint_1.pth'}", "sde=vp", "data=digits",
                        *fix_overrides(DDPM_FIX), "device=cpu", "progress=false", "mode=conditional",

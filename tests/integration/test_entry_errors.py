@@ -87,6 +87,11 @@ USAGE_CASES = [
     (["callbacks.samples.sampler._target_=scoreflow.sampling.pc_sample"],
      ["callbacks.samples.sampler.method is not a setting of the pc sampler", "~callbacks.samples.sampler.method"]),
     # the Adam-only settings beside module.optimizer: stopped before a run folder exists (was: after the config tree)
+    # the data first: on a machine without CUDA a Table-2 preset reported the GPU, then (on the CPU) the data
+    (["experiment=table2/cifar10_vp_lw_is"], ["CIFAR-10 not found", "cifar-10-batches-py", "data.root"]),
+    # an adaptive ODE sampler ignored steps: the grid was drawn with dopri5's own steps, not the 50 asked for
+    (["callbacks.samples.sampler.method=dopri5"], ["callbacks.samples.sampler.steps=50 is the number of steps of a "
+                                                   "fixed-step method", "callbacks.samples.sampler.steps=null"]),
     (["module.optimizer={_target_: torch.optim.AdamW, _partial_: true}", "module.optim.weight_decay=0.1"],
      ["module.optim ['weight_decay'] configure the built-in Adam", "module.optimizer = 'torch.optim.AdamW'"]),
 ]
@@ -208,6 +213,11 @@ CKPT_CASES = [
     ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=latent", "sampler=pc", "sampler.steps=10"],
      ["mode=latent encodes and decodes with the probability-flow ODE of latent.*",
       "sampler=pc sampler.steps=10 would not be used"]),
+    ("sample.py", ["ckpt_path={d}/score.ckpt", "sampler=ode", "sampler.steps=100"],
+     ["sampler.steps=100 is the number of steps", "sampler.method=dopri5 is adaptive", "sampler.method=rk4"]),
+    ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=latent", "latent.steps=100"],
+     ["latent.steps=100", "latent.steps=null"]),
+    ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=latent", "latent.method=rk5"], ["latent.method", "=rk4"]),
     ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=inpaint", "sampler=ode"],
      ["mode=inpaint clamps the known part inside a predictor-corrector sampler", "fix: sampler=pc"]),
 ]

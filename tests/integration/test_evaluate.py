@@ -458,6 +458,8 @@ def test_command_line_resumes_in_the_same_directory(digits_ckpt, tmp_path):
     saved = json.loads(metrics.read_text())
     assert saved["complete"] and set(counts(metrics.parent / "partial.jsonl").values()) == {1}
     assert "bits/dim (ODE)" in second.stdout
+    log = (metrics.parent / "evaluate.log").read_text()  # both tables are in the run's log too (printed only before)
+    assert log.count("bits/dim (ODE)") == 2 and "PARTIAL" in log
 
 
 def test_bound_standard_error_split_and_fitted_plan(digits_ckpt, make_cfg, tmp_path, capsys):

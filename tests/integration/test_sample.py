@@ -248,3 +248,5 @@ def test_command_line(digits_ckpt, tmp_path):
     (npz,) = (tmp_path / "outputs" / "sample").rglob("samples.npz")
     assert npz.parent.name == "num_samples=4,sampler.steps=4" and "nfe" in res.stdout
     assert np.load(npz)["samples"].shape == (4, 1, 8, 8)
+    log = (npz.parent / "sample.log").read_text()  # the results table is in the run's log too (it was printed only)
+    assert "== sample ==" in log and "outputs in" in log

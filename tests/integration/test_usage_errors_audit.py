@@ -31,8 +31,8 @@ def ckpts(tmp_path_factory):
     clf = {**stored, "sde": VP}  # train_classifier.py's former default SDE; the score model is subVP
     torch.save({"state_dict": {}, "global_step": 3, "scoreflow": {"config": clf, "kind": "classifier"}},
                d / "clf_vp.ckpt")
-    torch.save({"state_dict": {}, "global_step": 3, "scoreflow": {"config": stored, "kind": "classifier"}},
-               d / "clf_ok.ckpt")
+    torch.save({"state_dict": {}, "global_step": 3,
+                "scoreflow": {"config": {**stored, "num_classes": 10}, "kind": "classifier"}}, d / "clf_ok.ckpt")
     other = {**stored, "data": {**stored["data"], "_target_": "scoreflow.data.Photos"}}  # same shape, other data
     torch.save({"state_dict": {}, "global_step": 3, "scoreflow": {"config": other, "kind": "classifier"}},
                d / "clf_other_data.ckpt")
@@ -68,7 +68,10 @@ CASES = [
     ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=conditional", "classifier_ckpt={d}/clf_ok.ckpt",
                    "guidance_scale=nan"], ["guidance_scale", "nan", "finite number >= 0"]),
     ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=conditional", "classifier_ckpt={d}/clf_ok.ckpt", "labels=3.0"],
-     ["labels", "3.0", "class index"]),
+     ["labels", "3.0", "class indices (integers)"]),
+    # the range was checked after the run folder existed, once the classifier was built
+    ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=conditional", "classifier_ckpt={d}/clf_ok.ckpt",
+                   "labels=[3,12]"], ["labels", "0 .. 9 (the classifier's 10 classes)", "[3, 12]"]),
     ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=conditional", "classifier_ckpt={d}/clf_other_data.ckpt"],
      ["classifier_ckpt", "Photos data", "Digits", "train a classifier on the score model's data"]),
     ("train_classifier.py", ["module.eval_times=[0.0]"], ["module.eval_times", "(0, T]"]),

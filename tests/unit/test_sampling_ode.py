@@ -113,3 +113,14 @@ def test_interpolate_is_spherical():
     e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     torch.testing.assert_close(interpolate(e0, e1, 3)[1], torch.tensor([1.0, 1.0]) / 2**0.5)
     torch.testing.assert_close(interpolate(e0, e0, 3), e0.expand(3, 2))
+
+
+def test_an_adaptive_method_refuses_steps_it_would_ignore():
+    """``steps`` sets a fixed-step method's grid; dopri5 chose its own steps and ignored it (audit): now refused,
+    in sampling and in encoding alike, and ``steps=None`` still runs."""
+    sde = VPSDE()
+    with pytest.raises(ValueError, match=r"steps=100 is for a fixed-step method.*'dopri5' is adaptive"):
+        ode_sample(MIX.score_fn(sde), sde, (4, 2), method="dopri5", steps=100)
+    with pytest.raises(ValueError, match="'bosh3' is adaptive"):
+        encode(MIX.score_fn(sde), sde, torch.zeros(4, 2), method="bosh3", steps=10)
+    assert ode_sample(MIX.score_fn(sde), sde, (4, 2), method="dopri5", rtol=1e-3, atol=1e-3).nfe > 1

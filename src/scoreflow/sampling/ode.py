@@ -44,8 +44,11 @@ def solve_probability_flow(
     ``t1 < t0`` integrates backwards (sampling / decoding), ``t1 > t0`` forwards (encoding). Adaptive
     methods treat the whole batch as one system (as the reference does), so their step sizes, and thus
     each result to within ``rtol``, depend on the rest of the batch; fixed-step methods do not.
-    ``steps`` (default ``sde.N``) is the number of uniform steps of a fixed-step method.
+    ``steps`` (default ``sde.N``) is the number of uniform steps of a fixed-step method; an adaptive one refuses it.
     """
+    if method in ADAPTIVE and steps is not None:  # it was ignored: a 'steps=100' run drew dopri5's own steps
+        raise ValueError(f"steps={steps} is for a fixed-step method {FIXED_STEP}; method={method!r} is adaptive "
+                         "(its steps come from rtol/atol): give steps=None with it")
     nfe = 0
     B = x.shape[0]
     score_fn = shape_checked(score_fn)  # its first evaluation checks the score is shaped like x

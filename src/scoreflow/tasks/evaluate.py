@@ -41,7 +41,7 @@ from scoreflow.lit.preemption import EvaluationStopped
 from scoreflow.tasks.build import ConfigError, to_container
 from scoreflow.tasks.checkpoint import LoadedModel, load_model, resolve_device, task_dir
 from scoreflow.tasks.common import results_table, write_metrics
-from scoreflow.tasks.console import is_multirun
+from scoreflow.tasks.console import echo, is_multirun
 from scoreflow.tasks.fid import run_fid
 from scoreflow.tasks.likelihood_eval import (
     LikelihoodSettings,
@@ -235,7 +235,7 @@ def _evaluate(cfg: DictConfig, fabric: Any, out: Path, t0: float) -> dict[str, A
                                     "atol": c["atol"]}
     if main:
         where = f"{world} processes ({fabric.device.type})" if world > 1 else str(fabric.device)
-        print(f"[scoreflow] evaluating {lm.describe()} on {split} ({n} images) on {where}; results in {out}")
+        echo(f"[scoreflow] evaluating {lm.describe()} on {split} ({n} images) on {where}; results in {out}")
     metrics: dict[str, Any] = {}
     complete = True
     quantities = [q for q, on in (("bpd_ode", s.ode), ("bpd_bound", s.bound)) if on]
@@ -275,7 +275,7 @@ def _evaluate(cfg: DictConfig, fabric: Any, out: Path, t0: float) -> dict[str, A
                     "protocol_text": protocol_text(protocol, s.ode, s.bound),
                     "num_processes": world, "wall_time_s": time.time() - t0})
     write_metrics(out / "metrics.json", metrics)
-    print(format_table(metrics, split, lm, out, complete))
+    echo(format_table(metrics, split, lm, out, complete))  # console and run log
     return metrics
 
 

@@ -39,7 +39,9 @@ from scoreflow.tasks.checkpoint import (
     to_levels,
 )
 from scoreflow.tasks.common import write_metrics
+from scoreflow.tasks.console import echo
 from scoreflow.tasks.fid import draw_samples, sampler_kwargs
+from scoreflow.tasks.validate import class_labels
 from scoreflow.visualize import levels_to_unit, save_image_grid, save_scatter
 
 log = logging.getLogger(__name__)
@@ -269,18 +271,15 @@ def run_colorize(lm: LoadedModel, cfg: DictConfig, out: Path) -> Result:
 def load_classifier_from(path: str, module: ScoreLitModule):
     """The classifier of ``path`` (``scoreflow.tasks.checkpoint.load_classifier``): ``classifier(x, t) -> logits``.
 
-    The score model's SDE and data scaling are passed when the loader accepts them, so that a classifier
-    trained for another SDE or scaling is refused instead of giving silently wrong gradients.
+    The score model's SDE, data scaling and shape are passed, so that a classifier trained for another SDE or
+    scaling is refused instead of giving silently wrong gradients.
     """
-    import inspect
-
     from scoreflow.tasks.checkpoint import load_classifier  # looked up at call time (tests replace it)
+
     if not Path(path).expanduser().is_file():
         raise FileNotFoundError(f"classifier checkpoint not found: {path}")
-    offered = {"device": module.device, "sde": module.sde, "scale": module.scale, "shift": module.shift,
-               "data_shape": tuple(module.data_shape) or None}
-    params = inspect.signature(load_classifier).parameters
-    clf = load_classifier(str(Path(path).expanduser()), **{k: v for k, v in offered.items() if k in params})
+    clf = load_classifier(str(Path(path).expanduser()), device=module.device, sde=module.sde, scale=module.scale,
+                          shift=module.shift, data_shape=tuple(module.data_shape) or None)
     if isinstance(clf, torch.nn.Module):
         clf = clf.to(module.device).eval()
     return clf
@@ -294,22 +293,6 @@ def sampler_end_time(module: ScoreLitModule, sampler_cfg: Any) -> float | None:
         return None
     eps = kw.get("eps")
     return float(module.sde.default_sample_eps if eps is None else eps)
-
-
-def class_labels(spec: Any, n: int, num_classes: int) -> list[int]:
-    """``null``: sample ``i`` gets class ``i % num_classes``; an int: that class; a list: cycled."""
-    if spec is None:
-        if num_classes < 1:
-            raise ConfigError("labels=null needs the number of classes; pass labels=<class> or labels=[...]")
-        return [i % num_classes for i in range(n)]
-    values = [spec] if isinstance(spec, int) else list(spec)
-    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or (num_classes >= 1 and
-                                                                                  not 0 <= v < num_classes)]
-    if bad or not values:
-        within = f"0 .. {num_classes - 1} (the classifier's {num_classes} classes)" if num_classes >= 1 else "ints"
-        raise ConfigError(f"labels must be class indices {within}; got {spec!r}", key="labels", value=str(spec),
-                          fix="labels=null (sample i gets class i % num_classes), labels=<class> or 'labels=[0,3]'")
-    return [int(values[i % len(values)]) for i in range(n)]
 
 
 def run_conditional(lm: LoadedModel, cfg: DictConfig, out: Path) -> Result:
@@ -339,7 +322,7 @@ def run_conditional(lm: LoadedModel, cfg: DictConfig, out: Path) -> Result:
         y = torch.tensor(labels[a : a + bs], device=module.device)
         score_fn = classifier_guided_score(module._score_fn(), counted, y, float(cfg.guidance_scale))
         for _, x, nfe in draw_samples(module, seeds[a : a + bs], cfg.sampler, bs, score_fn=score_fn,
-                                      progress=bool(cfg.get("progress", False))):
+                                      progress=bool(cfg.progress)):
             xs.append(x)
             nfes.append(nfe)
             clf_nfes.append(calls[0])
@@ -401,7 +384,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     out = task_dir(cfg, "sample")
     device = resolve_device(cfg.get("device"))
     lm = load_model(cfg, device=device)
-    print(f"[scoreflow] {mode}: {lm.describe()} on {device}; outputs in {out}")
+    echo(f"[scoreflow] {mode}: {lm.describe()} on {device}; outputs in {out}")
     with torch.no_grad():
         result, paths = MODES[mode](lm, cfg, out)
     elapsed = time.time() - t0
@@ -409,7 +392,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     metrics |= {f"{mode}/time_s": elapsed, "sampler": sampler_text(cfg), "checkpoint": lm.info,
                 "outputs": {k: str(v) for k, v in paths.items()}}
     write_metrics(out / "metrics.json", metrics)
-    print(format_table(mode, result, paths, cfg, elapsed))
+    echo(format_table(mode, result, paths, cfg, elapsed))  # console and run log
     return metrics
 
 

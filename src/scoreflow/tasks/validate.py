@@ -199,8 +199,6 @@ def common_training(cfg: DictConfig, *, check_data_root: bool = True) -> None:
     for k in ("val_every", "checkpoint_every"):
         integer(cfg, k, low=1)
     integer(cfg, "sample_every", low=0)
-    devices(cfg)
-    precision(cfg)
     if has(cfg, "data.shape"):
         s = get(cfg, "data.shape")
         if not (OmegaConf.is_list(s) and len(s) > 0 and all(isinstance(i, int) and i > 0 for i in s)):
@@ -208,8 +206,10 @@ def common_training(cfg: DictConfig, *, check_data_root: bool = True) -> None:
                               fix="e.g. data.shape=[3,32,32]")
     for k in ("data.val_size", "data.test_size"):  # hold-outs: a negative one failed inside the loader
         integer(cfg, k, low=0, fix=f"{k}=<images held out, >= 0>")
-    if check_data_root:
-        data_root(cfg)
+    if check_data_root:  # before the hardware: the data are needed on any machine (a Table-2 preset on a laptop
+        data_root(cfg)    # said "no CUDA device", then, once on the CPU, "CIFAR-10 not found"; audit)
+    devices(cfg)
+    precision(cfg)
     wandb_login(cfg)
 
 
@@ -360,15 +360,6 @@ def evaluation_names(cfg: DictConfig, prefix: str) -> None:
     for key, names in (("method", ode_methods()), ("divergence", DIVERGENCES), ("ode_dtype", ODE_DTYPES),
                        ("bound_estimator", BOUND_ESTIMATORS), ("bound_plan", ("none", "fit"))):
         choice(cfg, prefix + key, sorted(names), allow_none=True)
-
-
-def sampler_method(cfg: DictConfig, key: str = "sampler") -> None:
-    """An ODE sampler's ``method`` is one of :mod:`scoreflow.sampling.ode`'s."""
-    s = get(cfg, key)
-    if isinstance(s, DictConfig) and "ode" in str(s.get("_target_", "") or s.get("kind", "") or ""):
-        from scoreflow.sampling.ode import ADAPTIVE, FIXED_STEP
-
-        choice(cfg, f"{key}.method", sorted((*ADAPTIVE, *FIXED_STEP)), allow_none=True)
 
 
 IDENTITY_GROUPS = ("sde", "model", "data", "dequantization")
@@ -562,7 +553,6 @@ def evaluate(cfg: DictConfig) -> None:
                           fix="leave device=auto and use accelerator=... devices=N num_nodes=M, or drop those three")
     if (get(cfg, "fid.num_samples") or 0) > 0:
         sampler(cfg)
-        sampler_method(cfg)
     evaluation_names(cfg, "evaluation.")
     if get(cfg, "data_root"):
         data_root_exists(cfg, _stored_config(ckpt, cfg).get("data"))
@@ -588,7 +578,6 @@ def sample(cfg: DictConfig) -> None:
     _device(cfg)
     if mode != "latent":
         sampler(cfg)
-        sampler_method(cfg)
     _sampler_fits_mode(cfg, mode)
     stored = _stored_config(ckpt, cfg)
     shape = (stored.get("data") or {}).get("shape")
@@ -597,6 +586,7 @@ def sample(cfg: DictConfig) -> None:
     if mode == "latent":
         _latent_pair(cfg)
         end_time(cfg, "latent.eps")
+        _ode_sampler(cfg, "latent")
         tolerances(cfg, "latent")
     if mode in ("inpaint", "colorize") and isinstance(shape, list) and len(shape) != 3:
         raise ConfigError(f"mode={mode} needs image data [C, H, W]; this checkpoint's data have shape {shape}",
@@ -612,11 +602,9 @@ def sample(cfg: DictConfig) -> None:
         number(cfg, "guidance_scale", low=0, low_open=False, fix="guidance_scale=1 (the exact conditional score; "
                                                                  ">1 sharpens, 0 ignores the classifier)")
         labels = get(cfg, "labels", None)
-        if labels is not None and not OmegaConf.is_list(labels) and (isinstance(labels, bool)
-                                                                     or not isinstance(labels, int)):
-            raise ConfigError(f"labels must be a class index or a list of them, got {labels!r}", key="labels",
-                              value=str(labels), fix="labels=null (sample i gets class i % num_classes), "
-                                                     "labels=<class> or 'labels=[0,3]'")
+        labels = OmegaConf.to_container(labels) if OmegaConf.is_list(labels) else labels
+        if labels is not None:
+            class_labels(labels, 1, 0)  # integers; their range once the classifier's classes are known
         if not get(cfg, "classifier_ckpt"):
             raise ConfigError("mode=conditional needs a classifier", key="classifier_ckpt",
                               fix="classifier_ckpt=outputs/train_classifier/<run>/checkpoints/last.ckpt")
@@ -626,9 +614,29 @@ def sample(cfg: DictConfig) -> None:
             raise CheckpointError(f"classifier_ckpt is {a_kind(kind)} checkpoint, not a classifier",
                                   key="classifier_ckpt", value=get(cfg, "classifier_ckpt"),
                                   fix="train one with train_classifier.py")
-        _classifier_fits(cfg, stored, (clf["scoreflow"].get("config") or {}))
+        clf_config = clf["scoreflow"].get("config") or {}
+        _classifier_fits(cfg, stored, clf_config)
+        if labels is not None:  # against the classifier's classes: labels=[12] failed after the run folder existed
+            class_labels(labels, 1, int(clf_config.get("num_classes") or 0))
     if get(cfg, "data_root"):
         data_root_exists(cfg, stored.get("data"))
+
+
+def class_labels(spec: Any, n: int, num_classes: int) -> list[int]:
+    """``null``: sample ``i`` gets class ``i % num_classes``; an int: that class; a list: cycled."""
+    if spec is None:
+        if num_classes < 1:
+            raise ConfigError("labels=null needs the number of classes; pass labels=<class> or labels=[...]")
+        return [i % num_classes for i in range(n)]
+    values = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or (num_classes >= 1 and
+                                                                                  not 0 <= v < num_classes)]
+    if bad or not values:
+        within = f"0 .. {num_classes - 1} (the classifier's {num_classes} classes)" if num_classes >= 1 else \
+            "(integers)"
+        raise ConfigError(f"labels must be class indices {within}; got {spec!r}", key="labels", value=str(spec),
+                          fix="labels=null (sample i gets class i % num_classes), labels=<class> or 'labels=[0,3]'")
+    return [int(values[i % len(values)]) for i in range(n)]
 
 
 def time_label_fits(cfg: DictConfig) -> None:
@@ -900,6 +908,8 @@ def sampler(cfg: DictConfig, key: str = "sampler") -> None:
     _sampler_settings(key, kind, options)
     end_time(cfg, f"{key}.eps")
     boolean(cfg, f"{key}.denoise")
+    if kind == "ode":
+        _ode_sampler(cfg, key)
     if kind != "pc":
         tolerances(cfg, key)
         return
@@ -958,6 +968,20 @@ def boolean(cfg: DictConfig, key: str) -> None:
         v = get(cfg, key)
         raise ConfigError(f"{key} must be true or false, got {v!r}", key=key, value=v,
                           fix=f"{key}={'false' if str(v).lower() in ('no', 'off', '0', 'n') else 'true'}")
+
+
+def _ode_sampler(cfg: DictConfig, key: str) -> None:
+    """An ODE sampler's ``method`` is one of :mod:`scoreflow.sampling.ode`'s, and ``steps`` goes with a fixed-step
+    one: an adaptive method ignored it (``sampler.steps=100`` drew dopri5's own steps; audit)."""
+    from scoreflow.sampling.ode import ADAPTIVE, FIXED_STEP
+
+    choice(cfg, f"{key}.method", sorted((*ADAPTIVE, *FIXED_STEP)), allow_none=True)
+    method, steps = get(cfg, f"{key}.method", None) or "dopri5", get(cfg, f"{key}.steps", None)
+    if method in ADAPTIVE and steps is not None:
+        raise ConfigError(f"{key}.steps={steps} is the number of steps of a fixed-step method "
+                          f"({', '.join(FIXED_STEP)}); {key}.method={method} is adaptive: rtol and atol set its steps",
+                          key=f"{key}.steps", value=steps,
+                          fix=f"{key}.steps=null, or {key}.method=rk4 {key}.steps={steps}")
 
 
 def tolerances(cfg: DictConfig, key: str) -> None:
