@@ -546,3 +546,53 @@ def test_a_signal_to_rank_zero_in_the_ddp_test_phase_stops_every_rank(tmp_path):
         time.sleep(0.5)
     assert not left, f"rank 1 still running: {left}"
     assert not (run / "metrics.json").exists()
+
+
+def _agree_on_rank(rank: int, init: str, out: str) -> None:
+    """One of 2 gloo processes posing as an NCCL training: a signal on rank 1 only stops both, and the agreement
+    is a reduction of CPU tensors in a gloo group of its own (no read of a GPU value, which waited for the step)."""
+    import torch.distributed as dist
+    from types import SimpleNamespace
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    seen = []
+    real_all_reduce = dist.all_reduce
+
+    def spy(t, *args, **kwargs):
+        seen.append((t.device.type, kwargs.get("group")))
+        return real_all_reduce(t, *args, **kwargs)
+
+    dist.get_backend = lambda group=None: "nccl"  # the branch a GPU training takes: a gloo group of its own
+    dist.all_reduce = spy
+    try:
+        strategy = SimpleNamespace(reduce=lambda *a, **k: pytest.fail("the strategy's (device) reduction was used"))
+        trainer = SimpleNamespace(world_size=2, global_step=5, is_global_zero=rank == 0, received_sigterm=False,
+                                  strategy=strategy, callbacks=[])
+        cb = preemption.PreemptionCheckpoint(Path(out) / "last.ckpt")
+        cb.on_train_start(trainer, None)
+        cb._stop_if_signalled(trainer, None, write=False)  # no signal anywhere: both go on
+        if rank == 1:
+            cb.signum = signal.SIGUSR1
+        try:
+            cb._stop_if_signalled(trainer, None, write=False)
+            result = "continued"
+        except Preempted as e:
+            result = f"stopped {e.code} requeue={e.requeue}"
+        cb._restore()
+        groups = {g for _, g in seen}
+        Path(out, f"rank{rank}.txt").write_text(json.dumps({
+            "result": result, "devices": sorted({d for d, _ in seen}), "calls": len(seen),
+            "own_group": len(groups) == 1 and None not in groups}))
+    finally:
+        dist.all_reduce = real_all_reduce
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_on_a_stop_between_their_cpus_in_a_group_of_their_own(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_agree_on_rank, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.txt").read_text())
+        assert got == {"result": "stopped 138 requeue=True", "devices": ["cpu"], "calls": 2, "own_group": True}, rank

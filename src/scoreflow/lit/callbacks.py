@@ -59,19 +59,20 @@ class SampleGrid(Callback):
 
     @torch.no_grad()
     def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> Path | None:
+        """Draw the grid; on several processes each draws every ``world``-th seed and rank 0 gathers them (each rank
+        drew all of them before), so a fixed-step sampler's grid is the same on any number of processes."""
         shape = tuple(pl_module.data_shape)
-        seeds = list(range(self.num_samples))
-        res = sample(
-            pl_module._score_fn(),
-            pl_module.sde,
-            (self.num_samples, *shape),
-            seeds=seeds,
-            device=pl_module.device,
-            kind=self.kind,
-            **self.options,
-        )
-        x = (res.samples.float() - pl_module.shift) / pl_module.scale
-        if trainer.global_rank != 0:
+        world, rank = int(getattr(trainer, "world_size", 1)), int(trainer.global_rank)
+        seeds = list(range(rank, self.num_samples, world))
+        x = torch.zeros((0, *shape), device=pl_module.device)  # a rank past the last seed draws none
+        if seeds:
+            res = sample(pl_module._score_fn(), pl_module.sde, (len(seeds), *shape), seeds=seeds,
+                         device=pl_module.device, kind=self.kind, **self.options)
+            x = res.samples
+        x = (x.float() - pl_module.shift) / pl_module.scale
+        if world > 1:
+            x = gather_interleaved(pl_module, x, self.num_samples)
+        if rank != 0:
             return None
         out = Path(pl_module.output_dir or trainer.default_root_dir) / self.dirname
         out.mkdir(parents=True, exist_ok=True)
@@ -95,6 +96,17 @@ class SampleGrid(Callback):
 
                 img = np.asarray(Image.open(path).convert("RGB"))
                 logger.experiment.add_image("samples", img, step, dataformats="HWC")
+
+
+def gather_interleaved(pl_module: pl.LightningModule, x: torch.Tensor, n: int) -> torch.Tensor:
+    """Rank ``r``'s rows are items ``r, r + world, ...`` of ``n``: all ranks' rows back in item order (padded to one
+    length for the collective, the padding dropped)."""
+    world = int(pl_module.trainer.world_size)
+    per = -(-n // world)
+    padded = x.new_zeros((per, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    every = pl_module.all_gather(padded)  # [world, per, ...]
+    return every.transpose(0, 1).reshape(world * per, *x.shape[1:])[:n]
 
 
 def logged_step(pl_module: pl.LightningModule, step: int) -> int:

@@ -51,6 +51,7 @@ class EMA(Callback):
         self.shadow: list[torch.Tensor] | None = None
         self._backup: list[torch.Tensor] | None = None
         self._last_step = 0  # global_step of the last update: none before the first optimizer step
+        self._live: list[torch.Tensor] | None = None  # the trained parameters, listed once per fit (not per step)
 
     @staticmethod
     def _params(pl_module: pl.LightningModule) -> list[torch.Tensor]:
@@ -63,10 +64,14 @@ class EMA(Callback):
         return min(self.decay, (1 + n) / (10 + n))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._live = [p.detach() for p in self._params(pl_module)]  # views: they follow the optimizer's updates
         if self.shadow is None:
-            self.shadow = [p.detach().clone() for p in self._params(pl_module)]
+            self.shadow = [p.clone() for p in self._live]
         else:  # restored from a checkpoint: move to the module's device
-            self.shadow = [s.to(p.device) for s, p in zip(self.shadow, self._params(pl_module))]
+            self.shadow = [s.to(p.device) for s, p in zip(self.shadow, self._live)]
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._live = None
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -77,8 +82,9 @@ class EMA(Callback):
             return
         self._last_step = step
         d = self.current_decay()
-        params = self._params(pl_module)
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in params], 1.0 - d)
+        # walking the module's parameters each step cost 1.9 ms for ddpmpp_deep (956 tensors; helper review)
+        live = self._live if self._live is not None else [p.detach() for p in self._params(pl_module)]
+        torch._foreach_lerp_(self.shadow, live, 1.0 - d)
         self.num_updates += 1
 
     # ------------------------------------------------------------------ swapping
@@ -120,11 +126,10 @@ class EMA(Callback):
     # ------------------------------------------------------------------ state
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         # the checkpoint's state_dict must hold the *raw* weights even if saved while swapped in
+        names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
         if self._backup is not None:
-            names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
             for n, b in zip(names, self._backup):
                 checkpoint["state_dict"][n] = b.detach().clone()
-        names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
         checkpoint["ema"] = {
             "decay": self.decay,
             "num_updates": self.num_updates,

@@ -12,7 +12,9 @@ next training batch (``on_train_batch_start``, before it is used) or, after the 
 (where the final checkpoint has just been written). So a resumed run neither repeats nor misses a validation and
 its log lacks no row. Checkpoints go through the trainer's checkpoint IO (``AtomicCheckpointIO``: temporary file +
 ``os.replace``). Under DDP the ranks agree on the step with one max-reduction per step, so a signal that reached one
-rank only still stops all of them at the same step. Then :class:`Preempted` (a ``SystemExit`` with code 128 +
+rank only still stops all of them at the same step. It runs between the processes' CPUs (a gloo group of its own
+when the training's backend is NCCL): reading a reduction on the GPU waited for the whole previous step each step,
+the host sync the fused guard and CUDA graphs avoid. Then :class:`Preempted` (a ``SystemExit`` with code 128 +
 signal number, as a shell reports a process killed by that signal) leaves ``Trainer.fit``; the caller requeues and
 prints :meth:`Preempted.message` (see ``tasks/common.py:fit``). A stop signal (SIGTERM, SIGINT) overrides an earlier
 requeue signal: ``scancel`` after SLURM's time-limit warning cancels the job.
@@ -233,6 +235,7 @@ class PreemptionCheckpoint(Callback):
         self.written_at_train_end = written_at_train_end
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._agree: Callable[[int], int] | None = None  # the ranks' max of a request code (several processes)
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
@@ -283,6 +286,7 @@ class PreemptionCheckpoint(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.signum = signal.SIGTERM if trainer.received_sigterm else None  # caught by Lightning's handler
+        self._agree = host_max_reduction(trainer) if trainer.world_size > 1 else None
         self._install()
         if trainer.is_global_zero:
             log.info("pre-emption: SIGUSR1/SIGUSR2/SIGTERM/SIGINT write %s at the end of the step", self.ckpt_path)
@@ -296,13 +300,16 @@ class PreemptionCheckpoint(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after the last step's validation and sample grid: without this a signal then was announced, then ignored
-        self._stop_if_signalled(trainer, pl_module, write=not self.written_at_train_end)
+        try:
+            self._stop_if_signalled(trainer, pl_module, write=not self.written_at_train_end)
+        finally:
+            self._agree = None
         self._restore()
 
     def _stop_if_signalled(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, write: bool) -> None:
         code = _NONE if self.signum is None else _REQUEUE if self.signum in REQUEUE_SIGNALS else _STOP
         if trainer.world_size > 1:  # every rank must stop at the same step (save_checkpoint has a barrier)
-            code = int(trainer.strategy.reduce(torch.tensor(code, device=pl_module.device), reduce_op="max"))
+            code = (self._agree or host_max_reduction(trainer))(code)
         if code == _NONE:
             return
         signum = self.signum  # another rank's request: its kind
@@ -321,6 +328,29 @@ class PreemptionCheckpoint(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore()
+
+
+def host_max_reduction(trainer: pl.Trainer) -> Callable[[int], int]:
+    """``f(value) -> max over the ranks``, computed between the processes' CPUs: a gloo group of its own beside an
+    NCCL training (created here, collectively: every rank calls this at the same point), the training's own group
+    when it is gloo already. Without ``torch.distributed`` (a strategy of another kind): the strategy's reduction."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+        def reduce(value: int) -> int:
+            t = torch.tensor([value], dtype=torch.int64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+            return int(t[0])
+
+        return reduce
+
+    def strategy_reduce(value: int) -> int:
+        device = trainer.strategy.root_device
+        return int(trainer.strategy.reduce(torch.tensor(value, device=device), reduce_op="max"))
+
+    return strategy_reduce
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
