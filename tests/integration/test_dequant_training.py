@@ -207,3 +207,19 @@ def test_importance_weighted_bpd_through_a_module(make_cfg):
     torch.testing.assert_close(one.float(), plain.float())
     many = importance_weighted_bpd(module, k, 4, generator=torch.Generator().manual_seed(5))
     assert many.shape == (3,) and torch.isfinite(many).all()
+
+
+def test_a_flow_trained_without_ema_tests_its_raw_weights_and_the_best_flow_skips_non_finite_bounds(make_cfg,
+                                                                                                   score_ckpt, capsys):
+    """train_dequant.py's callbacks are the callbacks group's ``flow`` (minimal + the best checkpoint + progress):
+    its copy had drifted to Lightning's plain ModelCheckpoint (a NaN bound could become "best"), and a run with
+    ``~callbacks.ema`` trained to the end, then failed asking for EMA weights it did not hold."""
+    cfg = make_cfg([*FAST, "logger=none", f"score_ckpt={score_ckpt}", "trainer.max_steps=2", "val_every=2",
+                    "datamodule.test_subset=4"], config_name="train_dequant")
+    assert cfg.callbacks.checkpoint._target_ == "scoreflow.lit.best_checkpoint.BestCheckpoint"
+    assert cfg.callbacks.ema.decay == 0.99 and cfg.callbacks.periodic.filename == "last"
+    raw = make_cfg([*FAST, "logger=none", f"score_ckpt={score_ckpt}", "trainer.max_steps=2", "val_every=2",
+                    "datamodule.test_subset=4", "~callbacks.ema"], sub="raw", config_name="train_dequant")
+    metrics = train_dequant(raw)
+    assert metrics["train/steps"] == 2 and math.isfinite(metrics["test/bpd_bound"])
+    assert "frozen score model + raw flow (" in capsys.readouterr().out  # the table says which weights

@@ -101,6 +101,16 @@ def test_other_sdes_train(make_cfg, sde):
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
 
 
+@pytest.mark.parametrize(("extra", "weights"), [(["use_ema=false"], "test split (raw weights)"),
+                                               (["callbacks=none"], "test split (raw weights)"),
+                                               (["test=false"], "val split (EMA weights)")])
+def test_the_table_names_the_weights_it_evaluated(make_cfg, capsys, extra, weights):
+    """The table said "EMA" for the test split and "raw" for validation whatever they were: ``use_ema=false`` tested
+    raw weights under an "EMA" title, and validation runs on the EMA callback's weights (they are swapped in)."""
+    metrics = train_classifier(make_cfg([*DEBUG, "trainer.max_steps=2", "val_every=2", *extra], config_name=CFG))
+    assert metrics["train/steps"] == 2 and weights in capsys.readouterr().out
+
+
 def test_resume_is_exact(make_cfg, tmp_path):
     """Interrupted at step 4 and resumed to 8 equals an uninterrupted run (data order, noise, dropout, EMA)."""
     base = [*DEBUG, "test=false", "checkpoint_every=4", "val_every=100", "classifier.net.dropout=0.1"]

@@ -231,6 +231,22 @@ def checkpoint_entry(path: str | Path | None, key: str) -> Any:
         return None
 
 
+def ema_in_run(cfg: DictConfig) -> bool:
+    """Whether the run trains with the EMA callback, whose weights validation then evaluates."""
+    return bool(((cfg.get("callbacks") or {}).get("ema") or {}).get("_target_"))
+
+
+def tested_with_ema(final: str | Path, want: bool = True) -> bool:
+    """Whether the test phase evaluates ``final``'s EMA weights: wanted and stored. A run trained without the EMA
+    callback (``~callbacks.ema``, ``callbacks=none``) has its raw weights tested, with a warning (asking for EMA
+    weights it does not hold failed after the training)."""
+    ema = bool(want) and checkpoint_entry(final, "ema") is not None
+    if want and not ema:
+        log.warning("the checkpoint %s holds no EMA weights (the EMA callback was off): the test phase evaluates its "
+                    "raw weights", final)
+    return ema
+
+
 def checkpoint_step(path: str | Path | None) -> int | None:
     """The ``global_step`` (optimizer steps taken) stored in a Lightning checkpoint; ``None`` if unreadable."""
     step = checkpoint_entry(path, "global_step")

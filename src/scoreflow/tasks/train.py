@@ -13,9 +13,9 @@ from omegaconf import DictConfig
 
 from scoreflow.tasks.build import build_data, build_module, check_shapes
 from scoreflow.tasks.common import (
-    checkpoint_entry,
     checkpoint_run_dir,
     checkpoint_step,
+    ema_in_run,
     fit,
     is_global_zero,
     protocol_string,
@@ -23,6 +23,7 @@ from scoreflow.tasks.common import (
     results_title,
     start_run,
     test_checkpoint,
+    tested_with_ema,
     train_speed,
     use_compile_cache,
     write_metrics,
@@ -58,17 +59,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics = {**earlier, **metrics, **{k: v for k, v in earlier.items() if k.startswith("train/")}}
         else:  # trained on: test values of an earlier state would be stale
             metrics = {**{k: v for k, v in earlier.items() if not k.startswith("test/")}, **metrics}
-    ema = bool(((cfg.get("callbacks") or {}).get("ema") or {}).get("_target_"))  # what validation evaluated
+    ema = ema_in_run(cfg)  # what validation evaluated
     if cfg.get("test", True):
         # a checkpoint already at max_steps, resumed into another folder: fit took no step and wrote no last.ckpt
         final = out / "checkpoints" / "last.ckpt"
         if resumed is not None and not (final.is_file() and checkpoint_step(final) == int(steps)):
             final = resumed
-        # trained without the EMA callback (~callbacks.ema, callbacks=none): its raw weights, said in the title
-        ema = checkpoint_entry(final, "ema") is not None
-        if not ema:
-            log.warning("the checkpoint %s holds no EMA weights (the EMA callback was off): the test phase "
-                        "evaluates its raw weights", final)
+        ema = tested_with_ema(final)  # said in the title
         test_metrics = test_checkpoint(cfg, final, out, use_ema=ema)
         metrics.update(test_metrics)
         log_final(loggers, test_metrics, step=int(steps))

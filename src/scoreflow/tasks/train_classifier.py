@@ -20,7 +20,15 @@ from scoreflow.tasks.checkpoint import (  # noqa: F401 (re-exported: this module
     classifier_module_from_checkpoint,
     load_classifier,
 )
-from scoreflow.tasks.common import fit, is_global_zero, start_run, test_checkpoint, write_metrics
+from scoreflow.tasks.common import (
+    ema_in_run,
+    fit,
+    is_global_zero,
+    start_run,
+    test_checkpoint,
+    tested_with_ema,
+    write_metrics,
+)
 from scoreflow.tasks.console import echo, hydra_choices
 
 
@@ -34,22 +42,26 @@ def train_classifier(cfg: DictConfig) -> dict[str, float]:
     check_shapes(module, tuple(cfg.data.shape))
 
     metrics, loggers = fit(cfg, module, source, out, t0)
+    ema = ema_in_run(cfg)  # what validation evaluated
     if cfg.get("test", True):
-        metrics.update(test_checkpoint(cfg, out / "checkpoints" / "last.ckpt", out, kind="classifier",
-                                       use_ema=bool(cfg.get("use_ema", True)), source=source, logger=loggers or False))
+        final = out / "checkpoints" / "last.ckpt"
+        ema = tested_with_ema(final, bool(cfg.get("use_ema", True)))
+        metrics.update(test_checkpoint(cfg, final, out, kind="classifier", use_ema=ema, source=source,
+                                       logger=loggers or False))
     metrics["wall_time_s"] = time.time() - t0
     if not is_global_zero():  # strategy=ddp: rank 0 writes and reports
         return metrics
     write_metrics(out / "metrics.json", metrics)
-    echo(accuracy_table(metrics, module, title=f"noise-conditional classifier ({out})"))  # console and run log
+    echo(accuracy_table(metrics, module, title=f"noise-conditional classifier ({out})", ema=ema))  # console and run log
     return metrics
 
 
-def accuracy_table(metrics: dict[str, float], module: ClassifierLitModule, title: str) -> str:
-    """Accuracy and cross-entropy at each fixed ``t`` (test split if evaluated, else validation)."""
+def accuracy_table(metrics: dict[str, float], module: ClassifierLitModule, title: str, *, ema: bool) -> str:
+    """Accuracy and cross-entropy at each fixed ``t`` (test split if evaluated, else validation), of the EMA weights
+    or (``ema=False``) the raw ones (it said EMA for the test split and raw for validation, whatever they were)."""
     split = "test" if any(k.startswith("test/") for k in metrics) else "val"
     sde = module.sde
-    rows = [f"== {title} ==", f"  {split} split ({'EMA' if split == 'test' else 'raw'} weights), "
+    rows = [f"== {title} ==", f"  {split} split ({'EMA' if ema else 'raw'} weights), "
             f"{type(sde).__name__}, chance = {1 / module.classifier.num_classes:.3f}",
             f"  {'t':>6}  {'sigma_t':>8}  {'alpha_t':>8}  {'accuracy':>8}  {'CE (nats)':>9}"]
     for t in module.eval_times:

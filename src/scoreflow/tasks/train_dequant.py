@@ -18,6 +18,7 @@ from scoreflow.lit.dequant_module import DequantLitModule
 from scoreflow.tasks.build import ConfigError, build_data, build_module, to_container
 from scoreflow.tasks.checkpoint import module_from_checkpoint
 from scoreflow.tasks.common import (
+    ema_in_run,
     fit,
     is_global_zero,
     protocol_string,
@@ -25,6 +26,7 @@ from scoreflow.tasks.common import (
     results_title,
     start_run,
     test_checkpoint,
+    tested_with_ema,
     write_metrics,
 )
 from scoreflow.tasks.console import echo, hydra_choices
@@ -114,8 +116,11 @@ def train_dequant(cfg: DictConfig) -> dict[str, Any]:
     module.output_dir = str(out)
 
     metrics, _ = fit(cfg, module, source, out, t0, run_cfg=run_cfg)
+    ema = ema_in_run(run_cfg)  # what validation evaluated
     if cfg.get("test", True):
-        metrics.update(test_checkpoint(run_cfg, out / "checkpoints" / "last.ckpt", out))
+        final = out / "checkpoints" / "last.ckpt"
+        ema = tested_with_ema(final)
+        metrics.update(test_checkpoint(run_cfg, final, out, use_ema=ema))
     metrics["wall_time_s"] = time.time() - t0
     metrics["dequantization"] = f"{type(module.dequantizer).__name__} (trained after the score model)"
     if not is_global_zero():  # strategy=ddp: rank 0 writes and reports
@@ -126,7 +131,7 @@ def train_dequant(cfg: DictConfig) -> dict[str, Any]:
     shown = metrics if tested else {"test/" + k[4:]: v for k, v in metrics.items() if k.startswith("val/")}
     steps = int(metrics["train/steps"])
     title = results_title(tested, module, metrics, steps, run_cfg.get("val_every"))
-    echo(results_table(shown, title=f"{title}, frozen score model + EMA flow ({out})", extra={
+    echo(results_table(shown, title=f"{title}, frozen score model + {'EMA' if ema else 'raw'} flow ({out})", extra={
         "dequantization": metrics["dequantization"], "score model": str(run_cfg.dequant_run.score_ckpt),
         "flow steps": steps, "wall time": f"{metrics['wall_time_s']:.0f} s",
         # the eps-correction of protocol_string is the bound's; the ODE NLL never has it (evaluate.py can)
