@@ -129,3 +129,18 @@ def test_config_differences_name_the_keys(groups, tmp_path):
     b = OmegaConf.to_container(compose_cfg(["model=mlp", "sde=ve", "data=toy2d"], tmp_path / "b"), resolve=False)
     diff = config_differences(a, b, groups=groups)
     assert len(diff) == len(groups) and all(d.split(".")[0] in groups and "_target_" in d for d in diff)
+
+
+def test_settings_that_do_not_change_the_results_name_no_folder_in_either_command():
+    """``evaluate.py`` and ``sample.py`` name their run folder after the overrides minus those that do not change
+    what is computed. ``data_root=`` (where the data are now) was left out by sample.py only: an evaluation whose
+    data had moved started over in a new folder, though its fingerprint deliberately ignores the data's root."""
+    def excluded(name):
+        cfg = OmegaConf.load(ROOT / "conf" / f"{name}.yaml")
+        return cfg, set(cfg.hydra.job.config.override_dirname.exclude_keys)
+
+    ev_cfg, ev = excluded("evaluate")
+    _, sa = excluded("sample")
+    shared = {k for k in sa if OmegaConf.select(ev_cfg, k, default="<absent>", throw_on_resolution_failure=False)
+              != "<absent>"}
+    assert "data_root" in shared and shared <= ev, sorted(shared - ev)

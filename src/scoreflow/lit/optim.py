@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from scoreflow.lit.settings import OptimConfig, adam_only_settings  # noqa: F401 - adam_only_settings re-exported
+from scoreflow.lit.settings import OptimConfig, adam_only_settings
 
 log = logging.getLogger(__name__)
 

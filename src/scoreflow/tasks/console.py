@@ -146,7 +146,7 @@ ORDER = ("data", "model", "sde", "weighting", "dequantization", "module", "datam
          "logger", "extras", "paths")
 
 
-def config_tree(cfg: DictConfig, out: str | None) -> str:
+def config_tree(cfg: DictConfig) -> str:
     """The resolved config as a tree (one branch per group, YAML leaves), as plain text."""
     from rich.console import Console
     from rich.text import Text
@@ -200,7 +200,7 @@ def _resolved_value(cfg: DictConfig, key: str) -> Any:
 
 def print_config(cfg: DictConfig, out: str | None) -> None:
     """Print the config tree once, and the run folder, at the start of a run; also into the run's log."""
-    text = config_tree(cfg, out)
+    text = config_tree(cfg)
     sys.stdout.write(text)
     sys.stdout.flush()
     to_log_file(text)

@@ -46,10 +46,6 @@ class DataError(UsageError):
     """The data are missing, unreadable or corrupt (the message names the file or folder)."""
 
 
-class TrainingFailure(ScoreflowError):
-    """The run started but cannot go on (e.g. non-finite losses)."""
-
-
 # Error types defined elsewhere (kept out of this module's imports), by class name -> (exit code, config key).
 FOREIGN = {
     "DatasetNotFoundError": (USAGE, "data.root"),
