@@ -169,7 +169,7 @@ class Brightness(torch.nn.Module):
 
 
 def test_class_guidance_with_an_analytic_classifier(digits_ckpt, make_cfg, tmp_path, monkeypatch):
-    monkeypatch.setattr("scoreflow.tasks.checkpoint.load_classifier", lambda path: Brightness())
+    monkeypatch.setattr("scoreflow.tasks.checkpoint.load_classifier", lambda path, **checks: Brightness())
     (tmp_path / "clf.ckpt").write_bytes(b"")
     m = run(make_cfg, digits_ckpt, [*PC, "mode=conditional", f"classifier_ckpt={tmp_path / 'clf.ckpt'}",
                                     "guidance_scale=20", "num_samples=8", "batch_size=3"])
@@ -250,3 +250,14 @@ def test_command_line(digits_ckpt, tmp_path):
     assert np.load(npz)["samples"].shape == (4, 1, 8, 8)
     log = (npz.parent / "sample.log").read_text()  # the results table is in the run's log too (it was printed only)
     assert "== sample ==" in log and "outputs in" in log
+
+
+def test_a_checkpoint_is_read_once_to_rebuild_its_model(digits_ckpt, make_cfg, monkeypatch):
+    """load_model read the whole file, dropped it, and module_from_checkpoint read it again (review)."""
+    from scoreflow.tasks.checkpoint import load_model
+
+    reads, real = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append((str(f), k.get("mmap"))) or real(f, *a, **k))
+    lm = load_model(make_cfg([f"ckpt_path={digits_ckpt}"], config_name="sample"), device=torch.device("cpu"))
+    assert lm.module is not None
+    assert [r for r in reads if r[0] == str(digits_ckpt) and not r[1]] == [(str(digits_ckpt), None)]
