@@ -268,3 +268,15 @@ def test_a_gpu_trainer_without_cuda_names_the_cpu_trainer_that_matches(tmp_path,
     with pytest.raises(ConfigError) as e:
         validate.devices(compose_cfg([f"trainer={trainer}"], tmp_path))
     assert e.value.fix.startswith(fix)
+
+
+def test_a_sweeps_latent_jobs_refuse_sampler_settings_they_would_not_use(ckpts, tmp_path):
+    """Inside a Hydra job the check's ConfigError was caught with the "not in a Hydra job" ValueError it is a kind
+    of: ``sample.py -m mode=latent sampler.steps=10,11`` ran both jobs, ignoring the swept setting (the single-run
+    preflight caught it; a sweep's jobs have none of their own)."""
+    cmd = [sys.executable, str(ROOT / "sample.py"), "-m", f"ckpt_path={ckpts}/score.ckpt", "mode=latent", "sampler=pc",
+           "sampler.steps=10,11", "num_images=2", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    p = subprocess.run(cmd, cwd=tmp_path, env=_clean_env(tmp_path), capture_output=True, text=True, timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and "2 jobs: 2 failed" in out, out[-3000:]
+    assert out.count("sampler=pc sampler.steps=1") >= 2 and "would not be used" in out, out[-3000:]

@@ -228,10 +228,11 @@ class ScoreLitModule(StreamPosition, GuardedOptimization):
             v = torch.randint(0, 2, y.shape, generator=g, device=y.device).to(y.dtype) * 2 - 1
             per = ism_loss(self.train_score_fn, self.sde, y, t, noise=z, probe=v, form="eps",
                            reduce=self.loss_reduce)
-        loss = (w * per).mean()
+        weighted = w * per
+        loss = weighted.mean()
         # the variance over examples of the minimised per-example terms, on the objective's scale (an unnormalized
         # importance sampler's dropped Z/(T-eps) restored), so weightings compare: the paper's 98.48 -> 0.068
-        terms = (w * per).detach() * self.time_sampler.objective_scale
+        terms = weighted.detach() * self.time_sampler.objective_scale
         return loss, {"train/loss_var": terms.var() if terms.numel() > 1 else per.new_zeros(())}
 
     def training_loss(self, k: Tensor, g: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:

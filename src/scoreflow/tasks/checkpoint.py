@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
@@ -33,6 +32,7 @@ from scoreflow.lit.per_image import image_seed, seeded_generator  # noqa: F401 (
 from scoreflow.nets.classifier import NoiseConditionalClassifier
 from scoreflow.sde import SDE
 from scoreflow.tasks.build import ConfigError, build_classifier_module, build_data, build_module, to_container
+from scoreflow.tasks.console import hydra_config
 from scoreflow.tasks.errors import CheckpointError
 from scoreflow.utils import tensors_digest
 
@@ -60,10 +60,8 @@ OmegaConf.register_new_resolver("scoreflow_run_subdir", run_subdir, replace=True
 
 def task_dir(cfg: DictConfig, task: str) -> Path:
     """The Hydra run directory (or ``cfg.run_dir`` / ``outputs/<task>`` when composed outside ``@hydra.main``)."""
-    try:
-        out = Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:
-        out = Path(cfg.get("run_dir") or f"outputs/{task}")
+    hc = hydra_config()
+    out = Path(hc.runtime.output_dir) if hc is not None else Path(cfg.get("run_dir") or f"outputs/{task}")
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -136,15 +134,17 @@ _TRAINED_BY = {"score": "train.py", "classifier": "train_classifier.py"}
 
 
 def module_from_checkpoint(
-    path: str | Path, *, use_ema: bool = True, overrides: dict[str, Any] | None = None, kind: str = "score"
+    path: str | Path, *, use_ema: bool = True, overrides: dict[str, Any] | None = None, kind: str = "score",
+    loaded: dict[str, Any] | None = None,
 ) -> tuple[ScoreLitModule | ClassifierLitModule, DictConfig, dict[str, Any]]:
     """Rebuild the module of a ``kind`` (``score`` or ``classifier``) checkpoint from the config stored in it and
     load its (EMA) weights strictly.
 
     ``overrides`` are merged into the stored config first (e.g. ``{"module": {"evaluation": {...}}}``). A classifier
     trained without the EMA callback (``callbacks=none``) has only its raw weights, which are then used.
+    ``loaded``: the checkpoint of ``path`` already read (it is not read again).
     """
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path) if loaded is None else loaded
     stored = (ckpt.get("scoreflow") or {}).get("kind") or "score"
     if stored != kind:
         raise ValueError(f"{path} is not a {kind} checkpoint (kind={stored!r}); train one with {_TRAINED_BY[kind]}")
@@ -234,13 +234,13 @@ def load_model(cfg: DictConfig, *, device: torch.device | None = None) -> Loaded
     eval_over = _not_null(cfg.get("evaluation"))
     if detected == "scoreflow":
         step = int(ckpt.get("global_step", 0))
-        del ckpt
         if any(cfg.get(g) is not None for g in ("sde", "model", "data")):
             log.warning("sde/model/data groups are ignored for scoreflow checkpoints (they carry their config)")
         overrides: dict[str, Any] = {"module": {"evaluation": eval_over}} if eval_over else {}
         if cfg.get("data_root"):
             overrides["data"] = {"root": str(cfg.data_root)}
-        module, mcfg, _ = module_from_checkpoint(path, use_ema=use_ema, overrides=overrides)
+        module, mcfg, _ = module_from_checkpoint(path, use_ema=use_ema, overrides=overrides, loaded=ckpt)
+        del ckpt  # the weights are in the module (read once: it was read twice)
     else:
         missing = [g for g in ("sde", "model", "data") if cfg.get(g) is None]
         if missing:

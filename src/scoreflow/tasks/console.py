@@ -93,35 +93,35 @@ def quiet_console() -> None:
             h.addFilter(LightningNoise())
 
 
-def run_folder() -> str | None:
+def hydra_config() -> Any:
+    """This Hydra job's config (``HydraConfig.get()``: runtime, overrides, mode), or ``None`` when the config was
+    composed outside a Hydra job (tests, library callers)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        return HydraConfig.get().runtime.output_dir
+        return HydraConfig.get()
     except (ValueError, ImportError):
         return None
+
+
+def run_folder() -> str | None:
+    hc = hydra_config()
+    return None if hc is None else hc.runtime.output_dir
 
 
 def hydra_choices() -> dict[str, str]:
     """The config-group options this Hydra job composed (``hydra.runtime.choices``: ``{"model": "ddpmpp_deep",
     "experiment": "table2/cifar10_vp_lw_is", ...}``; groups left empty omitted); ``{}`` outside a Hydra job."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        choices = HydraConfig.get().runtime.choices
-    except (ValueError, ImportError):
-        return {}
+    hc = hydra_config()
+    choices = {} if hc is None else hc.runtime.choices
     return {str(k): str(v) for k, v in (choices or {}).items() if v is not None and not str(k).startswith("hydra/")}
 
 
 def is_multirun() -> bool:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
+    from hydra.types import RunMode
 
-        return HydraConfig.get().mode == RunMode.MULTIRUN
-    except (ValueError, ImportError):
-        return False
+    hc = hydra_config()
+    return hc is not None and hc.mode == RunMode.MULTIRUN
 
 
 def to_log_file(text: str) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from scoreflow.tasks.console import hydra_config
 from scoreflow.tasks.errors import ConfigError, UsageError, classify, format_error, from_instantiation, full_error
 
 CONF = Path(__file__).resolve().parents[3] / "conf"
@@ -48,14 +49,10 @@ def register_lazy_resolvers() -> None:
 def wandb_group(group: Any) -> Any:
     """``${scoreflow_wandb_group:${sweep_group}}`` (conf/logger/wandb.yaml): the sweep folder in a multirun, none in a
     single run (where ``hydra.sweep.dir`` names a folder that does not exist); an explicit ``sweep_group=`` stays."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
+    from hydra.types import RunMode
 
-        hc = HydraConfig.get()
-    except (ImportError, ValueError):  # composed outside a Hydra job
-        return group
-    if hc.mode == RunMode.MULTIRUN:
+    hc = hydra_config()
+    if hc is None or hc.mode == RunMode.MULTIRUN:  # composed outside a Hydra job, or a sweep's job
         return group
     return None if str(group) == str(hc.sweep.dir) else group
 
@@ -66,11 +63,8 @@ def run_name() -> str | None:
     The folder names leave out ``trainer.max_steps``, ``ckpt_path``, ``trainer.devices`` (a rerun with more steps
     resumes in the same folder), so names made from them were equal across a sweep over ``trainer.max_steps``, and
     every plain run was named ``logger=wandb``."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        hc = HydraConfig.get()
-    except (ImportError, ValueError):  # composed outside a Hydra job
+    hc = hydra_config()
+    if hc is None:  # composed outside a Hydra job
         return None
     skip = ("logger=", "+logger", "~logger", "hydra.", "hydra/", "+hydra", "~hydra")
     parts = [str(o) for o in hc.overrides.task if not str(o).startswith(skip)]

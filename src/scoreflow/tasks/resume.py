@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from scoreflow.tasks.console import hydra_config
 from scoreflow.tasks.errors import CheckpointError
 from scoreflow.tasks.validate import IDENTITY_GROUPS, config_differences, other_score_model
 
@@ -130,9 +130,8 @@ def check_same_run(ckpt_path: Path, cfg: DictConfig) -> None:
 
 def rerun_hint(out: Path) -> str:
     """The override that puts a rerun in the same directory (printed in the pre-emption message)."""
-    try:
-        hc = HydraConfig.get()
-    except ValueError:
+    hc = hydra_config()
+    if hc is None:
         return f"hydra.run.dir={out}"
     if hc.mode == RunMode.MULTIRUN:
         return f"hydra.sweep.dir={hc.sweep.dir}"

@@ -853,12 +853,11 @@ def _sampler_fits_mode(cfg: DictConfig, mode: str) -> None:
             raise ConfigError(f"mode={mode} clamps the known part inside a predictor-corrector sampler; sampler= is "
                               f"the {kind} sampler", key="sampler", value=kind, fix="sampler=pc")
     if mode == "latent":
-        try:
-            from hydra.core.hydra_config import HydraConfig
+        from scoreflow.tasks.console import hydra_config
 
-            unused_sampler(cfg, list(HydraConfig.get().overrides.task))
-        except ValueError:  # not in a Hydra job: the preflight checks the command line (entry.preflight)
-            pass
+        hc = hydra_config()  # not in a Hydra job: the preflight checks the command line (entry.preflight)
+        if hc is not None:  # (its ConfigError was swallowed here with the "not in a Hydra job" ValueError)
+            unused_sampler(cfg, list(hc.overrides.task))
 
 
 def unused_sampler(cfg: DictConfig, overrides: list[str]) -> None:
