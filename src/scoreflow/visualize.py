@@ -53,3 +53,18 @@ def save_scatter(x: Tensor, path: str | Path, title: str = "", lim: float | None
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def log_image(logger: object, key: str, path: str | Path, step: int | None = None) -> None:
+    """Log the PNG at ``path`` as ``key`` at ``step`` to a Lightning ``WandbLogger`` or ``TensorBoardLogger`` (by
+    class name: no Lightning import here); other loggers (CSV) keep no images."""
+    name = type(logger).__name__
+    if name == "WandbLogger":
+        logger.log_image(key=key, images=[str(path)], step=step)
+    elif name == "TensorBoardLogger":
+        import numpy as np
+        from PIL import Image
+
+        img = np.asarray(Image.open(path).convert("RGB"))
+        logger.experiment.add_image(key, img, global_step=step, dataformats="HWC")
+        logger.experiment.flush()

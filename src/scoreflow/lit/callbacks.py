@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from scoreflow.sampling import sample, sampler_options
-from scoreflow.visualize import levels_to_unit, save_image_grid, save_scatter
+from scoreflow.visualize import levels_to_unit, log_image, save_image_grid, save_scatter
 
 
 class SampleGrid(Callback):
@@ -81,21 +81,9 @@ class SampleGrid(Callback):
             save_image_grid(levels_to_unit(x, pl_module.num_levels), path)
         else:
             save_scatter(x, path, title=f"samples at step {step}")
-        self._log_image(trainer, path, logged_step(pl_module, step))
-        return path
-
-    @staticmethod
-    def _log_image(trainer: pl.Trainer, path: Path, step: int) -> None:
         for logger in trainer.loggers:
-            name = type(logger).__name__
-            if name == "WandbLogger":
-                logger.log_image(key="samples", images=[str(path)], step=step)
-            elif name == "TensorBoardLogger":
-                import numpy as np
-                from PIL import Image
-
-                img = np.asarray(Image.open(path).convert("RGB"))
-                logger.experiment.add_image("samples", img, step, dataformats="HWC")
+            log_image(logger, "samples", path, logged_step(pl_module, step))
+        return path
 
 
 def gather_interleaved(pl_module: pl.LightningModule, x: torch.Tensor, n: int) -> torch.Tensor:

@@ -209,7 +209,7 @@ def fit(cfg: DictConfig, module: pl.LightningModule, source: Any, out: Path, t0:
         preemption.remember_launched(trainer)  # the other local ranks' processes, for the test phase's signals
     train_time = clock.seconds()
     # under ddp_spawn the main process's trainer never stepped: read the step from the final checkpoint
-    last = out / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(out)
     steps = trainer.global_step or checkpoint_step(last if last.is_file() or not ckpt_path else ckpt_path) or 0
     metrics = {"train/steps": float(steps), "train/wall_time_s": train_time, "train/segments": float(clock.segments)}
     # a run resumed after its last validation (stopped right after it) reports it, as the uninterrupted run does

@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from scoreflow.visualize import log_image
+
 log = logging.getLogger(__name__)
 
 
@@ -87,23 +89,10 @@ def bpd_plot(out: str | Path, final: dict[str, float] | None = None, loggers: li
         return f"none ({type(e).__name__}: {e})"
     for lg in loggers or []:
         try:
-            _log_image(lg, path, step)
+            log_image(lg, "plots/bpd_vs_step", path, step)
         except Exception as e:  # noqa: BLE001
             log.warning("could not log %s to %s: %s", path.name, type(lg).__name__, e)
     return str(path)
-
-
-def _log_image(lg: Any, path: Path, step: int | None = None) -> None:
-    name = type(lg).__name__
-    if name == "WandbLogger":
-        lg.log_image(key="plots/bpd_vs_step", images=[str(path)], step=step)
-    elif name == "TensorBoardLogger":
-        import numpy as np
-        from PIL import Image
-
-        img = np.asarray(Image.open(path).convert("RGB"))
-        lg.experiment.add_image("plots/bpd_vs_step", img, global_step=step, dataformats="HWC")
-        lg.experiment.flush()
 
 
 def main(argv: list[str] | None = None) -> None:

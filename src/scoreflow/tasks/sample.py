@@ -287,10 +287,7 @@ def load_classifier_from(path: str, module: ScoreLitModule):
 
 def sampler_end_time(module: ScoreLitModule, sampler_cfg: Any) -> float | None:
     """The last time the configured sampler evaluates the (guided) score at: its ``eps``, else the SDE's default."""
-    try:
-        _, kw = sampler_kwargs(sampler_cfg)
-    except Exception:  # noqa: BLE001 - the sampler reports its own errors when it runs
-        return None
+    _, kw = sampler_kwargs(sampler_cfg)  # checked before the run (a bad one ends there, with its own message)
     eps = kw.get("eps")
     return float(module.sde.default_sample_eps if eps is None else eps)
 

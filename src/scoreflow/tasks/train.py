@@ -30,7 +30,7 @@ from scoreflow.tasks.common import (
 )
 from scoreflow.tasks.console import echo, hydra_choices
 from scoreflow.tasks.plots import bpd_plot
-from scoreflow.tasks.resume import resume_candidate
+from scoreflow.tasks.resume import last_checkpoint, resume_candidate
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ema = ema_in_run(cfg)  # what validation evaluated
     if cfg.get("test", True):
         # a checkpoint already at max_steps, resumed into another folder: fit took no step and wrote no last.ckpt
-        final = out / "checkpoints" / "last.ckpt"
+        final = last_checkpoint(out)
         if resumed is not None and not (final.is_file() and checkpoint_step(final) == int(steps)):
             final = resumed
         ema = tested_with_ema(final)  # said in the title

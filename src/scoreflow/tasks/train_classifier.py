@@ -30,6 +30,7 @@ from scoreflow.tasks.common import (
     write_metrics,
 )
 from scoreflow.tasks.console import echo, hydra_choices
+from scoreflow.tasks.resume import last_checkpoint
 
 
 def train_classifier(cfg: DictConfig) -> dict[str, float]:
@@ -44,7 +45,7 @@ def train_classifier(cfg: DictConfig) -> dict[str, float]:
     metrics, loggers = fit(cfg, module, source, out, t0)
     ema = ema_in_run(cfg)  # what validation evaluated
     if cfg.get("test", True):
-        final = out / "checkpoints" / "last.ckpt"
+        final = last_checkpoint(out)
         ema = tested_with_ema(final, bool(cfg.get("use_ema", True)))
         metrics.update(test_checkpoint(cfg, final, out, kind="classifier", use_ema=ema, source=source,
                                        logger=loggers or False))

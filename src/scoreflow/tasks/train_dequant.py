@@ -30,7 +30,7 @@ from scoreflow.tasks.common import (
     write_metrics,
 )
 from scoreflow.tasks.console import echo, hydra_choices
-from scoreflow.tasks.resume import resume_candidate
+from scoreflow.tasks.resume import last_checkpoint, resume_candidate
 from scoreflow.tasks.validate import (
     SCORE_GROUPS,
     flow_resume,
@@ -118,7 +118,7 @@ def train_dequant(cfg: DictConfig) -> dict[str, Any]:
     metrics, _ = fit(cfg, module, source, out, t0, run_cfg=run_cfg)
     ema = ema_in_run(run_cfg)  # what validation evaluated
     if cfg.get("test", True):
-        final = out / "checkpoints" / "last.ckpt"
+        final = last_checkpoint(out)
         ema = tested_with_ema(final)
         metrics.update(test_checkpoint(run_cfg, final, out, use_ema=ema))
     metrics["wall_time_s"] = time.time() - t0

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from scoreflow.tasks.errors import CheckpointError, ConfigError, DataError
+from scoreflow.tasks.errors import WANDB_FIX, CheckpointError, ConfigError, DataError
 
 _ABSENT = object()
 
@@ -214,7 +214,6 @@ def common_training(cfg: DictConfig, *, check_data_root: bool = True) -> None:
 
 
 WANDB_HOST = "api.wandb.ai"
-WANDB_FIX = "run `wandb login` once (or set WANDB_API_KEY), or log offline: WANDB_MODE=offline python ..."
 
 
 def wandb_login(cfg: DictConfig, key: str = "logger") -> None:
