@@ -111,6 +111,27 @@ def test_the_table_names_the_weights_it_evaluated(make_cfg, capsys, extra, weigh
     assert metrics["train/steps"] == 2 and weights in capsys.readouterr().out
 
 
+def test_a_classifier_for_a_levels_score_model_trains_on_levels_and_says_so(make_cfg, tmp_path):
+    """``module.train_input=levels``: the classifier sees k / (K - 1) + noise, as a score model trained on levels
+    does (ScoreFlow's input, the Table-2 presets); its checkpoint says so and load_classifier refuses the other."""
+    cfg = make_cfg([*DEBUG, "trainer.max_steps=2", "val_every=2", "test=false", "module.train_input=levels"],
+                   config_name=CFG)
+    metrics = train_classifier(cfg)
+    assert metrics["train/steps"] == 2
+    path = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    module, _, _ = classifier_module_from_checkpoint(path)
+    k = torch.randint(0, module.num_levels, (4, 1, 8, 8))
+    t = torch.full((4,), 0.5)
+    x_t, _ = module.noised(k, t, torch.Generator().manual_seed(0))
+    z = torch.randn(k.shape, generator=torch.Generator().manual_seed(0))  # the generator's first draw is the noise
+    alpha, sigma = module.sde.marginal(t)
+    x0 = 2.0 * k.float() / (module.num_levels - 1) - 1.0
+    torch.testing.assert_close(x_t, alpha.view(-1, 1, 1, 1) * x0 + sigma.view(-1, 1, 1, 1) * z)
+    load_classifier(path, train_input="levels")
+    with pytest.raises(ConfigError, match="module.train_input=levels inputs, but the score model on dequantized"):
+        load_classifier(path, train_input="dequantized")
+
+
 def test_resume_is_exact(make_cfg, tmp_path):
     """Interrupted at step 4 and resumed to 8 equals an uninterrupted run (data order, noise, dropout, EMA)."""
     base = [*DEBUG, "test=false", "checkpoint_every=4", "val_every=100", "classifier.net.dropout=0.1"]

@@ -33,6 +33,9 @@ def ckpts(tmp_path_factory):
                d / "clf_vp.ckpt")
     torch.save({"state_dict": {}, "global_step": 3,
                 "scoreflow": {"config": {**stored, "num_classes": 10}, "kind": "classifier"}}, d / "clf_ok.ckpt")
+    levels = {**stored, "num_classes": 10, "module": {**stored["module"], "train_input": "levels"}}
+    torch.save({"state_dict": {}, "global_step": 3, "scoreflow": {"config": levels, "kind": "classifier"}},
+               d / "clf_levels.ckpt")
     other = {**stored, "data": {**stored["data"], "_target_": "scoreflow.data.Photos"}}  # same shape, other data
     torch.save({"state_dict": {}, "global_step": 3, "scoreflow": {"config": other, "kind": "classifier"}},
                d / "clf_other_data.ckpt")
@@ -69,6 +72,9 @@ CASES = [
                    "guidance_scale=nan"], ["guidance_scale", "nan", "finite number >= 0"]),
     ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=conditional", "classifier_ckpt={d}/clf_ok.ckpt", "labels=3.0"],
      ["labels", "3.0", "class indices (integers)"]),
+    # a classifier of the other input space (levels k/(K-1) against dequantized (k+u)/K) guided without a word
+    ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=conditional", "classifier_ckpt={d}/clf_levels.ckpt"],
+     ["module.train_input=levels inputs, the score model on dequantized", "module.train_input=dequantized"]),
     # the range was checked after the run folder existed, once the classifier was built
     ("sample.py", ["ckpt_path={d}/score.ckpt", "mode=conditional", "classifier_ckpt={d}/clf_ok.ckpt",
                    "labels=[3,12]"], ["labels", "0 .. 9 (the classifier's 10 classes)", "[3, 12]"]),

@@ -19,7 +19,7 @@ from torch import Tensor
 from scoreflow.data.base import random_hflip
 from scoreflow.dequantization import Dequantizer, to_model_space
 from scoreflow.lit.datamodule import StreamPosition, batch_number
-from scoreflow.lit.module import seed_global_rngs, step_seed
+from scoreflow.lit.module import TRAIN_INPUTS, seed_global_rngs, step_seed
 from scoreflow.lit.optim import GuardedOptimization, OptimizerFactory
 from scoreflow.lit.settings import OptimConfig
 from scoreflow.nets.classifier import NoiseConditionalClassifier
@@ -44,6 +44,10 @@ class ClassifierLitModule(StreamPosition, GuardedOptimization):
             fields (the score model's optimization, with its NaN guard).
         optimizer: ``factory(params, lr=...)`` replacing the built-in Adam (``module.optimizer``).
         hflip: random horizontal flips of training images.
+        train_input: ``"dequantized"`` (``x = (k + u) / K``) or ``"levels"`` (``x = k / (K - 1)``, no noise): the
+            input space of the score model it will guide (``module.train_input`` of its run); a classifier of the
+            other space guides from inputs it never saw (the dequantization noise, 1/K, is comparable to the noise
+            at the smallest sampling times).
         max_bad_steps: consecutive non-finite steps tolerated before the run stops.
         seed: base seed of the per-step generators.
     """
@@ -61,6 +65,7 @@ class ClassifierLitModule(StreamPosition, GuardedOptimization):
         optim: OptimConfig | dict[str, Any] | None = None,
         optimizer: OptimizerFactory | None = None,
         hflip: bool = False,
+        train_input: str = "dequantized",
         max_bad_steps: int = 20,
         seed: int = 0,
     ):
@@ -71,6 +76,12 @@ class ClassifierLitModule(StreamPosition, GuardedOptimization):
                 f"num_levels={num_levels} and dequantizer={type(dequantizer).__name__} do not fit: discrete data "
                 "need a dequantizer, continuous data (num_levels=None) must use dequantization=none"
             )
+        if train_input not in TRAIN_INPUTS:
+            raise ValueError(f"train_input must be one of {', '.join(TRAIN_INPUTS)}, got {train_input!r}")
+        if train_input == "levels" and num_levels is None:
+            raise ValueError("train_input='levels' needs discrete data (num_levels); continuous data are their own "
+                             "input")
+        self.train_input = train_input
         self.classifier = classifier
         self.sde = classifier.sde
         self.dequantizer = dequantizer
@@ -96,7 +107,10 @@ class ClassifierLitModule(StreamPosition, GuardedOptimization):
 
     def noised(self, k: Tensor, t: Tensor | None, g: torch.Generator) -> tuple[Tensor, Tensor]:
         """``(x_t, t)`` for data ``k``; ``t = None`` draws ``t ~ U[eps, T]`` per example."""
-        x0 = to_model_space(k, self.dequantizer, self.num_levels, self.scale, self.shift, g)[0]
+        if self.train_input == "levels":  # the score model's input space: k / (K - 1), no noise
+            x0 = self.scale * (k.float() / (self.num_levels - 1)) + self.shift
+        else:
+            x0 = to_model_space(k, self.dequantizer, self.num_levels, self.scale, self.shift, g)[0]
         if t is None:
             u = torch.rand(x0.shape[0], generator=g, device=x0.device, dtype=x0.dtype)
             t = self.eps + u * (self.sde.T - self.eps)

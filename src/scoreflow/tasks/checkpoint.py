@@ -182,13 +182,14 @@ def load_classifier(
     scale: float | None = None,
     shift: float | None = None,
     data_shape: tuple[int, ...] | list[int] | None = None,
+    train_input: str | None = None,
 ) -> NoiseConditionalClassifier:
     """The trained ``classifier(x_t, t) -> logits`` of a ``train_classifier`` checkpoint, in eval mode, frozen.
 
     The SDE it was trained with is ``.sde``. Passing the guided score model's ``sde`` / ``scale`` / ``shift`` /
-    ``data_shape`` (one example's, e.g. ``(1, 8, 8)``) checks that they equal the classifier's (guidance with a
-    classifier of another SDE, data scaling or data set silently gives wrong gradients, or fails deep inside the
-    network), raising a ``ConfigError`` that names both otherwise.
+    ``data_shape`` (one example's, e.g. ``(1, 8, 8)``) / ``train_input`` checks that they equal the classifier's
+    (guidance with a classifier of another SDE, data scaling, data set or input space silently gives wrong
+    gradients, or fails deep inside the network), raising a ``ConfigError`` that names both otherwise.
     """
     module, cfg, _ = classifier_module_from_checkpoint(path, use_ema=use_ema)
     clf = module.classifier
@@ -204,6 +205,11 @@ def load_classifier(
             raise ConfigError(
                 f"the classifier {path} saw data with {name}={have}, but the score model uses {name}={want}"
             )
+    have_input = str(cfg.module.get("train_input") or "dequantized")
+    if train_input is not None and train_input != have_input:
+        raise ConfigError(f"the classifier {path} was trained on module.train_input={have_input} inputs, but the "
+                          f"score model on {train_input}", key="classifier_ckpt", value=str(path),
+                          fix=f"retrain the classifier with module.train_input={train_input}")
     clf.requires_grad_(False)  # guidance differentiates w.r.t. x only
     clf.train_eps = float(module.eps)  # the smallest time it was trained on (sampling below it extrapolates)
     return clf.eval().to(device)

@@ -279,7 +279,8 @@ def load_classifier_from(path: str, module: ScoreLitModule):
     if not Path(path).expanduser().is_file():
         raise FileNotFoundError(f"classifier checkpoint not found: {path}")
     clf = load_classifier(str(Path(path).expanduser()), device=module.device, sde=module.sde, scale=module.scale,
-                          shift=module.shift, data_shape=tuple(module.data_shape) or None)
+                          shift=module.shift, data_shape=tuple(module.data_shape) or None,
+                          train_input=module.train_input)
     if isinstance(clf, torch.nn.Module):
         clf = clf.to(module.device).eval()
     return clf

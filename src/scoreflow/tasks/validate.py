@@ -831,11 +831,12 @@ def _stored_config(ckpt: dict[str, Any], cfg: DictConfig) -> dict[str, Any]:
     """The score model's config: stored in a scoreflow checkpoint; from the command line for a score_sde .pth."""
     if checkpoint_kind(ckpt) == "score":
         return ckpt["scoreflow"].get("config") or {}
-    out = {}
+    out: dict[str, Any] = {}
     for k in ("sde", "data", "module"):
         v = get(cfg, k)
         if isinstance(v, DictConfig):
             out[k] = OmegaConf.to_container(v, resolve=True)
+    out["module"] = {"train_input": "levels", **(out.get("module") or {})}  # as load_model builds it (k / 255)
     return out
 
 
@@ -1078,6 +1079,13 @@ def _classifier_fits(cfg: DictConfig, score: dict[str, Any], clf: dict[str, Any]
             raise CheckpointError(f"the classifier saw data with module.{name}={have}, the score model uses {want}",
                                   key="classifier_ckpt", value=get(cfg, "classifier_ckpt"),
                                   fix=f"retrain the classifier with module.{name}={want}")
+    have = (clf.get("module") or {}).get("train_input") or "dequantized"
+    want = (score.get("module") or {}).get("train_input") or "dequantized"
+    if have != want:  # guidance from inputs it never saw: (k + u) / K against k / (K - 1), a 1/K offset
+        raise CheckpointError(f"the classifier was trained on module.train_input={have} inputs, the score model on "
+                              f"{want}", key="classifier_ckpt", value=get(cfg, "classifier_ckpt"),
+                              fix=f"retrain the classifier with module.train_input={want} (python "
+                                  f"train_classifier.py module.train_input={want} ...)")
 
 
 def data_root_exists(cfg: DictConfig, data: dict[str, Any] | None = None) -> None:
@@ -1392,6 +1400,11 @@ def not_a_flow_checkpoint(stored: dict[str, Any], path: Any) -> None:
 def train_classifier(cfg: DictConfig) -> None:
     common_training(cfg)
     integer(cfg, "num_classes", low=2, allow_none=True, fix="num_classes=null (the data source's)")
+    choice(cfg, "module.train_input", ("dequantized", "levels"))
+    if get(cfg, "module.train_input", "dequantized") == "levels" and get(cfg, "data.num_levels", None) is None:
+        raise ConfigError("module.train_input=levels (k / (K - 1), the input of a score model trained on levels) "
+                          "needs discrete data; these data are continuous", key="module.train_input", value="levels",
+                          fix="module.train_input=dequantized")
     times = get(cfg, "module.eval_times", None)
     if times is not None:
         values = list(times) if OmegaConf.is_list(times) else [times]
