@@ -4,6 +4,7 @@ counting, batch-independent per-image seeds, protocol checks, score_sde_pytorch 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -616,3 +617,33 @@ def test_a_signal_stops_evaluate_py_with_one_line_and_the_same_command_continues
         np.testing.assert_allclose(a[q], b[q], rtol=1e-6)
         assert saved[f"test/{q}"] == pytest.approx(full[f"test/{q}"], rel=1e-6)
     assert saved["complete"] and "bits/dim (ODE)" in done.stdout
+
+
+def test_a_non_finite_image_value_is_counted_not_dropped(digits_ckpt, make_cfg, tmp_path, monkeypatch, capsys):
+    """An image whose ODE NLL is NaN (a diverged solve) was read as "not computed": the mean left it out, the count
+    kept it and evaluate.py called the result complete. Now the mean is NaN and the table and metrics say how many
+    images are non-finite, in evaluate.py and in train.py's test phase alike."""
+    import scoreflow.lit.module as module_mod
+    import scoreflow.lit.per_image as per_image_mod
+
+    real = per_image_mod.ode_bpd
+
+    def nan_for_image_3(module, k, indices, *args, **kwargs):
+        v, nfe = real(module, k, indices, *args, **kwargs)
+        return torch.where(torch.tensor([i == 3 for i in indices]), torch.nan, v), nfe
+
+    monkeypatch.setattr(per_image_mod, "ode_bpd", nan_for_image_3)
+    monkeypatch.setattr(module_mod, "ode_bpd", nan_for_image_3)
+    m = run_eval(make_cfg, digits_ckpt, [*RK4, "num_images=6", "batch_size=3"])
+    assert math.isnan(m["test/bpd_ode"]) and m["test/bpd_ode_num_nonfinite"] == 1 and m["test/bpd_ode_num_images"] == 6
+    assert math.isfinite(m["test/bpd_bound"]) and "test/bpd_bound_num_nonfinite" not in m
+    assert "nan (1 of 6 images non-finite)" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["complete"] is True and saved["test/bpd_ode"] is None and saved["test/bpd_ode_num_nonfinite"] == 1
+
+    run = tmp_path / "train"
+    metrics = train(make_cfg(["debug=fast", "trainer.accelerator=cpu", "trainer.max_steps=2", "val_every=2",
+                              "callbacks=minimal", "datamodule.test_subset=6", "module.evaluation.method=rk4",
+                              "module.evaluation.steps=1", f"hydra.run.dir={run}"], sub="train"))
+    assert math.isnan(metrics["test/bpd_ode"]) and metrics["test/bpd_ode_num_nonfinite"] == 1
+    assert "nan (1 of 6 images non-finite)" in capsys.readouterr().out

@@ -11,7 +11,7 @@ from scipy import stats
 
 from scoreflow.likelihood import mean_and_se
 from scoreflow.lit.metrics import MeanSE
-from scoreflow.lit.per_image import mean_se_over_images
+from scoreflow.lit.per_image import mean_se_over_images, nonfinite_images
 
 
 @pytest.mark.parametrize("n", [1, 2, 7])
@@ -37,3 +37,18 @@ def test_over_images_is_mean_and_se_of_the_image_means():
     assert n == 3 and (m, se) == mean_and_se([2.0, 4.0, 6.0]) and se == pytest.approx(2 / math.sqrt(3))
     m1, se1, n1 = mean_se_over_images(np.array([[2.0, 4.0]]))
     assert (m1, n1) == (3.0, 1) and math.isnan(se1)
+
+
+def test_a_computed_non_finite_value_is_kept_and_counted_not_taken_for_missing():
+    """NaN marked a value not computed yet, so a diverged image (a NaN NLL) was left out of the mean while the
+    image count still included it (audit: 4.5632 ± 0.0751 over 16 images became 4.5272 ± 0.0704 "over 16")."""
+    table = np.array([[1.0, 3.0], [np.nan, 4.0], [np.nan, np.nan], [6.0, 6.0]])
+    computed = np.array([[True, True], [False, True], [False, False], [True, True]])
+    assert mean_se_over_images(table, computed) == mean_se_over_images(table)  # only missing values: as before
+    assert nonfinite_images(table, computed) == 0
+    computed[2, 0] = True  # image 2's first repeat was computed, and is NaN
+    m, se, n = mean_se_over_images(table, computed)
+    assert n == 4 and math.isnan(m) and math.isnan(se) and nonfinite_images(table, computed) == 1
+    table[2, 0] = np.inf
+    m, _, n = mean_se_over_images(table, computed)
+    assert n == 4 and m == math.inf and nonfinite_images(table, computed) == 1

@@ -30,7 +30,7 @@ from scoreflow.lit.optim import (  # noqa: F401 (NonFiniteLossError: API)
     NonFiniteLossError,
     OptimizerFactory,
 )
-from scoreflow.lit.per_image import bound_bpd, bound_plan, mean_se_over_images, ode_bpd
+from scoreflow.lit.per_image import bound_bpd, bound_plan, mean_se_over_images, nonfinite_images, ode_bpd
 from scoreflow.lit.settings import EvalConfig, OptimConfig, protocol_string
 from scoreflow.losses import dsm_loss, ism_loss
 from scoreflow.nets import ScoreModel
@@ -412,9 +412,14 @@ class ScoreLitModule(StreamPosition, GuardedOptimization):
         for q in ("bpd_bound", "bpd_ode"):
             if q not in values:
                 continue
-            index, table = per_image_table(values[q])
-            mean, se, _ = mean_se_over_images(table)
+            index, table, computed = per_image_table(values[q])
+            mean, se, _ = mean_se_over_images(table, computed)
             out |= {f"test/{q}": torch.tensor(mean).float(), f"test/{q}_se": torch.tensor(se).float()}
+            if bad := nonfinite_images(table, computed):  # kept in: the mean is NaN/inf, and says why
+                out[f"test/{q}_num_nonfinite"] = torch.tensor(float(bad))
+                if self.global_rank == 0:
+                    log.warning("test: %d of %d images have a non-finite %s (see test_per_example.npz): the mean "
+                                "over images is not finite", bad, len(index), q)
             arrays |= {"index": index, q: table[:, 0] if table.shape[1] == 1 else table}
         if "nfe" in values:
             out["test/nfe"] = values["nfe"].mean().float()
@@ -532,10 +537,13 @@ class ScoreLitModule(StreamPosition, GuardedOptimization):
                     before, now, batch, before, keep)
 
 
-def per_image_table(rows: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Rows ``(image index, repeat, value)`` -> image indices ``[N]`` (sorted) and values ``[N, K]`` (NaN if absent)."""
+def per_image_table(rows: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows ``(image index, repeat, value)`` -> image indices ``[N]`` (sorted), values ``[N, K]`` (NaN if absent)
+    and which were computed ``[N, K]`` (a computed value may itself be NaN: a diverged solve)."""
     r = rows.numpy()
     index, where = np.unique(r[:, 0].astype(np.int64), return_inverse=True)
     table = np.full((index.size, int(r[:, 1].max()) + 1), np.nan)
+    computed = np.zeros(table.shape, dtype=bool)
     table[where, r[:, 1].astype(np.int64)] = r[:, 2]
-    return index, table
+    computed[where, r[:, 1].astype(np.int64)] = True
+    return index, table, computed

@@ -159,15 +159,28 @@ def bound_bpd(module: ScoreLitModule, k: Tensor, indices: list[int], repeat: int
     return bpd, torch.cat(ses).double() / (D * math.log(2.0))
 
 
-def mean_se_over_images(table: np.ndarray) -> tuple[float, float, int]:
+def mean_se_over_images(table: np.ndarray, computed: np.ndarray | None = None) -> tuple[float, float, int]:
     """``(mean, standard error, number of images)`` over images of each image's mean over its repeats.
 
-    ``table [N, K]`` holds NaN where a value is missing; images with none are left out. The standard error is
-    that of :func:`scoreflow.likelihood.mean_and_se` (NaN for a single image).
+    ``computed [N, K]`` marks the values computed (default: those not NaN); images with none are left out. A
+    computed value that is not finite stays in: the mean is then NaN or infinite, not the mean of the images that
+    happened to be finite (a diverged image read as "not computed" vanished, and the count still included it).
+    :func:`nonfinite_images` counts them. The standard error is that of :func:`scoreflow.likelihood.mean_and_se`
+    (NaN for a single image).
     """
     table = np.asarray(table, dtype=np.float64).reshape(len(table), -1)
-    table = table[~np.isnan(table).all(axis=1)]
+    computed = ~np.isnan(table) if computed is None else np.asarray(computed, dtype=bool).reshape(table.shape)
+    keep = computed.any(axis=1)
+    table, computed = table[keep], computed[keep]
     if table.shape[0] == 0:
         return math.nan, math.nan, 0
-    per_image = np.nanmean(table, axis=1)
+    with np.errstate(invalid="ignore"):
+        per_image = np.where(computed, table, 0.0).sum(axis=1) / computed.sum(axis=1)
     return (*mean_and_se(per_image), int(per_image.size))
+
+
+def nonfinite_images(table: np.ndarray, computed: np.ndarray) -> int:
+    """How many images have a computed value that is NaN or infinite (:func:`mean_se_over_images`)."""
+    table = np.asarray(table, dtype=np.float64).reshape(len(table), -1)
+    computed = np.asarray(computed, dtype=bool).reshape(table.shape)
+    return int((computed & ~np.isfinite(table)).any(axis=1).sum())

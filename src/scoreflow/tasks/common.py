@@ -441,9 +441,16 @@ def results_title(tested: bool, module: Any, metrics: dict[str, Any], steps: int
 
 def results_table(metrics: dict[str, float], title: str = "results", extra: dict[str, Any] | None = None) -> str:
     """A short plain-text table of the headline numbers."""
+    def bpd(q: str) -> str:
+        bad = metrics.get(f"test/{q}_num_nonfinite")
+        if bad:  # kept in the mean, which is then not finite: say how many (they were left out, silently)
+            n = metrics.get(f"test/{q}_num_images", metrics.get("test/num_images"))
+            return f"{metrics.get(f'test/{q}')} ({bad:.0f}{f' of {n:.0f}' if n else ''} images non-finite)"
+        return _fmt(metrics.get(f"test/{q}"), metrics.get(f"test/{q}_se"))
+
     rows = [
-        ("bits/dim (ODE)", _fmt(metrics.get("test/bpd_ode"), metrics.get("test/bpd_ode_se"))),
-        ("bits/dim (bound)", _fmt(metrics.get("test/bpd_bound"), metrics.get("test/bpd_bound_se"))),
+        ("bits/dim (ODE)", bpd("bpd_ode")),
+        ("bits/dim (bound)", bpd("bpd_bound")),
         ("mean NFE (ODE)", f"{metrics['test/nfe']:.0f}" if "test/nfe" in metrics else "-"),
     ]
     if "test/num_images" in metrics:  # the test phase's (test_subset: debug=fast tests 16 images, not the split)

@@ -198,11 +198,19 @@ class PartialResults:
         self._add(rec)
 
     def table(self, quantity: str, n: int, repeats: int) -> np.ndarray:
-        """``[n, repeats]`` values, NaN where not computed yet."""
+        """``[n, repeats]`` values, NaN where not computed yet (or computed as NaN: :meth:`computed` tells)."""
         out = np.full((n, repeats), np.nan)
         for (i, r) in self._values[quantity]:
             if i < n and r < repeats and (v := self.value(quantity, (i, r))) is not None:
                 out[i, r] = v
+        return out
+
+    def computed(self, quantity: str, n: int, repeats: int) -> np.ndarray:
+        """``[n, repeats]``: True where a value that counts for this run was computed."""
+        out = np.zeros((n, repeats), dtype=bool)
+        for (i, r) in self._values[quantity]:
+            if i < n and r < repeats and self.value(quantity, (i, r)) is not None:
+                out[i, r] = True
         return out
 
 
@@ -351,10 +359,13 @@ def summarize(store: PartialResults, split: str, n: int, repeats: int, quantitie
     """
     out: dict[str, float] = {}
     for q in quantities:
-        mean, se, count = per_image.mean_se_over_images(store.table(q, n, repeats))
+        table, computed = store.table(q, n, repeats), store.computed(q, n, repeats)
+        mean, se, count = per_image.mean_se_over_images(table, computed)
         if count == 0:
             continue
         out[f"{split}/{q}"], out[f"{split}/{q}_se"], out[f"{split}/{q}_num_images"] = mean, se, float(count)
+        if bad := per_image.nonfinite_images(table, computed):  # kept in the mean (a NaN was read as "not computed")
+            out[f"{split}/{q}_num_nonfinite"] = float(bad)
     if "bpd_ode" in quantities and store.solves:
         out[f"{split}/nfe"] = float(np.mean(store.solves))
         out[f"{split}/nfe_max"] = float(np.max(store.solves))
