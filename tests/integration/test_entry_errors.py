@@ -87,6 +87,13 @@ USAGE_CASES = [
     (["callbacks.samples.sampler._target_=scoreflow.sampling.pc_sample"],
      ["callbacks.samples.sampler.method is not a setting of the pc sampler", "~callbacks.samples.sampler.method"]),
     # the Adam-only settings beside module.optimizer: stopped before a run folder exists (was: after the config tree)
+    # a data shape or level count the data do not have: after the run folder, keyed "data", or a traceback (audit)
+    (["data.shape=[1,9,9]"], ["digits: data.shape=[1, 9, 9] does not match", "config key: data.shape",
+                              "fix: 'data.shape=[1,8,8]'"]),
+    (["data.num_levels=256"], ["data.num_levels=256, but the data have 17 levels", "config key: data.num_levels",
+                               "fix: data.num_levels=17"]),
+    (["data=cifar10", "data.shape=[3,28,28]"], ["cifar10: data.shape=[3, 28, 28]", "'data.shape=[3,32,32]'"]),
+    (["data=photos", "data.shape=[1,9,9]"], ["photos: shape must be [3, P, P]", "config key: data.shape"]),
     # the data first: on a machine without CUDA a Table-2 preset reported the GPU, then (on the CPU) the data
     (["experiment=table2/cifar10_vp_lw_is"], ["CIFAR-10 not found", "cifar-10-batches-py", "data.root"]),
     # an adaptive ODE sampler ignored steps: the grid was drawn with dopri5's own steps, not the 50 asked for

@@ -6,6 +6,7 @@ import logging
 import pickle
 import struct
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -308,6 +309,59 @@ def test_image_folder_errors(tmp_path):
         ImageFolder(str(tmp_path), shape=[4, 8, 8])
 
 
+def _class_folders(root: Path, classes: dict[str, int], start: int = 0) -> None:
+    for c, (cls, n) in enumerate(classes.items()):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng_images(start + 100 * c + i, 8, 8, 3)).save(root / cls / f"{i}.png")
+
+
+def test_image_folder_follows_symlinked_class_folders(tmp_path):
+    """``root/cat -> /elsewhere/cat``: Path.rglob does not follow folder links (Python < 3.13), so the 10 cats were
+    lost without a word (data audit: 10 images, 1 class, instead of 20 and 2). A link loop is read once."""
+    _class_folders(tmp_path / "root", {"dog": 10})
+    _class_folders(tmp_path / "elsewhere", {"cat": 10}, start=50)
+    (tmp_path / "root" / "cat").symlink_to(tmp_path / "elsewhere" / "cat", target_is_directory=True)
+    (tmp_path / "elsewhere" / "cat" / "loop").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    src = ImageFolder(str(tmp_path / "root"), shape=[3, 8, 8], val_size=2, test_size=2)
+    splits = src.load()
+    assert src.class_names == ("cat", "dog") and sum(len(v) for v in splits.values()) == 20
+
+
+def test_image_folder_with_train_alone_is_the_split_layout_and_mixed_labelling_is_refused(tmp_path):
+    """``root/train/<class>/`` alone was read as one folder whose only class was "train"; README: a missing
+    ``val``/``test`` folder is held out of ``train``. Split folders labelled in one split and not in another gave
+    every image the label -1 with one INFO line; now an error naming the flat split."""
+    _class_folders(tmp_path / "a" / "train", {"cat": 6, "dog": 6})
+    src = ImageFolder(str(tmp_path / "a"), shape=[3, 8, 8], val_size=2, test_size=2)
+    splits = src.load()
+    assert src.class_names == ("cat", "dog") and {k: len(v) for k, v in splits.items()} == {
+        "train": 8, "val": 2, "test": 2}
+    _class_folders(tmp_path / "b", {"train": 3, "cat": 3})  # "train" beside another image folder: a class
+    src = ImageFolder(str(tmp_path / "b"), shape=[3, 8, 8], val_size=1, test_size=1)
+    src.load()
+    assert src.class_names == ("cat", "train")
+    _class_folders(tmp_path / "c" / "train", {"cat": 4, "dog": 4})
+    _class_folders(tmp_path / "c", {"test": 3})  # test/ holds its images directly: no labels
+    with pytest.raises(DatasetFormatError, match=r"test/ under .* has images outside class subfolders, while "
+                                                 r"train/ has one subfolder per class"):
+        ImageFolder(str(tmp_path / "c"), shape=[3, 8, 8]).load()
+
+
+def test_image_folder_applies_the_exif_orientation(tmp_path):
+    """A phone JPEG stored sideways with EXIF orientation 6 is read as it displays (it came rotated)."""
+    a = np.zeros((8, 12, 3), dtype=np.uint8)
+    a[:2] = 255  # a band along the top of the stored pixels
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    (tmp_path / "r").mkdir()
+    im.save(tmp_path / "r" / "photo.png", exif=exif.tobytes())
+    x = ImageFolder(str(tmp_path / "r"), shape=[3, 12, 8], val_size=0, test_size=0).load()["train"].x[0]
+    assert x.shape == (3, 12, 8)
+    assert int(x[0, :, -2:].float().mean()) == 255 and int(x[0, :, :-2].float().max()) == 0  # the band: at the right
+
+
 def test_imagenet_auto_warns_when_van_den_oords_release_is_half_there(tmp_path, caplog):
     write_npz_layout(tmp_path, n_batches=10)
     (tmp_path / "train_32x32").mkdir()  # valid_32x32/ not extracted yet
@@ -316,3 +370,23 @@ def test_imagenet_auto_warns_when_van_den_oords_release_is_half_there(tmp_path, 
         src.load()
     assert src.layout_used == "npz"
     assert "release (png, the likelihood papers') is incomplete" in caplog.text and "valid_32x32/" in caplog.text
+
+
+def test_labels_outside_the_formats_range_are_refused(cifar_root, mnist_root, tmp_path):
+    """Another data set in a known layout (CIFAR-100-like labels, EMNIST, ImageNet above 1000) loaded with labels
+    the source's num_classes does not cover, and a classifier's loss failed far from the cause (data audit)."""
+    root, _ = cifar_root
+    batch = root / "cifar-10-batches-py" / "data_batch_2"
+    d = pickle.loads(batch.read_bytes())
+    d[b"labels"] = [11] * len(d[b"labels"])
+    batch.write_bytes(pickle.dumps(d, protocol=2))
+    with pytest.raises(DatasetFormatError, match=r"data_batch_2: CIFAR-10 labels are 0..9, these run 11..11"):
+        CIFAR10(str(root)).load()
+    mroot, data = mnist_root
+    write_idx(mroot / "t10k-labels-idx1-ubyte", np.arange(6) + 40, gz=False)
+    with pytest.raises(DatasetFormatError, match=r"MNIST labels are 0..9, these run 40..45"):
+        MNIST(str(mroot)).load()
+    write_npz_layout(tmp_path / "in32")
+    np.savez(tmp_path / "in32" / "val_data.npz", data=rng_images(9, 2, 3, 32, 32).reshape(2, -1), labels=[1, 1001])
+    with pytest.raises(DatasetFormatError, match="labels 1..1000"):
+        DownsampledImageNet(str(tmp_path / "in32")).load()

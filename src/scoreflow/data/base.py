@@ -39,6 +39,14 @@ class DatasetFormatError(ValueError):
     """A dataset's files exist but do not hold what their format promises (bad magic, keys, sizes)."""
 
 
+class DatasetShapeError(DatasetFormatError):
+    """``data.shape`` (or ``data.num_levels``) differs from what the files hold: a usage error naming the key."""
+
+    def __init__(self, message: str, *, config_key: str, fix: str):
+        super().__init__(message)
+        self.config_key, self.fix = config_key, fix
+
+
 class DatasetSplitError(ValueError):
     """The held-out splits (``val_size`` + ``test_size``) leave no training examples."""
 
@@ -78,17 +86,18 @@ def as_shape(shape: Sequence[int]) -> tuple[int, ...]:
 
 def check_shape(name: str, expected: tuple[int, ...], loaded: Sequence[int]) -> None:
     """Raise if the configured ``shape`` differs from the shape of one loaded example."""
-    if tuple(expected) != tuple(loaded):
-        raise ValueError(
-            f"{name}: configured shape {list(expected)} does not match the loaded data shape {list(loaded)}; "
-            f"set `shape: {list(loaded)}` in the data config"
-        )
+    if tuple(expected) != tuple(loaded):  # (a plain ValueError: a traceback, exit 1, after the model was built)
+        shape = ",".join(str(int(s)) for s in loaded)
+        raise DatasetShapeError(f"{name}: data.shape={list(expected)} does not match the data, whose examples have "
+                                f"shape {list(loaded)}", config_key="data.shape",
+                                fix=f"'data.shape=[{shape}]' (or data files of the configured shape)")
 
 
 def check_num_levels(name: str, configured: int | None, native: int | None) -> int | None:
     """The data decides ``num_levels`` (it fixes the bits/dim constant ``D log K``); a different value is an error."""
     if configured != native:
-        raise ValueError(f"{name}: configured num_levels={configured} but the data has num_levels={native}")
+        raise DatasetShapeError(f"{name}: data.num_levels={configured}, but the data have {native} levels",
+                                config_key="data.num_levels", fix=f"data.num_levels={native}")
     return native
 
 

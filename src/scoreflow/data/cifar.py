@@ -48,6 +48,8 @@ def read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         raise DatasetFormatError(
             f"{path}: expected b'data' uint8 [N, 3072] and N labels, got {data.dtype} {list(data.shape)}, {len(labels)}"
         )
+    if len(labels) and not 0 <= labels.min() <= labels.max() <= 9:  # another data set in CIFAR-10's layout
+        raise DatasetFormatError(f"{path}: CIFAR-10 labels are 0..9, these run {labels.min()}..{labels.max()}")
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
 
 
@@ -82,6 +84,9 @@ class CIFAR10(DataSource):
     ):
         super().__init__()
         self._configure(shape, num_levels, 256, root=root, val_size=val_size, seed=seed, hflip=hflip)
+
+    def _check_shape(self) -> None:
+        check_shape(self.name, self.shape, (3, 32, 32))  # the files' only shape: refused before anything is read
 
     def _batch_dir(self) -> Path:
         dirs = [self.root / CIFAR10_DIR, self.root]

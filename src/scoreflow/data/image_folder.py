@@ -4,12 +4,13 @@ to ``shape``, held in memory."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -58,6 +59,7 @@ def fit_image(im: Image.Image, channels: int, height: int, width: int) -> np.nda
     16-bit images are first reduced to 8 bits by value (:func:`to_8bit`). Returns ``uint8 [channels, height,
     width]``; an image already of that size is left untouched.
     """
+    im = ImageOps.exif_transpose(im)  # as the image displays: a phone photo's EXIF orientation (it came rotated)
     im = to_8bit(im).convert("L" if channels == 1 else "RGB")
     w, h = im.size
     if (w, h) != (width, height):
@@ -71,6 +73,21 @@ def fit_image(im: Image.Image, channels: int, height: int, width: int) -> np.nda
 
 
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Image files under ``folder``, through symlinked folders too (``Path.rglob`` does not follow them before
+    Python 3.13: ``root/cat -> /bigdisk/cat`` lost every cat), each real folder once (a link loop ends)."""
+    out, seen = [], set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        out += [p for p in (Path(top) / n for n in names) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    return out
 
 
 
@@ -128,14 +145,21 @@ class ImageFolder(DataSource):
             raise ValueError(f"{self.name}: shape must be [C, H, W] with C in (1, 3), got {list(self.shape)}")
 
     def split_folders(self) -> dict[str, Path]:
-        """``{split: folder}`` of the split-folder layout (``{}`` for a single folder of images)."""
+        """``{split: folder}`` of the split-folder layout (``{}`` for a single folder of images). ``train/`` alone
+        is that layout too when nothing else under ``root`` holds images (it was read as one folder whose only
+        class was "train"); beside other image folders it is one of the classes."""
         found = {}
         for split, names in SPLIT_FOLDERS.items():
             for n in names:
                 if (self.root / n).is_dir():
                     found[split] = self.root / n
                     break
-        return found if "train" in found and len(found) >= 2 else {}
+        if "train" not in found:
+            return {}
+        if len(found) == 1 and any(p != found["train"] and (p.is_dir() or p.suffix.lower() in IMAGE_EXTENSIONS)
+                                   for p in self.root.iterdir() if not p.name.startswith(".")):
+            return {}
+        return found
 
     def files(self, folder: Path | None = None) -> list[Path]:
         """The image files under ``folder`` (default ``root``), sorted."""
@@ -146,7 +170,7 @@ class ImageFolder(DataSource):
                 f"({', '.join(IMAGE_EXTENSIONS)}), optionally one subfolder per class, or train/ val/ test/ "
                 "folders of those."
             )
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files = sorted(_walk(folder))
         if not files:
             raise DatasetNotFoundError(
                 f"image_folder: no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}"
@@ -176,7 +200,15 @@ class ImageFolder(DataSource):
         return x[: len(kept)], kept
 
     def _labels(self, rel: dict[str, list[tuple[str, ...]]]) -> dict[str, Tensor]:
-        """Class subfolders (over every split) give labels; otherwise ``-1``."""
+        """Class subfolders (over every split) give labels; otherwise ``-1``. Split folders of which some have
+        class subfolders and some not are an error (every label became -1, with one INFO line)."""
+        classed = {s: bool(parts) and all(len(p) >= 2 for p in parts) for s, parts in rel.items()}
+        if len(rel) > 1 and any(classed.values()) and not all(classed.values()):
+            flat = [s for s, c in classed.items() if not c]
+            raise DatasetFormatError(
+                f"image_folder: {', '.join(s + '/' for s in flat)} under {self.root} has images outside class "
+                f"subfolders, while {', '.join(s + '/' for s, c in classed.items() if c)} has one subfolder per "
+                "class: put every split's images in class subfolders (labels), or none (unlabelled)")
         every = [p for parts in rel.values() for p in parts]
         if every and all(len(p) >= 2 for p in every):
             self.class_names = tuple(sorted({p[0] for p in every}))

@@ -120,6 +120,8 @@ class MNIST(DataSource):
                 f"{images} / {labels}: expected uint8 images [N, H, W] and N labels, got {x.dtype} {list(x.shape)} "
                 f"and {list(y.shape)}"
             )
+        if len(y) and int(y.max()) > 9:  # EMNIST and the like: more classes than MNIST's 10 (a classifier failed)
+            raise DatasetFormatError(f"{labels}: MNIST labels are 0..9, these run {int(y.min())}..{int(y.max())}")
         return torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
 
     def _load(self) -> dict[str, Dataset]:

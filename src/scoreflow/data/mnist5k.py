@@ -84,6 +84,9 @@ class MNIST5k(DataSource):
         self._configure(shape, num_levels, 256, val_size=val_size, test_size=test_size, seed=seed, hflip=hflip)
         self.path = None if path is None else Path(path).expanduser()
 
+    def _check_shape(self) -> None:
+        check_shape(self.name, self.shape, (1, 28, 28))  # the file's only shape: refused before anything is read
+
     def _load(self) -> dict[str, Dataset]:
         path = self.path or find_mnist5k_csv()
         if not path.is_file():

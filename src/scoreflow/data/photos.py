@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from scoreflow.data.base import ArrayDataset, DataSource, not_found
+from scoreflow.data.base import ArrayDataset, DatasetShapeError, DataSource, not_found
 
 PHOTOS = ("china.jpg", "flower.jpg")
 
@@ -75,7 +75,9 @@ class SklearnPhotos(DataSource):
     def _check_shape(self) -> None:
         """Square RGB patches ``[3, P, P]``."""
         if len(self.shape) != 3 or self.shape[0] != 3 or self.shape[1] != self.shape[2]:
-            raise ValueError(f"photos: shape must be [3, P, P], got {list(self.shape)}")
+            side = self.shape[-1] if self.shape else 32
+            raise DatasetShapeError(f"photos: shape must be [3, P, P], got {list(self.shape)}",
+                                    config_key="data.shape", fix=f"'data.shape=[3,{side},{side}]'")
 
     def _load(self) -> dict[str, Dataset]:
         from PIL import Image

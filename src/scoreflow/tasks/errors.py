@@ -70,7 +70,7 @@ def _is_wandb_usage(exc: BaseException) -> bool:
 
 def foreign_fix(exc: BaseException) -> str | None:
     """The fix of a classified error type defined elsewhere (it has no ``fix`` attribute of ours)."""
-    if type(exc).__name__ in ("CheckpointMismatchError", "BatchSizeError"):  # they carry their own fix
+    if type(exc).__name__ in ("CheckpointMismatchError", "BatchSizeError", "DatasetShapeError"):  # their own fix
         return getattr(exc, "fix", None)
     if type(exc).__name__ == "DatasetSplitError":
         return "hold out fewer examples: data.val_size=<N> data.test_size=<M> (their sum below the data's size)"
@@ -155,6 +155,9 @@ def from_instantiation(exc: BaseException, command: str = "train.py") -> ConfigE
                            fix=f"remove {name} (python {command} --cfg job lists the settings)")
     if isinstance(cause, TypeError):
         return None  # a bug rather than a value: keep its traceback
+    own_key = getattr(cause, "config_key", None)  # a constructor's error that names its key (data.shape) and fix
+    if own_key:
+        return ConfigError(str(cause), key=own_key, fix=getattr(cause, "fix", None))
     return ConfigError(f"{key or target.group(1)}: {cause}", key=key)
 
 

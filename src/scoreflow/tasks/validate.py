@@ -131,6 +131,7 @@ def data_root(cfg: DictConfig, key: str = "data.root", data_key: str = "data") -
     """A data source with a ``root`` that does not exist or cannot be read fails here, with its own message."""
     root = get(cfg, key)
     if not root:
+        embedded_source(cfg, data_key)
         return
     path = Path(str(root)).expanduser()
     import os
@@ -146,8 +147,31 @@ def data_root(cfg: DictConfig, key: str = "data.root", data_key: str = "data") -
         source = hydra.utils.instantiate(get(cfg, data_key), _convert_="all")
         source.load()
     except Exception as e:  # noqa: BLE001 - the source's own message says where it looked and what it expects
+        _raise_if_keyed(e)
         message = str(e)
     raise DataError(message, key=key, value=str(root), fix=f"point {key}= at the data, or set SCOREFLOW_DATA_DIR")
+
+
+def embedded_source(cfg: DictConfig, data_key: str = "data") -> None:
+    """A data source read from no folder (digits, mnist5k, photos, toy2d) is built here: its constructor checks
+    ``data.shape`` and ``data.num_levels`` against the data, which failed after the run folder existed."""
+    spec = get(cfg, data_key)
+    if not isinstance(spec, DictConfig) or not spec.get("_target_"):
+        return
+    import hydra
+
+    try:
+        hydra.utils.instantiate(spec, _convert_="all")
+    except Exception as e:  # noqa: BLE001 - only an error that names its key is reported here; the run reports others
+        _raise_if_keyed(e)
+
+
+def _raise_if_keyed(e: BaseException) -> None:
+    """A data source's error that names its own config key and fix (``data.shape``, ``data.num_levels``; through
+    Hydra's ``InstantiationException`` when its constructor raised it) as the usage error of that key."""
+    cause = e.__cause__ if type(e).__name__ == "InstantiationException" and e.__cause__ is not None else e
+    if getattr(cause, "config_key", None):
+        raise ConfigError(str(cause), key=cause.config_key, fix=getattr(cause, "fix", None)) from None
 
 
 def no_adam_settings_beside(optim: Any, target: Any) -> None:
