@@ -22,6 +22,8 @@ evaluation seed, protocol) or, for a file written before it had one, from the ru
   a protocol study wants but not a model comparison at matched noise. ``--strict`` refuses these instead.
 * what cannot be read (an older file without ``meta`` and a folder without those records): a ``warning:`` line and
   the row marked ``[unchecked: ...]``; ``--strict`` refuses it.
+* other **images** (a run evaluated on more or fewer of them: ``num_images``): a ``warning:`` line; each column is
+  the mean over its own run's images and the paired difference is over the images both hold.
 """
 
 from __future__ import annotations
@@ -187,16 +189,22 @@ def main(argv: list[str] | None = None) -> int:
         print("Per-image differences pair image i of one run with image i of the other: compare runs evaluated on "
               "the same data and split.", file=sys.stderr)
         return 2
+    data = [per_image(r, args.file) for r in args.runs]
+    for run, (ode, bound) in zip(args.runs[1:], data[1:], strict=True):
+        for name, v, b in (("ODE", ode, data[0][0]), ("bound", bound, data[0][1])):
+            if v and b and set(v) != set(b):  # the columns below are over each run's own images
+                warnings.append(f"warning: {run} holds {len(v)} images for the {name}, the base {base} {len(b)}: "
+                                f"each column is the mean over its own run's images, the paired difference over the "
+                                f"{len(set(v) & set(b))} both hold")
     if warnings:
         print("\n".join(warnings), file=sys.stderr)
-    data = [per_image(r, args.file) for r in args.runs]
     width = max(len(str(r)) for r in args.runs)
     print(f"{'run':<{width}}  {'ODE bits/dim':>17}  {'bound bits/dim':>17}  paired vs {base}")
     for run, (ode, bound) in zip(args.runs, data, strict=True):
         cells = []
         for v in (ode, bound):
-            m, se = mean_se(v) if v else (float("nan"), float("nan"))
-            cells.append(f"{m:.4f} ± {se:.4f}")
+            m, se = mean_se(v) if v else (None, None)
+            cells.append("-" if m is None else f"{m:.4f} ± {se:.4f}")  # "-": not evaluated (was "nan ± nan")
         diffs = ""
         if run is not base:
             parts = []

@@ -98,6 +98,23 @@ def test_sweep_table_groups_seeds_sorts_falls_back_and_lists_failures(tmp_path):
     assert csv_rows[-1].startswith("module.optim.lr=1e6,,1,failed")
 
 
+def test_sweep_table_counts_a_non_finite_seed_and_takes_evaluate_pys_split(tmp_path):
+    """A seed whose bits/dim is not finite (metrics.json writes null) was dropped from the mean while n counted it:
+    "3 | 2.1000 ± 0.1414" over two seeds (results audit). An evaluate.py split=val folder was labelled as a
+    training run without test metrics, and split=train showed nothing."""
+    fake_run(tmp_path, "0", ["sde=vp", "seed=1"], {"test/bpd_ode": 2.0, "test/bpd_bound": 2.1})
+    fake_run(tmp_path, "1", ["sde=vp", "seed=2"], {"test/bpd_ode": 2.2, "test/bpd_bound": 2.3})
+    fake_run(tmp_path, "2", ["sde=vp", "seed=3"], {"test/bpd_ode": None, "test/bpd_bound": 2.2})
+    fake_run(tmp_path, "3", ["split=train"], {"train/bpd_ode": 1.9, "train/bpd_bound": 2.0,
+                                              "protocol": {"split": "train"}})
+    assert sweep_table.main([str(tmp_path)]) == 0
+    md = (tmp_path / "sweep_table.md").read_text()
+    rows = {ln.split("|")[1].strip(): ln for ln in md.splitlines() if ln.startswith("| `")}
+    assert "| 3 | 2.1000 ± 0.1414 (1 of 3 non-finite) | 2.2000 ± 0.1000 |" in rows["`sde=vp`"]
+    assert "| train | 1 | 1.9000 | 2.0000 |" in rows["`split=train`"]
+    assert "of a training run" not in md and "not a standard error" in md
+
+
 def test_sweep_table_exits_non_zero_on_a_missing_or_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     for folder in (tmp_path / "missing", tmp_path / "empty"):

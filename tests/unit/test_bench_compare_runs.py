@@ -189,3 +189,14 @@ def test_the_writers_record_what_they_evaluated_and_old_readers_still_load(tmp_p
     cfg = compose_cfg(["data=digits", "module.evaluation.seed=7"], tmp_path / "run")
     m = build_module(cfg).test_meta()
     assert m == {"data": DIGITS, "split": "test", "seed": 7, "protocol": protocol_string(cfg)}
+
+
+def test_runs_over_other_images_are_named_and_a_quantity_not_evaluated_is_a_dash(tmp_path, compare):
+    """Audit: 32 images against 48 printed two means over different images side by side, without a word; a bound
+    not evaluated (ode=false's counterpart) printed "nan ± nan"."""
+    a = write_run(tmp_path / "a", [1.0, 2.0, 3.0, 4.0], None)
+    b = write_run(tmp_path / "b", [1.5, 2.5, 3.5], None, index=[0, 1, 2])
+    r = compare(a, b)
+    assert r.returncode == 0
+    assert f"warning: {b} holds 3 images for the ODE, the base {a} 4" in r.stderr and "the 3 both hold" in r.stderr
+    assert "nan" not in r.stdout and r.stdout.splitlines()[1].split()[-1] == "-"

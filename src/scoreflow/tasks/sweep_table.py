@@ -46,8 +46,14 @@ def _run(run: str, overrides: list[str], metrics: dict[str, Any] | None) -> dict
     row: dict[str, Any] = {"run": run, "overrides": list(overrides), "group": " ".join(key) or "(defaults)"}
     if metrics is None:
         return {**row, "status": "failed"}
-    split = "test" if any(k.startswith("test/bpd") for k in metrics) else "val"
+    protocol = metrics.get("protocol")
+    if isinstance(protocol, dict) and protocol.get("split"):  # evaluate.py: the split it was asked for
+        split, row["evaluated"] = str(protocol["split"]), True
+    else:  # train.py: its test phase, else (test=false) its last validation
+        split = "test" if any(k.startswith("test/bpd") for k in metrics) else "val"
     values = {name: metrics.get(f"{split}/{name}") for name, _, _ in COLUMNS}
+    # metrics.json writes a NaN or infinite value as null: present but not a number (absent: not computed)
+    row["nonfinite"] = [name for name, _, _ in COLUMNS if f"{split}/{name}" in metrics and _num(values[name]) is None]
     values.update({k: metrics.get(k) for k, _, _ in EXTRA})
     if values["train/wall_time_s"] is None and "train/steps" in metrics:  # a training run of an earlier release
         values["train/wall_time_s"] = metrics.get("wall_time_s")  # the command's wall time
@@ -110,11 +116,16 @@ def group_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             groups.setdefault((r["group"], r["split"]), []).append(r)
     rows = []
     for (group, split), members in groups.items():
-        row: dict[str, Any] = {"group": group, "split": split, "n": len(members)}
+        row: dict[str, Any] = {"group": group, "split": split, "n": len(members),
+                               "evaluated": any(m.get("evaluated") for m in members)}
         for name in [c[0] for c in COLUMNS] + [e[0] for e in EXTRA]:
-            vals = [v for v in (_num(m.get(name)) for m in members) if v is not None]
+            vals = [v for v in (_num(m.get(name)) for m in members) if v is not None and math.isfinite(v)]
             row[name] = sum(vals) / len(vals) if vals else None
             row[name + "_sd"] = _sd(vals)
+            # a diverged seed is not averaged in silence: the cell says how many of the n runs are not finite
+            row[name + "_nonfinite"] = sum(name in m.get("nonfinite", ()) or
+                                           (_num(m.get(name)) is not None and not math.isfinite(m[name]))
+                                           for m in members)
         rows.append(row)
     return sorted(rows, key=_sort_key)
 
@@ -135,10 +146,11 @@ def _sort_key(row: dict[str, Any]) -> tuple:
 
 
 def _cell(row: dict[str, Any], name: str, fmt: str) -> str:
-    v, sd = row.get(name), row.get(name + "_sd")
+    v, sd, bad = row.get(name), row.get(name + "_sd"), row.get(name + "_nonfinite", 0)
+    note = f" ({bad} of {row['n']} non-finite)" if bad else ""
     if v is None:
-        return "-"
-    return f"{v:{fmt}} ± {sd:{fmt}}" if sd is not None else f"{v:{fmt}}"
+        return "non-finite" + note if bad else "-"
+    return (f"{v:{fmt}} ± {sd:{fmt}}" if sd is not None else f"{v:{fmt}}") + note
 
 
 def markdown(rows: list[dict[str, Any]], failed: list[dict[str, Any]], title: str) -> str:
@@ -148,11 +160,13 @@ def markdown(rows: list[dict[str, Any]], failed: list[dict[str, Any]], title: st
         cells = [f"`{r['group']}`", r["split"], str(r["n"])]
         cells += [_cell(r, n, f) for n, _, f in COLUMNS] + [_cell(r, n, f) for n, _, f in EXTRA]
         lines.append("| " + " | ".join(cells) + " |")
-    if any(r["split"] == "val" for r in rows):
-        lines += ["", "split `val`: no test metrics (test=false); the last validation (bound on `val_subset` "
-                  "images, ODE on `nll_subset`)."]
+    if any(r["split"] == "val" and not r.get("evaluated") for r in rows):
+        lines += ["", "split `val` of a training run: no test metrics (test=false); the last validation (bound on "
+                  "`val_subset` images, ODE on `nll_subset`)."]
     if any(r["n"] > 1 for r in rows):
-        lines += ["", "n > 1: runs differing only by seed; mean ± sample standard deviation over seeds."]
+        lines += ["", "n > 1: runs differing only by seed; mean ± sample standard deviation over the seeds (a spread, "
+                  "not a standard error: divide by √n for that; each run's ± over images is in its metrics.json). "
+                  "A seed whose value is not finite is left out of the mean and counted in the cell."]
     if failed:
         lines += ["", f"**{len(failed)} failed or unfinished run(s)** (no metrics.json):", ""]
         lines += [f"- `{Path(f['run']).name}`: {f['reason']}" for f in failed]
@@ -161,7 +175,7 @@ def markdown(rows: list[dict[str, Any]], failed: list[dict[str, Any]], title: st
 
 def write_csv(path: Path, rows: list[dict[str, Any]], failed: list[dict[str, Any]]) -> None:
     names = [c[0] for c in COLUMNS] + [e[0] for e in EXTRA]
-    fields = ["overrides", "split", "n", "status"] + [x for n in names for x in (n, n + "_sd")]
+    fields = ["overrides", "split", "n", "status"] + [x for n in names for x in (n, n + "_sd", n + "_nonfinite")]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
