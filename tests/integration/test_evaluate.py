@@ -63,6 +63,11 @@ def test_evaluate_alone_reproduces_the_training_test_phase(digits_ckpt, make_cfg
         assert m[f"test/{q}"] == pytest.approx(phase_m[f"test/{q}"], rel=1e-6)  # logged as float32
         assert m[f"test/{q}_se"] == pytest.approx(phase_m[f"test/{q}_se"], rel=1e-5)
     assert m["test/nfe"] == phase_m["test/nfe"]
+    # what each recorded it evaluated is the same record, so bench/compare_runs.py pairs them as like with like
+    # (the test phase's was metrics.json's text line: "recorded by different tools", refused under --strict)
+    meta, ev_meta = (json.loads(str(z["meta"].item())) for z in (phase, per))
+    assert meta["protocol"] == ev_meta["protocol"] and meta["seed"] == ev_meta["seed"] == 0
+    assert meta["protocol"]["bound"]["plan"] == "fit on 16 images"
 
 
 def run_eval(make_cfg, ckpt, overrides, sub="eval"):

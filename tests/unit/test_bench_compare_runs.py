@@ -182,13 +182,15 @@ def test_the_writers_record_what_they_evaluated_and_old_readers_still_load(tmp_p
     assert "checkpoint" not in written["protocol"]
     assert per_image(tmp_path / "ev", "per_example.npz") == ({0: 1.0, 1: 2.0, 2: 3.0}, {0: 1.5, 1: 2.5, 2: 3.5})
 
+    from scoreflow.lit.per_image import protocol_of
     from scoreflow.tasks.build import build_module
-    from scoreflow.tasks.common import protocol_string
     from tests.integration.conftest import compose_cfg
 
     cfg = compose_cfg(["data=digits", "module.evaluation.seed=7"], tmp_path / "run")
-    m = build_module(cfg).test_meta()
-    assert m == {"data": DIGITS, "split": "test", "seed": 7, "protocol": protocol_string(cfg)}
+    module = build_module(cfg)
+    m = module.test_meta()
+    assert m == {"data": DIGITS, "split": "test", "seed": 7, "protocol": {**protocol_of(module), "repeats": 1}}
+    assert set(m["protocol"]) == set(written["protocol"])  # the keys evaluate.py's meta has
 
 
 def test_runs_over_other_images_are_named_and_a_quantity_not_evaluated_is_a_dash(tmp_path, compare):

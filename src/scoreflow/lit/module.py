@@ -30,8 +30,15 @@ from scoreflow.lit.optim import (  # noqa: F401 (NonFiniteLossError: API)
     NonFiniteLossError,
     OptimizerFactory,
 )
-from scoreflow.lit.per_image import bound_bpd, bound_plan, mean_se_over_images, nonfinite_images, ode_bpd
-from scoreflow.lit.settings import EvalConfig, OptimConfig, protocol_string
+from scoreflow.lit.per_image import (
+    bound_bpd,
+    bound_plan,
+    mean_se_over_images,
+    nonfinite_images,
+    ode_bpd,
+    protocol_of,
+)
+from scoreflow.lit.settings import EvalConfig, OptimConfig
 from scoreflow.losses import dsm_loss, ism_loss
 from scoreflow.nets import ScoreModel
 from scoreflow.utils import ieee_float32
@@ -435,17 +442,14 @@ class ScoreLitModule(StreamPosition, GuardedOptimization):
         """What the test values were measured on, stored with them (``meta``, a JSON string, in
         ``test_per_example.npz``) so that runs are paired only like with like (``bench/compare_runs.py``):
         ``data`` (the run's data config without ``root``), ``split``, ``seed`` (the per-image seed) and
-        ``protocol`` (the line ``train.py`` writes to ``metrics.json``). Without the run's config (a module built
-        by hand) ``data`` and ``protocol`` are ``None``."""
+        ``protocol``: eps, dequantization, ODE and bound settings and repeats, the dict ``evaluate.py`` stores
+        (:func:`~scoreflow.lit.per_image.protocol_of`; it was the text line of ``metrics.json``, which could not be
+        compared with an ``evaluate.py`` run's). Without the run's config (a module built by hand) ``data`` is
+        ``None``."""
         cfg = self.config_dict or {}
-        protocol = None
-        if cfg:
-            from omegaconf import OmegaConf
-
-            try:
-                protocol = protocol_string(OmegaConf.create(cfg))
-            except (AttributeError, KeyError):  # a config without the evaluation settings: no protocol line
-                protocol = None
+        cached = getattr(self, "_bound_plan_cache", None)  # (seed, images the plan was fitted on, plan)
+        protocol = {**protocol_of(self, plan_images=cached[1] if cached else None),
+                    "repeats": int(self.eval_cfg.test_repeats)}
         data = {k: v for k, v in (cfg.get("data") or {}).items() if k != "root"} or None
         return {"data": data, "split": "test", "seed": int(self.eval_cfg.seed), "protocol": protocol}
 

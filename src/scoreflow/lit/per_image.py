@@ -30,7 +30,7 @@ from scoreflow.likelihood import (
     ode_log_likelihood,
     truncation_correction,
 )
-from scoreflow.likelihood.ode import FIXED_GRID_METHODS
+from scoreflow.likelihood.ode import FIXED_GRID_METHODS, default_grid_rho
 
 if TYPE_CHECKING:
     from scoreflow.lit.module import ScoreLitModule
@@ -92,6 +92,27 @@ def ode_bpd(module: ScoreLitModule, k: Tensor, indices: list[int], repeat: int, 
                              method=o["method"], steps=o["steps"], grid_rho=o["grid_rho"],
                              divergence=e.divergence, probe=probe, dtype=dtype)
     return module.to_bpd(res.nll + corr, log_q.to(dtype), y[0].numel()), res.nfe
+
+
+def protocol_of(module: ScoreLitModule, *, ode_truncation_correction: bool = False,
+                plan_images: int | None = None) -> dict[str, Any]:
+    """The settings a per-image value depends on besides the weights and the images: ``eps``, ``dequantization``
+    and the ``ode`` and ``bound`` settings, as ``evaluate.py`` records them (its fingerprint) and ``train.py``'s test
+    phase in ``test_per_example.npz`` (its meta held a text line before, so ``bench/compare_runs.py`` could not tell
+    a train.py run from an evaluate.py run of the same settings). ``plan_images``: the images a fitted bound plan
+    was fitted on (default ``bound_plan_images``)."""
+    e, m = module.eval_cfg, module
+    ode = {"method": e.method, "rtol": e.rtol, "atol": e.atol, "divergence": e.divergence,
+           "dtype": e.ode_dtype, "truncation_correction": bool(ode_truncation_correction)}
+    if e.method in FIXED_GRID_METHODS:  # only then (rtol/atol unused): folders of earlier releases still resume
+        ode |= {"steps": e.steps, "grid_rho": e.grid_rho or default_grid_rho(m.sde, e.method)}
+    used = e.bound_plan_images if plan_images is None else plan_images
+    bound = {"num_t": e.test_num_t, "importance_sampling": e.importance_sampling, "estimator": e.bound_estimator,
+             "stratified": e.stratified, "truncation_correction": e.truncation_correction,
+             **({"antithetic": True} if e.bound_antithetic else {}),
+             **({"plan": f"fit on {used} images"} if e.bound_plan != "none" else {})}
+    return {"eps": m.eps, "dequantization": type(m.dequantizer).__name__ if m.dequantizer else "none", "ode": ode,
+            "bound": bound}
 
 
 PILOT_REPEAT = -1  # the bound plan's pilot draws: a repeat index no evaluation uses, so their noise is independent

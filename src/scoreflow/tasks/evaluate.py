@@ -34,8 +34,8 @@ import torch
 from omegaconf import DictConfig
 
 from scoreflow.data.base import ArrayDataset
-from scoreflow.likelihood.ode import FIXED_GRID_METHODS, default_grid_rho
-from scoreflow.lit import preemption
+from scoreflow.likelihood.ode import FIXED_GRID_METHODS
+from scoreflow.lit import per_image, preemption
 from scoreflow.lit.datamodule import ScoreDataModule
 from scoreflow.lit.preemption import EvaluationStopped
 from scoreflow.tasks.build import ConfigError, to_container
@@ -110,10 +110,7 @@ def fingerprint(lm: LoadedModel, split: str, seed: int, ode_tc: bool, *, data_di
     it computes (:class:`~scoreflow.tasks.likelihood_eval.PartialResults`)."""
     e, m = lm.module.eval_cfg, lm.module
     data = {k: v for k, v in to_container(lm.cfg.data).items() if k != "root"}  # the data may move, not change
-    ode = {"method": e.method, "rtol": e.rtol, "atol": e.atol, "divergence": e.divergence,
-           "dtype": e.ode_dtype, "truncation_correction": ode_tc}
-    if e.method in FIXED_GRID_METHODS:  # only then (rtol/atol unused): folders of earlier releases still resume
-        ode |= {"steps": e.steps, "grid_rho": e.grid_rho or default_grid_rho(m.sde, e.method)}
+    settings = per_image.protocol_of(m, ode_truncation_correction=ode_tc)  # eps, dequantization, ode, bound
     return {
         "checkpoint": lm.info["path"], "step": lm.info["step"], "weights": lm.info["weights"],
         "weights_digest": lm.info.get("weights_digest"), "data": data,
@@ -122,13 +119,7 @@ def fingerprint(lm: LoadedModel, split: str, seed: int, ode_tc: bool, *, data_di
         **({"data_digest": data_digest} if data_digest else {}),
         **({"ode_batch_size": ode_batch_size} if ode_batch_size and e.method not in FIXED_GRID_METHODS else {}),
         "split": split,
-        "seed": seed, "eps": m.eps, "dequantization": type(m.dequantizer).__name__ if m.dequantizer else "none",
-        "ode": ode,
-        "bound": {"num_t": e.test_num_t, "importance_sampling": e.importance_sampling,
-                  "estimator": e.bound_estimator, "stratified": e.stratified,
-                  "truncation_correction": e.truncation_correction,
-                  **({"antithetic": True} if e.bound_antithetic else {}),
-                  **({"plan": f"fit on {e.bound_plan_images} images"} if e.bound_plan != "none" else {})},
+        "seed": seed, **settings,
     }
 
 
