@@ -108,11 +108,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def detect_format(ckpt: dict[str, Any], path: Path) -> str:
-    """``"scoreflow"`` (a Lightning checkpoint written by train.py) or ``"score_sde"`` (score_sde_pytorch .pth)."""
-    if "state_dict" in ckpt and "scoreflow" in ckpt:
-        return "scoreflow"
-    if "model" in ckpt and "ema" in ckpt:
+    """``"scoreflow"`` (a Lightning checkpoint written by train.py) or ``"score_sde"`` (score_sde_pytorch .pth):
+    :func:`~scoreflow.tasks.validate.checkpoint_kind`'s kinds, with the error for an unknown one."""
+    from scoreflow.tasks.validate import checkpoint_kind
+
+    kind = checkpoint_kind(ckpt)
+    if kind == "score_sde":
         return "score_sde"
+    if kind != "unknown":
+        return "scoreflow"
     if "state_dict" in ckpt:
         raise CheckpointFormatError(
             f"{path} is a Lightning checkpoint without scoreflow's stored config (was it written by train.py?)"
