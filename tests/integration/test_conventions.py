@@ -33,7 +33,8 @@ def test_logger_groups_keep_the_csv_log(tmp_path):
 def test_a_single_run_has_no_wandb_group(tmp_path):
     """The group is the sweep folder in a multirun (test_slurm_launcher's sweep); a single run's
     ``hydra.sweep.dir`` names a folder that does not exist, so it gets none; an explicit ``sweep_group`` stays."""
-    assert compose_cfg(["logger=wandb"], tmp_path / "a").logger.wandb.group is None
+    single = compose_cfg(["logger=wandb"], tmp_path / "a")
+    assert single.logger.wandb.group is None and single.sweep_group is None  # no folder that does not exist
     assert compose_cfg(["logger=wandb", "sweep_group=ablation"], tmp_path / "b").logger.wandb.group == "ablation"
 
 

@@ -57,6 +57,15 @@ def wandb_group(group: Any) -> Any:
     return None if str(group) == str(hc.sweep.dir) else group
 
 
+def sweep_group() -> str | None:
+    """``${scoreflow_sweep_group:}`` (``sweep_group``): the sweep folder in a multirun, ``None`` otherwise (a single
+    run's config named a ``hydra.sweep.dir`` that does not exist)."""
+    from hydra.types import RunMode
+
+    hc = hydra_config()
+    return str(hc.sweep.dir) if hc is not None and hc.mode == RunMode.MULTIRUN else None
+
+
 def run_name() -> str | None:
     """``${scoreflow_run_name:}`` (``run_name``, the W&B run's name): the command's overrides, the swept values of a
     sweep's job included, without ``logger=`` and ``hydra.*``; the run folder's name (its date) when none is left.
@@ -73,6 +82,8 @@ def run_name() -> str | None:
 
 if not OmegaConf.has_resolver("scoreflow_wandb_group"):  # every training entry point imports this module
     OmegaConf.register_new_resolver("scoreflow_wandb_group", wandb_group)
+if not OmegaConf.has_resolver("scoreflow_sweep_group"):
+    OmegaConf.register_new_resolver("scoreflow_sweep_group", sweep_group)
 if not OmegaConf.has_resolver("scoreflow_run_name"):
     OmegaConf.register_new_resolver("scoreflow_run_name", run_name)
 
