@@ -161,3 +161,38 @@ def test_fp16_is_refused_by_the_module(tmp_path):
     data = TensorDataset(torch.randint(0, 4, (16, 1, 2, 2)), torch.zeros(16))
     with pytest.raises(ValueError, match=r"trainer.precision=16-true is not supported.*bf16-mixed"):
         trainer.fit(module, DataLoader(data, batch_size=8))
+
+
+def _stop_message(module: ScoreLitModule, steps: int, tmp_path, ckpt_path=None) -> str:
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randint(0, 4, (256, 1, 2, 2)), torch.zeros(256))
+    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         default_root_dir=tmp_path, accelerator="cpu", log_every_n_steps=4)
+    try:
+        trainer.fit(module, DataLoader(data, batch_size=8), ckpt_path=ckpt_path)
+    except NonFiniteLossError as e:
+        return str(e)
+    trainer.save_checkpoint(tmp_path / "at.ckpt")
+    return ""
+
+
+@pytest.mark.parametrize(("nan_calls", "stop"), [((5, 6, 7), "steps 5-8 (batch 7): 3 non-finite"),
+                                                 ((6,), "")])
+def test_a_resumed_fused_guard_reads_and_stops_at_the_uninterrupted_runs_steps(tmp_path, capsys, nan_calls, stop):
+    """The fused guard's device counts were read and reset when a checkpoint was saved, and the step of the last
+    read was not kept: resumed at step 6, a streak of 3 over steps 5-7 stopped the run at step 7 ("steps 1-7: 1
+    non-finite") instead of 8 ("steps 5-8: 3"), and a skipped step was reported at other steps (audit)."""
+    def warnings() -> list[str]:
+        return [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[scoreflow] warning")]
+
+    whole = _module(True, nan_calls=nan_calls, max_bad_steps=3)
+    assert _stop_message(whole, 10, tmp_path / "whole").startswith(stop)
+    whole_warnings = warnings()
+    first = _module(True, nan_calls=nan_calls, max_bad_steps=3)
+    assert _stop_message(first, 6, tmp_path / "part") == ""  # saved after the fit's end (its end-of-fit report)
+    warnings()
+    second = _module(True, nan_calls=nan_calls, max_bad_steps=3)
+    second.score_model.net.calls = 6  # the network's call count (its NaN schedule) continues
+    message = _stop_message(second, 10, tmp_path / "rest", ckpt_path=tmp_path / "part" / "at.ckpt")
+    assert message.startswith(stop) and warnings() == whole_warnings
+    assert second.bad_steps_total == whole.bad_steps_total == len(nan_calls)

@@ -198,14 +198,10 @@ class ClassifierLitModule(StreamPosition, GuardedOptimization):
 
     # ------------------------------------------------------------------ checkpoint state
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.optim_cfg.fused:  # the device's count of skipped steps, exact in the checkpoint
-            self.read_bad_steps(stop=False)
-        checkpoint["scoreflow"] = {"kind": "classifier", **self.stream_state(),
-                                    "bad_steps_total": self.bad_steps_total, "bad_streak": self.bad_streak(),
+        checkpoint["scoreflow"] = {"kind": "classifier", **self.stream_state(), **self.guard_state(),
                                     "config": self.config_dict, "choices": dict(self.config_choices)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("scoreflow", {})
         self.load_stream_state(state)
-        self.bad_steps_total = state.get("bad_steps_total", 0)
-        self.restore_bad_streak(int(state.get("bad_streak", 0)))
+        self.load_guard_state(state, int(checkpoint.get("global_step", 0)))

@@ -474,12 +474,9 @@ class ScoreLitModule(StreamPosition, GuardedOptimization):
 
     # ------------------------------------------------------------------ checkpoint state
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.optim_cfg.fused:  # the device's count of skipped steps, exact in the checkpoint
-            self.read_bad_steps(stop=False)
         checkpoint["scoreflow"] = {
             **self.stream_state(),
-            "bad_steps_total": self.bad_steps_total,
-            "bad_streak": self.bad_streak(),
+            **self.guard_state(),
             "last_ode_step": self._last_ode_step,
             "last_validation": {"step": self.last_validation_step, "metrics": dict(self.last_val_metrics)},
             "world_size": self.trainer.world_size if self._trainer is not None else 1,
@@ -491,8 +488,7 @@ class ScoreLitModule(StreamPosition, GuardedOptimization):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("scoreflow", {})
         self.load_stream_state(state)
-        self.bad_steps_total = state.get("bad_steps_total", 0)
-        self.restore_bad_streak(int(state.get("bad_streak", 0)))  # checkpoints of earlier releases: none
+        self.load_guard_state(state, int(checkpoint.get("global_step", 0)))  # earlier releases: no streak
         self._last_ode_step = int(state.get("last_ode_step", 0))
         last = state.get("last_validation") or {}  # checkpoints of earlier releases: none
         self.last_validation_step = last.get("step")

@@ -136,6 +136,7 @@ class GuardedOptimization(pl.LightningModule):
     def on_train_start(self) -> None:
         """A resumed run trains with the requested optimizer settings, not the checkpoint's
         (:func:`apply_requested_settings`); a change is logged once."""
+        self._guard_at_end = None  # a new fit: guard_state is the live one again
         trainer = self._trainer
         if trainer is None or not trainer.optimizers:
             return
@@ -152,6 +153,7 @@ class GuardedOptimization(pl.LightningModule):
         self._bad_in_a_row = 0
         self._bad_counts: Tensor | None = None  # fused guard, on the device: (skipped since last read, streak, max)
         self._bad_read_step = 0  # global_step of the last read of those counts
+        self._guard_at_end: dict[str, int] | None = None  # guard_state before the end-of-fit read
         self._micro = 0  # micro-batches of the current optimizer step so far (optim.accumulate_grad_batches)
         self._skipped = False  # the default guard skipped the step of the current batch (no global_step)
         self._loss_ok: Tensor | None = None  # every loss of those micro-batches finite
@@ -313,19 +315,42 @@ class GuardedOptimization(pl.LightningModule):
 
     def bad_streak(self) -> int:
         """The current run of skipped steps (checkpointed: a resumed run does not start its count again). The
-        fused guard's count is on the device; :meth:`read_bad_steps` ran before a checkpoint is saved."""
+        fused guard's count is on the device."""
         if self.optim_cfg.fused and self._bad_counts is not None:
             return int(self._bad_counts[1])
         return self._bad_in_a_row
 
+    def guard_state(self) -> dict[str, int]:
+        """The guard's checkpoint entries: ``bad_steps_total`` (every skipped step, read or not), ``bad_streak``
+        and, for the fused guard, its device counts as they are (``bad_unread``, ``bad_longest``) and the step
+        they were last read at (``bad_read_step``). They were read (and reset) when a checkpoint was saved, and the
+        read step was not kept: a resumed run read them at other steps than the uninterrupted run, logged its
+        skipped steps at other rows, and a streak that ended before the checkpoint never stopped it (audit)."""
+        if self._guard_at_end is not None:
+            return dict(self._guard_at_end)
+        state = {"bad_steps_total": self.bad_steps_total, "bad_streak": self.bad_streak()}
+        if self.optim_cfg.fused and self._bad_counts is not None:
+            unread, _, longest = (int(v) for v in self._bad_counts.tolist())
+            state |= {"bad_steps_total": self.bad_steps_total + unread, "bad_unread": unread,
+                      "bad_longest": longest, "bad_read_step": int(self._bad_read_step)}
+        return state
+
+    def load_guard_state(self, state: dict[str, Any], step: int) -> None:
+        """Restore :meth:`guard_state` of a checkpoint at ``step`` (an earlier release's: read at that step)."""
+        unread = int(state.get("bad_unread", 0))
+        self.bad_steps_total = int(state.get("bad_steps_total", 0)) - unread
+        self.restore_bad_streak(int(state.get("bad_streak", 0)))
+        self._restored_counts = (unread, self._bad_in_a_row, int(state.get("bad_longest", self._bad_in_a_row)))
+        self._bad_read_step = int(state.get("bad_read_step", step))
+
     def restore_bad_streak(self, streak: int) -> None:
         self._bad_in_a_row = streak
-        self._restored_streak = streak
+        self._restored_counts = (0, streak, streak)
 
     def _count_bad(self, bad: Tensor) -> None:
         if self._bad_counts is None or self._bad_counts.device != bad.device:
-            streak = getattr(self, "_restored_streak", 0)
-            self._bad_counts = torch.tensor([0, streak, streak], dtype=torch.int64, device=bad.device)
+            counts = getattr(self, "_restored_counts", (0, 0, 0))
+            self._bad_counts = torch.tensor(counts, dtype=torch.int64, device=bad.device)
         c, b = self._bad_counts, bad.to(torch.int64)
         c[0] += b
         c[1] = (c[1] + 1) * b
@@ -343,9 +368,9 @@ class GuardedOptimization(pl.LightningModule):
         self._bad_counts[2] = streak
         if not skipped:
             return
-        self.bad_steps_total += skipped
+        total = self.bad_steps_total = self.bad_steps_total + skipped
         if stop:  # inside the training step (Lightning refuses logs from the checkpoint and end hooks)
-            self.log("train/skipped_steps", float(self.bad_steps_total))
+            self.log("train/skipped_steps", float(total))
         msg = (f"steps {start + 1}-{self.global_step}"
                f"{f' (batch {batch_index})' if batch_index is not None else ''}: {skipped} non-finite loss or "
                f"gradient norm, optimizer step skipped")
@@ -354,10 +379,11 @@ class GuardedOptimization(pl.LightningModule):
                 f"{msg}. {longest} non-finite steps in a row (max_bad_steps={self.max_bad_steps}): stopping. "
                 "Lower the learning rate, check the data scaling, or raise eps."
             )
-        print(f"[scoreflow] warning: {msg} (longest streak {longest}; {self.bad_steps_total} in all)")
+        print(f"[scoreflow] warning: {msg} (longest streak {longest}; {total} in all)")
 
     def on_train_end(self) -> None:
-        if self.optim_cfg.fused:
+        if self.optim_cfg.fused:  # the last counts reported (bad_steps_total complete after fit), while a checkpoint
+            self._guard_at_end = self.guard_state()  # saved after it keeps them unread, as the uninterrupted run's
             self.read_bad_steps(stop=False)
 
     def _skip(self, why: str, batch_index: int) -> None:
