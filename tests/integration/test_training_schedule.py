@@ -265,3 +265,23 @@ def test_a_resume_with_another_batch_size_continues_at_the_next_image(old, new):
         assert sampler.start == steps * w0 * b0 // w1  # this rank's position: the images taken so far / processes
         resumed.batches_seen += 3  # three more steps at the new size
         assert resumed.samples_seen == steps * w0 * b0 + 3 * w1 * b1
+
+
+def test_a_resume_with_another_batch_size_on_as_many_processes_says_it_is_not_the_same_run(caplog):
+    """Another datamodule.batch_size at a resume on the same number of processes was silent (resume audit), while
+    another process count is said; both continue the data stream at the next image."""
+    from types import SimpleNamespace
+
+    module = _module(False)
+    module._trainer = SimpleNamespace(world_size=1, is_global_zero=True, datamodule=SimpleNamespace(batch_size=32))
+    module.batches_seen = 4
+    ckpt: dict = {}
+    module.on_save_checkpoint(ckpt)
+    for batch, said in ((16, True), (32, False)):
+        resumed = _module(False)
+        resumed._trainer = SimpleNamespace(world_size=1, is_global_zero=True,
+                                           datamodule=SimpleNamespace(batch_size=batch))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="scoreflow.lit.module"):
+            resumed.on_load_checkpoint(ckpt)
+        assert ("datamodule.batch_size=32, this run has 16" in caplog.text) == said, caplog.text

@@ -511,7 +511,17 @@ class ScoreLitModule(StreamPosition, GuardedOptimization):
         same run in distribution, not bit for bit. Otherwise the global batch changes or images of the epoch are
         repeated or skipped."""
         before, now = state.get("world_size"), self.trainer.world_size if self._trainer is not None else 1
-        if before is None or int(before) == int(now) or not self.trainer.is_global_zero:
+        if self._trainer is None or not self.trainer.is_global_zero:
+            return
+        per_before, per_now = state.get("batch_size"), self._per_rank_batch()
+        if (before is None or int(before) == int(now)) and isinstance(per_before, int) and \
+                isinstance(per_now, int) and per_before != per_now:  # was silent (resume audit)
+            log.warning("resume: this checkpoint was trained with datamodule.batch_size=%d, this run has %d: the data "
+                        "stream continues at the next image, in batches of the new size, so the run is not the "
+                        "uninterrupted one (its steps, learning-rate schedule and noise differ). Resume with "
+                        "datamodule.batch_size=%d for an exact continuation.", per_before, per_now, per_before)
+            return
+        if before is None or int(before) == int(now):
             return
         before, now = int(before), int(now)
         per_before, per_now, n = state.get("batch_size"), self._per_rank_batch(), self._train_size()
