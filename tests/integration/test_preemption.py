@@ -596,3 +596,24 @@ def test_ranks_agree_on_a_stop_between_their_cpus_in_a_group_of_their_own(tmp_pa
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.txt").read_text())
         assert got == {"result": "stopped 138 requeue=True", "devices": ["cpu"], "calls": 2, "own_group": True}, rank
+
+
+def test_without_a_gloo_group_the_ranks_agree_through_the_strategy(monkeypatch, caplog):
+    """A cluster whose hosts cannot open a gloo group (no GLOO_SOCKET_IFNAME, say) trains on, agreeing through the
+    training's own backend, and says so, instead of failing at the start of training."""
+    import torch.distributed as dist
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+
+    def no_gloo(*args, **kwargs):
+        raise RuntimeError("Gloo connectFullMesh failed")
+
+    monkeypatch.setattr(dist, "new_group", no_gloo)
+    seen = []
+    strategy = SimpleNamespace(root_device=torch.device("cpu"),
+                               reduce=lambda t, reduce_op: seen.append(reduce_op) or t * 2)
+    with caplog.at_level("WARNING", logger="scoreflow.lit.preemption"):
+        agree = preemption.host_max_reduction(SimpleNamespace(strategy=strategy))
+    assert agree(1) == 2 and seen == ["max"] and "no gloo group between the processes" in caplog.text

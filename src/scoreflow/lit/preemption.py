@@ -333,11 +333,19 @@ class PreemptionCheckpoint(Callback):
 def host_max_reduction(trainer: pl.Trainer) -> Callable[[int], int]:
     """``f(value) -> max over the ranks``, computed between the processes' CPUs: a gloo group of its own beside an
     NCCL training (created here, collectively: every rank calls this at the same point), the training's own group
-    when it is gloo already. Without ``torch.distributed`` (a strategy of another kind): the strategy's reduction."""
+    when it is gloo already. Without ``torch.distributed`` (a strategy of another kind), or when no gloo group can be
+    made between the hosts: the strategy's reduction (on the device), with a warning."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    group: Any = None
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() != "gloo":
+        try:
+            group = dist.new_group(backend="gloo")
+        except Exception as e:  # noqa: BLE001 - no gloo between these hosts (e.g. GLOO_SOCKET_IFNAME unset): the device
+            log.warning("pre-emption: no gloo group between the processes (%s); the ranks agree on a stop through "
+                        "the training's own backend, one host sync per step", e)
+            group = False
+    if group is not False and dist.is_available() and dist.is_initialized():
 
         def reduce(value: int) -> int:
             t = torch.tensor([value], dtype=torch.int64)
