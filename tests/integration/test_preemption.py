@@ -551,8 +551,9 @@ def test_a_signal_to_rank_zero_in_the_ddp_test_phase_stops_every_rank(tmp_path):
 def _agree_on_rank(rank: int, init: str, out: str) -> None:
     """One of 2 gloo processes posing as an NCCL training: a signal on rank 1 only stops both, and the agreement
     is a reduction of CPU tensors in a gloo group of its own (no read of a GPU value, which waited for the step)."""
-    import torch.distributed as dist
     from types import SimpleNamespace
+
+    import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     seen = []
@@ -601,8 +602,9 @@ def test_ranks_agree_on_a_stop_between_their_cpus_in_a_group_of_their_own(tmp_pa
 def test_without_a_gloo_group_the_ranks_agree_through_the_strategy(monkeypatch, caplog):
     """A cluster whose hosts cannot open a gloo group (no GLOO_SOCKET_IFNAME, say) trains on, agreeing through the
     training's own backend, and says so, instead of failing at the start of training."""
-    import torch.distributed as dist
     from types import SimpleNamespace
+
+    import torch.distributed as dist
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
